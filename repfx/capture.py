@@ -1,0 +1,100 @@
+"""Capture: a model → a ``torch.fx.GraphModule`` of repfx's own copy of it.
+
+The user's model is deep-copied first, so tracing side effects (caches, counters, hooks that
+run during tracing) land on the copy. A submodule whose ``forward`` cannot be traced
+symbolically (data-dependent control flow, unsupported Python) is kept as a single
+``call_module`` leaf instead of failing the whole model; the fold then works inside it
+separately (see ``repfx.fold``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured; the message says why and what to do."""
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # e.g. a module holding a lock or an open file
+        raise CaptureError(
+            f"cannot copy the model ({type(exc).__name__}: {exc}); repfx never folds the "
+            "original in place. Make the model deep-copyable (e.g. drop non-tensor handles)."
+        ) from exc
+
+
+class _FallbackTracer(fx.Tracer):
+    """Traces through modules where it can; turns modules it cannot trace into leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opaque: dict[str, str] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.opaque or super().is_leaf_module(m, qualname)
+
+    def call_module(
+        self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        qualname = self.path_of_module(m)
+        if not qualname or self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        last_node = next(iter(reversed(self.graph.nodes)), None)
+        stack, calls = dict(self.module_stack), dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            self._rollback(last_node)
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self.num_calls = calls
+            self.opaque[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            return super().call_module(m, forward, args, kwargs)
+
+    def _rollback(self, last_node: fx.Node | None) -> None:
+        """Erase the nodes the failed partial trace created, newest first."""
+        for node in list(reversed(self.graph.nodes)):
+            if node is last_node:
+                break
+            self.graph.erase_node(node)
+
+
+def capture(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Trace ``model`` (already repfx's copy). Returns the graph module and the paths of
+    modules kept as opaque leaves, with the reason each could not be traced."""
+    tracer = _FallbackTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        raise CaptureError(
+            f"cannot trace {type(model).__name__}.forward with torch.fx "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "repfx folds inside submodules that fail to trace, but the top-level forward "
+            "itself must be traceable: move data-dependent control flow into a submodule."
+        ) from exc
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    return gm, tracer.opaque
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Record every node's shape / dtype in ``node.meta["tensor_meta"]`` by running ``gm``.
+
+    Buffers are restored afterwards, so a training-mode BN's running statistics are unchanged.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                b.copy_(saved[name])

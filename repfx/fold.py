@@ -1,0 +1,153 @@
+"""``repfx.fold``: capture → passes to a fixpoint → (verify) → a folded ``GraphModule``."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+
+from .capture import CaptureError, capture, copy_model, propagate_shapes
+from .graph import annotate_ranks
+from .passes import default_pipeline
+from .passes.base import Pass, run_to_fixpoint
+from .report import Folded, FoldReport, GraphStats, Skipped, Verification
+from .rewrite import delete_unused_attributes
+from .tolerances import max_errors, reference_dtype, tolerance_for
+
+REPORT_KEY = "repfx_report"
+
+
+class VerificationError(AssertionError):
+    """The folded model does not match the original on the example inputs."""
+
+    def __init__(self, report: FoldReport):
+        v = report.verification
+        super().__init__(
+            f"folded model differs from the original: max abs error {v.max_abs_error:.3g}, "
+            f"relative {v.max_rel_error:.3g} > tolerance {v.tolerance:.1g}. This is a repfx "
+            "bug; please report it with the model. Pass verify=False to get the folded model "
+            f"anyway.\n{report}"
+        )
+        self.report = report
+
+
+def _as_inputs(example_inputs: object) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(
+        "example_inputs must be a tensor or a tuple of the model's positional inputs, "
+        f"not {type(example_inputs).__name__}"
+    )
+
+
+def fold(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[object] | None = None,
+    *,
+    verify: bool = True,
+    passes: Sequence[Pass] | None = None,
+) -> fx.GraphModule:
+    """Fold ``model`` into an equivalent, cheaper ``torch.fx.GraphModule``.
+
+    ``model`` is never modified. With ``example_inputs`` (a tensor or a tuple of positional
+    inputs) shapes are propagated, enabling folds whose exactness depends on ranks, and with
+    ``verify=True`` the result is checked against the original on those inputs
+    (:class:`VerificationError` if it differs beyond ``repfx.tolerances``). Without them,
+    repfx assumes conv / batch-norm inputs are batched. The report is at
+    ``folded.meta["repfx_report"]``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"repfx.fold expects an nn.Module, not {type(model).__name__}")
+    inputs = _as_inputs(example_inputs)
+    passes = default_pipeline() if passes is None else passes
+    report = FoldReport()
+    gm = _fold_copy(copy_model(model), inputs, passes, report, prefix="")
+    gm.training = model.training
+    if verify and inputs is not None:
+        report.verification = _verify(model, gm, inputs)
+    gm.meta[REPORT_KEY] = report
+    if report.verification is not None and not report.verification.passed:
+        raise VerificationError(report)
+    return gm
+
+
+def _fold_copy(
+    work: nn.Module,
+    inputs: tuple | None,
+    passes: Sequence[Pass],
+    report: FoldReport,
+    prefix: str,
+) -> fx.GraphModule:
+    """Fold ``work`` (repfx's own copy, mutated freely) and record into ``report``."""
+    gm, opaque = capture(work)
+    if inputs is not None:
+        propagate_shapes(gm, inputs)
+    annotate_ranks(gm)
+    if not prefix:
+        report.before = GraphStats.of(gm, work)
+    folded, skipped = run_to_fixpoint(gm, passes)
+    report.folded += [Folded(f.rule, prefix + f.where, f.detail) for f in folded]
+    report.skipped += [Skipped(s.rule, prefix + s.where, s.reason) for s in skipped]
+    for path, why in opaque.items():
+        report.opaque_modules[prefix + path] = why
+        _fold_inside(gm, path, passes, report, prefix)
+    delete_unused_attributes(gm)
+    gm.recompile()
+    if not prefix:
+        report.after = GraphStats.of(gm)
+    return gm
+
+
+def _fold_inside(
+    gm: fx.GraphModule, path: str, passes: Sequence[Pass], report: FoldReport, prefix: str
+) -> None:
+    """Fold each child of an untraceable module on its own (it runs as a black box)."""
+    leaf = gm.get_submodule(path)
+    source = _forward_source(leaf)
+    occurrences: dict[int, int] = {}
+    for _, m in gm.named_modules(remove_duplicate=False):
+        occurrences[id(m)] = occurrences.get(id(m), 0) + 1
+    for name, child in list(leaf.named_children()):
+        where = f"{prefix}{path}.{name}"
+        if occurrences[id(child)] > 1:
+            report.skipped.append(Skipped("capture", where, "module is shared"))
+            continue
+        if source is None or re.search(rf"self\.{re.escape(name)}\s*\.", source):
+            report.skipped.append(
+                Skipped("capture", where, "untraced parent reads the module's attributes")
+            )
+            continue
+        try:
+            folded = _fold_copy(child, None, passes, report, prefix=f"{where}.")
+        except CaptureError as exc:
+            report.skipped.append(Skipped("capture", where, str(exc).split(" (")[0]))
+            continue
+        setattr(leaf, name, folded)
+
+
+def _forward_source(module: nn.Module) -> str | None:
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return None
+
+
+def _verify(model: nn.Module, folded: fx.GraphModule, inputs: tuple) -> Verification:
+    reference = copy_model(model)  # running the user's model could have side effects
+    with torch.no_grad():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            expected = reference(*inputs)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            actual = folded(*inputs)
+    abs_err, rel_err = max_errors(actual, expected)
+    tol = tolerance_for(reference_dtype(expected))
+    return Verification(abs_err, rel_err, tol, passed=rel_err <= tol)

@@ -1,0 +1,34 @@
+"""What a graph computes, counted by op kind — for reports and structural tests."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from torch import fx
+
+from .graph import ConstantFolder
+from .ops import affine_op, batch_norm_reason, identity_input, linear_op, norm_op
+
+
+def op_kind(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> str | None:
+    """``conv`` / ``conv_transpose`` / ``linear`` / ``batch_norm`` / ``layer_norm`` /
+    ``group_norm`` / ``channel_affine`` / ``no_op``, or ``None`` for anything else."""
+    if not node.op.startswith("call_") or consts.is_constant(node):
+        return None
+    if (lin := linear_op(gm, node, consts)) is not None:
+        return lin.kind
+    if (norm := norm_op(gm, node, consts)) is not None:
+        return norm.kind
+    if batch_norm_reason(gm, node, consts) is not None:
+        return "batch_norm"
+    if (aff := affine_op(gm, node, consts)) is not None:
+        return "batch_norm" if aff.kind == "batch_norm" else "channel_affine"
+    if identity_input(gm, node) is not None:
+        return "no_op"
+    return None
+
+
+def op_counts(gm: fx.GraphModule) -> Counter[str]:
+    consts = ConstantFolder(gm)
+    kinds = (op_kind(gm, n, consts) for n in gm.graph.nodes)
+    return Counter(k for k in kinds if k is not None)

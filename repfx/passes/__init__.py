@@ -1,0 +1,27 @@
+"""The fold passes, one per file, and the order repfx runs them in."""
+
+from __future__ import annotations
+
+from .base import Pass, PassError, PassResult, run_to_fixpoint
+from .cleanup import Cleanup
+from .fold_affine_mixer import FoldAffineMixer
+from .fold_bn import FoldBatchNorm
+from .fold_channel_affine import FoldChannelAffine
+
+
+def default_pipeline() -> list[Pass]:
+    """cleanup → fold_bn → fold_affine_mixer → fold_channel_affine, run to a fixpoint."""
+    return [Cleanup(), FoldBatchNorm(), FoldAffineMixer(), FoldChannelAffine()]
+
+
+__all__ = [
+    "Cleanup",
+    "FoldAffineMixer",
+    "FoldBatchNorm",
+    "FoldChannelAffine",
+    "Pass",
+    "PassError",
+    "PassResult",
+    "default_pipeline",
+    "run_to_fixpoint",
+]

@@ -1,0 +1,116 @@
+"""fold_affine_mixer: a sum or difference of two per-channel affine chains of the same tensor
+becomes one per-channel affine of that tensor.
+
+If ``u = a_k ∘ … ∘ a_1 (r)`` and ``v = b_m ∘ … ∘ b_1 (r)`` (either chain may be empty) and every
+intermediate node feeds only the next one, then ``u ± α·v = (A ± α·B)(r)`` with ``A, B`` the
+composed affines. This is RIFormer's token mixer: ``A(N(x)) − N(x)`` with ``A`` a depthwise
+1×1 conv becomes ``(s − 1) ⊙ N(x) + t``, which ``fold_channel_affine`` then composes with the
+LayerScale and absorbs into the norm: the block ``x + ls·(A(N(x)) − N(x))`` turns into
+``x + N'(x)`` with ``γ' = ls·γ·(s − 1)``, ``β' = ls·(β·(s − 1) + t)``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..algebra import ChannelAffine
+from ..graph import where
+from ..ops import AffineOp, affine_op, merge_axes
+from ..report import Folded, Skipped
+from ..rewrite import hint_for, insert_affine, replace_node
+from .base import FoldContext, PassResult
+
+_JOINS = {
+    operator.add: 1.0,
+    torch.add: 1.0,
+    "add": 1.0,
+    operator.sub: -1.0,
+    torch.sub: -1.0,
+    "sub": -1.0,
+}
+
+
+@dataclass
+class _Chain:
+    root: fx.Node
+    affine: ChannelAffine  # the chain as one affine of root
+    ops: list[AffineOp]  # from the join back towards the root
+
+
+def _chain(ctx: FoldContext, start: fx.Node, join: fx.Node) -> _Chain:
+    """Follow single-use per-channel affines from ``start`` back towards their root."""
+    ops: list[AffineOp] = []
+    affine = ChannelAffine.of(None, None, 1)
+    node, consumer = start, join
+    while len(node.users) == 1 and consumer in node.users:
+        op = affine_op(ctx.gm, node, ctx.consts)
+        if op is None:
+            break
+        affine = op.affine.then(affine)
+        ops.append(op)
+        node, consumer = op.input, node
+    return _Chain(node, affine, ops)
+
+
+def _join_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
+    sign = _JOINS.get(node.target) if node.op in ("call_function", "call_method") else None
+    if sign is None or len(node.args) != 2 or node.kwargs.keys() - {"alpha"}:
+        return None
+    u, v = node.args
+    alpha = node.kwargs.get("alpha", 1)
+    if not (isinstance(u, fx.Node) and isinstance(v, fx.Node)) or not isinstance(
+        alpha, (int, float)
+    ):
+        return None
+    return u, v, sign * alpha
+
+
+class FoldAffineMixer:
+    name = "fold_affine_mixer"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(modified=False)
+        ctx = FoldContext(gm)
+        for node in list(gm.graph.nodes):
+            if node._erased or (operands := _join_operands(node)) is None:
+                continue
+            outcome = self._collapse(ctx, node, *operands)
+            if outcome is None:
+                continue
+            if isinstance(outcome, Skipped):
+                result.skipped.append(outcome)
+                continue
+            result.folded.append(outcome)
+            result.modified = True
+            ctx.refresh()
+        return result
+
+    def _collapse(
+        self, ctx: FoldContext, join: fx.Node, u: fx.Node, v: fx.Node, weight: float
+    ) -> Folded | Skipped | None:
+        if u is v:
+            return None  # x ± x: nothing to remove
+        left, right = _chain(ctx, u, join), _chain(ctx, v, join)
+        if left.root is not right.root or not (left.ops or right.ops):
+            return None  # not a fork-join of one tensor: e.g. a residual x + f(x)
+        axis = None
+        for op in left.ops + right.ops:
+            axis = merge_axes(axis, op.axis)
+            if axis is False:
+                return Skipped(self.name, where(join), "branches act on different channel axes")
+        channels = {op.channels for op in left.ops + right.ops} - {1}
+        if len(channels) > 1:
+            return Skipped(self.name, where(join), "branches have different channel counts")
+        combined = left.affine.plus(right.affine, weight)
+        dtype = next((op.dtype for op in left.ops + right.ops if op.dtype is not None), None)
+        meta = join.meta.get("tensor_meta")
+        dtype = getattr(meta, "dtype", None) or dtype or torch.get_default_dtype()
+        hint = hint_for((left.ops or right.ops)[-1].node)
+        new = insert_affine(ctx.gm, left.root, combined, axis, dtype, join, hint)
+        kinds = ", ".join(op.kind for op in left.ops + right.ops)
+        replace_node(join, new)
+        return Folded(self.name, where(join), f"merged branches ({kinds}) into one affine")

@@ -1,0 +1,31 @@
+"""fold_bn: eval-mode batch norm into the conv / linear next to it.
+
+In eval mode ``BN(x) = s ⊙ x + t`` with ``s = γ / sqrt(var + eps)``, ``t = β − mean·s``
+(``repfx.algebra.batch_norm_affine``), so BN is absorbed like any per-channel affine
+(``repfx.passes._absorb``): into the conv / linear / transposed conv before it
+(``W' = s ⊙_out W``, ``b' = s·b + t``), or into the conv / linear after it when that conv reads
+no zero padding (``W' = W ⊙_in s``, ``b' = b + W∗t``). A BN with no such neighbour stays, and is
+seen as a per-channel affine by ``fold_channel_affine``. Training-mode BN is never folded.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ..ops import AffineOp, affine_op, batch_norm_reason
+from ._absorb import absorb_each
+from .base import FoldContext, PassResult
+
+
+def _batch_norms(ctx: FoldContext, node: fx.Node) -> AffineOp | str | None:
+    if (reason := batch_norm_reason(ctx.gm, node, ctx.consts)) is not None:
+        return reason
+    op = affine_op(ctx.gm, node, ctx.consts)
+    return op if op is not None and op.kind == "batch_norm" else None
+
+
+class FoldBatchNorm:
+    name = "fold_bn"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        return absorb_each(gm, self.name, _batch_norms)

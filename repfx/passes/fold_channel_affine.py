@@ -1,0 +1,29 @@
+"""fold_channel_affine: per-channel affines (LayerScale, ``x * g``, ``x + b``, ``addcmul``,
+depthwise 1×1 convs, and — as producers — batch norms left by ``fold_bn``) into their
+neighbours.
+
+For ``a(x) = s ⊙ x + t`` (see ``repfx.passes._absorb``): into the conv / linear before it
+(``W' = s ⊙_out W``, ``b' = s·b + t``), into a norm's affine (``γ' = s·γ``, ``β' = s·β + t``),
+composed with an affine before it (``s₂s₁ ⊙ x + (s₂t₁ + t₂)``), or into a conv / linear after
+it where no zero padding meets ``t``.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ..ops import AffineOp, affine_op
+from ._absorb import absorb_each
+from .base import FoldContext, PassResult
+
+
+def _non_bn_affines(ctx: FoldContext, node: fx.Node) -> AffineOp | None:
+    op = affine_op(ctx.gm, node, ctx.consts)
+    return op if op is not None and op.kind != "batch_norm" else None
+
+
+class FoldChannelAffine:
+    name = "fold_channel_affine"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        return absorb_each(gm, self.name, _non_bn_affines)

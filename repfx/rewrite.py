@@ -1,0 +1,170 @@
+"""Graph surgery used by every pass: replace a view's tensors, insert an affine, prune.
+
+The graph module being rewritten is always repfx's own copy of the user's model, so its
+modules may be updated in place — but only after the pass has checked that the module or
+tensor has a single call site (see ``repfx.graph.tensor_use_counts``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx, nn
+
+from .algebra import ChannelAffine
+from .graph import FLOAT_KEY, RANK_KEY, _fetch_attr, module_of, owner_and_name, where
+from .ops import Slot
+
+
+def _as_parameter(value: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value.detach().clone(), requires_grad=False)
+
+
+def readable_name(gm: fx.GraphModule, hint: str) -> str:
+    """A fresh top-level attribute name derived from ``hint`` (a module path or node name)."""
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", hint).strip("_") or "folded"
+    if base[0].isdigit():
+        base = f"_{base}"
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register ``value`` as a frozen parameter of ``gm`` and return a ``get_attr`` node for it."""
+    name = readable_name(gm, hint)
+    gm.register_parameter(name, _as_parameter(value))
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta[RANK_KEY] = value.dim()
+    node.meta[FLOAT_KEY] = value.is_floating_point()
+    return node
+
+
+def set_slot(gm: fx.GraphModule, slot: Slot, value: torch.Tensor, hint: str) -> None:
+    """Make the tensor at ``slot`` equal to ``value``.
+
+    A module attribute is overwritten (the caller checked the module has one call site); a node
+    argument that is a single-use ``get_attr`` keeps its attribute name; any other argument gets
+    a fresh attribute named after ``hint``.
+    """
+    node = slot.node
+    if slot.attr is not None:
+        module = module_of(gm, node)
+        if slot.attr in module._buffers:
+            module._buffers[slot.attr] = value.detach().clone()
+        else:
+            setattr(module, slot.attr, _as_parameter(value))
+        return
+    current = node.args[slot.index] if slot.index is not None else node.kwargs.get(slot.kwarg)
+    if (
+        isinstance(current, fx.Node)
+        and current.op == "get_attr"
+        and len(current.users) == 1
+        and _single_get_attr(gm, current)
+    ):
+        owner, name = owner_and_name(gm, current.target)
+        if name in owner._buffers:
+            owner._buffers[name] = value.detach().clone()
+        else:
+            setattr(owner, name, _as_parameter(value))
+        return
+    new_node = add_constant(gm, hint, value, before=node)
+    if slot.index is not None:
+        args = list(node.args)
+        args[slot.index] = new_node
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, slot.kwarg: new_node}
+
+
+def _single_get_attr(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """No other ``get_attr`` node reads the same tensor."""
+    value = _fetch_attr(gm, node.target)
+    return not any(
+        other is not node and other.op == "get_attr" and _fetch_attr(gm, other.target) is value
+        for other in gm.graph.nodes
+    )
+
+
+def insert_affine(
+    gm: fx.GraphModule,
+    x: fx.Node,
+    affine: ChannelAffine,
+    axis: int | None,
+    dtype: torch.dtype,
+    before: fx.Node,
+    hint: str,
+) -> fx.Node:
+    """Insert ``shift + x * scale`` (one ``addcmul``; a lone ``mul`` / ``add`` when the other
+    half is trivial) broadcasting along ``axis``, and return its node."""
+    shape = (-1,) if axis is None else (-1,) + (1,) * (-axis - 1)
+    scale = affine.scale.reshape(shape).to(dtype)
+    shift = affine.shift.reshape(shape).to(dtype)
+    need_scale = not bool(torch.all(affine.scale == 1))
+    need_shift = affine.has_shift()
+    with gm.graph.inserting_before(before):
+        if need_scale and need_shift:
+            s = add_constant(gm, f"{hint}_scale", scale, before)
+            t = add_constant(gm, f"{hint}_shift", shift, before)
+            out = gm.graph.call_function(torch.addcmul, (t, x, s))
+        elif need_scale:
+            s = add_constant(gm, f"{hint}_scale", scale, before)
+            out = gm.graph.call_function(torch.mul, (x, s))
+        elif need_shift:
+            t = add_constant(gm, f"{hint}_shift", shift, before)
+            out = gm.graph.call_function(torch.add, (x, t))
+        else:
+            return x
+    out.meta.update({k: v for k, v in before.meta.items() if k != "tensor_meta"})
+    if "tensor_meta" in x.meta:
+        out.meta["tensor_meta"] = x.meta["tensor_meta"]
+    out.meta[RANK_KEY] = x.meta.get(RANK_KEY)
+    out.meta[FLOAT_KEY] = True
+    return out
+
+
+def hint_for(node: fx.Node) -> str:
+    return where(node).replace(":", "_")
+
+
+def replace_node(old: fx.Node, new: fx.Node) -> None:
+    """Route every use of ``old`` to ``new`` and erase ``old`` with its dead constant inputs."""
+    old.replace_all_uses_with(new)
+    erase_dead(old)
+
+
+def erase_dead(node: fx.Node) -> None:
+    """Erase ``node`` if unused, then any of its inputs left unused that are pure (constant
+    expressions, ``get_attr``, recognised ops). Placeholders and the output are kept."""
+    graph = node.graph
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op in ("placeholder", "output") or n.graph is not graph:
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        stack.extend(inputs)
+
+
+def delete_unused_attributes(gm: fx.GraphModule) -> None:
+    """Drop parameters / buffers / submodules that no node reads any more."""
+    gm.delete_all_unused_submodules()
+    used_ids = {id(_fetch_attr(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = module_of(gm, n)
+            used_ids.update(id(t) for t in [*m.parameters(), *m.buffers()])
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for path, module in list(gm.named_modules()):
+        if path in called:
+            continue
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) not in used_ids:
+                del module._parameters[name]
+        for name, b in list(module._buffers.items()):
+            if b is not None and id(b) not in used_ids:
+                del module._buffers[name]
