@@ -95,7 +95,7 @@ def fold_affine_into_conv_output(
     Returns the new weight and a bias (always present: ``s·b + t``), in ``weight``'s dtype.
     """
     w = _f64(weight) * _out_channel_view(affine.scale, weight.dim())
-    b = affine.shift if bias is None else affine.scale * _f64(bias) + affine.shift
+    b = affine.shift.clone() if bias is None else affine.scale * _f64(bias) + affine.shift
     return w.to(weight.dtype), b.to(weight.dtype)
 
 
@@ -107,7 +107,7 @@ def fold_affine_into_conv_transpose_output(
     scale = affine.scale.reshape(groups, 1, out_per_group)  # [group, 1, j]
     w = _f64(weight).reshape(groups, in_ch // groups, out_per_group, -1)
     w = (w * scale.unsqueeze(-1)).reshape(weight.shape)
-    b = affine.shift if bias is None else affine.scale * _f64(bias) + affine.shift
+    b = affine.shift.clone() if bias is None else affine.scale * _f64(bias) + affine.shift
     return w.to(weight.dtype), b.to(weight.dtype)
 
 

@@ -13,9 +13,9 @@ from .capture import CaptureError, capture, copy_model, propagate_shapes
 from .graph import annotate_ranks
 from .passes import default_pipeline
 from .passes.base import Pass, run_to_fixpoint
-from .report import Folded, FoldReport, GraphStats, Skipped, Verification
+from .report import Folded, FoldReport, GraphStats, Skipped
 from .rewrite import delete_unused_attributes
-from .tolerances import max_errors, reference_dtype, tolerance_for
+from .verify import verify as run_verification
 
 REPORT_KEY = "repfx_report"
 
@@ -71,7 +71,9 @@ def fold(
     gm = _fold_copy(copy_model(model), inputs, passes, report, prefix="")
     gm.training = model.training
     if verify and inputs is not None:
-        report.verification = _verify(model, gm, inputs)
+        report.verification = run_verification(
+            model, gm, inputs, refold=lambda m: fold(m, verify=False, passes=passes)
+        )
     gm.meta[REPORT_KEY] = report
     if report.verification is not None and not report.verification.passed:
         raise VerificationError(report)
@@ -137,17 +139,3 @@ def _forward_source(module: nn.Module) -> str | None:
         return inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return None
-
-
-def _verify(model: nn.Module, folded: fx.GraphModule, inputs: tuple) -> Verification:
-    reference = copy_model(model)  # running the user's model could have side effects
-    with torch.no_grad():
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            expected = reference(*inputs)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            actual = folded(*inputs)
-    abs_err, rel_err = max_errors(actual, expected)
-    tol = tolerance_for(reference_dtype(expected))
-    return Verification(abs_err, rel_err, tol, passed=rel_err <= tol)

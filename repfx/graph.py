@@ -284,6 +284,8 @@ def _infer(gm: fx.GraphModule, node: fx.Node) -> tuple[int | None, bool]:
             start = _get(node, 1, "start_dim", 0)
             end = _get(node, 2, "end_dim", -1)
             return _flatten_rank(rank_of(first), start, end), in_float
+        if node.target in _REDUCTIONS:
+            return _reduced_rank(node, rank_of(first)), in_float
         if node.target in (torch.permute,):
             return _shape_arg_len(node), in_float
         return None, False
@@ -293,6 +295,8 @@ def _infer(gm: fx.GraphModule, node: fx.Node) -> tuple[int | None, bool]:
             return (None if None in ranks else max(ranks, default=None)), in_float
         if node.target in ("permute", "view", "reshape"):
             return _shape_arg_len(node), in_float
+        if node.target in _REDUCTIONS:
+            return _reduced_rank(node, rank_of(first)), in_float
         if node.target == "transpose":
             return rank_of(first), in_float
         if node.target == "flatten":
@@ -300,6 +304,20 @@ def _infer(gm: fx.GraphModule, node: fx.Node) -> tuple[int | None, bool]:
             end = _get(node, 2, "end_dim", -1)
             return _flatten_rank(rank_of(first), start, end), in_float
     return None, False
+
+
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
+
+
+def _reduced_rank(node: fx.Node, rank: int | None) -> int | None:
+    """Rank after ``x.mean(dims, keepdim)`` and friends."""
+    dims = _get(node, 1, "dim", None)
+    keepdim = _get(node, 2, "keepdim", False)
+    if rank is None or dims is None or not isinstance(keepdim, bool):
+        return None
+    if keepdim:
+        return rank
+    return rank - (len(dims) if isinstance(dims, (tuple, list)) else 1)
 
 
 def _as_tuple(v: Any) -> tuple:
@@ -325,3 +343,24 @@ def _shape_arg_len(node: fx.Node) -> int | None:
     elif len(dims) == 1 and isinstance(dims[0], fx.Node):
         return None  # a shape computed at run time
     return len(dims) or None
+
+
+_SHAPE_METHODS = {"size", "dim"}
+_SHAPE_LIKE_METHODS = {"reshape_as", "view_as", "expand_as"}
+
+
+def reads_only_shape(user: fx.Node, node: fx.Node) -> bool:
+    """True when ``user`` reads nothing of ``node`` but its shape (``x.shape``, ``x.size()``,
+    ``y.reshape_as(x)``): such a use survives any rewrite that keeps ``node``'s shape."""
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[0] is node and user.args[1:] in (("shape",), ("ndim",))
+    if user.op == "call_method" and user.target in _SHAPE_METHODS:
+        return user.args[0] is node
+    if user.op == "call_method" and user.target in _SHAPE_LIKE_METHODS:
+        return user.args[0] is not node and all(a is node for a in user.args[1:])
+    return False
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (not only its shape)."""
+    return [u for u in node.users if not reads_only_shape(u, node)]

@@ -7,7 +7,7 @@ from collections import Counter
 from torch import fx
 
 from .graph import ConstantFolder
-from .ops import affine_op, batch_norm_reason, identity_input, linear_op, norm_op
+from .ops import affine_op, identity_input, is_batch_norm, linear_op, norm_op
 
 
 def op_kind(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> str | None:
@@ -19,10 +19,10 @@ def op_kind(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> str | 
         return lin.kind
     if (norm := norm_op(gm, node, consts)) is not None:
         return norm.kind
-    if batch_norm_reason(gm, node, consts) is not None:
+    if is_batch_norm(gm, node):
         return "batch_norm"
-    if (aff := affine_op(gm, node, consts)) is not None:
-        return "batch_norm" if aff.kind == "batch_norm" else "channel_affine"
+    if affine_op(gm, node, consts) is not None:
+        return "channel_affine"
     if identity_input(gm, node) is not None:
         return "no_op"
     return None

@@ -271,6 +271,13 @@ def _param_dtype(m: nn.Module) -> torch.dtype:
 # ------------------------------------------------------------------------ affine ops
 
 
+def is_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Any batch-norm call, foldable or not."""
+    if node.op == "call_module":
+        return isinstance(module_of(gm, node), _BatchNorm)
+    return node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
+
+
 def batch_norm_reason(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> str | None:
     """Why a batch-norm node is not an affine (``None`` when it is one, or not a BN at all)."""
     if node.op == "call_module":
@@ -548,3 +555,79 @@ def _is_float(node: fx.Node) -> bool:
 
 
 Recogniser = Callable[[fx.GraphModule, fx.Node, ConstantFolder], Any]
+
+
+# ----------------------------------------------------------------------------- layout ops
+
+
+_LAYOUT_METHODS = {"flatten", "permute", "transpose", "contiguous", "view", "reshape"}
+_LAYOUT_FUNCS = {torch.flatten: "flatten", torch.permute: "permute", torch.transpose: "transpose"}
+
+
+def layout_source_axis(
+    node: fx.Node, axis: int | None
+) -> fx.Node | tuple[fx.Node, int | None] | None:
+    """If ``node`` only moves data (flatten / permute / transpose / view / reshape /
+    contiguous) and keeps the channel ``axis`` of its output intact, return ``(input, axis)``
+    with the axis in the input's coordinates (counted from the right). ``None`` otherwise.
+
+    A per-channel affine then commutes with ``node``: ``a(layout(x)) = layout(a'(x))``.
+    """
+    if node.op == "call_method" and node.target in _LAYOUT_METHODS:
+        kind = node.target
+    elif node.op == "call_function" and node.target in _LAYOUT_FUNCS:
+        kind = _LAYOUT_FUNCS[node.target]
+    else:
+        return None
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node):
+        return None
+    if axis is None or kind == "contiguous":
+        return x, axis
+    r_in, r_out = rank_of(x), rank_of(node)
+    if r_in is None or r_out is None:
+        return None
+    pos = axis + r_out  # positive axis in the output
+    source = _source_position(node, kind, pos, r_in, r_out)
+    return None if source is None else (x, source - r_in)
+
+
+def _source_position(node: fx.Node, kind: str, pos: int, r_in: int, r_out: int) -> int | None:
+    args = node.args[1:]
+    if kind == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        return dims[pos] % r_in if len(dims) == r_out and isinstance(dims[pos], int) else None
+    if kind == "transpose":
+        d0, d1 = (a % r_in if isinstance(a, int) else None for a in _pad(args, 2, "dim", node))
+        if d0 is None or d1 is None:
+            return None
+        return d1 if pos == d0 else d0 if pos == d1 else pos
+    if kind == "flatten":
+        start, end = _pad(args, 2, "start_dim", node, defaults=(0, -1))
+        if not isinstance(start, int) or not isinstance(end, int):
+            return None
+        start, end = start % r_in, end % r_in
+        if pos < start:
+            return pos
+        if pos > start:
+            return pos + (end - start)
+        return pos if start == end else None
+    # view / reshape: only with known shapes, and only when every dim from the axis on is kept
+    s_in, s_out = _shape(node.args[0]), _shape(node)
+    if s_in is None or s_out is None:
+        return None
+    suffix = len(s_out) - pos
+    return len(s_in) - suffix if tuple(s_in[-suffix:]) == tuple(s_out[-suffix:]) else None
+
+
+def _pad(args: tuple, n: int, _name: str, node: fx.Node, defaults: tuple = ()) -> list:
+    values = list(args[:n])
+    names = ("start_dim", "end_dim") if _name == "start_dim" else ("dim0", "dim1")
+    for i in range(len(values), n):
+        values.append(node.kwargs.get(names[i], defaults[i] if i < len(defaults) else None))
+    return values
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None

@@ -33,6 +33,11 @@ class Verification:
     max_rel_error: float  # max |folded − original| / max |original|, over all outputs
     tolerance: float
     passed: bool
+    # Set when the first comparison missed ``tolerance`` and repfx re-checked in float64:
+    # the float64 fold's error, and the original's / the fold's errors against float64 truth.
+    exact_rel_error: float | None = None
+    original_rounding: float | None = None
+    folded_rounding: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,12 @@ class FoldReport:
                 f"  verification {verdict}: max abs {v.max_abs_error:.3g}, "
                 f"max rel {v.max_rel_error:.3g} (tolerance {v.tolerance:.1g})"
             )
+            if v.exact_rel_error is not None:
+                lines.append(
+                    f"    float64 re-check: fold error {v.exact_rel_error:.3g}; against float64 "
+                    f"truth the original is off by {v.original_rounding:.3g}, the fold by "
+                    f"{v.folded_rounding:.3g} (rounding of the original's own dtype)"
+                )
         return "\n".join(lines)
 
     def explain(self) -> str:

@@ -1,18 +1,21 @@
 """Absorbing one per-channel affine ``a(x) = s ⊙ x + t`` into a neighbour — the rule shared by
 ``fold_bn`` and ``fold_channel_affine``. Tried in order:
 
-1. into its producer ``p`` when ``a`` is ``p``'s only user:
-   conv / linear / transposed conv (output side), a norm's ``γ, β``, or another affine
-   (composition ``a ∘ p``, one op instead of two);
-2. into its only consumer, a conv / linear (input side), when no zero padding meets a non-zero
-   shift ``t``.
+1. into its producer ``p`` when ``a`` is ``p``'s only user, looking back through layout ops
+   that keep the channel axis (flatten, permute, transpose, view): a conv / linear / transposed
+   conv (output side, ``W' = s ⊙_out W``, ``b' = s·b + t``), a norm's ``γ' = s·γ``,
+   ``β' = s·β + t``, or another affine (composition: one op instead of two);
+2. into its only consumer, a conv / linear (input side, ``W' = W ⊙_in s``, ``b' = b + W∗t``),
+   when no zero padding meets a non-zero shift ``t``.
 
-Each returns either a :class:`Folded` record or the reason it does not apply.
+Each candidate is checked first (a failed check is a :class:`Reason`); only a candidate that
+passes every check returns a :class:`Rewrite`, which then changes the graph.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import fx
@@ -24,11 +27,27 @@ from ..algebra import (
     fold_affine_into_conv_transpose_output,
     fold_affine_into_norm,
 )
-from ..graph import where
-from ..ops import AffineOp, LinearOp, NormOp, affine_op, linear_op, merge_axes, norm_op
+from ..graph import value_users, where
+from ..ops import (
+    AffineOp,
+    LinearOp,
+    NormOp,
+    affine_op,
+    layout_source_axis,
+    linear_op,
+    merge_axes,
+    norm_op,
+)
 from ..report import Folded, Skipped
-from ..rewrite import erase_dead, hint_for, insert_affine, replace_node, set_slot
+from ..rewrite import erase_dead, hint_for, insert_affine, set_slot
 from .base import FoldContext, PassResult
+
+
+class Reason(str):
+    """Why a candidate rewrite does not apply."""
+
+
+Rewrite = Callable[[], str]  # changes the graph, returns a description of what it did
 
 
 def describe(ctx: FoldContext, node: fx.Node) -> str:
@@ -41,17 +60,21 @@ def describe(ctx: FoldContext, node: fx.Node) -> str:
 
 def absorb(ctx: FoldContext, op: AffineOp, rule: str) -> Folded | str:
     """Fold ``op`` into a neighbour; returns the record, or why no neighbour can take it."""
-    producer = _into_producer(ctx, op)
-    if not isinstance(producer, _Reason):
-        return Folded(rule, where(op.node), producer)
-    consumer = _into_consumer(ctx, op)
-    if not isinstance(consumer, _Reason):
-        return Folded(rule, where(op.node), consumer)
+    location = where(op.node)
+    producer = _producer_rewrite(ctx, op)
+    if not isinstance(producer, Reason):
+        _remove(op)
+        return Folded(rule, location, producer())
+    consumer = _consumer_rewrite(ctx, op)
+    if not isinstance(consumer, Reason):
+        return Folded(rule, location, consumer())
     return f"{producer}; {consumer}"
 
 
-class _Reason(str):
-    """A string that means 'not done, because ...' (a plain ``str`` is a fold's detail)."""
+def _remove(op: AffineOp) -> None:
+    """Drop the affine from the graph (its effect has been or is about to be moved upstream)."""
+    op.node.replace_all_uses_with(op.input)
+    erase_dead(op.node)
 
 
 def _expand(affine: ChannelAffine, channels: int) -> ChannelAffine:
@@ -61,10 +84,10 @@ def _expand(affine: ChannelAffine, channels: int) -> ChannelAffine:
 
 
 def _fits(op: AffineOp, axis: int | None, channels: int) -> str | None:
-    if op.axis is not None and axis is not None and op.axis != axis:
-        return f"affine acts on axis {op.axis}, the op's channels are on axis {axis}"
     if op.axis is not None and axis is None:
         return "channel axis of the op is unknown (pass example inputs)"
+    if op.axis is not None and op.axis != axis:
+        return f"affine acts on axis {op.axis}, the op's channels are on axis {axis}"
     if op.channels not in (1, channels):
         return f"affine has {op.channels} channels, the op has {channels}"
     return None
@@ -80,93 +103,129 @@ def _dtype_of(op: AffineOp) -> torch.dtype:
 # --------------------------------------------------------------------------- producer side
 
 
-def _into_producer(ctx: FoldContext, op: AffineOp) -> str:
-    """The fold's detail when it is done, else a :class:`_Reason`."""
-    p = op.input
-    if len(p.users) != 1:
-        return _Reason(f"producer {describe(ctx, p)} has {len(p.users)} users")
+def _through_layout(op: AffineOp) -> tuple[AffineOp, list[fx.Node]]:
+    """Walk back from ``op`` through single-use layout ops that keep its channel axis; return
+    the affine re-expressed at the far end (``input`` and ``axis`` there), and the ops walked."""
+    node, axis, walked = op.input, op.axis, []
+    while len(value_users(node)) == 1:
+        found = layout_source_axis(node, axis)
+        if found is None:
+            break
+        walked.append(node)
+        node, axis = found
+    return replace(op, input=node, axis=axis), walked
+
+
+def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Rewrite | Reason:
+    moved, walked = _through_layout(op)
+    p = moved.input
+    if len(users := value_users(p)) != 1:
+        return Reason(f"producer {describe(ctx, p)} has {len(users)} users")
     if (lin := linear_op(ctx.gm, p, ctx.consts)) is not None:
-        return _into_linear_output(ctx, op, lin)
-    if (norm := norm_op(ctx.gm, p, ctx.consts)) is not None:
-        return _into_norm(ctx, op, norm)
-    if (inner := affine_op(ctx.gm, p, ctx.consts)) is not None:
-        return _compose(ctx, inner, op)
-    return _Reason(f"producer {describe(ctx, p)} is not a conv, linear, norm or affine")
-
-
-def _into_linear_output(ctx: FoldContext, op: AffineOp, lin: LinearOp) -> str:
-    if (bad := _fits(op, lin.channel_axis, lin.out_channels)) is not None:
-        return _Reason(f"producer {lin.kind}: {bad}")
-    if (shared := ctx.shared_reason(lin.node, lin.kind)) is not None:
-        return _Reason(f"producer {shared}")
-    affine = _expand(op.affine, lin.out_channels)
-    if lin.kind == "conv_transpose":
-        w, b = fold_affine_into_conv_transpose_output(lin.weight, lin.bias, affine, lin.groups)
+        rewrite = _linear_output_rewrite(ctx, moved, lin)
+    elif (norm := norm_op(ctx.gm, p, ctx.consts)) is not None:
+        rewrite = _norm_rewrite(ctx, moved, norm)
+    elif (inner := affine_op(ctx.gm, p, ctx.consts)) is not None:
+        rewrite = _compose_rewrite(ctx, inner, moved)
     else:
-        w, b = fold_affine_into_conv_output(lin.weight, lin.bias, affine)
-    hint = hint_for(lin.node)
-    set_slot(ctx.gm, lin.weight_slot, w, f"{hint}_weight")
-    set_slot(ctx.gm, lin.bias_slot, b, f"{hint}_bias")
-    replace_node(op.node, lin.node)
-    return f"into {lin.kind} {where(lin.node)}"
+        return Reason(f"producer {describe(ctx, p)} is not a conv, linear, norm or affine")
+    if isinstance(rewrite, Reason) or not walked:
+        return rewrite
+    through = ", ".join(describe(ctx, n) for n in walked)
+    return lambda: f"{rewrite()} (through {through})"
 
 
-def _into_norm(ctx: FoldContext, op: AffineOp, norm: NormOp) -> str:
+def _linear_output_rewrite(ctx: FoldContext, op: AffineOp, lin: LinearOp) -> Rewrite | Reason:
+    if (bad := _fits(op, lin.channel_axis, lin.out_channels)) is not None:
+        return Reason(f"producer {lin.kind}: {bad}")
+    if (shared := ctx.shared_reason(lin.node, lin.kind)) is not None:
+        return Reason(f"producer {shared}")
+
+    def rewrite() -> str:
+        affine = _expand(op.affine, lin.out_channels)
+        if lin.kind == "conv_transpose":
+            w, b = fold_affine_into_conv_transpose_output(lin.weight, lin.bias, affine, lin.groups)
+        else:
+            w, b = fold_affine_into_conv_output(lin.weight, lin.bias, affine)
+        hint = hint_for(lin.node)
+        set_slot(ctx.gm, lin.weight_slot, w, f"{hint}_weight")
+        set_slot(ctx.gm, lin.bias_slot, b, f"{hint}_bias")
+        return f"into {lin.kind} {where(lin.node)}"
+
+    return rewrite
+
+
+def _norm_rewrite(ctx: FoldContext, op: AffineOp, norm: NormOp) -> Rewrite | Reason:
     if (bad := _fits(op, norm.channel_axis, norm.channels)) is not None:
-        return _Reason(f"producer {norm.kind}: {bad}")
+        return Reason(f"producer {norm.kind}: {bad}")
     if (shared := ctx.shared_reason(norm.node, norm.kind)) is not None:
-        return _Reason(f"producer {shared}")
-    affine = _expand(op.affine, norm.channels)
-    gamma, beta = fold_affine_into_norm(norm.weight, norm.bias, affine, norm.dtype)
-    hint = hint_for(norm.node)
-    set_slot(ctx.gm, norm.weight_slot, gamma, f"{hint}_weight")
-    set_slot(ctx.gm, norm.bias_slot, beta, f"{hint}_bias")
-    replace_node(op.node, norm.node)
-    return f"into {norm.kind} {where(norm.node)}"
+        return Reason(f"producer {shared}")
+
+    def rewrite() -> str:
+        affine = _expand(op.affine, norm.channels)
+        gamma, beta = fold_affine_into_norm(norm.weight, norm.bias, affine, norm.dtype)
+        hint = hint_for(norm.node)
+        set_slot(ctx.gm, norm.weight_slot, gamma, f"{hint}_weight")
+        set_slot(ctx.gm, norm.bias_slot, beta, f"{hint}_bias")
+        return f"into {norm.kind} {where(norm.node)}"
+
+    return rewrite
 
 
-def _compose(ctx: FoldContext, inner: AffineOp, outer: AffineOp) -> str:
+def _compose_rewrite(ctx: FoldContext, inner: AffineOp, outer: AffineOp) -> Rewrite | Reason:
     axis = merge_axes(inner.axis, outer.axis)
     if axis is False:
-        return _Reason("producer affine acts on another axis")
-    if inner.channels not in (1, outer.channels) and outer.channels != 1:
-        return _Reason("producer affine has a different channel count")
-    combined = inner.affine.then(outer.affine)
-    new = insert_affine(
-        ctx.gm, inner.input, combined, axis, _dtype_of(outer), outer.node, hint_for(inner.node)
-    )
-    replace_node(outer.node, new)
-    return f"composed with {inner.kind} {where(inner.node)}"
+        return Reason("producer affine acts on another channel axis")
+    if len({inner.channels, outer.channels} - {1}) > 1:
+        return Reason("producer affine has a different channel count")
+
+    def rewrite() -> str:
+        combined = inner.affine.then(outer.affine)
+        dtype = _dtype_of(outer)
+        new = insert_affine(
+            ctx.gm, inner.input, combined, axis, dtype, inner.node, hint_for(inner.node)
+        )
+        inner.node.replace_all_uses_with(new)
+        erase_dead(inner.node)
+        return f"composed with {inner.kind} {where(inner.node)}"
+
+    return rewrite
 
 
 # --------------------------------------------------------------------------- consumer side
 
 
-def _into_consumer(ctx: FoldContext, op: AffineOp) -> str:
-    users = list(op.node.users)
+def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Rewrite | Reason:
+    users = value_users(op.node)
     if len(users) != 1:
-        return _Reason(f"output has {len(users)} users")
+        return Reason(f"output has {len(users)} users")
     c = users[0]
     lin = linear_op(ctx.gm, c, ctx.consts)
     if lin is None or lin.input is not op.node:
-        return _Reason(f"consumer {describe(ctx, c)} is not a conv or linear")
+        return Reason(f"consumer {describe(ctx, c)} is not a conv or linear")
     if lin.kind == "conv_transpose":
-        return _Reason("consumer is a transposed conv (input-side fold not supported)")
+        return Reason("consumer is a transposed conv (input-side fold not supported)")
     if (bad := _fits(op, lin.channel_axis, lin.in_channels)) is not None:
-        return _Reason(f"consumer {lin.kind}: {bad}")
+        return Reason(f"consumer {lin.kind}: {bad}")
     if lin.zero_padded and op.affine.has_shift():
-        return _Reason("consumer conv zero-pads its input: a shift before it is not exact")
+        return Reason("consumer conv zero-pads its input: a shift before it is not exact")
     if (shared := ctx.shared_reason(c, lin.kind)) is not None:
-        return _Reason(f"consumer {shared}")
-    affine = _expand(op.affine, lin.in_channels)
-    w, b = fold_affine_into_conv_input(lin.weight, lin.bias, affine, lin.groups)
-    hint = hint_for(c)
-    set_slot(ctx.gm, lin.weight_slot, w, f"{hint}_weight")
-    if b is not None:
-        set_slot(ctx.gm, lin.bias_slot, b, f"{hint}_bias")
-    c.replace_input_with(op.node, op.input)
-    erase_dead(op.node)
-    return f"into the input of {lin.kind} {where(c)}"
+        return Reason(f"consumer {shared}")
+
+    def rewrite() -> str:
+        affine = _expand(op.affine, lin.in_channels)
+        w, b = fold_affine_into_conv_input(lin.weight, lin.bias, affine, lin.groups)
+        hint = hint_for(c)
+        set_slot(ctx.gm, lin.weight_slot, w, f"{hint}_weight")
+        if b is not None:
+            set_slot(ctx.gm, lin.bias_slot, b, f"{hint}_bias")
+        _remove(op)
+        return f"into the input of {lin.kind} {where(c)}"
+
+    return rewrite
+
+
+# --------------------------------------------------------------------------- the pass loop
 
 
 Selector = Callable[[FoldContext, fx.Node], "AffineOp | str | None"]

@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from ..algebra import ChannelAffine
-from ..graph import where
+from ..graph import value_users, where
 from ..ops import AffineOp, affine_op, merge_axes
 from ..report import Folded, Skipped
 from ..rewrite import hint_for, insert_affine, replace_node
@@ -46,7 +46,7 @@ def _chain(ctx: FoldContext, start: fx.Node, join: fx.Node) -> _Chain:
     ops: list[AffineOp] = []
     affine = ChannelAffine.of(None, None, 1)
     node, consumer = start, join
-    while len(node.users) == 1 and consumer in node.users:
+    while value_users(node) == [consumer]:
         op = affine_op(ctx.gm, node, ctx.consts)
         if op is None:
             break

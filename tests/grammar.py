@@ -1,0 +1,385 @@
+"""A Hypothesis grammar of random models covering every fold, with the structure each must
+fold to.
+
+A model is a stem conv followed by blocks separated by activations (which stop folds from
+crossing block boundaries, so each block's outcome is independent). Each block states the op
+counts (``repfx.inspect.op_kind``) it must have after folding; the model's expectation is
+their sum. All parameters — BN statistics, affine values, LayerScale — are drawn at O(1): a
+near-identity BN or a 1e-5 LayerScale would hide a wrong fold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from hypothesis import assume
+from hypothesis import strategies as st
+from torch import nn
+
+
+@dataclass
+class State:
+    """Shape of the activation flowing between blocks (NCHW, batch excluded)."""
+
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass
+class Model:
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    expected: Counter  # op kind -> count after folding
+    blocks: list[str]
+
+
+def randomise_(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Re-draw every parameter and BN statistic at O(1) scale, deterministically."""
+
+    def normal(t: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+        return torch.randn(t.shape, generator=generator, dtype=t.dtype) * std + mean
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() <= 1:
+                p.copy_(normal(p, 1.0 if name.endswith(("weight", "gamma", "scale")) else 0.0, 0.5))
+            else:
+                fan_in = max(1, p[0].numel())
+                p.copy_(normal(p, 0.0, 1.0 / math.sqrt(fan_in)))
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(normal(b, 0.0, 0.5))
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=generator, dtype=b.dtype) + 0.5)
+    return module
+
+
+# ------------------------------------------------------------------------ BN spellings
+
+
+class FunctionalBatchNorm(nn.Module):
+    """BN written with F.batch_norm on its own buffers (as timm's BatchNormAct2d does)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-5
+        )
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm2d subclass with its own forward and identity act/drop (timm's pattern)."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+BN_SPELLINGS: dict[str, Callable[[int], nn.Module]] = {
+    "module": nn.BatchNorm2d,
+    "functional": FunctionalBatchNorm,
+    "subclass": BatchNormAct,
+}
+
+
+# ------------------------------------------------------------------------ affine spellings
+
+
+class Scale(nn.Module):
+    """A per-channel affine on NCHW in one of many spellings."""
+
+    def __init__(self, channels: int, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+        if spelling == "dwconv":
+            self.conv = nn.Conv2d(channels, channels, 1, groups=channels)
+        if spelling == "bn":
+            self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, b = self.gamma, self.beta
+        match self.spelling:
+            case "index":
+                return x * g[:, None, None]
+            case "unsqueeze":
+                return g.unsqueeze(-1).unsqueeze(-1) * x
+            case "view_method":
+                return x.mul(g.view(1, -1, 1, 1))
+            case "torch_mul":
+                return torch.mul(x, g.reshape(-1, 1, 1))
+            case "mul_add":
+                return x * g.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+            case "sub_div":
+                return (x - b[:, None, None]) / g[:, None, None]
+            case "addcmul":
+                return torch.addcmul(b[:, None, None], x, g[:, None, None])
+            case "scalar":
+                return x * 0.75 + 0.25
+            case "dwconv":
+                return self.conv(x)
+            case "bn":
+                return self.bn(x)
+        raise AssertionError(self.spelling)
+
+
+SCALE_SPELLINGS = [
+    "index",
+    "unsqueeze",
+    "view_method",
+    "torch_mul",
+    "mul_add",
+    "sub_div",
+    "addcmul",
+    "scalar",
+    "dwconv",
+    "bn",
+]
+
+
+# ------------------------------------------------------------------------ blocks
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@st.composite
+def conv_params(draw, cin: int, state: State, allow_stride: bool = True) -> dict:
+    cout = draw(st.integers(1, 8))
+    common = [g for g in range(1, min(cin, cout) + 1) if cin % g == 0 and cout % g == 0]
+    groups = draw(st.sampled_from(common))
+    k = draw(st.sampled_from([1, 2, 3, 5]))
+    stride = draw(st.sampled_from([1, 2])) if allow_stride else 1
+    dilation = draw(st.sampled_from([1, 2]))
+    padding = draw(st.integers(0, 2))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    h = _conv_out(state.height, k, stride, padding, dilation)
+    w = _conv_out(state.width, k, stride, padding, dilation)
+    assume(h >= 1 and w >= 1 and (mode == "zeros" or padding < min(state.height, state.width)))
+    return dict(
+        in_channels=cin,
+        out_channels=cout,
+        kernel_size=k,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        padding_mode=mode,
+        out_hw=(h, w),
+    )
+
+
+def _conv(params: dict) -> nn.Conv2d:
+    return nn.Conv2d(**{k: v for k, v in params.items() if k != "out_hw"})
+
+
+class Seq(nn.Sequential):
+    pass
+
+
+@st.composite
+def conv_bn(draw, state: State):
+    p = draw(conv_params(state.channels, state))
+    bn = BN_SPELLINGS[draw(st.sampled_from(list(BN_SPELLINGS)))](p["out_channels"])
+    block = Seq(_conv(p), bn)
+    return block, State(p["out_channels"], *p["out_hw"]), Counter(conv=1)
+
+
+@st.composite
+def bn_conv(draw, state: State):
+    bn = BN_SPELLINGS[draw(st.sampled_from(list(BN_SPELLINGS)))](state.channels)
+    p = draw(conv_params(state.channels, state))
+    exact = p["padding"] == 0 or p["padding_mode"] != "zeros"
+    expected = Counter(conv=1) if exact else Counter(conv=1, batch_norm=1)
+    return Seq(bn, _conv(p)), State(p["out_channels"], *p["out_hw"]), expected
+
+
+@st.composite
+def conv_scale(draw, state: State):
+    p = draw(conv_params(state.channels, state))
+    scale = Scale(p["out_channels"], draw(st.sampled_from(SCALE_SPELLINGS)))
+    return Seq(_conv(p), scale), State(p["out_channels"], *p["out_hw"]), Counter(conv=1)
+
+
+@st.composite
+def conv_transpose_bn(draw, state: State):
+    cout = draw(st.integers(1, 6))
+    common = [g for g in range(1, min(state.channels, cout) + 1) if state.channels % g == 0]
+    groups = draw(st.sampled_from([g for g in common if cout % g == 0]))
+    stride = draw(st.sampled_from([1, 2]))
+    conv = nn.ConvTranspose2d(state.channels, cout, 2, stride=stride, groups=groups)
+    new = State(cout, (state.height - 1) * stride + 2, (state.width - 1) * stride + 2)
+    return Seq(conv, nn.BatchNorm2d(cout)), new, Counter(conv_transpose=1)
+
+
+@st.composite
+def lone_affines(draw, state: State):
+    """BN then a scale with no conv / norm next to them: they compose into one affine."""
+    spelling = draw(st.sampled_from([s for s in SCALE_SPELLINGS if s not in ("dwconv", "bn")]))
+    block = Seq(nn.BatchNorm2d(state.channels), Scale(state.channels, spelling))
+    return block, state, Counter(channel_affine=1)
+
+
+class RIFormerBlock(nn.Module):
+    """``x + ls1·(A(N1(x)) − N1(x))`` then ``x + ls2·MLP(N2(x))``."""
+
+    def __init__(self, channels: int, groups: int, affine: str, ls: str):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.affine = Scale(channels, affine)
+        self.ls1 = Scale(channels, ls)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.fc1 = nn.Conv2d(channels, 2 * channels, 1)
+        self.fc2 = nn.Conv2d(2 * channels, channels, 1)
+        self.ls2 = Scale(channels, ls)
+        self.drop_path = nn.Identity()
+        self.dropout = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm1(x)
+        x = x + self.drop_path(self.ls1(self.affine(n) - n))
+        y = self.fc2(self.dropout(F.gelu(self.fc1(self.norm2(x)))))
+        return x + self.drop_path(self.ls2(y))
+
+
+@st.composite
+def riformer_block(draw, state: State):
+    c = state.channels
+    groups = draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
+    affine = draw(st.sampled_from(["dwconv", "mul_add", "addcmul", "index", "bn"]))
+    ls = draw(st.sampled_from(["index", "unsqueeze", "view_method", "torch_mul"]))
+    block = RIFormerBlock(c, groups, affine, ls)
+    return block, state, Counter(group_norm=2, conv=2)
+
+
+class ChannelsLastMlp(nn.Module):
+    """ConvFormer-style: permute to NHWC, LayerNorm + Linear MLP + LayerScale, permute back."""
+
+    def __init__(self, channels: int, scale_after_permute: bool, norm_bias: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, bias=norm_bias)
+        self.fc1 = nn.Linear(channels, 2 * channels)
+        self.fc2 = nn.Linear(2 * channels, channels)
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.res_scale = nn.Parameter(torch.ones(channels))
+        self.scale_after_permute = scale_after_permute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.norm(x))))
+        if self.scale_after_permute:
+            y = y.permute(0, 3, 1, 2) * self.gamma.view(1, -1, 1, 1)
+            return x.permute(0, 3, 1, 2) + y
+        return (x * self.res_scale + y * self.gamma).permute(0, 3, 1, 2)
+
+
+@st.composite
+def channels_last_mlp(draw, state: State):
+    after = draw(st.booleans())
+    block = ChannelsLastMlp(state.channels, after, norm_bias=draw(st.booleans()))
+    # the residual scale (x * res_scale) has no conv/linear/norm neighbour: it stays
+    expected = Counter(layer_norm=1, linear=2, channel_affine=0 if after else 1)
+    return block, state, expected
+
+
+class TokenLinearBn(nn.Module):
+    """LeViT-style: tokens (N, HW, C) → Linear → BatchNorm1d over flattened tokens."""
+
+    def __init__(self, channels: int, out: int):
+        super().__init__()
+        self.linear = nn.Linear(channels, out, bias=False)
+        self.bn = nn.BatchNorm1d(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        t = self.linear(x.flatten(2).transpose(1, 2))
+        t = self.bn(t.flatten(0, 1)).reshape_as(t)
+        return t.transpose(1, 2).reshape(n, -1, h, w)
+
+
+@st.composite
+def token_linear_bn(draw, state: State):
+    out = draw(st.integers(1, 8))
+    return (
+        TokenLinearBn(state.channels, out),
+        State(out, state.height, state.width),
+        Counter(linear=1),
+    )
+
+
+BLOCKS = {
+    "conv_bn": conv_bn,
+    "bn_conv": bn_conv,
+    "conv_scale": conv_scale,
+    "conv_transpose_bn": conv_transpose_bn,
+    "lone_affines": lone_affines,
+    "riformer": riformer_block,
+    "channels_last_mlp": channels_last_mlp,
+    "token_linear_bn": token_linear_bn,
+}
+ACTIVATIONS = [nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish]
+
+
+class Head(nn.Module):
+    """Global pool → Linear → BatchNorm1d, then BatchNorm1d → Linear (LeViT's NormLinear)."""
+
+    def __init__(self, channels: int, hidden: int, classes: int):
+        super().__init__()
+        self.fc = nn.Linear(channels, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.act = nn.ReLU()
+        self.norm = nn.BatchNorm1d(hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.fc(x.mean((2, 3)))))
+        return self.out(self.norm(x))
+
+
+@st.composite
+def models(draw, max_blocks: int = 4) -> Model:
+    in_channels = draw(st.integers(1, 4))
+    state = State(draw(st.integers(2, 6)), draw(st.integers(8, 14)), draw(st.integers(8, 14)))
+    input_hw = (state.height, state.width)
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, state.channels, 3, padding=1)]
+    expected = Counter(conv=1)
+    names = []
+    for name in draw(st.lists(st.sampled_from(list(BLOCKS)), min_size=1, max_size=max_blocks)):
+        layers.append(draw(st.sampled_from(ACTIVATIONS))())
+        block, state, block_expected = draw(BLOCKS[name](state))
+        layers.append(block)
+        expected += block_expected
+        names.append(name)
+    layers.append(nn.ReLU())
+    with_head = draw(st.booleans())
+    if with_head:
+        layers.append(Head(state.channels, draw(st.integers(1, 6)), draw(st.integers(1, 5))))
+        expected += Counter(linear=2)
+    module = nn.Sequential(*layers).eval()
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    randomise_(module, generator)
+    batch = draw(st.integers(1, 3)) if not with_head else draw(st.integers(2, 3))
+    shape = (batch, in_channels, *input_hw)
+    return Model(module, shape, expected, names)

@@ -1,0 +1,121 @@
+"""Property tests over random models from ``grammar``: equivalence, structure, idempotence,
+and the original left untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from grammar import models
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+import repfx
+from repfx.inspect import op_counts
+from repfx.tolerances import assert_close
+from repfx.verify import assert_equivalent
+
+CHECKED_KINDS = (
+    "conv",
+    "conv_transpose",
+    "linear",
+    "batch_norm",
+    "layer_norm",
+    "group_norm",
+    "channel_affine",
+    "no_op",
+)
+
+
+def _snapshot(module: torch.nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in module.state_dict(keep_vars=False).items()},
+        "ids": {k: id(v) for k, v in module.state_dict(keep_vars=True).items()},
+        "repr": repr(module),
+        "training": [m.training for m in module.modules()],
+    }
+
+
+def _assert_unchanged(module: torch.nn.Module, before: dict) -> None:
+    after = _snapshot(module)
+    assert after["repr"] == before["repr"]
+    assert after["training"] == before["training"]
+    assert after["ids"] == before["ids"]
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key
+
+
+def _structure(gm: torch.fx.GraphModule) -> dict[str, int]:
+    counts = op_counts(gm)
+    return {kind: counts.get(kind, 0) for kind in CHECKED_KINDS}
+
+
+@given(models(), st.integers(0, 2**31 - 1))
+def test_fold_with_example_inputs(model, seed):
+    note(f"blocks: {model.blocks}")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(model.input_shape, generator=generator)
+    before = _snapshot(model.module)
+
+    folded = repfx.fold(model.module, (x,))
+    report = folded.meta["repfx_report"]
+    note(str(report))
+    note(report.explain())
+
+    _assert_unchanged(model.module, before)
+    assert report.verification.passed
+    # exact for every input, not just the example: a new batch size and fresh values
+    other = torch.randn((model.input_shape[0] + 1, *model.input_shape[1:]), generator=generator)
+    assert_equivalent(model.module, folded, (other,), refold=repfx.fold)
+    # and exact in exact arithmetic: the float64 fold of the float64 model
+    model64 = copy.deepcopy(model.module).double()
+    with torch.no_grad():
+        assert_close(repfx.fold(model64, (x.double(),))(other.double()), model64(other.double()))
+    expected = {kind: model.expected.get(kind, 0) for kind in CHECKED_KINDS}
+    assert _structure(folded) == expected
+
+    again = repfx.fold(folded, (x,))
+    assert again.meta["repfx_report"].folded == []
+    assert _structure(again) == expected
+
+
+@given(models(max_blocks=3), st.integers(0, 2**31 - 1))
+def test_fold_without_example_inputs(model, seed):
+    """Structural inference alone: still exact, and never more ops than the original."""
+    note(f"blocks: {model.blocks}")
+    x = torch.randn(model.input_shape, generator=torch.Generator().manual_seed(seed))
+    before = _snapshot(model.module)
+    folded = repfx.fold(model.module)
+    _assert_unchanged(model.module, before)
+    assert_equivalent(model.module, folded, (x,), refold=repfx.fold)
+    report = folded.meta["repfx_report"]
+    assert report.verification is None
+    assert report.after.nodes <= report.before.nodes
+
+
+def test_fold_does_not_alias_the_original():
+    """An in-place update of the original after folding does not leak into the fold."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    folded = repfx.fold(model)
+    x = torch.randn(1, 3, 8, 8)
+    expected = folded(x).clone()
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    assert torch.equal(folded(x), expected)
+
+
+def test_models_strategy_covers_every_block():
+    """Guard against the grammar silently losing a block kind."""
+    import grammar
+
+    assert set(grammar.BLOCKS) >= {
+        "conv_bn",
+        "bn_conv",
+        "conv_scale",
+        "conv_transpose_bn",
+        "lone_affines",
+        "riformer",
+        "channels_last_mlp",
+        "token_linear_bn",
+    }
