@@ -246,9 +246,17 @@ _FLOAT_FUNCS = {F.gelu, F.layer_norm, F.group_norm, F.batch_norm, F.linear, F.co
 
 
 def annotate_ranks(gm: fx.GraphModule) -> None:
-    """Store a structurally inferred rank (and whether the value is floating) on every node."""
+    """Store a structurally inferred rank (and whether the value is floating) on every node.
+
+    Constant expressions (``gamma.unsqueeze(-1)``, ``gamma[:, None, None]``) get their value's.
+    """
+    consts = ConstantFolder(gm)
     for node in gm.graph.nodes:
-        rank, is_float = _infer(gm, node)
+        value = consts.value(node)
+        if value is not None:
+            rank, is_float = value.dim(), value.is_floating_point()
+        else:
+            rank, is_float = _infer(gm, node)
         node.meta[RANK_KEY] = rank
         node.meta[FLOAT_KEY] = is_float
 
