@@ -26,6 +26,16 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
     return gm.get_submodule(node.target)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Hooks observe (and may change) a module's inputs and outputs: such a module is never
+    rewritten or removed, since its hooks would then see different values."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(module, "_forward_hooks_with_kwargs", None)
+    )
+
+
 def where(node: fx.Node) -> str:
     """A readable location: the module path of the op, and the node name for functions."""
     if node.op == "call_module":

@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .algebra import ChannelAffine, batch_norm_affine
-from .graph import ConstantFolder, module_of, rank_of
+from .graph import ConstantFolder, has_hooks, module_of, rank_of
 
 # ----------------------------------------------------------------------------------- slots
 
@@ -315,6 +315,8 @@ def affine_op(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> Affi
 
 def _affine_module(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> AffineOp | None:
     m = module_of(gm, node)
+    if has_hooks(m):
+        return None  # removing it would drop its hooks
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
     x = node.args[0]
@@ -507,6 +509,8 @@ def _identity_module(m: nn.Module, node: fx.Node) -> fx.Node | str | None:
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
     x = node.args[0]
+    if has_hooks(m) and (_is_plain(m, nn.Identity) or isinstance(m, _DROPOUT_TYPES)):
+        return f"{type(m).__name__} has hooks"
     if _is_plain(m, nn.Identity):
         return x
     if isinstance(m, _DROPOUT_TYPES) or type(m).__name__ in _DROP_PATH_NAMES:

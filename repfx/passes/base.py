@@ -16,6 +16,7 @@ from torch import fx
 from ..graph import (
     ConstantFolder,
     attr_tensors_read_by,
+    has_hooks,
     module_call_counts,
     tensor_use_counts,
 )
@@ -54,6 +55,8 @@ class FoldContext:
             if calls > 1:
                 return f"{what} module is shared by {calls} call sites"
             module = self.gm.get_submodule(node.target)
+            if has_hooks(module):
+                return f"{what} module has hooks"
             tensors = [*module.parameters(), *module.buffers()]
         else:
             tensors = attr_tensors_read_by(node, self.consts)

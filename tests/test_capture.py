@@ -1,0 +1,132 @@
+"""Capture: untraceable parts, side effects, bad input, and the report's readability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from grammar import BatchNormAct, randomise_
+from torch import nn
+
+import repfx
+from repfx.inspect import op_counts
+from repfx.verify import assert_equivalent
+
+
+class DataDependent(nn.Module):
+    """Data-dependent control flow: fx cannot trace this forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.positive = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.negative = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.positive(x)
+        return self.negative(x)
+
+
+class WithUntraceablePart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.body = DataDependent()
+
+    def forward(self, x):
+        return self.body(torch.relu(self.stem(x)))
+
+
+def _batch_norms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+
+def test_untraceable_submodule_is_a_leaf_and_folded_inside():
+    model = randomise_(WithUntraceablePart(), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded = repfx.fold(model, (x,))
+    report = folded.meta["repfx_report"]
+    assert set(report.opaque_modules) == {"body"}
+    assert "TraceError" in report.opaque_modules["body"]
+    assert _batch_norms(folded) == 0  # the stem's BN, and both BNs inside the leaf
+    assert _batch_norms(model) == 3
+    for sign in (1.0, -1.0):  # both sides of the data-dependent branch
+        probe = sign * torch.rand(2, 3, 8, 8)
+        assert_equivalent(model, folded, (probe,))
+    assert {f.where for f in report.folded if f.rule == "fold_bn"} >= {
+        "stem.1",
+        "body.positive.1",
+        "body.negative.1",
+    }
+
+
+class Untraceable(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+def test_untraceable_top_level_forward_is_a_clear_error():
+    with pytest.raises(repfx.CaptureError, match="top-level forward itself must be traceable"):
+        repfx.fold(Untraceable())
+
+
+class CountsCalls(nn.Module):
+    """A forward with a side effect on the module (a cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.conv(x))
+
+
+def test_tracing_side_effects_land_on_the_copy():
+    model = CountsCalls().eval()
+    hook_calls = []
+    model.conv.register_forward_hook(lambda *args: hook_calls.append(1))
+    folded = repfx.fold(model)
+    assert model.calls == 0
+    assert hook_calls == []  # tracing does not run hooks of leaf modules
+    assert len(model.conv._forward_hooks) == 1
+    # a hooked module is never rewritten: its hook would see other values
+    assert op_counts(folded)["batch_norm"] == 1
+    assert "conv module has hooks" in folded.meta["repfx_report"].explain()
+    folded(torch.randn(1, 3, 4, 4))
+    assert model.calls == 0
+    assert hook_calls == [1]  # the copied conv keeps its hook, which runs as in the original
+
+
+def test_bn_subclass_with_own_forward_is_recognised():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4))
+    randomise_(model, torch.Generator().manual_seed(3)).eval()
+    x = torch.randn(2, 3, 7, 7)
+    folded = repfx.fold(model, (x,))
+    assert op_counts(folded)["batch_norm"] == 0
+    assert_equivalent(model, folded, (x,))
+
+
+def test_example_inputs_of_the_wrong_type_are_a_clear_error():
+    with pytest.raises(TypeError, match="example_inputs must be a tensor or a tuple"):
+        repfx.fold(nn.Conv2d(3, 3, 1), example_inputs={"x": torch.randn(1, 3, 2, 2)})
+
+
+def test_a_non_module_is_a_clear_error():
+    with pytest.raises(TypeError, match=r"expects an nn\.Module"):
+        repfx.fold(lambda x: x)
+
+
+def test_report_is_readable_and_explains_skips():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
+    randomise_(model, torch.Generator().manual_seed(4)).eval()
+    folded = repfx.fold(model, (torch.randn(2, 3, 6, 6),))
+    report = folded.meta["repfx_report"]
+    text = str(report)
+    assert "fold_bn" in text and "verification ok" in text
+    assert "batch_norm" in text and "2 -> 1" in text
+    assert report.counts() == {"fold_bn": 1}
+    assert report.explain().startswith("fold_bn: 3: producer ReLU is not a conv")
