@@ -1,0 +1,71 @@
+import torch
+from grammar import Scale, randomise_
+from helpers import apply, call_targets, traced
+from torch import nn
+
+from repfx.passes import FoldChannelAffine
+from repfx.tolerances import assert_close
+
+
+def _random(model: nn.Module) -> nn.Module:
+    return randomise_(model, torch.Generator().manual_seed(5)).eval()
+
+
+def test_layer_scale_folds_into_the_conv_before_it():
+    model = _random(nn.Sequential(nn.Conv2d(3, 4, 3), Scale(4, "unsqueeze")))
+    gm = traced(model)  # no shapes needed: conv output is channels-at-dim -3
+    result = apply(FoldChannelAffine(), gm)
+    assert [f.detail for f in result.folded] == ["into conv 0"]
+    assert call_targets(gm) == ["0"]
+    x = torch.randn(2, 3, 6, 6)
+    assert_close(gm(x), model(x))
+    assert not apply(FoldChannelAffine(), gm).modified
+
+
+def test_affines_compose_then_fold_into_a_norm():
+    model = _random(nn.Sequential(nn.GroupNorm(2, 4), Scale(4, "mul_add"), Scale(4, "sub_div")))
+    x = torch.randn(2, 4, 3, 3)
+    gm = traced(model, x)
+    apply(FoldChannelAffine(), gm)
+    apply(FoldChannelAffine(), gm)
+    assert call_targets(gm) == ["0"]
+    assert_close(gm(x), model(x))
+
+
+def test_affine_folds_into_the_linear_after_it():
+    """No producer to take it (a ReLU), so the shift and scale go into the linear's input."""
+
+    class ReluAffineLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma, self.beta = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(torch.addcmul(self.beta, torch.relu(x), self.gamma))
+
+    model = ReluAffineLinear().eval()
+    x = torch.randn(4, 5, 3)
+    gm = traced(model, x)
+    result = apply(FoldChannelAffine(), gm)
+    assert [f.detail for f in result.folded] == ["into the input of linear fc"]
+    assert call_targets(gm) == [torch.relu, "fc"]
+    assert_close(gm(x), model(x))
+
+
+def test_scale_after_permute_folds_into_linear_before_the_permute():
+    class LinearThenScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.gamma = nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return self.fc(x).permute(0, 3, 1, 2) * self.gamma[:, None, None]
+
+    model = LinearThenScale().eval()
+    x = torch.randn(2, 5, 5, 4)
+    gm = traced(model, x)
+    result = apply(FoldChannelAffine(), gm)
+    assert result.folded[0].detail == "into linear fc (through permute)"
+    assert_close(gm(x), model(x))
