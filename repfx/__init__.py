@@ -7,10 +7,18 @@ into the convs, linears and norms next to it, returning an equivalent ``GraphMod
 
 from __future__ import annotations
 
-from .capture import CaptureError
+from .capture import CaptureError, ExampleInputError
 from .fold import REPORT_KEY, VerificationError, fold
 from .report import FoldReport
 
 __version__ = "0.1.0"
 
-__all__ = ["REPORT_KEY", "CaptureError", "FoldReport", "VerificationError", "__version__", "fold"]
+__all__ = [
+    "REPORT_KEY",
+    "CaptureError",
+    "ExampleInputError",
+    "FoldReport",
+    "VerificationError",
+    "__version__",
+    "fold",
+]

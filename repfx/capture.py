@@ -30,6 +30,10 @@ def copy_model(model: nn.Module) -> nn.Module:
         ) from exc
 
 
+class ExampleInputError(ValueError):
+    """The model does not run on the example inputs it was given."""
+
+
 class _FallbackTracer(fx.Tracer):
     """Traces through modules where it can; turns modules it cannot trace into leaves."""
 
@@ -83,17 +87,38 @@ def capture(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
     return gm, tracer.opaque
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and stores each tensor result's shape / dtype in ``tensor_meta``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
     """Record every node's shape / dtype in ``node.meta["tensor_meta"]`` by running ``gm``.
 
     Buffers are restored afterwards, so a training-mode BN's running statistics are unchanged.
     """
-    from torch.fx.passes.shape_prop import ShapeProp
-
     saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
     try:
         with torch.no_grad(), torch.random.fork_rng():
-            ShapeProp(gm).propagate(*example_inputs)
+            _ShapeRecorder(gm).run(*example_inputs)
+    except Exception as exc:
+        shapes = ", ".join(
+            str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+            for x in example_inputs
+        )
+        cause = exc
+        raise ExampleInputError(
+            f"the model does not run on the example inputs [{shapes}] "
+            f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}); "
+            "pass inputs of the shape and dtype the model expects"
+        ) from exc
     finally:
         with torch.no_grad():
             for name, b in gm.named_buffers():
