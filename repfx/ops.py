@@ -19,7 +19,6 @@ the batch dimension is present; ``None`` means "uniform over all channels" (a sc
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,7 +283,7 @@ def batch_norm_reason(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder)
         m = module_of(gm, node)
         if not isinstance(m, _BatchNorm):
             return None
-        if not _is_plain(m, type(m).__mro__[0]) and type(m).forward is not _BatchNorm.forward:
+        if type(m).forward is not _BatchNorm.forward and not isinstance(m, nn.SyncBatchNorm):
             return "batch norm subclass with its own forward"
         if m.training:
             return "batch norm in training mode (uses batch statistics)"
@@ -321,7 +320,7 @@ def _affine_module(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) ->
         return None
     x = node.args[0]
     if isinstance(m, _BatchNorm):
-        if batch_norm_reason(gm, node, consts) is not None or not _is_plain(m, type(m)):
+        if batch_norm_reason(gm, node, consts) is not None:
             return None
         affine = batch_norm_affine(m.running_mean, m.running_var, m.weight, m.bias, m.eps)
         axis = _batch_norm_axis(m, x)
@@ -438,21 +437,18 @@ def _affine_addcmul(node: fx.Node, consts: ConstantFolder) -> AffineOp | None:
     s_layout, t_layout = _channel_layout(scale, x), _channel_layout(shift, x)
     if s_layout is None or t_layout is None:
         return None
-    axis = _merge_axes(s_layout[1], t_layout[1])
+    axis = merge_axes(s_layout[1], t_layout[1])
     if axis is False:
         return None
     affine = ChannelAffine(value * s_layout[0], t_layout[0] * torch.ones_like(s_layout[0]))
     return AffineOp(node, "addcmul", x, affine, axis, scale.dtype)
 
 
-def _merge_axes(a: int | None, b: int | None) -> int | bool | None:
+def merge_axes(a: int | None, b: int | None) -> int | bool | None:
     """The common axis of two affines (``None`` = uniform), or ``False`` when they clash."""
     if a is None or b is None or a == b:
         return b if a is None else a
     return False
-
-
-merge_axes = _merge_axes
 
 
 def _constant_operand(arg: Any, consts: ConstantFolder) -> torch.Tensor | None:
@@ -558,9 +554,6 @@ def _is_float(node: fx.Node) -> bool:
     return node.meta.get("repfx_float", False)
 
 
-Recogniser = Callable[[fx.GraphModule, fx.Node, ConstantFolder], Any]
-
-
 # ----------------------------------------------------------------------------- layout ops
 
 
@@ -602,12 +595,13 @@ def _source_position(node: fx.Node, kind: str, pos: int, r_in: int, r_out: int) 
         dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
         return dims[pos] % r_in if len(dims) == r_out and isinstance(dims[pos], int) else None
     if kind == "transpose":
-        d0, d1 = (a % r_in if isinstance(a, int) else None for a in _pad(args, 2, "dim", node))
-        if d0 is None or d1 is None:
+        d0, d1 = _arg(node, 1, "dim0")[0], _arg(node, 2, "dim1")[0]
+        if not isinstance(d0, int) or not isinstance(d1, int):
             return None
+        d0, d1 = d0 % r_in, d1 % r_in
         return d1 if pos == d0 else d0 if pos == d1 else pos
     if kind == "flatten":
-        start, end = _pad(args, 2, "start_dim", node, defaults=(0, -1))
+        start, end = _arg(node, 1, "start_dim", 0)[0], _arg(node, 2, "end_dim", -1)[0]
         if not isinstance(start, int) or not isinstance(end, int):
             return None
         start, end = start % r_in, end % r_in
@@ -622,14 +616,6 @@ def _source_position(node: fx.Node, kind: str, pos: int, r_in: int, r_out: int) 
         return None
     suffix = len(s_out) - pos
     return len(s_in) - suffix if tuple(s_in[-suffix:]) == tuple(s_out[-suffix:]) else None
-
-
-def _pad(args: tuple, n: int, _name: str, node: fx.Node, defaults: tuple = ()) -> list:
-    values = list(args[:n])
-    names = ("start_dim", "end_dim") if _name == "start_dim" else ("dim0", "dim1")
-    for i in range(len(values), n):
-        values.append(node.kwargs.get(names[i], defaults[i] if i < len(defaults) else None))
-    return values
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
