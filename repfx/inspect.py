@@ -9,6 +9,17 @@ from torch import fx
 from .graph import ConstantFolder
 from .ops import affine_op, identity_input, is_batch_norm, linear_op, norm_op
 
+OP_KINDS = (
+    "conv",
+    "conv_transpose",
+    "linear",
+    "batch_norm",
+    "layer_norm",
+    "group_norm",
+    "channel_affine",
+    "no_op",
+)
+
 
 def op_kind(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> str | None:
     """``conv`` / ``conv_transpose`` / ``linear`` / ``batch_norm`` / ``layer_norm`` /

@@ -11,20 +11,9 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import repfx
-from repfx.inspect import op_counts
+from repfx.inspect import OP_KINDS, op_counts
 from repfx.tolerances import assert_close
 from repfx.verify import assert_equivalent
-
-CHECKED_KINDS = (
-    "conv",
-    "conv_transpose",
-    "linear",
-    "batch_norm",
-    "layer_norm",
-    "group_norm",
-    "channel_affine",
-    "no_op",
-)
 
 
 def _snapshot(module: torch.nn.Module) -> dict:
@@ -48,7 +37,7 @@ def _assert_unchanged(module: torch.nn.Module, before: dict) -> None:
 
 def _structure(gm: torch.fx.GraphModule) -> dict[str, int]:
     counts = op_counts(gm)
-    return {kind: counts.get(kind, 0) for kind in CHECKED_KINDS}
+    return {kind: counts.get(kind, 0) for kind in OP_KINDS}
 
 
 @given(models(), st.integers(0, 2**31 - 1))
@@ -72,7 +61,7 @@ def test_fold_with_example_inputs(model, seed):
     model64 = copy.deepcopy(model.module).double()
     with torch.no_grad():
         assert_close(repfx.fold(model64, (x.double(),))(other.double()), model64(other.double()))
-    expected = {kind: model.expected.get(kind, 0) for kind in CHECKED_KINDS}
+    expected = {kind: model.expected.get(kind, 0) for kind in OP_KINDS}
     assert _structure(folded) == expected
 
     again = repfx.fold(folded, (x,))

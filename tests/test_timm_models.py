@@ -31,22 +31,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import repfx
 from repfx.graph import ConstantFolder
-from repfx.inspect import op_counts, op_kind
+from repfx.inspect import OP_KINDS, op_counts, op_kind
 from repfx.tolerances import assert_close
 
 torch.set_num_threads(1)
 
 TOP_LEVEL = "(top level)"  # origin of an op traced in the model's own forward
-OP_KINDS = (
-    "conv",
-    "conv_transpose",
-    "linear",
-    "batch_norm",
-    "layer_norm",
-    "group_norm",
-    "channel_affine",
-    "no_op",
-)
 SCALE_TYPES = (LayerScale, LayerScale2d, metaformer.Scale)
 
 
