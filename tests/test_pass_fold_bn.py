@@ -68,3 +68,16 @@ def test_fold_functional_bn_into_functional_conv_keeps_attribute_names():
     assert call_targets(gm) == [F.conv2d]
     assert_close(gm(x), model(x))
     assert hasattr(gm, "w")  # the weight keeps its name
+
+
+def test_fold_bn_into_conv1d_and_conv3d_without_example_inputs():
+    for conv, bn, shape in [
+        (nn.Conv1d(3, 4, 3, padding=1), nn.BatchNorm1d(4), (2, 3, 9)),
+        (nn.Conv3d(3, 4, 2, groups=1), nn.BatchNorm3d(4), (2, 3, 4, 5, 6)),
+    ]:
+        model = _random(nn.Sequential(conv, bn))
+        gm = traced(model)
+        assert apply(FoldBatchNorm(), gm).modified
+        assert call_targets(gm) == ["0"]
+        x = torch.randn(shape)
+        assert_close(gm(x), model(x))
