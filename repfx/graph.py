@@ -186,11 +186,17 @@ def rank_of(node: Any) -> int | None:
 
 
 _FIXED_RANK_MODULES: tuple[tuple[type, int], ...] = (
-    (nn.modules.conv._ConvNd, 0),  # resolved from kernel_size
     (nn.BatchNorm2d, 4),
     (nn.BatchNorm3d, 5),
-    (nn.modules.pooling._MaxPoolNd, 0),
-    (nn.modules.pooling._AvgPoolNd, 0),
+    (nn.MaxPool1d, 3),
+    (nn.MaxPool2d, 4),
+    (nn.MaxPool3d, 5),
+    (nn.AvgPool1d, 3),
+    (nn.AvgPool2d, 4),
+    (nn.AvgPool3d, 5),
+    (nn.AdaptiveAvgPool1d, 3),
+    (nn.AdaptiveAvgPool2d, 4),
+    (nn.AdaptiveAvgPool3d, 5),
 )
 _FLOAT_MODULES = (
     nn.modules.conv._ConvNd,
@@ -283,9 +289,11 @@ def _infer(gm: fx.GraphModule, node: fx.Node) -> tuple[int | None, bool]:
     if node.op == "call_module":
         m = module_of(gm, node)
         is_float = isinstance(m, _FLOAT_MODULES) or in_float
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return len(m.kernel_size) + 2, is_float  # batched input assumed
         for base, rank in _FIXED_RANK_MODULES:
             if isinstance(m, base):
-                return (rank or len(_as_tuple(m.kernel_size)) + 2), is_float
+                return rank, is_float
         if isinstance(m, _RANK_PRESERVING_MODULES):
             return rank_of(first), is_float
         if isinstance(m, nn.Flatten):
@@ -336,10 +344,6 @@ def _reduced_rank(node: fx.Node, rank: int | None) -> int | None:
     if keepdim:
         return rank
     return rank - (len(dims) if isinstance(dims, (tuple, list)) else 1)
-
-
-def _as_tuple(v: Any) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
 def _get(node: fx.Node, index: int, name: str, default: Any) -> Any:
