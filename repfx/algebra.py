@@ -152,3 +152,118 @@ def fold_affine_into_norm(
     new_beta = affine.scale * beta + affine.shift
     shape = (c,) if weight is None else weight.shape
     return new_gamma.reshape(shape).to(dtype), new_beta.reshape(shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------- parallel convs
+
+
+@dataclass(frozen=True)
+class ConvKernel:
+    """A conv ``y = W ∗ x + b`` as data: weight ``(out, in/groups, *k)``, zero padding.
+
+    Its *centre offset* per spatial dim, ``padding − dilation·(k − 1)/2``, says where the
+    kernel's centre tap sits relative to the output position (times the stride); convs with the
+    same stride and centre offsets produce aligned outputs of the same size, whatever their
+    kernel sizes.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def centre_offset(self) -> tuple[float, ...]:
+        return tuple(
+            p - d * (k - 1) / 2
+            for p, d, k in zip(self.padding, self.dilation, self.kernel_size, strict=True)
+        )
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+
+def affine_as_kernel(affine: ChannelAffine, channels: int, spatial_dims: int) -> ConvKernel:
+    """``s ⊙ x + t`` as a depthwise 1×…×1 conv (the identity when ``s = 1, t = 0``)."""
+    full = ChannelAffine(affine.scale.expand(channels), affine.shift.expand(channels))
+    weight = full.scale.reshape((channels, 1) + (1,) * spatial_dims).clone()
+    ones = (1,) * spatial_dims
+    return ConvKernel(weight, full.shift.clone(), ones, (0,) * spatial_dims, ones, channels)
+
+
+def regroup(kernel: ConvKernel, groups: int) -> ConvKernel:
+    """The same conv with fewer groups (``groups`` divides ``kernel.groups``): the weight becomes
+    block-diagonal inside each new group."""
+    if kernel.groups == groups:
+        return kernel
+    out_ch, in_per_old = kernel.weight.shape[:2]
+    in_ch = kernel.in_channels
+    in_per_new, out_per_old = in_ch // groups, out_ch // kernel.groups
+    weight = kernel.weight.new_zeros((out_ch, in_per_new, *kernel.kernel_size))
+    for o in range(out_ch):
+        old_group = o // out_per_old
+        start = old_group * in_per_old - (o // (out_ch // groups)) * in_per_new
+        weight[o, start : start + in_per_old] = kernel.weight[o]
+    return ConvKernel(weight, kernel.bias, kernel.stride, kernel.padding, kernel.dilation, groups)
+
+
+def centre_pad(weight: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad a ``(out, in, *k)`` weight to ``(out, in, *size)`` around its centre
+    (``size − k`` must be even in every dim)."""
+    pads: list[int] = []
+    for s, k in reversed(list(zip(size, weight.shape[2:], strict=True))):
+        pads += [(s - k) // 2, (s - k) // 2]
+    return torch.nn.functional.pad(weight, pads)
+
+
+def undilate(kernel: ConvKernel) -> ConvKernel:
+    """The same conv with dilation 1: the dilated taps spread out, zeros between them."""
+    if all(d == 1 for d in kernel.dilation):
+        return kernel
+    size = tuple(d * (k - 1) + 1 for d, k in zip(kernel.dilation, kernel.kernel_size, strict=True))
+    weight = kernel.weight.new_zeros(kernel.weight.shape[:2] + size)
+    taps = (slice(None), slice(None), *(slice(None, None, d) for d in kernel.dilation))
+    weight[taps] = kernel.weight
+    ones = (1,) * len(size)
+    return ConvKernel(weight, kernel.bias, kernel.stride, kernel.padding, ones, kernel.groups)
+
+
+def sum_kernels(terms: list[tuple[float, ConvKernel]]) -> ConvKernel:
+    """``Σ cᵢ·convᵢ(x)`` as one conv.
+
+    The caller checks that the convs align: same stride, same centre offsets, and kernel sizes
+    (after undilating) that differ by even amounts. Kernels with different dilations are
+    undilated; all are regrouped to the gcd of their groups and zero-padded around their
+    centres to the largest size; the padding puts the merged kernel's centre at the common
+    offset.
+    """
+    from math import gcd
+
+    if len({k.dilation for _, k in terms if max(k.kernel_size) > 1}) > 1:
+        terms = [(c, undilate(k)) for c, k in terms]
+    groups = 0
+    for _, k in terms:
+        groups = gcd(groups, k.groups)
+    size = tuple(max(dims) for dims in zip(*(k.kernel_size for _, k in terms), strict=True))
+    dilation = tuple(
+        max(k.dilation[i] if k.kernel_size[i] > 1 else 1 for _, k in terms)
+        for i in range(len(size))
+    )
+    weight = sum(c * centre_pad(regroup(k, groups).weight, size) for c, k in terms)
+    bias = sum(c * k.bias for c, k in terms)
+    offset = terms[0][1].centre_offset
+    padding = tuple(
+        int(o + d * (s - 1) / 2) for o, d, s in zip(offset, dilation, size, strict=True)
+    )
+    return ConvKernel(weight, bias, terms[0][1].stride, padding, dilation, groups)

@@ -47,6 +47,16 @@ class Slot:
 # ------------------------------------------------------------------------------ views
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Stride, symmetric padding and dilation of a conv, one entry per spatial dim."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding_mode: str = "zeros"
+
+
 @dataclass
 class LinearOp:
     """``y = W ∗ x + b``: conv (``kind="conv"``), transposed conv, or linear."""
@@ -61,6 +71,7 @@ class LinearOp:
     groups: int = 1
     spatial_dims: int = 0
     zero_padded: bool = False  # does the op read zeros beyond its input's border?
+    geometry: ConvGeometry | None = None  # convs whose padding is symmetric and explicit
 
     @property
     def channel_axis(self) -> int:
@@ -164,11 +175,13 @@ def _linear_op_module(node: fx.Node, m: nn.Module) -> LinearOp | None:
         bias_slot=Slot(node, attr="bias"),
     )
     if any(_is_plain(m, t) for t in _CONV_TYPES):
+        dims = _conv_spatial_dims(m)
         return LinearOp(
             kind="conv",
             groups=m.groups,
-            spatial_dims=_conv_spatial_dims(m),
+            spatial_dims=dims,
             zero_padded=_has_zero_padding(m.padding, m.padding_mode),
+            geometry=_geometry(dims, m.stride, m.padding, m.dilation, m.padding_mode),
             **common,
         )
     if any(_is_plain(m, t) for t in _CONV_T_TYPES):
@@ -206,13 +219,44 @@ def _linear_op_function(node: fx.Node, consts: ConstantFolder) -> LinearOp | Non
         return None
     if kind == "linear":
         return LinearOp(node, "linear", x, weight, bias, w_slot, b_slot)
+    stride, _ = _arg(node, 3, "stride", 1)
     padding, _ = _arg(node, 4, "padding", 0)
+    dilation, _ = _arg(node, 5, "dilation", 1)
     groups, _ = _arg(node, 6, "groups", 1)
-    if isinstance(groups, fx.Node) or isinstance(padding, fx.Node):
+    if any(isinstance(a, fx.Node) for a in (stride, padding, dilation, groups)):
         return None
     return LinearOp(
-        node, "conv", x, weight, bias, w_slot, b_slot, groups, dims, _has_zero_padding(padding)
+        node,
+        "conv",
+        x,
+        weight,
+        bias,
+        w_slot,
+        b_slot,
+        groups,
+        dims,
+        _has_zero_padding(padding),
+        _geometry(dims, stride, padding, dilation, "zeros"),
     )
+
+
+def _per_dim(value: Any, dims: int) -> tuple[int, ...] | None:
+    if isinstance(value, int):
+        return (value,) * dims
+    if isinstance(value, (tuple, list)) and len(value) == dims:
+        return tuple(value) if all(isinstance(v, int) for v in value) else None
+    return None
+
+
+def _geometry(
+    dims: int, stride: Any, padding: Any, dilation: Any, padding_mode: str
+) -> ConvGeometry | None:
+    if padding == "valid":
+        padding = 0
+    parts = [_per_dim(v, dims) for v in (stride, padding, dilation)]
+    if any(p is None for p in parts):
+        return None  # e.g. padding="same", which may be asymmetric
+    return ConvGeometry(*parts, padding_mode)
 
 
 _NORM_FUNCS = {F.layer_norm: "layer_norm", F.group_norm: "group_norm"}
@@ -314,8 +358,6 @@ def affine_op(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> Affi
 
 def _affine_module(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> AffineOp | None:
     m = module_of(gm, node)
-    if has_hooks(m):
-        return None  # removing it would drop its hooks
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
     x = node.args[0]

@@ -329,6 +329,58 @@ def token_linear_bn(draw, state: State):
     )
 
 
+class ParallelBranches(nn.Module):
+    """RepVGG / ACNet / MobileOne-style: branches of one input summed with weights."""
+
+    def __init__(self, branches: list[nn.Module], weights: list[float]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.weights = weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.branches[0](x)
+        for branch, w in zip(self.branches[1:], self.weights[1:], strict=True):
+            if w == 1.0:
+                y = y + branch(x)
+            elif w == -1.0:
+                y = y - branch(x)
+            else:
+                y = y + w * branch(x)
+        return y
+
+
+@st.composite
+def parallel_branches(draw, state: State):
+    """2–4 branches that all read the input through aligned windows: centred convs (square,
+    1×k, k×1) with or without BN, and — at stride 1 with as many outputs as inputs — BN or
+    identity branches. They must merge into one conv."""
+    cin = state.channels
+    cout = draw(st.sampled_from([cin, cin, draw(st.integers(1, 8))]))
+    stride = draw(st.sampled_from([1, 1, 2]))
+    common = [g for g in range(1, min(cin, cout) + 1) if cin % g == 0 and cout % g == 0]
+    kinds = ["conv", "conv_bn", "conv_1xk", "conv_kx1"]
+    if stride == 1 and cin == cout:
+        kinds += ["bn", "identity"]
+    branches = []
+    for i in range(draw(st.integers(2, 4))):
+        kind = draw(st.sampled_from(kinds if i else kinds[:4]))  # at least one conv
+        if kind in ("bn", "identity"):
+            branches.append(nn.BatchNorm2d(cin) if kind == "bn" else nn.Identity())
+            continue
+        k = draw(st.sampled_from([1, 3, 5]))
+        dilation = draw(st.sampled_from([1, 1, 2]))
+        size = {"conv_1xk": (1, k), "conv_kx1": (k, 1)}.get(kind, (k, k))
+        pad = tuple(dilation * (d - 1) // 2 for d in size)
+        conv = nn.Conv2d(
+            cin, cout, size, stride, pad, dilation, groups=draw(st.sampled_from(common)),
+            bias=draw(st.booleans()),
+        )  # fmt: skip
+        branches.append(Seq(conv, nn.BatchNorm2d(cout)) if kind == "conv_bn" else conv)
+    weights = [1.0] + [draw(st.sampled_from([1.0, -1.0, 0.5])) for _ in branches[1:]]
+    h, w = (state.height - 1) // stride + 1, (state.width - 1) // stride + 1
+    return ParallelBranches(branches, weights), State(cout, h, w), Counter(conv=1)
+
+
 BLOCKS = {
     "conv_bn": conv_bn,
     "bn_conv": bn_conv,
@@ -338,6 +390,7 @@ BLOCKS = {
     "riformer": riformer_block,
     "channels_last_mlp": channels_last_mlp,
     "token_linear_bn": token_linear_bn,
+    "parallel_branches": parallel_branches,
 }
 ACTIVATIONS = [nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish]
 

@@ -107,4 +107,5 @@ def test_models_strategy_covers_every_block():
         "riformer",
         "channels_last_mlp",
         "token_linear_bn",
+        "parallel_branches",
     }

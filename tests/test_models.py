@@ -74,7 +74,7 @@ def tiny_input(seed: int = 1, dtype: torch.dtype = torch.float32, size: int = 64
 
 def test_names_lists_every_published_size_and_tiny() -> None:
     expected = {f"{fam}_{size}" for fam in ("poolformer", "riformer") for size in (*SIZES, "tiny")}
-    assert set(models.names()) == expected
+    assert set(models.names()) >= expected  # other families register names too
     assert models.names() == sorted(models.names())
 
 

@@ -7,11 +7,13 @@ from .cleanup import Cleanup
 from .fold_affine_mixer import FoldAffineMixer
 from .fold_bn import FoldBatchNorm
 from .fold_channel_affine import FoldChannelAffine
+from .merge_branches import MergeBranches
 
 
 def default_pipeline() -> list[Pass]:
-    """cleanup → fold_bn → fold_affine_mixer → fold_channel_affine, run to a fixpoint."""
-    return [Cleanup(), FoldBatchNorm(), FoldAffineMixer(), FoldChannelAffine()]
+    """cleanup → fold_bn → fold_affine_mixer → fold_channel_affine → merge_branches, run to a
+    fixpoint."""
+    return [Cleanup(), FoldBatchNorm(), FoldAffineMixer(), FoldChannelAffine(), MergeBranches()]
 
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "FoldAffineMixer",
     "FoldBatchNorm",
     "FoldChannelAffine",
+    "MergeBranches",
     "Pass",
     "PassError",
     "PassResult",

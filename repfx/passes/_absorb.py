@@ -27,7 +27,7 @@ from ..algebra import (
     fold_affine_into_conv_transpose_output,
     fold_affine_into_norm,
 )
-from ..graph import value_users, where
+from ..graph import has_hooks, module_of, value_users, where
 from ..ops import (
     AffineOp,
     LinearOp,
@@ -61,6 +61,8 @@ def describe(ctx: FoldContext, node: fx.Node) -> str:
 def absorb(ctx: FoldContext, op: AffineOp, rule: str) -> Folded | str:
     """Fold ``op`` into a neighbour; returns the record, or why no neighbour can take it."""
     location = where(op.node)
+    if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
+        return f"{describe(ctx, op.node)} has hooks"
     producer = _producer_rewrite(ctx, op)
     if not isinstance(producer, Reason):
         _remove(op)

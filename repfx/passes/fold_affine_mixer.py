@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from ..algebra import ChannelAffine
-from ..graph import value_users, where
+from ..graph import has_hooks, module_of, value_users, where
 from ..ops import AffineOp, affine_op, merge_axes
 from ..report import Folded, Skipped
 from ..rewrite import hint_for, insert_affine, replace_node
@@ -56,7 +56,7 @@ def _chain(ctx: FoldContext, start: fx.Node, join: fx.Node) -> _Chain:
     return _Chain(node, affine, ops)
 
 
-def _join_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
+def join_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
     sign = _JOINS.get(node.target) if node.op in ("call_function", "call_method") else None
     if sign is None or len(node.args) != 2 or node.kwargs.keys() - {"alpha"}:
         return None
@@ -76,7 +76,7 @@ class FoldAffineMixer:
         result = PassResult(modified=False)
         ctx = FoldContext(gm)
         for node in list(gm.graph.nodes):
-            if node._erased or (operands := _join_operands(node)) is None:
+            if node._erased or (operands := join_operands(node)) is None:
                 continue
             outcome = self._collapse(ctx, node, *operands)
             if outcome is None:
@@ -97,6 +97,11 @@ class FoldAffineMixer:
         left, right = _chain(ctx, u, join), _chain(ctx, v, join)
         if left.root is not right.root or not (left.ops or right.ops):
             return None  # not a fork-join of one tensor: e.g. a residual x + f(x)
+        if any(
+            op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node))
+            for op in left.ops + right.ops
+        ):
+            return Skipped(self.name, where(join), "a branch module has hooks")
         axis = None
         for op in left.ops + right.ops:
             axis = merge_axes(axis, op.axis)

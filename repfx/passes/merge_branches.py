@@ -1,0 +1,224 @@
+"""merge_branches: parallel conv branches of one tensor, summed, become one conv.
+
+A join ``u ± α·v`` where each operand is, walking back through single-use ops, a conv of the
+same tensor ``x`` followed by per-channel affines (BN folded or not), or per-channel affines of
+``x`` alone (an identity or BN branch), is linear in ``x``:
+
+    Σᵢ cᵢ·(sᵢ ⊙ (Wᵢ ∗ x + bᵢ) + tᵢ) = W ∗ x + b,
+
+with ``W`` the sum of the branch kernels (each scaled by its affine, zero-padded around its
+centre to the largest kernel, regrouped to the gcd of the groups; an identity or affine branch
+is a delta kernel) and ``b`` the sum of the biases. Exact when the branches read aligned
+windows: the same stride, the same dilation wherever a kernel is wider than 1, the same centre
+offset ``padding − dilation·(k − 1)/2``, and zero padding. RepVGG, ACNet, MobileOne and
+RepMixer-style blocks collapse this way; sums of more than two branches collapse pairwise,
+inside out, over the fixpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from ..algebra import (
+    ChannelAffine,
+    ConvKernel,
+    affine_as_kernel,
+    fold_affine_into_conv_output,
+    sum_kernels,
+    undilate,
+)
+from ..graph import RANK_KEY, has_hooks, module_of, value_users, where
+from ..ops import LinearOp, affine_op, linear_op, merge_axes
+from ..report import Folded, Skipped
+from ..rewrite import replace_node
+from .base import FoldContext, PassResult
+from .fold_affine_mixer import join_operands
+
+_CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@dataclass
+class _Branch:
+    root: fx.Node
+    conv: LinearOp | None  # the branch's conv, if it has one
+    affine: ChannelAffine  # applied after the conv (or to the root)
+    axis: int | bool | None  # the affine's channel axis; False when its ops disagree
+    ops: list[fx.Node]
+
+
+def _branch(
+    ctx: FoldContext, start: fx.Node, join: fx.Node, past_other_users: bool = False
+) -> _Branch:
+    """Walk back from ``start`` through single-use affines and at most one conv
+    (``past_other_users``: through ops whose result is also used elsewhere too)."""
+    affine, axis, ops = ChannelAffine.of(None, None, 1), None, []
+    node, consumer = start, join
+    while past_other_users or value_users(node) == [consumer]:
+        if (op := affine_op(ctx.gm, node, ctx.consts)) is not None:
+            affine, axis = op.affine.then(affine), merge_axes(axis, op.axis)
+            ops.append(node)
+            node, consumer = op.input, node
+            continue
+        lin = linear_op(ctx.gm, node, ctx.consts)
+        if lin is not None and lin.kind == "conv":
+            return _Branch(lin.input, lin, affine, axis, [*ops, node])
+        break
+    return _Branch(node, None, affine, axis, ops)
+
+
+def _conv_kernel(branch: _Branch) -> ConvKernel:
+    conv = branch.conv
+    weight = conv.weight.detach().to(torch.float64)
+    bias = None if conv.bias is None else conv.bias.detach().to(torch.float64)
+    affine = ChannelAffine(
+        branch.affine.scale.expand(conv.out_channels), branch.affine.shift.expand(conv.out_channels)
+    )
+    weight, bias = fold_affine_into_conv_output(weight, bias, affine)
+    g = conv.geometry
+    return ConvKernel(weight, bias, g.stride, g.padding, g.dilation, conv.groups)
+
+
+def _check(branches: list[_Branch]) -> str | None:
+    """Why the branches cannot be summed into one conv (``None``: they can)."""
+    convs = [b.conv for b in branches if b.conv is not None]
+    reference = convs[0]
+    for b in branches:
+        if b.axis is False or b.axis not in (None, reference.channel_axis):
+            return "a branch's affine does not act on the conv channels"
+    for conv in convs:
+        g = conv.geometry
+        if g is None:
+            return "a branch conv has no explicit symmetric padding"
+        if g.padding_mode != "zeros" and any(g.padding):
+            return f"a branch conv pads with {g.padding_mode!r}"
+        if conv.spatial_dims != reference.spatial_dims:
+            return "branch convs have different spatial dims"
+        if (conv.in_channels, conv.out_channels) != (reference.in_channels, reference.out_channels):
+            return "branch convs have different channel counts"
+        if conv.weight.dtype != reference.weight.dtype:
+            return "branch convs have different dtypes"
+    if any(b.conv is None for b in branches) and reference.in_channels != reference.out_channels:
+        return "an identity branch needs as many input as output channels"
+    return None
+
+
+def _alignment_reason(kernels: list[ConvKernel]) -> str | None:
+    first = kernels[0]
+    for k in kernels[1:]:
+        if k.stride != first.stride:
+            return "branches have different strides"
+        if k.centre_offset != first.centre_offset:
+            return "branches' kernels are not centred on the same input position"
+    spans = [undilate(k).kernel_size for k in kernels]
+    if any(len({s[dim] % 2 for s in spans}) > 1 for dim in range(len(spans[0]))):
+        return "kernel sizes differ by an odd amount: no common centre"
+    return None
+
+
+def _new_conv(kernel: ConvKernel, dtype: torch.dtype) -> nn.Module:
+    dims = len(kernel.kernel_size)
+    conv = _CONV_MODULES[dims](
+        kernel.in_channels,
+        kernel.out_channels,
+        kernel.kernel_size,
+        stride=kernel.stride,
+        padding=kernel.padding,
+        dilation=kernel.dilation,
+        groups=kernel.groups,
+        bias=True,
+        dtype=dtype,
+    )
+    conv.weight = nn.Parameter(kernel.weight.to(dtype), requires_grad=False)
+    conv.bias = nn.Parameter(kernel.bias.to(dtype), requires_grad=False)
+    return conv
+
+
+def _base_path(join: fx.Node) -> str:
+    """``<block>.merged_conv``, with ``<block>`` the module whose forward made the join."""
+    stack = join.meta.get("nn_module_stack")
+    parent = next(reversed(stack.values()))[0] if stack else ""
+    return f"{parent}.merged_conv" if parent else "merged_conv"
+
+
+def _free_path(gm: fx.GraphModule, base: str, new: fx.Node) -> str:
+    """``base`` or ``base_N``; a module no node calls any more (such as an earlier merge
+    inside this one) does not block its name."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module" and n is not new}
+    path, i = base, 1
+    while path in called or (path not in called and _is_other_attribute(gm, path)):
+        path, i = f"{base}_{i}", i + 1
+    return path
+
+
+def _is_other_attribute(gm: fx.GraphModule, path: str) -> bool:
+    """``path`` names something that is not a merged conv left over from an earlier merge."""
+    owner, _, name = path.rpartition(".")
+    try:
+        parent = gm.get_submodule(owner) if owner else gm
+    except AttributeError:
+        return False
+    return hasattr(parent, name) and not isinstance(getattr(parent, name), nn.modules.conv._ConvNd)
+
+
+class MergeBranches:
+    name = "merge_branches"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(modified=False)
+        ctx = FoldContext(gm)
+        for node in list(gm.graph.nodes):
+            if node._erased or (operands := join_operands(node)) is None:
+                continue
+            outcome = self._merge(ctx, node, *operands)
+            if isinstance(outcome, Skipped):
+                result.skipped.append(outcome)
+            elif outcome is not None:
+                result.folded.append(outcome)
+                result.modified = True
+                ctx.refresh()
+        return result
+
+    def _merge(
+        self, ctx: FoldContext, join: fx.Node, u: fx.Node, v: fx.Node, weight: float
+    ) -> Folded | Skipped | None:
+        left, right = _branch(ctx, u, join), _branch(ctx, v, join)
+        if left.root is not right.root:
+            wide_left, wide_right = _branch(ctx, u, join, True), _branch(ctx, v, join, True)
+            if wide_left.root is wide_right.root and (wide_left.conv or wide_right.conv):
+                reason = "a branch's intermediate result is also used outside the branches"
+                return Skipped(self.name, where(join), reason)
+            return None  # not parallel branches of one tensor: e.g. a residual x + f(x)
+        if left.conv is None and right.conv is None:
+            return None  # affines only: fold_affine_mixer's job
+        branches = [left, right]
+        reason = _check(branches)
+        hooked = [n for b in branches for n in b.ops if n.op == "call_module"]
+        if reason is None and any(has_hooks(module_of(ctx.gm, n)) for n in hooked):
+            reason = "a branch module has hooks"
+        if reason is None:
+            conv = next(b.conv for b in branches if b.conv is not None)
+            kernels = [
+                _conv_kernel(b)
+                if b.conv is not None
+                else affine_as_kernel(b.affine, conv.in_channels, conv.spatial_dims)
+                for b in branches
+            ]
+            reason = _alignment_reason(kernels)
+        if reason is not None:
+            return Skipped(self.name, where(join), reason)
+        merged = _new_conv(
+            sum_kernels([(1.0, kernels[0]), (weight, kernels[1])]), conv.weight.dtype
+        )
+        location, count = where(join), len(left.ops) + len(right.ops)
+        base = _base_path(join)
+        with ctx.gm.graph.inserting_before(join):
+            new = ctx.gm.graph.create_node("call_module", base, (left.root,))  # target set below
+        new.meta.update(join.meta)
+        new.meta[RANK_KEY] = join.meta.get(RANK_KEY)
+        replace_node(join, new)
+        new.target = _free_path(ctx.gm, base, new)
+        ctx.gm.add_submodule(new.target, merged)
+        return Folded(self.name, location, f"merged {count} ops into one conv {new.target}")

@@ -1,0 +1,90 @@
+import torch
+from grammar import ParallelBranches, Seq, randomise_
+from helpers import apply, call_targets, traced
+from torch import nn
+
+from repfx.passes import FoldBatchNorm, MergeBranches
+from repfx.tolerances import assert_close
+
+
+def _random(model: nn.Module) -> nn.Module:
+    return randomise_(model, torch.Generator().manual_seed(9)).eval()
+
+
+def _repvgg(c: int, stride: int = 1, groups: int = 1) -> nn.Module:
+    branches = [
+        Seq(nn.Conv2d(c, c, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(c)),
+        Seq(nn.Conv2d(c, c, 1, stride, 0, groups=groups, bias=False), nn.BatchNorm2d(c)),
+    ]
+    if stride == 1:
+        branches.append(nn.BatchNorm2d(c))
+    return _random(ParallelBranches(branches, [1.0] * len(branches)))
+
+
+def _fold_bn_then_merge(model: nn.Module, x: torch.Tensor):
+    gm = traced(model, x)
+    apply(FoldBatchNorm(), gm)
+    results = [apply(MergeBranches(), gm) for _ in range(3)]
+    return gm, results
+
+
+def test_repvgg_block_becomes_one_conv():
+    model = _repvgg(4, groups=2)
+    x = torch.randn(2, 4, 7, 7)
+    gm, results = _fold_bn_then_merge(model, x)
+    assert results[0].modified and not results[-1].modified
+    assert call_targets(gm) == ["merged_conv"]
+    merged = gm.get_submodule("merged_conv")
+    assert merged.kernel_size == (3, 3) and merged.padding == (1, 1) and merged.groups == 2
+    assert_close(gm(x), model(x))
+
+
+def test_different_dilations_merge_into_an_undilated_kernel():
+    model = _random(
+        ParallelBranches(
+            [nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=2, dilation=2)], [1.0, -1.0]
+        )
+    )
+    x = torch.randn(2, 3, 8, 8)
+    gm, _ = _fold_bn_then_merge(model, x)
+    assert gm.get_submodule("merged_conv").kernel_size == (5, 5)
+    assert_close(gm(x), model(x))
+
+
+def test_reflect_padding_is_not_merged():
+    convs = [nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), nn.Conv2d(3, 3, 1)]
+    model = _random(ParallelBranches(convs, [1.0, 1.0]))
+    gm, results = _fold_bn_then_merge(model, torch.randn(1, 3, 5, 5))
+    assert not results[0].modified
+    assert [s.reason for s in results[0].skipped] == ["a branch conv pads with 'reflect'"]
+    assert call_targets(gm).count("branches.0") == 1
+
+
+def test_hooked_branch_is_not_merged():
+    model = _repvgg(3)
+    model.branches[2].register_forward_hook(lambda *args: None)
+    gm, results = _fold_bn_then_merge(model, torch.randn(1, 3, 5, 5))
+    assert "a branch module has hooks" in {s.reason for s in results[0].skipped}
+    assert "branches.2" in call_targets(gm)
+
+
+class SharedIntermediate(nn.Module):
+    """The 1×1 branch's output is also returned: merging would lose it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = self.b(x)
+        return self.a(x) + y, y
+
+
+def test_intermediate_used_outside_is_reported():
+    model = SharedIntermediate().eval()
+    gm, results = _fold_bn_then_merge(model, torch.randn(1, 3, 5, 5))
+    assert not results[0].modified
+    assert [s.reason for s in results[0].skipped] == [
+        "a branch's intermediate result is also used outside the branches"
+    ]
+    assert {"a", "b"} <= set(call_targets(gm))
