@@ -13,7 +13,9 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from . import metaformer
+from . import acnet, dbb, metaformer, mobileone, repvgg
+from .acnet import ACBlock, ACNet
+from .dbb import BNAndPad, DBBlock, DBNet
 from .metaformer import (
     Affine,
     DropPath,
@@ -27,13 +29,22 @@ from .metaformer import (
     RIFormer,
     RIFormerBlock,
 )
+from .mobileone import MobileOne, MobileOneBlock
+from .repvgg import RepVGG, RepVGGBlock
 
 __all__ = [
+    "ACBlock",
+    "ACNet",
     "Affine",
+    "BNAndPad",
+    "DBBlock",
+    "DBNet",
     "DropPath",
     "MetaFormer",
     "MetaFormerBlock",
     "Mlp",
+    "MobileOne",
+    "MobileOneBlock",
     "PatchEmbed",
     "PoolFormer",
     "PoolFormerBlock",
@@ -41,6 +52,8 @@ __all__ = [
     "RIFormer",
     "RIFormerBlock",
     "Registry",
+    "RepVGG",
+    "RepVGGBlock",
     "create",
     "names",
     "register",
@@ -100,6 +113,11 @@ for _factory in (
     metaformer.riformer_m36,
     metaformer.riformer_m48,
     metaformer.riformer_tiny,
+    repvgg.repvgg_a0,
+    repvgg.repvgg_tiny,
+    acnet.acnet_tiny,
+    dbb.dbb_tiny,
+    mobileone.mobileone_tiny,
 ):
     _DEFAULT.register(_factory.__name__)(_factory)
 del _factory
