@@ -267,3 +267,22 @@ def sum_kernels(terms: list[tuple[float, ConvKernel]]) -> ConvKernel:
         int(o + d * (s - 1) / 2) for o, d, s in zip(offset, dilation, size, strict=True)
     )
     return ConvKernel(weight, bias, terms[0][1].stride, padding, dilation, groups)
+
+
+def compose_pointwise_then_conv(first: ConvKernel, second: ConvKernel) -> ConvKernel:
+    """``second(first(x))`` as one conv, for a 1×…×1, stride-1, unpadded ``first``.
+
+    Per group (both convs must have the same groups): ``W[o, c] = Σ_m W₂[o, m]·W₁[m, c]`` over the
+    kernel of ``second``, and ``b = b₂ + Σ_{m,k} W₂[o, m, k]·b₁[m]``. Exact when ``second`` reads
+    no zero padding or ``b₁ = 0`` (a padded border sees ``0``, not ``b₁``): the caller checks.
+    """
+    groups = first.groups
+    mid, c_per = first.weight.shape[:2]
+    out, m_per = second.weight.shape[:2]
+    w1 = first.weight.reshape(groups, mid // groups, c_per)  # [g, m, c]
+    w2 = second.weight.reshape(groups, out // groups, m_per, -1)  # [g, o, m, k]
+    weight = torch.einsum("gomk,gmc->gock", w2, w1)
+    weight = weight.reshape((out, c_per, *second.kernel_size))
+    b1 = first.bias.reshape(groups, mid // groups)
+    bias = second.bias + torch.einsum("gomk,gm->go", w2, b1).reshape(out)
+    return ConvKernel(weight, bias, second.stride, second.padding, second.dilation, groups)

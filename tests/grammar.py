@@ -378,7 +378,43 @@ def parallel_branches(draw, state: State):
         branches.append(Seq(conv, nn.BatchNorm2d(cout)) if kind == "conv_bn" else conv)
     weights = [1.0] + [draw(st.sampled_from([1.0, -1.0, 0.5])) for _ in branches[1:]]
     h, w = (state.height - 1) // stride + 1, (state.width - 1) // stride + 1
-    return ParallelBranches(branches, weights), State(cout, h, w), Counter(conv=1)
+    # branches that are all per-channel (BN, identity, depthwise 1×1 at stride 1) sum to one
+    # per-channel affine, cheaper than a conv
+    per_channel = all(_is_per_channel(b) for b in branches)
+    expected = Counter(channel_affine=1) if per_channel else Counter(conv=1)
+    return ParallelBranches(branches, weights), State(cout, h, w), expected
+
+
+def _is_per_channel(branch: nn.Module) -> bool:
+    conv = branch[0] if isinstance(branch, Seq) else branch
+    if not isinstance(conv, nn.Conv2d):
+        return True  # BatchNorm2d or Identity
+    return (
+        conv.groups == conv.in_channels == conv.out_channels
+        and conv.kernel_size == (1, 1)
+        and (conv.stride == (1, 1))
+    )
+
+
+@st.composite
+def sequential_convs(draw, state: State):
+    """DBB-style 1×1 (maybe + BN) → K×K. Composed into one conv when exact (no shift meets
+    zero padding) and no more expensive (the 1×1 does not reduce channels)."""
+    cin = state.channels
+    mid = draw(st.integers(cin, 8))
+    groups = draw(st.sampled_from([g for g in range(1, cin + 1) if cin % g == 0 and mid % g == 0]))
+    with_bn, bias = draw(st.booleans()), draw(st.booleans())
+    first: list[nn.Module] = [nn.Conv2d(cin, mid, 1, groups=groups, bias=bias)]
+    if with_bn:
+        first.append(nn.BatchNorm2d(mid))
+    p = draw(conv_params(mid, state))
+    p["groups"] = groups
+    assume(p["out_channels"] % groups == 0)
+    second = _conv(p)
+    shifted = with_bn or bias
+    padded = p["padding"] > 0 and p["padding_mode"] == "zeros"
+    expected = Counter(conv=2) if shifted and padded else Counter(conv=1)
+    return Seq(*first, second), State(p["out_channels"], *p["out_hw"]), expected
 
 
 BLOCKS = {
@@ -391,6 +427,7 @@ BLOCKS = {
     "channels_last_mlp": channels_last_mlp,
     "token_linear_bn": token_linear_bn,
     "parallel_branches": parallel_branches,
+    "sequential_convs": sequential_convs,
 }
 ACTIVATIONS = [nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish]
 

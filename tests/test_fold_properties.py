@@ -108,4 +108,5 @@ def test_models_strategy_covers_every_block():
         "channels_last_mlp",
         "token_linear_bn",
         "parallel_branches",
+        "sequential_convs",
     }

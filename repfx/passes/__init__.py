@@ -8,12 +8,20 @@ from .fold_affine_mixer import FoldAffineMixer
 from .fold_bn import FoldBatchNorm
 from .fold_channel_affine import FoldChannelAffine
 from .merge_branches import MergeBranches
+from .merge_sequential import MergeSequential
 
 
 def default_pipeline() -> list[Pass]:
-    """cleanup → fold_bn → fold_affine_mixer → fold_channel_affine → merge_branches, run to a
-    fixpoint."""
-    return [Cleanup(), FoldBatchNorm(), FoldAffineMixer(), FoldChannelAffine(), MergeBranches()]
+    """cleanup → fold_bn → fold_affine_mixer → fold_channel_affine → merge_branches →
+    merge_sequential, run to a fixpoint."""
+    return [
+        Cleanup(),
+        FoldBatchNorm(),
+        FoldAffineMixer(),
+        FoldChannelAffine(),
+        MergeBranches(),
+        MergeSequential(),
+    ]
 
 
 __all__ = [
@@ -22,6 +30,7 @@ __all__ = [
     "FoldBatchNorm",
     "FoldChannelAffine",
     "MergeBranches",
+    "MergeSequential",
     "Pass",
     "PassError",
     "PassResult",

@@ -118,7 +118,7 @@ def _alignment_reason(kernels: list[ConvKernel]) -> str | None:
     return None
 
 
-def _new_conv(kernel: ConvKernel, dtype: torch.dtype) -> nn.Module:
+def new_conv(kernel: ConvKernel, dtype: torch.dtype, padding_mode: str = "zeros") -> nn.Module:
     dims = len(kernel.kernel_size)
     conv = _CONV_MODULES[dims](
         kernel.in_channels,
@@ -129,6 +129,7 @@ def _new_conv(kernel: ConvKernel, dtype: torch.dtype) -> nn.Module:
         dilation=kernel.dilation,
         groups=kernel.groups,
         bias=True,
+        padding_mode=padding_mode,
         dtype=dtype,
     )
     conv.weight = nn.Parameter(kernel.weight.to(dtype), requires_grad=False)
@@ -209,9 +210,7 @@ class MergeBranches:
             reason = _alignment_reason(kernels)
         if reason is not None:
             return Skipped(self.name, where(join), reason)
-        merged = _new_conv(
-            sum_kernels([(1.0, kernels[0]), (weight, kernels[1])]), conv.weight.dtype
-        )
+        merged = new_conv(sum_kernels([(1.0, kernels[0]), (weight, kernels[1])]), conv.weight.dtype)
         location, count = where(join), len(left.ops) + len(right.ops)
         base = _base_path(join)
         with ctx.gm.graph.inserting_before(join):

@@ -1,0 +1,150 @@
+"""merge_sequential: a pointwise conv (or a linear) feeding only another conv (or linear)
+becomes one op.
+
+``W₂ ∗ (W₁·x + b₁) + b₂ = (W₂·W₁) ∗ x + (b₂ + W₂ ∗ b₁)`` for a 1×…×1, stride-1, unpadded first
+conv with the same groups as the second (``repfx.algebra.compose_pointwise_then_conv``);
+BN or per-channel affines between them are already folded into the first by ``fold_bn`` /
+``fold_channel_affine``. Exact only when the second op reads no zero padding or ``b₁ = 0``
+(DBB's 1×1 → BN → K×K trap). Done only when the composed op costs no more multiply-adds than
+the two it replaces — composing a channel-reducing bottleneck would make the model slower.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx, nn
+
+from ..algebra import ConvKernel, compose_pointwise_then_conv
+from ..graph import RANK_KEY, has_hooks, module_of, value_users, where
+from ..ops import LinearOp, linear_op
+from ..report import Folded, Skipped
+from ..rewrite import replace_node
+from .base import FoldContext, PassResult
+from .merge_branches import new_conv
+
+
+def _kernel(op: LinearOp) -> ConvKernel:
+    weight = op.weight.detach().to(torch.float64)
+    bias = (
+        torch.zeros(op.out_channels, dtype=torch.float64)
+        if op.bias is None
+        else op.bias.detach().to(torch.float64)
+    )
+    if op.kind == "linear":
+        return ConvKernel(weight, bias, (), (), (), 1)
+    g = op.geometry
+    return ConvKernel(weight, bias, g.stride, g.padding, g.dilation, op.groups)
+
+
+def _is_pointwise(op: LinearOp) -> bool:
+    if op.kind == "linear":
+        return True
+    g = op.geometry
+    return (
+        g is not None
+        and all(k == 1 for k in op.weight.shape[2:])
+        and all(s == 1 for s in g.stride)
+        and not any(g.padding)
+    )
+
+
+def _reason(ctx: FoldContext, first: LinearOp, second: LinearOp) -> str | None:
+    if first.kind != second.kind or first.kind not in ("conv", "linear"):
+        return f"{first.kind} then {second.kind} is not composed"
+    if first.spatial_dims != second.spatial_dims:
+        return "convs of different spatial dims"
+    if not _is_pointwise(first):
+        return "first conv is not 1×1, stride 1, unpadded"
+    if second.kind == "conv" and second.geometry is None:
+        return "second conv has no explicit symmetric padding"
+    if first.groups != second.groups:
+        return "convs have different groups"
+    if second.zero_padded and first.bias is not None and bool(torch.any(first.bias != 0)):
+        return "a bias before a zero-padded conv is not exact"
+    if first.weight.dtype != second.weight.dtype:
+        return "convs have different dtypes"
+    for op in (first, second):
+        if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
+            return f"{op.kind} module has hooks"
+    if _composed_cost(first, second) > _separate_cost(first, second):
+        return "the composed op would cost more multiply-adds than the two ops"
+    return None
+
+
+def _taps(op: LinearOp) -> int:
+    return math.prod(op.weight.shape[2:])
+
+
+def _composed_cost(first: LinearOp, second: LinearOp) -> int:
+    """Multiply-adds per output position of the composed op."""
+    return second.out_channels * (first.in_channels // first.groups) * _taps(second)
+
+
+def _separate_cost(first: LinearOp, second: LinearOp) -> int:
+    """Multiply-adds per output position of the two ops (the first runs at the input
+    resolution, ``prod(stride)`` positions per output position of the second)."""
+    stride = math.prod(second.geometry.stride) if second.kind == "conv" else 1
+    first_cost = first.out_channels * (first.in_channels // first.groups) * stride
+    return first_cost + second.out_channels * (second.in_channels // second.groups) * _taps(second)
+
+
+def _new_module(kernel: ConvKernel, like: LinearOp) -> nn.Module:
+    dtype = like.weight.dtype
+    if like.kind == "conv":
+        return new_conv(kernel, dtype, like.geometry.padding_mode)
+    linear = nn.Linear(kernel.weight.shape[1], kernel.weight.shape[0], dtype=dtype)
+    linear.weight = nn.Parameter(kernel.weight.to(dtype), requires_grad=False)
+    linear.bias = nn.Parameter(kernel.bias.to(dtype), requires_grad=False)
+    return linear
+
+
+def _free_path(gm: fx.GraphModule, base: str) -> str:
+    path, i = base, 1
+    while True:
+        owner, _, name = path.rpartition(".")
+        try:
+            parent = gm.get_submodule(owner) if owner else gm
+        except AttributeError:
+            return path
+        if not hasattr(parent, name):
+            return path
+        path, i = f"{base}_{i}", i + 1
+
+
+class MergeSequential:
+    name = "merge_sequential"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(modified=False)
+        ctx = FoldContext(gm)
+        for node in list(gm.graph.nodes):
+            if node._erased or (second := linear_op(gm, node, ctx.consts)) is None:
+                continue
+            if value_users(second.input) != [node]:
+                continue
+            first = linear_op(gm, second.input, ctx.consts)
+            if first is None:
+                continue
+            if (reason := _reason(ctx, first, second)) is not None:
+                result.skipped.append(Skipped(self.name, where(node), reason))
+                continue
+            result.folded.append(self._compose(ctx, first, second))
+            result.modified = True
+            ctx.refresh()
+        return result
+
+    def _compose(self, ctx: FoldContext, first: LinearOp, second: LinearOp) -> Folded:
+        kernel = compose_pointwise_then_conv(_kernel(first), _kernel(second))
+        module = _new_module(kernel, second)
+        base = second.node.target if second.node.op == "call_module" else where(second.node)
+        path = _free_path(ctx.gm, f"{base.replace(':', '_')}_composed")
+        ctx.gm.add_submodule(path, module)
+        with ctx.gm.graph.inserting_before(second.node):
+            new = ctx.gm.graph.call_module(path, (first.input,))
+        new.meta.update(second.node.meta)
+        new.meta[RANK_KEY] = second.node.meta.get(RANK_KEY)
+        location, detail = where(second.node), f"composed with {where(first.node)} into {path}"
+        replace_node(second.node, new)
+        return Folded(self.name, location, detail)
