@@ -1,3 +1,5 @@
+import operator
+
 import torch
 from grammar import ParallelBranches, Seq, randomise_
 from helpers import apply, call_targets, traced
@@ -88,3 +90,19 @@ def test_intermediate_used_outside_is_reported():
         "a branch's intermediate result is also used outside the branches"
     ]
     assert {"a", "b"} <= set(call_targets(gm))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.relu(self.conv(x))
+
+
+def test_region_with_a_non_affine_op_is_explained():
+    gm, results = _fold_bn_then_merge(Residual().eval(), torch.randn(1, 3, 5, 5))
+    assert not results[0].modified
+    assert [s.reason for s in results[0].skipped] == ["a branch contains a non-affine op (relu)"]
+    assert call_targets(gm) == ["conv", torch.relu, operator.add]

@@ -32,8 +32,10 @@ from ..algebra import (
 )
 from ..graph import RANK_KEY, has_hooks, module_of, value_users, where
 from ..ops import LinearOp, affine_op, linear_op, merge_axes
+from ..regions import Regions
 from ..report import Folded, Skipped
 from ..rewrite import replace_node
+from ._absorb import describe
 from .base import FoldContext, PassResult
 from .fold_affine_mixer import join_operands
 
@@ -67,6 +69,16 @@ def _branch(
             return _Branch(lin.input, lin, affine, axis, [*ops, node])
         break
     return _Branch(node, None, affine, axis, ops)
+
+
+def _is_linear(ctx: FoldContext, node: fx.Node) -> bool:
+    """Could ``node`` be part of a merged region (constants count: they are not branch ops)?"""
+    if not node.op.startswith("call_") or ctx.consts.is_constant(node):
+        return True
+    lin = linear_op(ctx.gm, node, ctx.consts)
+    return (lin is not None and lin.kind == "conv") or affine_op(
+        ctx.gm, node, ctx.consts
+    ) is not None
 
 
 def _conv_kernel(branch: _Branch) -> ConvKernel:
@@ -170,6 +182,7 @@ class MergeBranches:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         result = PassResult(modified=False)
         ctx = FoldContext(gm)
+        self._regions: Regions | None = None  # built on first use, for explanations only
         for node in list(gm.graph.nodes):
             if node._erased or (operands := join_operands(node)) is None:
                 continue
@@ -180,7 +193,18 @@ class MergeBranches:
                 result.folded.append(outcome)
                 result.modified = True
                 ctx.refresh()
+                self._regions = None
         return result
+
+    def _explain(self, ctx: FoldContext, join: fx.Node) -> Skipped | None:
+        """Why a fork-join region that is not a sum of conv branches was left alone."""
+        if self._regions is None:
+            self._regions = Regions(ctx.gm.graph)
+        blocker = self._regions.first(join, lambda n: not _is_linear(ctx, n))
+        if blocker is None:
+            return None
+        reason = f"a branch contains a non-affine op ({describe(ctx, blocker)})"
+        return Skipped(self.name, where(join), reason)
 
     def _merge(
         self, ctx: FoldContext, join: fx.Node, u: fx.Node, v: fx.Node, weight: float
@@ -191,7 +215,7 @@ class MergeBranches:
             if wide_left.root is wide_right.root and (wide_left.conv or wide_right.conv):
                 reason = "a branch's intermediate result is also used outside the branches"
                 return Skipped(self.name, where(join), reason)
-            return None  # not parallel branches of one tensor: e.g. a residual x + f(x)
+            return self._explain(ctx, join)  # e.g. a residual x + relu(conv(x))
         if left.conv is None and right.conv is None:
             return None  # affines only: fold_affine_mixer's job
         branches = [left, right]
