@@ -18,6 +18,7 @@ the batch dimension is present; ``None`` means "uniform over all channels" (a sc
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -59,15 +60,16 @@ class ConvGeometry:
 
 @dataclass
 class LinearOp:
-    """``y = W ∗ x + b``: conv (``kind="conv"``), transposed conv, or linear."""
+    """``y = W ∗ x + b``: conv (``kind="conv"``), transposed conv, linear, or an average pool
+    seen as a depthwise conv (``kind="avg_pool"``, from :func:`avg_pool_op` only)."""
 
     node: fx.Node
     kind: str  # "conv" | "conv_transpose" | "linear"
     input: fx.Node
     weight: torch.Tensor
     bias: torch.Tensor | None
-    weight_slot: Slot
-    bias_slot: Slot
+    weight_slot: Slot | None  # None: a view with nothing to rewrite (an average pool)
+    bias_slot: Slot | None
     groups: int = 1
     spatial_dims: int = 0
     zero_padded: bool = False  # does the op read zeros beyond its input's border?
@@ -257,6 +259,34 @@ def _geometry(
     if any(p is None for p in parts):
         return None  # e.g. padding="same", which may be asymmetric
     return ConvGeometry(*parts, padding_mode)
+
+
+_AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+
+
+def avg_pool_op(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
+    """View an average pool as the depthwise conv it is (``1/k`` uniform kernel), when that is
+    exact — zeros counted in the average (or no padding), floor mode — and its channel count is
+    known from shape propagation. The view has no slots: there is no weight to rewrite."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return None
+    m = module_of(gm, node)
+    dims = _AVG_POOLS.get(type(m))
+    meta = node.meta.get("tensor_meta")
+    if dims is None or meta is None or len(meta.shape) < dims + 1:
+        return None
+    size, stride, padding = (_per_dim(v, dims) for v in (m.kernel_size, m.stride, m.padding))
+    if m.ceil_mode or getattr(m, "divisor_override", None) is not None or None in (size, stride):
+        return None
+    if any(padding) and not m.count_include_pad:
+        return None  # the border divides by fewer taps: not a conv
+    channels = meta.shape[-(dims + 1)]
+    weight = torch.full((channels, 1, *size), 1.0 / math.prod(size), dtype=meta.dtype)
+    geometry = ConvGeometry(stride, padding, (1,) * dims)
+    return LinearOp(
+        node, "avg_pool", node.args[0], weight, None, None, None, channels, dims, any(padding),
+        geometry,
+    )  # fmt: skip
 
 
 _NORM_FUNCS = {F.layer_norm: "layer_norm", F.group_norm: "group_norm"}

@@ -359,6 +359,8 @@ def parallel_branches(draw, state: State):
     stride = draw(st.sampled_from([1, 1, 2]))
     common = [g for g in range(1, min(cin, cout) + 1) if cin % g == 0 and cout % g == 0]
     kinds = ["conv", "conv_bn", "conv_1xk", "conv_kx1"]
+    if cin == cout:
+        kinds += ["avg_pool"]
     if stride == 1 and cin == cout:
         kinds += ["bn", "identity"]
     branches = []
@@ -366,6 +368,10 @@ def parallel_branches(draw, state: State):
         kind = draw(st.sampled_from(kinds if i else kinds[:4]))  # at least one conv
         if kind in ("bn", "identity"):
             branches.append(nn.BatchNorm2d(cin) if kind == "bn" else nn.Identity())
+            continue
+        if kind == "avg_pool":
+            k = draw(st.sampled_from([3, 5]))
+            branches.append(nn.AvgPool2d(k, stride, k // 2))  # zeros count: a uniform conv
             continue
         k = draw(st.sampled_from([1, 3, 5]))
         dilation = draw(st.sampled_from([1, 1, 2]))
@@ -387,6 +393,8 @@ def parallel_branches(draw, state: State):
 
 def _is_per_channel(branch: nn.Module) -> bool:
     conv = branch[0] if isinstance(branch, Seq) else branch
+    if isinstance(conv, nn.AvgPool2d):
+        return False
     if not isinstance(conv, nn.Conv2d):
         return True  # BatchNorm2d or Identity
     return (

@@ -106,3 +106,23 @@ def test_region_with_a_non_affine_op_is_explained():
     assert not results[0].modified
     assert [s.reason for s in results[0].skipped] == ["a branch contains a non-affine op (relu)"]
     assert call_targets(gm) == ["conv", torch.relu, operator.add]
+
+
+def test_average_pool_branch_is_a_uniform_kernel():
+    model = _random(ParallelBranches([nn.Conv2d(3, 3, 3, 2, 1), nn.AvgPool2d(3, 2, 1)], [1.0, 0.5]))
+    x = torch.randn(2, 3, 7, 7)
+    gm, results = _fold_bn_then_merge(model, x)
+    assert results[0].modified
+    assert call_targets(gm) == ["merged_conv"]
+    assert_close(gm(x), model(x))
+
+
+def test_average_pool_that_ignores_padding_is_not_a_conv():
+    pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+    model = _random(ParallelBranches([nn.Conv2d(3, 3, 3, 1, 1), pool], [1.0, 1.0]))
+    gm, results = _fold_bn_then_merge(model, torch.randn(1, 3, 5, 5))
+    assert not results[0].modified
+    assert [s.reason for s in results[0].skipped] == [
+        "a branch contains a non-affine op (AvgPool2d)"
+    ]
+    assert "branches.1" in call_targets(gm)

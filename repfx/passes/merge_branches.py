@@ -31,7 +31,7 @@ from ..algebra import (
     undilate,
 )
 from ..graph import RANK_KEY, has_hooks, module_of, value_users, where
-from ..ops import LinearOp, affine_op, linear_op, merge_axes
+from ..ops import LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
 from ..regions import Regions
 from ..report import Folded, Skipped
 from ..rewrite import replace_node
@@ -64,8 +64,8 @@ def _branch(
             ops.append(node)
             node, consumer = op.input, node
             continue
-        lin = linear_op(ctx.gm, node, ctx.consts)
-        if lin is not None and lin.kind == "conv":
+        lin = linear_op(ctx.gm, node, ctx.consts) or avg_pool_op(ctx.gm, node)
+        if lin is not None and lin.kind in ("conv", "avg_pool"):
             return _Branch(lin.input, lin, affine, axis, [*ops, node])
         break
     return _Branch(node, None, affine, axis, ops)
@@ -75,8 +75,8 @@ def _is_linear(ctx: FoldContext, node: fx.Node) -> bool:
     """Could ``node`` be part of a merged region (constants count: they are not branch ops)?"""
     if not node.op.startswith("call_") or ctx.consts.is_constant(node):
         return True
-    lin = linear_op(ctx.gm, node, ctx.consts)
-    return (lin is not None and lin.kind == "conv") or affine_op(
+    lin = linear_op(ctx.gm, node, ctx.consts) or avg_pool_op(ctx.gm, node)
+    return (lin is not None and lin.kind in ("conv", "avg_pool")) or affine_op(
         ctx.gm, node, ctx.consts
     ) is not None
 
