@@ -38,6 +38,7 @@ class Verification:
     exact_rel_error: float | None = None
     original_rounding: float | None = None
     folded_rounding: float | None = None
+    weight_rounding: float | None = None  # the folded weights evaluated in float64
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ class FoldReport:
                 lines.append(
                     f"    float64 re-check: fold error {v.exact_rel_error:.3g}; against float64 "
                     f"truth the original is off by {v.original_rounding:.3g}, the fold by "
-                    f"{v.folded_rounding:.3g} (rounding of the original's own dtype)"
+                    f"{v.folded_rounding:.3g}, its rounded weights alone by "
+                    f"{v.weight_rounding:.3g}"
                 )
         return "\n".join(lines)
 

@@ -151,7 +151,11 @@ def erase_dead(node: fx.Node) -> None:
 
 
 def delete_unused_attributes(gm: fx.GraphModule) -> None:
-    """Drop parameters / buffers / submodules that no node reads any more."""
+    """Drop unused ``get_attr`` nodes (a forward that fetched a tensor it never used), then the
+    parameters / buffers / submodules that no node reads any more."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
     used_ids = {id(_fetch_attr(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
     for n in gm.graph.nodes:

@@ -21,7 +21,8 @@ RELATIVE_TOLERANCE: dict[torch.dtype, float] = {
 
 # When a low-precision comparison misses its tolerance, the fold is re-checked against a float64
 # run of the original: it passes if the float64 fold is exact (``float64`` tolerance) and the
-# low-precision fold's error is at most this many times the original's own rounding error.
+# folded weights, stored in the low precision and evaluated exactly, are off by at most this
+# many times the original's own rounding error (see repfx.verify).
 ROUNDING_SLACK = 16.0  # a wrong fold is off by O(1), far beyond this
 
 
@@ -62,9 +63,9 @@ def reference_dtype(outputs: object) -> torch.dtype:
     return max(dtypes, key=tolerance_for)
 
 
-def rounding_explains(folded_err: float, original_err: float, dtype: torch.dtype) -> bool:
-    """Is a low-precision fold's error (vs float64 truth) within the original's own rounding?"""
-    return folded_err <= max(tolerance_for(dtype), ROUNDING_SLACK * original_err)
+def rounding_explains(folded_err: float, rounding_err: float, dtype: torch.dtype) -> bool:
+    """Is a low-precision fold's error (vs float64 truth) explained by ``rounding_err``?"""
+    return folded_err <= max(tolerance_for(dtype), ROUNDING_SLACK * rounding_err)
 
 
 def assert_close(actual: object, expected: object) -> None:

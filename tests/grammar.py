@@ -350,17 +350,26 @@ class ParallelBranches(nn.Module):
 
 
 @st.composite
-def parallel_branches(draw, state: State):
+def parallel_branches(
+    draw, state: State, shape: tuple[int, int] | None = None, nested: bool = True
+):
     """2–4 branches that all read the input through aligned windows: centred convs (square,
-    1×k, k×1) with or without BN, and — at stride 1 with as many outputs as inputs — BN or
-    identity branches. They must merge into one conv."""
+    1×k, k×1) with or without BN, average pools, a nested sum of such branches, and — at
+    stride 1 with as many outputs as inputs — BN or identity branches. They must merge into
+    one conv. ``shape`` fixes ``(out_channels, stride)`` for a nested sum."""
     cin = state.channels
-    cout = draw(st.sampled_from([cin, cin, draw(st.integers(1, 8))]))
-    stride = draw(st.sampled_from([1, 1, 2]))
+    if shape is None:
+        shape = (
+            draw(st.sampled_from([cin, cin, draw(st.integers(1, 8))])),
+            draw(st.sampled_from([1, 1, 2])),
+        )
+    cout, stride = shape
     common = [g for g in range(1, min(cin, cout) + 1) if cin % g == 0 and cout % g == 0]
     kinds = ["conv", "conv_bn", "conv_1xk", "conv_kx1"]
     if cin == cout:
         kinds += ["avg_pool"]
+    if nested:
+        kinds += ["nested"]
     if stride == 1 and cin == cout:
         kinds += ["bn", "identity"]
     branches = []
@@ -372,6 +381,9 @@ def parallel_branches(draw, state: State):
         if kind == "avg_pool":
             k = draw(st.sampled_from([3, 5]))
             branches.append(nn.AvgPool2d(k, stride, k // 2))  # zeros count: a uniform conv
+            continue
+        if kind == "nested":
+            branches.append(draw(parallel_branches(state, shape, nested=False))[0])
             continue
         k = draw(st.sampled_from([1, 3, 5]))
         dilation = draw(st.sampled_from([1, 1, 2]))
@@ -392,6 +404,8 @@ def parallel_branches(draw, state: State):
 
 
 def _is_per_channel(branch: nn.Module) -> bool:
+    if isinstance(branch, ParallelBranches):
+        return all(_is_per_channel(b) for b in branch.branches)
     conv = branch[0] if isinstance(branch, Seq) else branch
     if isinstance(conv, nn.AvgPool2d):
         return False
@@ -437,7 +451,9 @@ BLOCKS = {
     "parallel_branches": parallel_branches,
     "sequential_convs": sequential_convs,
 }
-ACTIVATIONS = [nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish]
+# Smooth barriers: a ReLU can zero a whole channel, and a GroupNorm over a constant channel
+# amplifies rounding noise by 1/sqrt(eps) — an ill-conditioned model, not a wrong fold.
+ACTIVATIONS = [nn.GELU, nn.SiLU, nn.Tanh, nn.Mish]
 
 
 class Head(nn.Module):
@@ -470,7 +486,7 @@ def models(draw, max_blocks: int = 4) -> Model:
         layers.append(block)
         expected += block_expected
         names.append(name)
-    layers.append(nn.ReLU())
+    layers.append(nn.GELU())
     with_head = draw(st.booleans())
     if with_head:
         layers.append(Head(state.channels, draw(st.integers(1, 6)), draw(st.integers(1, 5))))
