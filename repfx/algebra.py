@@ -250,23 +250,18 @@ def sum_kernels(terms: list[tuple[float, ConvKernel]]) -> ConvKernel:
     """
     from math import gcd
 
-    if len({k.dilation for _, k in terms if max(k.kernel_size) > 1}) > 1:
-        terms = [(c, undilate(k)) for c, k in terms]
+    coefficients = [c for c, _ in terms]
+    kernels, size = _aligned([k for _, k in terms])
+    padding, dilation = _common_geometry(kernels, size)
     groups = 0
-    for _, k in terms:
+    for k in kernels:
         groups = gcd(groups, k.groups)
-    size = tuple(max(dims) for dims in zip(*(k.kernel_size for _, k in terms), strict=True))
-    dilation = tuple(
-        max(k.dilation[i] if k.kernel_size[i] > 1 else 1 for _, k in terms)
-        for i in range(len(size))
+    weight = sum(
+        c * centre_pad(regroup(k, groups).weight, size)
+        for c, k in zip(coefficients, kernels, strict=True)
     )
-    weight = sum(c * centre_pad(regroup(k, groups).weight, size) for c, k in terms)
-    bias = sum(c * k.bias for c, k in terms)
-    offset = terms[0][1].centre_offset
-    padding = tuple(
-        int(o + d * (s - 1) / 2) for o, d, s in zip(offset, dilation, size, strict=True)
-    )
-    return ConvKernel(weight, bias, terms[0][1].stride, padding, dilation, groups)
+    bias = sum(c * k.bias for c, k in zip(coefficients, kernels, strict=True))
+    return ConvKernel(weight, bias, kernels[0].stride, padding, dilation, groups)
 
 
 def compose_pointwise_then_conv(first: ConvKernel, second: ConvKernel) -> ConvKernel:
@@ -286,3 +281,32 @@ def compose_pointwise_then_conv(first: ConvKernel, second: ConvKernel) -> ConvKe
     b1 = first.bias.reshape(groups, mid // groups)
     bias = second.bias + torch.einsum("gomk,gm->go", w2, b1).reshape(out)
     return ConvKernel(weight, bias, second.stride, second.padding, second.dilation, groups)
+
+
+def _aligned(terms: list[ConvKernel]) -> tuple[list[ConvKernel], tuple[int, ...]]:
+    """The kernels on one grid (undilated where dilations differ), and the common size."""
+    if len({k.dilation for k in terms if max(k.kernel_size) > 1}) > 1:
+        terms = [undilate(k) for k in terms]
+    size = tuple(max(dims) for dims in zip(*(k.kernel_size for k in terms), strict=True))
+    return terms, size
+
+
+def _common_geometry(terms: list[ConvKernel], size: tuple[int, ...]) -> tuple[tuple, tuple]:
+    dilation = tuple(
+        max(k.dilation[i] if k.kernel_size[i] > 1 else 1 for k in terms) for i in range(len(size))
+    )
+    offset = terms[0].centre_offset
+    padding = tuple(
+        int(o + d * (s - 1) / 2) for o, d, s in zip(offset, dilation, size, strict=True)
+    )
+    return padding, dilation
+
+
+def concat_kernels(terms: list[ConvKernel]) -> ConvKernel:
+    """``cat([conv₁(x), conv₂(x), …], channels)`` as one conv (every conv with ``groups == 1``;
+    the same alignment conditions as :func:`sum_kernels`)."""
+    terms, size = _aligned(terms)
+    padding, dilation = _common_geometry(terms, size)
+    weight = torch.cat([centre_pad(regroup(k, 1).weight, size) for k in terms])
+    bias = torch.cat([k.bias for k in terms])
+    return ConvKernel(weight, bias, terms[0].stride, padding, dilation, 1)

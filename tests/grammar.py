@@ -418,6 +418,41 @@ def _is_per_channel(branch: nn.Module) -> bool:
     )
 
 
+class ConcatBranches(nn.Module):
+    def __init__(self, branches: list[nn.Module]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([branch(x) for branch in self.branches], dim=1)
+
+
+@st.composite
+def concat_branches(draw, state: State):
+    """Inception-style: dense convs (and identity / BN at stride 1) of one input, concatenated
+    along the channels: one conv."""
+    cin, stride = state.channels, draw(st.sampled_from([1, 1, 2]))
+    branches: list[nn.Module] = []
+    for i in range(draw(st.integers(2, 3))):
+        kind = draw(
+            st.sampled_from(
+                ["conv", "conv_bn", "identity"] if i and stride == 1 else ["conv", "conv_bn"]
+            )
+        )
+        if kind == "identity":
+            branches.append(draw(st.sampled_from([nn.Identity(), nn.BatchNorm2d(cin)])))
+            continue
+        k, dilation = draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([1, 2]))
+        conv = nn.Conv2d(cin, draw(st.integers(1, 4)), k, stride, dilation * (k - 1) // 2, dilation)
+        branches.append(Seq(conv, nn.BatchNorm2d(conv.out_channels)) if kind == "conv_bn" else conv)
+    channels = sum(
+        b[0].out_channels if isinstance(b, Seq) else getattr(b, "out_channels", cin)
+        for b in branches
+    )
+    h, w = (state.height - 1) // stride + 1, (state.width - 1) // stride + 1
+    return ConcatBranches(branches), State(channels, h, w), Counter(conv=1)
+
+
 @st.composite
 def sequential_convs(draw, state: State):
     """DBB-style 1×1 (maybe + BN) → K×K. Composed into one conv when exact (no shift meets
@@ -450,6 +485,7 @@ BLOCKS = {
     "token_linear_bn": token_linear_bn,
     "parallel_branches": parallel_branches,
     "sequential_convs": sequential_convs,
+    "concat_branches": concat_branches,
 }
 # Smooth barriers: a ReLU can zero a whole channel, and a GroupNorm over a constant channel
 # amplifies rounding noise by 1/sqrt(eps) — an ill-conditioned model, not a wrong fold.

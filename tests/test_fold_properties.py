@@ -109,4 +109,5 @@ def test_models_strategy_covers_every_block():
         "token_linear_bn",
         "parallel_branches",
         "sequential_convs",
+        "concat_branches",
     }

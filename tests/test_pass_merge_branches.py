@@ -126,3 +126,36 @@ def test_average_pool_that_ignores_padding_is_not_a_conv():
         "a branch contains a non-affine op (AvgPool2d)"
     ]
     assert "branches.1" in call_targets(gm)
+
+
+class Inception(nn.Module):
+    """Linear branches of one input concatenated along the channels."""
+
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        self.a = Seq(nn.Conv2d(4, 3, 1, groups=1), nn.BatchNorm2d(3))
+        self.b = nn.Conv2d(4, 2, 3, padding=1, groups=groups)
+        self.c = nn.Conv2d(4, 5, (1, 5), padding=(0, 2))
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x), x, self.c(x)], dim=1)
+
+
+def test_concatenated_branches_become_one_conv():
+    model = _random(Inception())
+    x = torch.randn(2, 4, 6, 7)
+    gm, results = _fold_bn_then_merge(model, x)
+    assert results[0].modified
+    assert call_targets(gm) == ["merged_conv"]
+    assert gm.get_submodule("merged_conv").out_channels == 3 + 2 + 4 + 5
+    assert_close(gm(x), model(x))
+
+
+def test_concatenated_grouped_convs_are_not_made_dense():
+    model = _random(Inception(groups=2))
+    gm, results = _fold_bn_then_merge(model, torch.randn(1, 4, 5, 5))
+    assert not results[0].modified
+    assert [s.reason for s in results[0].skipped] == [
+        "concatenating grouped convs would make them dense"
+    ]
+    assert torch.cat in call_targets(gm)

@@ -17,6 +17,7 @@ inside out, over the fixpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +27,12 @@ from ..algebra import (
     ChannelAffine,
     ConvKernel,
     affine_as_kernel,
+    concat_kernels,
     fold_affine_into_conv_output,
     sum_kernels,
     undilate,
 )
-from ..graph import RANK_KEY, has_hooks, module_of, value_users, where
+from ..graph import RANK_KEY, has_hooks, module_of, rank_of, value_users, where
 from ..ops import LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
 from ..regions import Regions
 from ..report import Folded, Skipped
@@ -93,8 +95,8 @@ def _conv_kernel(branch: _Branch) -> ConvKernel:
     return ConvKernel(weight, bias, g.stride, g.padding, g.dilation, conv.groups)
 
 
-def _check(branches: list[_Branch]) -> str | None:
-    """Why the branches cannot be summed into one conv (``None``: they can)."""
+def _check(branches: list[_Branch], summed: bool) -> str | None:
+    """Why the branches cannot be summed (``summed``) or concatenated into one conv."""
     convs = [b.conv for b in branches if b.conv is not None]
     reference = convs[0]
     for b in branches:
@@ -108,11 +110,16 @@ def _check(branches: list[_Branch]) -> str | None:
             return f"a branch conv pads with {g.padding_mode!r}"
         if conv.spatial_dims != reference.spatial_dims:
             return "branch convs have different spatial dims"
-        if (conv.in_channels, conv.out_channels) != (reference.in_channels, reference.out_channels):
+        if conv.in_channels != reference.in_channels or (
+            summed and conv.out_channels != reference.out_channels
+        ):
             return "branch convs have different channel counts"
+        if not summed and conv.groups != 1:
+            return "concatenating grouped convs would make them dense"
         if conv.weight.dtype != reference.weight.dtype:
             return "branch convs have different dtypes"
-    if any(b.conv is None for b in branches) and reference.in_channels != reference.out_channels:
+    identity = any(b.conv is None for b in branches)
+    if summed and identity and reference.in_channels != reference.out_channels:
         return "an identity branch needs as many input as output channels"
     return None
 
@@ -184,9 +191,14 @@ class MergeBranches:
         ctx = FoldContext(gm)
         self._regions: Regions | None = None  # built on first use, for explanations only
         for node in list(gm.graph.nodes):
-            if node._erased or (operands := join_operands(node)) is None:
+            if node._erased:
                 continue
-            outcome = self._merge(ctx, node, *operands)
+            if (operands := join_operands(node)) is not None:
+                outcome = self._merge(ctx, node, *operands)
+            elif (tensors := _concat_operands(node)) is not None:
+                outcome = self._concat(ctx, node, tensors)
+            else:
+                continue
             if isinstance(outcome, Skipped):
                 result.skipped.append(outcome)
             elif outcome is not None:
@@ -218,8 +230,28 @@ class MergeBranches:
             return self._explain(ctx, join)  # e.g. a residual x + relu(conv(x))
         if left.conv is None and right.conv is None:
             return None  # affines only: fold_affine_mixer's job
-        branches = [left, right]
-        reason = _check(branches)
+        return self._rewrite(
+            ctx, join, [left, right], lambda ks: sum_kernels([(1.0, ks[0]), (weight, ks[1])])
+        )
+
+    def _concat(self, ctx: FoldContext, join: fx.Node, operands: list[fx.Node]):
+        branches = [_branch(ctx, u, join) for u in operands]
+        if len({id(b.root) for b in branches}) > 1 or all(b.conv is None for b in branches):
+            return None
+        conv = next(b.conv for b in branches if b.conv is not None)
+        if _concat_axis(join) != conv.channel_axis:
+            return Skipped(self.name, where(join), "concatenation is not along the channels")
+        return self._rewrite(ctx, join, branches, concat_kernels, summed=False)
+
+    def _rewrite(
+        self,
+        ctx: FoldContext,
+        join: fx.Node,
+        branches: list[_Branch],
+        combine: Callable[[list[ConvKernel]], ConvKernel],
+        summed: bool = True,
+    ) -> Folded | Skipped:
+        reason = _check(branches, summed)
         hooked = [n for b in branches for n in b.ops if n.op == "call_module"]
         if reason is None and any(has_hooks(module_of(ctx.gm, n)) for n in hooked):
             reason = "a branch module has hooks"
@@ -234,14 +266,34 @@ class MergeBranches:
             reason = _alignment_reason(kernels)
         if reason is not None:
             return Skipped(self.name, where(join), reason)
-        merged = new_conv(sum_kernels([(1.0, kernels[0]), (weight, kernels[1])]), conv.weight.dtype)
-        location, count = where(join), len(left.ops) + len(right.ops)
+        merged = new_conv(combine(kernels), conv.weight.dtype)
+        location, count = where(join), sum(len(b.ops) for b in branches)
         base = _base_path(join)
         with ctx.gm.graph.inserting_before(join):
-            new = ctx.gm.graph.create_node("call_module", base, (left.root,))  # target set below
+            new = ctx.gm.graph.create_node("call_module", base, (branches[0].root,))
         new.meta.update(join.meta)
         new.meta[RANK_KEY] = join.meta.get(RANK_KEY)
         replace_node(join, new)
-        new.target = _free_path(ctx.gm, base, new)
+        new.target = _free_path(ctx.gm, base, new)  # names freed by the branches count
         ctx.gm.add_submodule(new.target, merged)
         return Folded(self.name, location, f"merged {count} ops into one conv {new.target}")
+
+
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _concat_operands(node: fx.Node) -> list[fx.Node] | None:
+    if node.op != "call_function" or node.target not in _CATS or not node.args:
+        return None
+    tensors = node.args[0]
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+        return None
+    return list(tensors)
+
+
+def _concat_axis(node: fx.Node) -> int | None:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    rank = rank_of(node)
+    if not isinstance(dim, int) or (dim >= 0 and rank is None):
+        return None
+    return dim - rank if dim >= 0 else dim
