@@ -1,0 +1,91 @@
+"""repfx against the hand-written deploy conversions of the reference blocks: the same number of
+convs, and the same function."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from grammar import randomise_
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import repfx
+from repfx.inspect import op_counts
+from repfx.models import ACBlock, MobileOneBlock, RepVGGBlock, create
+from repfx.verify import assert_equivalent
+
+
+def _convs(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def _check_against_deploy(model: nn.Module, x: torch.Tensor) -> None:
+    model = randomise_(model, torch.Generator().manual_seed(0)).eval()
+    deploy = copy.deepcopy(model).switch_to_deploy()
+    folded = repfx.fold(model, (x,))
+    counts = op_counts(folded)
+    # one op per block, as in the deploy form; a block whose branches are all per-channel
+    # (a 1×1 depthwise conv, BN, identity) becomes a per-channel affine, cheaper than its conv
+    assert counts["conv"] + counts["channel_affine"] == _convs(deploy)
+    assert counts["batch_norm"] == 0
+    assert_equivalent(deploy, folded, (x,))
+
+
+def test_repvgg_tiny_folds_like_its_deploy_form():
+    _check_against_deploy(create("repvgg_tiny", num_classes=10), torch.randn(2, 3, 32, 32))
+
+
+def test_mobileone_tiny_folds_like_its_deploy_form():
+    _check_against_deploy(create("mobileone_tiny", num_classes=10), torch.randn(2, 3, 32, 32))
+
+
+class Chain(nn.Module):
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(x)
+
+    def switch_to_deploy(self):
+        for block in self.blocks:
+            if hasattr(block, "switch_to_deploy"):  # not the activations between blocks
+                block.switch_to_deploy()
+        return self
+
+
+@st.composite
+def block_chains(draw):
+    channels = draw(st.integers(1, 6))
+    blocks = []
+    for _ in range(draw(st.integers(1, 3))):
+        out = draw(st.sampled_from([channels, draw(st.integers(1, 6))]))
+        common = [g for g in range(1, min(channels, out) + 1) if channels % g == 0 and out % g == 0]
+        groups, stride = draw(st.sampled_from(common)), draw(st.sampled_from([1, 2]))
+        kind = draw(st.sampled_from(["repvgg", "acnet", "mobileone"]))
+        if kind == "repvgg":
+            blocks.append(RepVGGBlock(channels, out, stride, groups))
+        elif kind == "acnet":
+            k = draw(st.sampled_from([3, 5]))
+            blocks.append(ACBlock(channels, out, k, stride, k // 2, groups))
+            blocks.append(nn.ReLU())
+        else:
+            k = draw(st.sampled_from([1, 3]))
+            branches = draw(st.integers(1, 3))
+            blocks.append(MobileOneBlock(channels, out, k, stride, None, groups, branches))
+        channels = out
+    return Chain(blocks), channels
+
+
+@settings(max_examples=20)
+@given(block_chains(), st.integers(6, 12))
+def test_random_nets_of_reference_blocks_fold_like_their_deploy_form(chain, size):
+    model, _ = chain
+    x = torch.randn(2, _in_channels(model), size, size)
+    _check_against_deploy(model, x)
+
+
+def _in_channels(model: nn.Module) -> int:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
