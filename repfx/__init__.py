@@ -8,6 +8,7 @@ into the convs, linears and norms next to it, returning an equivalent ``GraphMod
 from __future__ import annotations
 
 from .capture import CaptureError, ExampleInputError
+from .export import export_onnx
 from .fold import REPORT_KEY, VerificationError, fold
 from .report import FoldReport
 
@@ -20,5 +21,6 @@ __all__ = [
     "FoldReport",
     "VerificationError",
     "__version__",
+    "export_onnx",
     "fold",
 ]

@@ -1,36 +1,105 @@
-"""``repfx`` command line: ``repfx optimize NAME`` folds a built-in model and prints the report.
+"""``repfx`` command line: fold a model and write a deployable, checked file.
 
-This is the first slice of the CLI: built-in model names only (``repfx models`` lists them).
-Exit codes: 0 success, 1 verification failed, 2 bad usage (unknown model, bad shape, refused
-output path), 3 the model could not be captured.
+``repfx optimize SOURCE [-o OUT] [options]`` loads SOURCE (a built-in model name, ``timm:NAME``,
+``package.module:factory``, or a file — see :mod:`repfx.sources`), folds it with
+:func:`repfx.fold`, verifies the result on example inputs, prints a report and writes OUT as
+``.pt`` (``torch.save``), ``.pt2`` (``torch.export``) or ``.onnx``. ``repfx models`` (or
+``--list``) lists the built-in models.
+
+Exit codes:
+
+==  =====================================================================================
+0   success
+1   verification failed: the folded model, or the file written, differs from the original
+    beyond ``repfx.tolerances``; nothing was written
+2   usage: bad option, unknown model name, wrong ``--input-shape`` (not integers, or the
+    model does not run on it), OUT exists without ``--force``, OUT is SOURCE, a state dict
+    without ``--arch``
+3   the model cannot be traced with torch.fx
+4   SOURCE cannot be read: missing file, unreadable or corrupt file, weights that do not fit
+    ``--arch``, a factory that cannot be imported or fails
+5   refused: SOURCE is a pickled Python object and ``--trust-pickle`` was not given
+6   export failed: ``torch.export`` / ``torch.onnx.export`` / ``onnx.checker`` /
+    onnxruntime could not export or run the model
+7   internal error (a repfx bug: please report it; ``--debug`` shows the traceback)
+==  =====================================================================================
+
+Errors are one line on stderr, without a traceback unless ``--debug``; progress messages for
+slow steps go to stderr too (``--quiet`` silences them), so stdout holds only the report
+(``--json``: one JSON object, also on failure).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import statistics
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from . import models
+from . import __version__, models
 from .capture import CaptureError, ExampleInputError
+from .export import (
+    ExportError,
+    ExportMismatchError,
+    export_onnx,
+    onnx_op_counts_of,
+    save_pt,
+    save_pt2,
+)
 from .fold import VerificationError, fold
+from .report import FoldReport
+from .sources import (
+    SourceError,
+    SourceUsageError,
+    UnknownModelError,
+    UntrustedPickleError,
+    is_file_source,
+    load_source,
+)
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_CAPTURE = 0, 1, 2, 3
-DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+EXIT_SOURCE, EXIT_PICKLE, EXIT_EXPORT, EXIT_INTERNAL = 4, 5, 6, 7
+
+FORMATS = {".pt": "pt", ".pth": "pt", ".pt2": "pt2", ".onnx": "onnx"}
+FORMAT_LOADERS = {
+    "pt": "torch.load(path, weights_only=False)",
+    "pt2": "torch.export.load(path).module()",
+    "onnx": "onnxruntime.InferenceSession(path)",
+}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
-class UsageError(Exception):
-    pass
+class CliError(Exception):
+    """An error with its exit code; ``details`` go into the ``--json`` output."""
+
+    def __init__(self, message: str, exit_code: int, details: dict | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.details = details or {}
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
+class UsageError(CliError):
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_USAGE)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) → ``(1, 3, 224, 224)``."""
     try:
-        shape = tuple(int(part) for part in text.split(","))
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         raise UsageError(f"--input-shape {text!r}: expected comma-separated integers") from None
     if not shape or any(d <= 0 for d in shape):
@@ -38,80 +107,418 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _save_atomically(module: torch.nn.Module, out: Path, force: bool) -> None:
-    if out.exists() and not force:
+def _output_format(args: argparse.Namespace) -> str | None:
+    if args.output is None:
+        if args.format:
+            raise UsageError("--format needs an output file: -o OUT")
+        return None
+    suffix = Path(args.output).suffix.lower()
+    fmt = args.format or FORMATS.get(suffix)
+    if fmt is None:
+        raise UsageError(
+            f"cannot tell the format of {args.output!r} from its suffix; use .pt, .pt2 or "
+            ".onnx, or pass --format pt|pt2|onnx"
+        )
+    return fmt
+
+
+def _check_output_path(args: argparse.Namespace) -> Path | None:
+    if args.output is None:
+        return None
+    out = Path(args.output)
+    sources = [args.source] if is_file_source(args.source) else []
+    sources += [args.weights] if args.weights else []
+    for source in sources:
+        if out.resolve() == Path(source).resolve():
+            raise UsageError(f"-o {out} is the model file being read; repfx never overwrites it")
+    if out.is_dir():
+        raise UsageError(f"-o {out} is a directory; name the file to write")
+    if out.exists() and not args.force:
         raise UsageError(f"{out} exists; pass --force to overwrite it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or Path("."))
-    os.close(fd)
-    try:
-        torch.save(module, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {out}: directory {out.parent} does not exist")
+    return out
+
+
+class Progress:
+    """One line on stderr per slow step, with the time the previous step took."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"repfx: {message}", file=sys.stderr, flush=True)
+
+
+def _timed(progress: Progress, message: str, step: Callable[[], object]) -> tuple[object, float]:
+    progress(f"{message} ...")
+    start = time.perf_counter()
+    result = step()
+    return result, time.perf_counter() - start
+
+
+def _example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> tuple:
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(shape, generator=generator).to(dtype) for shape in shapes)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def benchmark(
+    original: nn.Module, folded: nn.Module, inputs: tuple, rounds: int, warmup: int = 3
+) -> dict[str, float]:
+    """Eager latency of both models, interleaved: each round times one forward of each,
+    alternating which goes first, so slow phases of a shared machine hit both alike."""
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    models_ = {"before": original, "after": folded}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            original(*inputs)
+            folded(*inputs)
+        for i in range(rounds):
+            for name in ("before", "after") if i % 2 == 0 else ("after", "before"):
+                start = time.perf_counter()
+                models_[name](*inputs)
+                times[name].append(time.perf_counter() - start)
+    before, after = statistics.median(times["before"]), statistics.median(times["after"])
+    paired = statistics.median(a / b for a, b in zip(times["after"], times["before"], strict=True))
+    return {
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "before_ms": before * 1e3,
+        "after_ms": after * 1e3,
+        "speedup": before / after,
+        "paired_ratio_median": paired,
+    }
+
+
+def report_dict(report: FoldReport) -> dict:
+    """The fold report as plain JSON-able data."""
+    return {
+        "folded": report.counts(),
+        "folds": [dataclasses.asdict(f) for f in report.folded],
+        "skipped": [dataclasses.asdict(s) for s in report.skipped],
+        "before": dataclasses.asdict(report.before) if report.before else None,
+        "after": dataclasses.asdict(report.after) if report.after else None,
+        "verification": (dataclasses.asdict(report.verification) if report.verification else None),
+        "opaque_modules": dict(report.opaque_modules),
+        "notes": list(report.notes),
+    }
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list_models(args)
+    if args.source is None:
+        raise UsageError("optimize needs a SOURCE: a model name, timm:NAME, module:factory or file")
+    progress = Progress(args.quiet or False)
+    fmt = _output_format(args)
+    out = _check_output_path(args)
+    shapes = [parse_shape(s) for s in args.input_shape or []]
+    if args.benchmark_rounds < 1:
+        raise UsageError("--benchmark-rounds must be at least 1")
+    result: dict = {"repfx": __version__, "source": args.source}
+    started = time.perf_counter()
+
+    loaded, seconds = _timed(
+        progress,
+        f"loading {args.source}",
+        lambda: load_source(
+            args.source, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle
+        ),
+    )
+    result["load_seconds"] = seconds
+    model = loaded.model.eval()
+    if args.dtype:
+        model = model.to(DTYPES[args.dtype])
+    dtype = _model_dtype(model)
+    verify = not args.no_verify
+    if not shapes and loaded.default_input_shape:
+        shapes = [loaded.default_input_shape]
+    needs_inputs = verify or fmt in ("pt2", "onnx") or args.benchmark
+    if not shapes and needs_inputs:
+        why = "to verify the fold" if verify else f"for {'--benchmark' if args.benchmark else fmt}"
+        raise UsageError(
+            f"cannot infer the input shape of {loaded.description}; pass --input-shape "
+            f"(e.g. --input-shape 1,3,224,224), which is needed {why}"
+        )
+    inputs = _example_inputs(shapes, dtype) if shapes else None
+    result.update(
+        kind=loaded.kind,
+        model=loaded.description,
+        input_shapes=[list(s) for s in shapes],
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+    shape_text = " and ".join("×".join(map(str, s)) for s in shapes) or "no example input"
+    step = "tracing and folding" + (f", verifying on {shape_text}" if verify else "")
     try:
-        model = models.create(args.source).eval()
-    except KeyError as exc:
-        raise UsageError(exc.args[0]) from None
-    shape = _parse_shape(args.input_shape) if args.input_shape else DEFAULT_INPUT_SHAPE
-    example = None if args.no_verify else (torch.randn(shape),)
-    print(f"folding {args.source} ...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    folded = fold(model, example, verify=not args.no_verify)
-    report = folded.meta["repfx_report"]
-    print(report)
-    print(f"  time        {time.perf_counter() - start:.1f} s")
-    if args.explain:
-        print(report.explain() or "(every candidate was folded)")
-    if args.output:
-        _save_atomically(folded, Path(args.output), args.force)
-        print(f"wrote {args.output}")
+        folded, seconds = _timed(progress, step, lambda: fold(model, inputs, verify=verify))
+    except ExampleInputError as exc:
+        given = " ".join(",".join(map(str, s)) for s in shapes)
+        raise UsageError(f"wrong --input-shape {given} for {loaded.description}: {exc}") from exc
+    except VerificationError as exc:
+        v = exc.report.verification
+        raise CliError(
+            f"verification failed: the folded model differs from the original (max abs error "
+            f"{v.max_abs_error:.3g}, relative {v.max_rel_error:.3g} > tolerance "
+            f"{v.tolerance:.1g}); nothing written. This is a repfx bug unless the model is "
+            "non-deterministic; --explain / --json show the report, --no-verify skips the check",
+            EXIT_VERIFY,
+            {"report": report_dict(exc.report), "report_text": str(exc.report)},
+        ) from exc
+    report: FoldReport = folded.meta["repfx_report"]
+    result["fold_seconds"] = seconds
+    result.update(report_dict(report))
+
+    if out is not None:
+        result["output"] = _write(folded, model, inputs, out, fmt, verify, progress)
+    if args.benchmark:
+        progress(f"benchmarking eager latency ({args.benchmark_rounds} interleaved rounds) ...")
+        result["benchmark"] = benchmark(model, folded, inputs, args.benchmark_rounds)
+    result["seconds"] = time.perf_counter() - started
+
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_human_report(report, result, explain=args.explain))
     return EXIT_OK
+
+
+def _write(
+    folded: nn.Module,
+    model: nn.Module,
+    inputs: tuple | None,
+    out: Path,
+    fmt: str,
+    verify: bool,
+    progress: Progress,
+) -> dict:
+    info: dict = {"path": str(out), "format": fmt, "loader": FORMAT_LOADERS[fmt]}
+    check = None
+    try:
+        if fmt == "pt":
+            check, _ = _timed(
+                progress, f"writing {out}", lambda: save_pt(folded, out, inputs if verify else None)
+            )
+        elif fmt == "pt2":
+            check, _ = _timed(
+                progress,
+                f"exporting with torch.export to {out}",
+                lambda: save_pt2(folded, inputs, out, verify=verify),
+            )
+        else:
+            exported, _ = _timed(
+                progress,
+                f"exporting to ONNX, checking{' and running with onnxruntime' if verify else ''}",
+                lambda: export_onnx(folded, inputs, out, verify=verify),
+            )
+            check = exported.check
+            info["onnx"] = {
+                "exporter": exported.exporter,
+                "opset": exported.opset,
+                "nodes": exported.nodes,
+                "ops": exported.ops,
+                "files": [str(f) for f in exported.files],
+            }
+            progress("exporting the unfolded model to ONNX for comparison ...")
+            try:
+                before = onnx_op_counts_of(model, inputs)
+                info["onnx"]["unfolded_nodes"] = sum(before.values())
+                info["onnx"]["unfolded_ops"] = dict(sorted(before.items()))
+            except ExportError as exc:
+                info["onnx"]["unfolded_error"] = str(exc)
+    except ExportMismatchError as exc:
+        raise CliError(
+            f"verification failed: {exc}; nothing written", EXIT_VERIFY, {"check": exc.check}
+        ) from exc
+    info["bytes"] = out.stat().st_size
+    info["check"] = dataclasses.asdict(check) if check else None
+    return info
+
+
+def _human_report(report: FoldReport, result: dict, explain: bool) -> str:
+    lines = [str(report), f"  time        {result['fold_seconds']:.1f} s"]
+    output = result.get("output")
+    if output:
+        size = output["bytes"] / 1e6
+        lines.append(f"wrote {output['path']} ({output['format']}, {size:.1f} MB)")
+        check = output["check"]
+        if check:
+            lines.append(
+                f"  reloaded with {check['runner']}: max abs {check['max_abs_error']:.3g}, "
+                f"max rel {check['max_rel_error']:.3g} (tolerance {check['tolerance']:.1g})"
+            )
+        onnx = output.get("onnx")
+        if onnx:
+            lines.append(_onnx_lines(onnx))
+        lines.append(f"  load it with {output['loader']}")
+    bench = result.get("benchmark")
+    if bench:
+        threads = f"{bench['threads']} thread{'s' if bench['threads'] != 1 else ''}"
+        lines.append(
+            f"benchmark: eager latency {bench['before_ms']:.2f} ms -> {bench['after_ms']:.2f} ms "
+            f"(speedup {bench['speedup']:.2f}x), median of {bench['rounds']} interleaved rounds, "
+            f"{threads}; median paired ratio after/before {bench['paired_ratio_median']:.3f}"
+        )
+    if explain:
+        lines.append("not folded, with reasons:")
+        lines.append(report.explain() or "  (every candidate was folded)")
+    return "\n".join(lines)
+
+
+def _onnx_lines(onnx: dict) -> str:
+    header = f"  onnx ({onnx['exporter']} exporter, opset {onnx['opset']})"
+    if "unfolded_nodes" not in onnx:
+        why = onnx.get("unfolded_error", "")
+        return f"{header}: {onnx['nodes']} nodes (unfolded model not exported: {why})"
+    before, after = onnx["unfolded_ops"], onnx["ops"]
+    lines = [f"{header}: nodes {onnx['unfolded_nodes']} -> {onnx['nodes']} (unfolded -> folded)"]
+    for op in sorted(set(before) | set(after)):
+        lines.append(f"    {op:<22} {before.get(op, 0):>5} -> {after.get(op, 0)}")
+    return "\n".join(lines)
 
 
 def _list_models(_: argparse.Namespace) -> int:
     print("\n".join(models.names()))
+    print(
+        "(also: timm:NAME for timm's models, package.module:factory for your own code, or a "
+        "state-dict file with --arch)",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="repfx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="repfx",
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 ok, 1 verification failed, 2 usage, 3 untraceable model, "
+        "4 unreadable SOURCE, 5 refused pickle, 6 export failed, 7 internal error",
+    )
+    parser.add_argument("--version", action="version", version=f"repfx {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    opt = sub.add_parser("optimize", help="fold a built-in model and print the report")
-    opt.add_argument("source", help="a built-in model name (see `repfx models`)")
-    opt.add_argument("-o", "--output", help="write the folded GraphModule here (torch.save)")
-    opt.add_argument("--force", action="store_true", help="overwrite an existing output")
-    opt.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
-    opt.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
+    parser.add_argument("--list", action="store_true", help="list built-in models and exit")
+    sub = parser.add_subparsers(dest="command")
+    opt = sub.add_parser(
+        "optimize",
+        help="fold a model, print the report, write OUT",
+        description="Fold SOURCE, verify it, print the report and (with -o) write OUT.",
+    )
+    opt.add_argument(
+        "source",
+        nargs="?",
+        metavar="SOURCE",
+        help="a built-in model name (see `repfx models`), timm:NAME, package.module:factory, "
+        "or a file: a state dict (.pt/.pth/.safetensors, with --arch) or a pickled module "
+        "(with --trust-pickle)",
+    )
+    opt.add_argument("-o", "--output", metavar="OUT", help="write the folded model here")
+    opt.add_argument(
+        "--format",
+        choices=sorted(FORMAT_LOADERS),
+        help="output format (default: from OUT's suffix: .pt, .pt2, .onnx)",
+    )
+    opt.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    opt.add_argument(
+        "--arch", help="the model a state-dict SOURCE is loaded into (name, timm:NAME, module:fn)"
+    )
+    opt.add_argument("--weights", metavar="FILE", help="state dict to load into a named model")
+    opt.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow SOURCE to be a pickled module (loading it runs code from the file)",
+    )
+    opt.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="SHAPE",
+        help="example input shape, e.g. 1,3,224,224; repeat for several inputs (default: "
+        "inferred for built-in and timm models)",
+    )
+    opt.add_argument("--dtype", choices=sorted(DTYPES), help="convert the model to this dtype")
+    opt.add_argument("--no-verify", action="store_true", help="skip the equivalence checks")
     opt.add_argument("--explain", action="store_true", help="list every candidate not folded")
+    opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    opt.add_argument(
+        "--benchmark", action="store_true", help="time eager inference before -> after"
+    )
+    opt.add_argument("--benchmark-rounds", type=int, default=30, metavar="N")
+    opt.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    opt.add_argument(  # also accepted after the command; SUPPRESS keeps a leading --debug
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    opt.add_argument("--list", action="store_true", help="list built-in models and exit")
     opt.set_defaults(run=_optimize)
     sub.add_parser("models", help="list built-in models").set_defaults(run=_list_models)
     return parser
 
 
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, CliError):
+        return exc.exit_code
+    if isinstance(exc, UntrustedPickleError):
+        return EXIT_PICKLE
+    if isinstance(exc, (UnknownModelError, SourceUsageError, ExampleInputError)):
+        return EXIT_USAGE
+    if isinstance(exc, SourceError):
+        return EXIT_SOURCE
+    if isinstance(exc, CaptureError):
+        return EXIT_CAPTURE
+    if isinstance(exc, ExportMismatchError):
+        return EXIT_VERIFY
+    if isinstance(exc, ExportError):
+        return EXIT_EXPORT
+    return EXIT_INTERNAL
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        if args.list:
+            return _list_models(args)
+        parser.print_usage(sys.stderr)
+        print("repfx: error: choose a command: optimize or models", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return args.run(args)
-    except (UsageError, ExampleInputError) as exc:
+    except KeyboardInterrupt:
+        print("repfx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (`repfx ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"repfx: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except VerificationError as exc:
-        if args.debug:
-            raise
-        print(f"repfx: error: {exc}", file=sys.stderr)
-        return EXIT_VERIFY
-    except CaptureError as exc:
-        if args.debug:
-            raise
-        print(f"repfx: error: {exc}", file=sys.stderr)
-        return EXIT_CAPTURE
+        code = _exit_code(exc)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if code == EXIT_INTERNAL:
+            message = (
+                f"internal error: {type(exc).__name__}: {message} (a repfx bug; rerun with "
+                "--debug for the traceback and please report it)"
+            )
+        print(f"repfx: error: {message}", file=sys.stderr)
+        if getattr(args, "json", False):
+            details = exc.details if isinstance(exc, CliError) else {}
+            payload = {"error": message, "exit_code": code, **details}
+            print(json.dumps(payload, indent=2, default=_json_default))
+        elif isinstance(exc, CliError) and "report_text" in exc.details:
+            print(exc.details["report_text"])
+        return code
+
+
+def _json_default(obj: object) -> object:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return str(obj)
 
 
 if __name__ == "__main__":

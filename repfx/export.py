@@ -1,0 +1,332 @@
+"""Writing a folded model to disk, and checking what was written.
+
+Three formats, one writer each:
+
+- ``.pt``   :func:`save_pt` — ``torch.save`` of the module (a pickle: loading it runs code);
+- ``.pt2``  :func:`save_pt2` — ``torch.export.export`` + ``torch.export.save``
+  (load with ``torch.export.load(path).module()``);
+- ``.onnx`` :func:`export_onnx` — ``torch.onnx.export`` (the torch.export-based exporter,
+  which needs onnxscript; the TorchScript one when onnxscript is missing), checked with
+  ``onnx.checker`` and run with onnxruntime.
+
+Every writer is atomic: it writes into a temporary directory next to the destination and
+renames into place only after the file was checked, so a failed export leaves nothing behind
+and never a half-written file. With example inputs, every writer loads what it wrote back with
+the loader of its format, runs it on them and compares the outputs with the module's own,
+within ``repfx.tolerances``; a difference raises :class:`ExportMismatchError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .tolerances import max_errors, output_tensors, reference_dtype, tolerance_for
+
+# Above this many bytes of weights, ONNX keeps them in an external ``OUT.onnx.data`` file
+# (protobuf cannot serialise a message over 2 GiB).
+ONNX_EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class ExportError(RuntimeError):
+    """The module could not be exported, or the exported file failed its check."""
+
+
+class ExportMismatchError(ExportError):
+    """The exported file runs, but its outputs differ from the module's beyond tolerance."""
+
+    def __init__(self, message: str, check: OutputCheck):
+        super().__init__(message)
+        self.check = check
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """The exported file's outputs compared with the module's on the example inputs."""
+
+    runner: str  # what ran the file: "torch.load", "torch.export.load", "onnxruntime"
+    max_abs_error: float
+    max_rel_error: float
+    tolerance: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What :func:`export_onnx` wrote."""
+
+    path: Path
+    exporter: str  # "dynamo" (torch.export-based) or "torchscript"
+    opset: int
+    nodes: int  # nodes in the ONNX graph (including those of subgraphs)
+    ops: dict[str, int]  # node count per op type ("Conv", "Add", ...; "domain::Op" off ai.onnx)
+    check: OutputCheck | None  # onnxruntime vs the PyTorch module; None without verification
+    files: list[Path] = field(default_factory=list)  # path, plus external data if any
+
+
+def export_onnx(
+    folded: nn.Module,
+    example_inputs: torch.Tensor | Sequence[object],
+    path: str | os.PathLike,
+    *,
+    verify: bool = True,
+    opset: int | None = None,
+    dynamo: bool | None = None,
+) -> OnnxExport:
+    """Export ``folded`` to ONNX at ``path``, check it, run it, and compare.
+
+    The graph is checked with ``onnx.checker``; with ``verify`` (the default) onnxruntime runs
+    it on ``example_inputs`` and its outputs must match ``folded``'s within
+    ``repfx.tolerances`` (:class:`ExportMismatchError` otherwise). Nothing is written unless
+    every check passes; an existing file at ``path`` is replaced. ``dynamo=None`` uses the
+    torch.export-based exporter when onnxscript is installed, else the TorchScript one. The
+    shapes of ``example_inputs`` are fixed in the exported graph.
+    """
+    inputs = _as_tuple(example_inputs)
+    path = Path(path)
+    if dynamo is None:
+        dynamo = _has_onnxscript()
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError(
+            "ONNX export needs onnx and onnxruntime: pip install 'repfx[onnx]'"
+        ) from None
+    external = _weight_bytes(folded) > ONNX_EXTERNAL_DATA_BYTES
+    with _atomic_output(path) as tmp:
+        target = tmp / path.name
+        _torch_onnx_export(folded, inputs, target, dynamo=dynamo, opset=opset, external=external)
+        try:
+            onnx.checker.check_model(str(target))
+        except Exception as exc:
+            raise ExportError(f"onnx.checker rejected the exported model: {_line(exc)}") from exc
+        proto = onnx.load(str(target), load_external_data=False)
+        ops = onnx_op_counts(proto)
+        check = None
+        if verify:
+            check = _compare(
+                folded, inputs, lambda: _run_onnxruntime(target, inputs), "onnxruntime"
+            )
+        files = [path.parent / f.name for f in tmp.iterdir()]
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return OnnxExport(
+        path=path,
+        exporter="dynamo" if dynamo else "torchscript",
+        opset=opset_used,
+        nodes=sum(ops.values()),
+        ops=dict(sorted(ops.items())),
+        check=check,
+        files=sorted(files, key=lambda f: f != path),
+    )
+
+
+def onnx_op_counts(model: object) -> Counter[str]:
+    """Node count per op type of an ONNX model (a ``ModelProto``, ``GraphProto`` or a path),
+    including the nodes of subgraphs (``If`` / ``Loop`` bodies)."""
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(str(model), load_external_data=False)
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    counts: Counter[str] = Counter()
+    for node in graph.node:
+        domain = node.domain if node.domain not in ("", "ai.onnx") else ""
+        counts[f"{domain}::{node.op_type}" if domain else node.op_type] += 1
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                counts.update(onnx_op_counts(sub))
+    return counts
+
+
+def onnx_op_counts_of(
+    module: nn.Module, example_inputs: torch.Tensor | Sequence[object], dynamo: bool | None = None
+) -> Counter[str]:
+    """Node count per op type of ``module``'s ONNX export (written to a temporary directory and
+    removed); used to compare a folded model's ONNX with the unfolded model's."""
+    if dynamo is None:
+        dynamo = _has_onnxscript()
+    with tempfile.TemporaryDirectory(prefix="repfx-onnx-") as tmp:
+        target = Path(tmp) / "model.onnx"
+        external = _weight_bytes(module) > ONNX_EXTERNAL_DATA_BYTES
+        _torch_onnx_export(
+            module, _as_tuple(example_inputs), target, dynamo=dynamo, opset=None, external=external
+        )
+        return onnx_op_counts(target)
+
+
+def save_pt(
+    module: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: torch.Tensor | Sequence[object] | None = None,
+) -> OutputCheck | None:
+    """``torch.save(module, path)``, atomically; with ``example_inputs`` the file is loaded back
+    (``torch.load(weights_only=False)`` — it is the file just written) and compared."""
+    path = Path(path)
+    with _atomic_output(path) as tmp:
+        target = tmp / path.name
+        torch.save(module, target)
+        if example_inputs is None:
+            return None
+        inputs = _as_tuple(example_inputs)
+        return _compare(
+            module,
+            inputs,
+            lambda: _run(torch.load(target, weights_only=False), inputs),
+            "torch.load",
+        )
+
+
+def save_pt2(
+    module: nn.Module,
+    example_inputs: torch.Tensor | Sequence[object],
+    path: str | os.PathLike,
+    *,
+    verify: bool = True,
+) -> OutputCheck | None:
+    """``torch.export.export(module, example_inputs)`` saved with ``torch.export.save``,
+    atomically; with ``verify`` the file is loaded back (``torch.export.load``) and compared."""
+    path = Path(path)
+    inputs = _as_tuple(example_inputs)
+    try:
+        program = torch.export.export(module, inputs)
+    except Exception as exc:
+        raise ExportError(f"torch.export failed: {_line(exc)}") from exc
+    with _atomic_output(path) as tmp:
+        target = tmp / path.name
+        torch.export.save(program, target)
+        if not verify:
+            return None
+        return _compare(
+            module,
+            inputs,
+            lambda: _run(torch.export.load(target).module(), inputs),
+            "torch.export.load",
+        )
+
+
+def _torch_onnx_export(
+    module: nn.Module,
+    inputs: tuple,
+    target: Path,
+    *,
+    dynamo: bool,
+    opset: int | None,
+    external: bool,
+) -> None:
+    kwargs: dict[str, object] = {"dynamo": dynamo, "verbose": False, "opset_version": opset}
+    if dynamo:
+        kwargs["external_data"] = external
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter's deprecation notice: choosing it was deliberate.
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            with torch.no_grad():
+                torch.onnx.export(module, inputs, str(target), **kwargs)
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed: {_line(exc)}") from exc
+    if not target.exists():
+        raise ExportError(f"torch.onnx.export wrote nothing to {target}")
+
+
+def _run_onnxruntime(path: Path, inputs: tuple) -> list[torch.Tensor]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError(
+            "checking the ONNX file needs onnxruntime: pip install onnxruntime"
+        ) from None
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if any(t.dtype == torch.bfloat16 for t in tensors):
+        raise ExportError("onnxruntime cannot be fed bfloat16 inputs; check in float32 instead")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        if len(names) != len(tensors):
+            raise ExportError(f"the ONNX graph has {len(names)} inputs, not {len(tensors)}")
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+        return [torch.from_numpy(o) for o in session.run(None, feeds)]
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"onnxruntime could not run the exported model: {_line(exc)}") from exc
+
+
+def _compare(module: nn.Module, inputs: tuple, run_exported, runner: str) -> OutputCheck:
+    expected = _run(module, inputs)
+    actual = run_exported()
+    try:
+        abs_err, rel_err = max_errors(output_tensors(actual), output_tensors(expected))
+    except ValueError as exc:
+        raise ExportError(f"{runner}: the exported model's outputs do not match: {exc}") from exc
+    tol = tolerance_for(reference_dtype(expected))
+    check = OutputCheck(runner, abs_err, rel_err, tol, passed=rel_err <= tol)
+    if not check.passed:
+        raise ExportMismatchError(
+            f"the file run with {runner} differs from the PyTorch model: max abs error "
+            f"{abs_err:.3g}, relative {rel_err:.3g} > tolerance {tol:.1g}",
+            check,
+        )
+    return check
+
+
+def _run(module: nn.Module, inputs: tuple) -> object:
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        return module(*inputs)
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary directory next to ``path``; what is written into it is renamed into
+    ``path.parent`` (companion files first, ``path`` itself last) when the block succeeds,
+    and removed when it fails."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {path}: {parent} is not a directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    try:
+        yield tmp
+        for item in sorted(tmp.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(item, parent / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _as_tuple(example_inputs: torch.Tensor | Sequence[object]) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _has_onnxscript() -> bool:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
