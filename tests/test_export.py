@@ -19,13 +19,14 @@ from repfx.tolerances import assert_close
 SCOPES = "pkg.torch.onnx.name_scopes"  # module paths the dynamo exporter records per node
 
 
-@pytest.fixture(scope="module")
-def riformer():
-    """riformer_tiny with O(1) parameters (its LayerScale init of 1e-5 would hide a bad fold)."""
-    torch.manual_seed(0)
-    model = randomise_(create("riformer_tiny"), torch.Generator().manual_seed(0)).eval()
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    return model, repfx.fold(model, (x,)), x
+@pytest.fixture(scope="module", params=[("riformer_tiny", 4, 32), ("riformer_s12", 12, 64)])
+def riformer(request):
+    """A RIFormer with O(1) parameters (its LayerScale init of 1e-5 would hide a bad fold), its
+    number of blocks, and an input."""
+    name, blocks, size = request.param
+    model = randomise_(create(name), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return model, repfx.fold(model, (x,)), x, blocks
 
 
 def scopes(path) -> list[str]:
@@ -34,7 +35,7 @@ def scopes(path) -> list[str]:
 
 
 def test_onnx_of_folded_riformer_has_no_token_mixer_and_runs(tmp_path, riformer):
-    model, folded, x = riformer
+    model, folded, x, blocks = riformer
     path = tmp_path / "folded.onnx"
     result = repfx.export_onnx(folded, (x,), path)
     assert result.exporter == "dynamo" and result.files == [path]
@@ -52,12 +53,13 @@ def test_onnx_of_folded_riformer_has_no_token_mixer_and_runs(tmp_path, riformer)
     folded_scopes = scopes(path)
     assert folded_scopes and not any("token_mixer" in s for s in folded_scopes)
     unfolded = repfx.export_onnx(model, (x,), tmp_path / "unfolded.onnx", verify=False)
-    assert sum("token_mixer" in s for s in scopes(unfolded.path)) >= 8  # 4 blocks: conv, sub
+    assert sum("token_mixer" in s for s in scopes(unfolded.path)) >= 2 * blocks  # conv, sub
     # Per block: the mixer's depthwise 1×1 conv and its subtraction, and both LayerScale
     # multiplies, are gone; everything else is unchanged.
-    assert unfolded.ops["Sub"] == 4 and "Sub" not in result.ops
-    assert unfolded.ops["Conv"] - result.ops["Conv"] == 4
-    assert unfolded.ops["Mul"] - result.ops["Mul"] == 8
+    assert unfolded.ops["Sub"] == blocks and "Sub" not in result.ops
+    assert unfolded.ops["Conv"] - result.ops["Conv"] == blocks
+    assert unfolded.ops["Mul"] - result.ops["Mul"] == 2 * blocks
+    assert unfolded.nodes - result.nodes == 4 * blocks
     others = set(unfolded.ops) - {"Sub", "Conv", "Mul"}
     assert {op: result.ops[op] for op in others} == {op: unfolded.ops[op] for op in others}
 
