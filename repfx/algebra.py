@@ -285,7 +285,7 @@ def compose_pointwise_then_conv(first: ConvKernel, second: ConvKernel) -> ConvKe
 
 def _aligned(terms: list[ConvKernel]) -> tuple[list[ConvKernel], tuple[int, ...]]:
     """The kernels on one grid (undilated where dilations differ), and the common size."""
-    if len({k.dilation for k in terms if max(k.kernel_size) > 1}) > 1:
+    if len({k.dilation for k in terms if max(k.kernel_size, default=1) > 1}) > 1:
         terms = [undilate(k) for k in terms]
     size = tuple(max(dims) for dims in zip(*(k.kernel_size for k in terms), strict=True))
     return terms, size

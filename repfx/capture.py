@@ -41,6 +41,27 @@ class _FallbackTracer(fx.Tracer):
         super().__init__()
         self.opaque: dict[str, str] = {}
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """As ``fx.Tracer.getattr``, with a name lookup built once instead of a scan of every
+        parameter per access (which makes tracing quadratic in model size)."""
+        is_tensor = isinstance(attr_val, nn.Parameter) or (
+            self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)
+        )
+        name = self._tensor_names().get(id(attr_val)) if is_tensor else None
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def _tensor_names(self) -> dict[int, str]:
+        if getattr(self, "_names_of", (None, None))[0] is not self.root:
+            names: dict[int, str] = {}
+            for name, t in [*self.root.named_parameters(), *self.root.named_buffers()]:
+                names.setdefault(id(t), name)
+            self._names_of = (self.root, names)
+        return self._names_of[1]
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.opaque or super().is_leaf_module(m, qualname)
 

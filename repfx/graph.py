@@ -53,8 +53,13 @@ def where(node: fx.Node) -> str:
 
 class ConstantFolder:
     """Evaluates nodes that depend only on module attributes (``get_attr``), e.g.
-    ``self.gamma[:, None, None]`` or ``self.gamma.view(1, -1, 1, 1)``. Memoised per graph state;
-    create a new one after rewriting."""
+    ``self.gamma[:, None, None]`` or ``self.gamma.view(1, -1, 1, 1)``.
+
+    Results are memoised, except a ``get_attr``'s own value, which is always re-read: passes
+    overwrite an attribute in place only when its single reader is the op being rewritten
+    (``repfx.rewrite.set_slot``), so no memoised derived value can go stale, and whether a node
+    is constant never changes. One folder serves a pass from start to end.
+    """
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
@@ -63,8 +68,27 @@ class ConstantFolder:
     def value(self, arg: Any) -> torch.Tensor | None:
         if not isinstance(arg, fx.Node):
             return None
-        if arg not in self._cache:
-            self._cache[arg] = self._evaluate(arg)
+        if arg.op == "get_attr":
+            return self._evaluate(arg)
+        # Inputs first, iteratively (a long chain must not exhaust the Python stack), and only
+        # until one is known not to be constant.
+        stack = [arg]
+        while stack:
+            node = stack[-1]
+            if node in self._cache:
+                stack.pop()
+                continue
+            if node.op in ("call_function", "call_method"):
+                inputs = node.all_input_nodes
+                if any(n not in self._cache and n.op != "get_attr" for n in inputs):
+                    known_none = any(self._cache.get(n, 0) is None for n in inputs)
+                    if not known_none:
+                        stack.append(
+                            next(n for n in inputs if n not in self._cache and n.op != "get_attr")
+                        )
+                        continue
+            self._cache[node] = self._evaluate(node)
+            stack.pop()
         return self._cache[arg]
 
     def is_constant(self, arg: Any) -> bool:
@@ -79,7 +103,9 @@ class ConstantFolder:
         inputs = node.all_input_nodes
         if not inputs:
             return None  # e.g. torch.ones(...) factories: not worth folding
-        values = {n: self.value(n) for n in inputs}
+        values = {
+            n: self._evaluate(n) if n.op == "get_attr" else self._cache.get(n) for n in inputs
+        }
         if any(v is None for v in values.values()):
             return None
         args = fx.node.map_arg(node.args, values.__getitem__)
@@ -381,6 +407,11 @@ def reads_only_shape(user: fx.Node, node: fx.Node) -> bool:
     if user.op == "call_method" and user.target in _SHAPE_LIKE_METHODS:
         return user.args[0] is not node and all(a is node for a in user.args[1:])
     return False
+
+
+def shape_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read only its shape."""
+    return [u for u in node.users if reads_only_shape(u, node)]
 
 
 def value_users(node: fx.Node) -> list[fx.Node]:

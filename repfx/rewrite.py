@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from .algebra import ChannelAffine
-from .graph import FLOAT_KEY, RANK_KEY, _fetch_attr, module_of, owner_and_name, where
+from .graph import FLOAT_KEY, RANK_KEY, _fetch_attr, module_of, owner_and_name, shape_users, where
 from .ops import Slot
 
 
@@ -134,6 +134,25 @@ def replace_node(old: fx.Node, new: fx.Node) -> None:
     """Route every use of ``old`` to ``new`` and erase ``old`` with its dead constant inputs."""
     old.replace_all_uses_with(new)
     erase_dead(old)
+
+
+def replace_join(join: fx.Node, new: fx.Node, region: list[fx.Node]) -> None:
+    """Replace ``join`` by ``new`` and erase the ``region`` ops it made dead.
+
+    Shape-only readers of region ops (``torch._assert(y.ndim == 4)``) read ``new`` instead,
+    since every region op has the join's shape; ``new`` (with the attributes it reads) moves
+    before the earliest region op so that it is defined before them.
+    """
+    readers = [(node, user) for node in region for user in shape_users(node)]
+    if readers:
+        order = {n: i for i, n in enumerate(join.graph.nodes)}
+        earliest = min(region, key=order.__getitem__)
+        for constant in [n for n in new.all_input_nodes if n.op == "get_attr"]:
+            earliest.prepend(constant)
+        earliest.prepend(new)
+        for node, user in readers:
+            user.replace_input_with(node, new)
+    replace_node(join, new)
 
 
 def erase_dead(node: fx.Node) -> None:

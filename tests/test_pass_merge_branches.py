@@ -159,3 +159,44 @@ def test_concatenated_grouped_convs_are_not_made_dense():
         "concatenating grouped convs would make them dense"
     ]
     assert torch.cat in call_targets(gm)
+
+
+class AssertsShapes(nn.Module):
+    """timm's BatchNormAct2d asserts ``x.ndim == 4`` on each branch conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        torch._assert(a.ndim == 4, "4D")
+        torch._assert(b.shape[1] == 3, "3 channels")
+        return a + b
+
+
+def test_shape_reads_of_branch_outputs_do_not_keep_the_branches_alive():
+    model = _random(AssertsShapes())
+    x = torch.randn(2, 3, 5, 5)
+    gm, results = _fold_bn_then_merge(model, x)
+    assert results[0].modified
+    assert [t for t in call_targets(gm) if isinstance(t, str)] == ["merged_conv"]
+    assert_close(gm(x), model(x))
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.head_dist = nn.Linear(6, 4), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+def test_summed_linears_become_one_linear():
+    model = _random(TwoHeads())
+    x = torch.randn(3, 6)
+    gm, results = _fold_bn_then_merge(model, x)
+    assert results[0].modified
+    assert isinstance(gm.get_submodule("merged_conv"), nn.Linear)
+    assert_close(gm(x), model(x))

@@ -85,11 +85,11 @@ SPECS = [
     #   MetaBlock2d.ls1 scales the Pooling mixer `pool(x) - x` (a difference of a pooled and an
     #   un-pooled tensor, consumed by the residual add): no conv / linear / norm neighbour → 14
     #   must stay.
-    # Other channel affines that stay: Attention `(q @ k^T) * self.scale` (a scalar after a
-    #   matmul, before `+ attention_biases`), and the head's `(head(x) + head_dist(x)) / 2`
-    #   (a scalar after the add of two linears; only a branch merge could absorb it).
-    # Convs: stem 2 + downsample 3 + fc1/fc2 × 14 = 33. Linears: qkv, proj, fc1, fc2 + head,
-    # head_dist = 6. LayerNorms: MetaBlock1d norm1, norm2 + final norm = 3.
+    # Another channel affine stays: Attention `(q @ k^T) * self.scale` (a scalar after a
+    #   matmul, before `+ attention_biases`). The head's `(head(x) + head_dist(x)) / 2` is two
+    #   linears of one input summed: merge_branches makes them one linear, the `/ 2` folds in.
+    # Convs: stem 2 + downsample 3 + fc1/fc2 × 14 = 33. Linears: qkv, proj, fc1, fc2 + one
+    # merged head = 5. LayerNorms: MetaBlock1d norm1, norm2 + final norm = 3.
     Spec(
         name="efficientformer_l1",
         image_size=224,  # Attention's bias table is fixed to 7x7 tokens (224 / 32)
@@ -100,8 +100,8 @@ SPECS = [
         # the 14 MetaBlock2d ls1; stages.3.blocks.3 is Flat and stages.3.blocks.4 the MetaBlock1d
         scales_left=r"stages\.[0-2]\.blocks\.\d\.ls1|stages\.3\.blocks\.[0-2]\.ls1",
         scales_left_count=14,
-        ops_after={"conv": 33, "linear": 6, "layer_norm": 3, "channel_affine": 16},
-        affines_left={"LayerScale2d": 14, "Attention": 1, TOP_LEVEL: 1},
+        ops_after={"conv": 33, "linear": 5, "layer_norm": 3, "channel_affine": 15},
+        affines_left={"LayerScale2d": 14, "Attention": 1},
     ),
     # levit_128 (levit.py, LevitDistilled): embed (128, 256, 384), depth (4, 4, 4), Stem16.
     # BN: Stem16 4 ConvNorm (conv → BatchNorm2d): 4.
@@ -115,9 +115,9 @@ SPECS = [
     #   reading the pooled (B, C) tokens: folds into the Linear after it (no padding): 2.
     #   64 in all, 0 left.
     # Channel affines that stay: `q @ k * self.scale` in 12 Attention + 2 AttentionDownsample
-    # (a scalar after a matmul, before `+ attention_biases`), and the head's
-    # `(head(x) + head_dist(x)) / 2`.
-    # Convs: 4. Linears: 58 + 2 = 60.
+    # (a scalar after a matmul, before `+ attention_biases`). The head's
+    # `(head(x) + head_dist(x)) / 2` becomes one linear (merge_branches; `/ 2` folds in).
+    # Convs: 4. Linears: 58 + 1 = 59.
     Spec(
         name="levit_128",
         image_size=224,  # the attention bias tables are fixed to 14x14 tokens (224 / 16)
@@ -127,8 +127,8 @@ SPECS = [
         scales=0,
         scales_left="",
         scales_left_count=0,
-        ops_after={"conv": 4, "linear": 60, "channel_affine": 15},
-        affines_left={"Attention": 12, "AttentionDownsample": 2, TOP_LEVEL: 1},
+        ops_after={"conv": 4, "linear": 59, "channel_affine": 14},
+        affines_left={"Attention": 12, "AttentionDownsample": 2},
     ),
     # poolformerv2_s12 (metaformer.py): depths (2, 2, 6, 2), Pooling mixer, GroupNorm1NoBias
     # block norms, StarReLU Mlp (1x1 convs, NCHW), layer_scale_init_values=None (layer_scale*

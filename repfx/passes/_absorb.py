@@ -250,5 +250,4 @@ def absorb_each(gm: fx.GraphModule, rule: str, select: Selector) -> PassResult:
             continue
         result.folded.append(outcome)
         result.modified = True
-        ctx.refresh()
     return result

@@ -37,12 +37,12 @@ class Pass(Protocol):
 
 
 class FoldContext:
-    """What a pass needs to ask about the current graph; :meth:`refresh` after each rewrite.
+    """What a pass needs to ask about the graph, valid for the whole pass.
 
     Use counts are taken once, when the pass starts: rewrites only remove call sites of
     existing modules and tensors (so their counts can only be too high, which is safe) and
     create tensors with a single use. The tensors counted are pinned, so that no new tensor
-    can inherit a counted one's ``id``. Constant values are re-read after every rewrite.
+    can inherit a counted one's ``id``. Constants: see ``repfx.graph.ConstantFolder``.
     """
 
     def __init__(self, gm: fx.GraphModule):
@@ -51,9 +51,6 @@ class FoldContext:
         self.tensor_uses = tensor_use_counts(gm, self.consts)
         self.module_calls = module_call_counts(gm)
         self._pinned = list(gm.state_dict(keep_vars=True).values())
-
-    def refresh(self) -> None:
-        self.consts = ConstantFolder(self.gm)
 
     def shared_reason(self, node: fx.Node, what: str) -> str | None:
         """Why ``node``'s module or parameters may not be rewritten (``None``: they may)."""

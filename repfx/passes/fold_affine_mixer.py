@@ -21,7 +21,7 @@ from ..algebra import ChannelAffine
 from ..graph import has_hooks, module_of, value_users, where
 from ..ops import AffineOp, affine_op, merge_axes
 from ..report import Folded, Skipped
-from ..rewrite import hint_for, insert_affine, replace_node
+from ..rewrite import hint_for, insert_affine, replace_join
 from .base import FoldContext, PassResult
 
 _JOINS = {
@@ -86,7 +86,6 @@ class FoldAffineMixer:
                 continue
             result.folded.append(outcome)
             result.modified = True
-            ctx.refresh()
         return result
 
     def _collapse(
@@ -117,5 +116,5 @@ class FoldAffineMixer:
         hint = hint_for((left.ops or right.ops)[-1].node)
         new = insert_affine(ctx.gm, left.root, combined, axis, dtype, join, hint)
         kinds = ", ".join(op.kind for op in left.ops + right.ops)
-        replace_node(join, new)
+        replace_join(join, new, [op.node for op in left.ops + right.ops])
         return Folded(self.name, where(join), f"merged branches ({kinds}) into one affine")

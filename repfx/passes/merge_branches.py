@@ -32,16 +32,17 @@ from ..algebra import (
     sum_kernels,
     undilate,
 )
-from ..graph import RANK_KEY, has_hooks, module_of, rank_of, value_users, where
+from ..graph import RANK_KEY, has_hooks, module_of, rank_of, shape_users, value_users, where
 from ..ops import LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
 from ..regions import Regions
 from ..report import Folded, Skipped
-from ..rewrite import replace_node
+from ..rewrite import replace_join
 from ._absorb import describe
 from .base import FoldContext, PassResult
 from .fold_affine_mixer import join_operands
 
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_MERGEABLE = ("conv", "avg_pool", "linear")
 
 
 @dataclass
@@ -67,7 +68,7 @@ def _branch(
             node, consumer = op.input, node
             continue
         lin = linear_op(ctx.gm, node, ctx.consts) or avg_pool_op(ctx.gm, node)
-        if lin is not None and lin.kind in ("conv", "avg_pool"):
+        if lin is not None and lin.kind in _MERGEABLE:
             return _Branch(lin.input, lin, affine, axis, [*ops, node])
         break
     return _Branch(node, None, affine, axis, ops)
@@ -78,7 +79,7 @@ def _is_linear(ctx: FoldContext, node: fx.Node) -> bool:
     if not node.op.startswith("call_") or ctx.consts.is_constant(node):
         return True
     lin = linear_op(ctx.gm, node, ctx.consts) or avg_pool_op(ctx.gm, node)
-    return (lin is not None and lin.kind in ("conv", "avg_pool")) or affine_op(
+    return (lin is not None and lin.kind in _MERGEABLE) or affine_op(
         ctx.gm, node, ctx.consts
     ) is not None
 
@@ -91,6 +92,8 @@ def _conv_kernel(branch: _Branch) -> ConvKernel:
         branch.affine.scale.expand(conv.out_channels), branch.affine.shift.expand(conv.out_channels)
     )
     weight, bias = fold_affine_into_conv_output(weight, bias, affine)
+    if conv.kind == "linear":
+        return ConvKernel(weight, bias, (), (), (), 1)
     g = conv.geometry
     return ConvKernel(weight, bias, g.stride, g.padding, g.dilation, conv.groups)
 
@@ -102,11 +105,13 @@ def _check(branches: list[_Branch], summed: bool) -> str | None:
     for b in branches:
         if b.axis is False or b.axis not in (None, reference.channel_axis):
             return "a branch's affine does not act on the conv channels"
+    if len({conv.kind == "linear" for conv in convs}) > 1:
+        return "branches mix linear and conv ops"
     for conv in convs:
         g = conv.geometry
-        if g is None:
+        if g is None and conv.kind != "linear":
             return "a branch conv has no explicit symmetric padding"
-        if g.padding_mode != "zeros" and any(g.padding):
+        if g is not None and g.padding_mode != "zeros" and any(g.padding):
             return f"a branch conv pads with {g.padding_mode!r}"
         if conv.spatial_dims != reference.spatial_dims:
             return "branch convs have different spatial dims"
@@ -138,22 +143,26 @@ def _alignment_reason(kernels: list[ConvKernel]) -> str | None:
 
 
 def new_conv(kernel: ConvKernel, dtype: torch.dtype, padding_mode: str = "zeros") -> nn.Module:
+    """A frozen ``nn.ConvNd`` holding ``kernel`` (an ``nn.Linear`` when it has no spatial dims)."""
     dims = len(kernel.kernel_size)
-    conv = _CONV_MODULES[dims](
-        kernel.in_channels,
-        kernel.out_channels,
-        kernel.kernel_size,
-        stride=kernel.stride,
-        padding=kernel.padding,
-        dilation=kernel.dilation,
-        groups=kernel.groups,
-        bias=True,
-        padding_mode=padding_mode,
-        dtype=dtype,
-    )
-    conv.weight = nn.Parameter(kernel.weight.to(dtype), requires_grad=False)
-    conv.bias = nn.Parameter(kernel.bias.to(dtype), requires_grad=False)
-    return conv
+    if dims == 0:
+        module = nn.Linear(kernel.in_channels, kernel.out_channels, dtype=dtype)
+    else:
+        module = _CONV_MODULES[dims](
+            kernel.in_channels,
+            kernel.out_channels,
+            kernel.kernel_size,
+            stride=kernel.stride,
+            padding=kernel.padding,
+            dilation=kernel.dilation,
+            groups=kernel.groups,
+            bias=True,
+            padding_mode=padding_mode,
+            dtype=dtype,
+        )
+    module.weight = nn.Parameter(kernel.weight.to(dtype), requires_grad=False)
+    module.bias = nn.Parameter(kernel.bias.to(dtype), requires_grad=False)
+    return module
 
 
 def _base_path(join: fx.Node) -> str:
@@ -204,7 +213,6 @@ class MergeBranches:
             elif outcome is not None:
                 result.folded.append(outcome)
                 result.modified = True
-                ctx.refresh()
                 self._regions = None
         return result
 
@@ -252,6 +260,9 @@ class MergeBranches:
         summed: bool = True,
     ) -> Folded | Skipped:
         reason = _check(branches, summed)
+        region = [n for b in branches for n in b.ops]
+        if reason is None and not summed and any(shape_users(n) for n in region):
+            reason = "a branch's shape is read elsewhere"
         hooked = [n for b in branches for n in b.ops if n.op == "call_module"]
         if reason is None and any(has_hooks(module_of(ctx.gm, n)) for n in hooked):
             reason = "a branch module has hooks"
@@ -273,7 +284,7 @@ class MergeBranches:
             new = ctx.gm.graph.create_node("call_module", base, (branches[0].root,))
         new.meta.update(join.meta)
         new.meta[RANK_KEY] = join.meta.get(RANK_KEY)
-        replace_node(join, new)
+        replace_join(join, new, region)
         new.target = _free_path(ctx.gm, base, new)  # names freed by the branches count
         ctx.gm.add_submodule(new.target, merged)
         return Folded(self.name, location, f"merged {count} ops into one conv {new.target}")

@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from ..algebra import ConvKernel, compose_pointwise_then_conv
-from ..graph import RANK_KEY, has_hooks, module_of, value_users, where
+from ..graph import RANK_KEY, has_hooks, module_of, shape_users, value_users, where
 from ..ops import LinearOp, linear_op
 from ..report import Folded, Skipped
 from ..rewrite import replace_node
@@ -65,6 +65,8 @@ def _reason(ctx: FoldContext, first: LinearOp, second: LinearOp) -> str | None:
         return "a bias before a zero-padded conv is not exact"
     if first.weight.dtype != second.weight.dtype:
         return "convs have different dtypes"
+    if shape_users(first.node):
+        return "the first op's output shape is read elsewhere"
     for op in (first, second):
         if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
             return f"{op.kind} module has hooks"
@@ -88,16 +90,6 @@ def _separate_cost(first: LinearOp, second: LinearOp) -> int:
     stride = math.prod(second.geometry.stride) if second.kind == "conv" else 1
     first_cost = first.out_channels * (first.in_channels // first.groups) * stride
     return first_cost + second.out_channels * (second.in_channels // second.groups) * _taps(second)
-
-
-def _new_module(kernel: ConvKernel, like: LinearOp) -> nn.Module:
-    dtype = like.weight.dtype
-    if like.kind == "conv":
-        return new_conv(kernel, dtype, like.geometry.padding_mode)
-    linear = nn.Linear(kernel.weight.shape[1], kernel.weight.shape[0], dtype=dtype)
-    linear.weight = nn.Parameter(kernel.weight.to(dtype), requires_grad=False)
-    linear.bias = nn.Parameter(kernel.bias.to(dtype), requires_grad=False)
-    return linear
 
 
 def _free_path(gm: fx.GraphModule, base: str) -> str:
@@ -132,12 +124,12 @@ class MergeSequential:
                 continue
             result.folded.append(self._compose(ctx, first, second))
             result.modified = True
-            ctx.refresh()
         return result
 
     def _compose(self, ctx: FoldContext, first: LinearOp, second: LinearOp) -> Folded:
         kernel = compose_pointwise_then_conv(_kernel(first), _kernel(second))
-        module = _new_module(kernel, second)
+        mode = second.geometry.padding_mode if second.kind == "conv" else "zeros"
+        module = new_conv(kernel, second.weight.dtype, mode)
         base = second.node.target if second.node.op == "call_module" else where(second.node)
         path = _free_path(ctx.gm, f"{base.replace(':', '_')}_composed")
         ctx.gm.add_submodule(path, module)
