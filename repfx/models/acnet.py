@@ -21,10 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .repvgg import fuse_bn, make_conv, pad_to_centre, switch_all_to_deploy
+from .repvgg import PlainNet, fuse_bn, make_conv, pad_to_centre
 
 __all__ = ["ACBlock", "ACNet", "Crop", "acnet_tiny"]
 
@@ -149,12 +148,14 @@ class ACBlock(nn.Module):
 _TINY = ((8, 3, 2, 1, 1), (16, 3, 2, 1, 1), (16, 3, 1, 1, 0), (16, 5, 1, 1, 2), (32, 5, 2, 2, 1))
 
 
-class ACNet(nn.Module):
+class ACNet(PlainNet):
     """A plain conv net of ``ACBlock -> ReLU`` layers, global average pool, linear head.
 
     ``layers`` lists ``(out_ch, kernel, stride, padding, groups)`` per block; ``groups == 0``
     means depthwise (``groups = in_ch``).
     """
+
+    block_type = ACBlock
 
     def __init__(
         self,
@@ -162,28 +163,12 @@ class ACNet(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        features: list[nn.Module] = []
-        in_ch = in_chans
+        blocks, in_ch = [], in_chans
         for out_ch, kernel, stride, padding, groups in layers:
             g = in_ch if groups == 0 else groups
-            features += [ACBlock(in_ch, out_ch, kernel, stride, padding, g), nn.ReLU()]
+            blocks.append(ACBlock(in_ch, out_ch, kernel, stride, padding, g))
             in_ch = out_ch
-        self.features = nn.Sequential(*features)
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.flatten(self.gap(self.features(x)), 1))
-
-    def blocks(self) -> list[ACBlock]:
-        return [m for m in self.modules() if isinstance(m, ACBlock)]
-
-    def switch_to_deploy(self) -> ACNet:
-        """Convert every block to its deploy form, in place; idempotent."""
-        switch_all_to_deploy(self)
-        return self
+        super().__init__(blocks, in_ch, num_classes)
 
 
 def acnet_tiny(**kwargs: Any) -> ACNet:

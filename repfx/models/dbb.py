@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .repvgg import conv_bn, fuse_bn, make_conv, pad_to_centre, switch_all_to_deploy
+from .repvgg import PlainNet, conv_bn, fuse_bn, make_conv, pad_to_centre
 
 __all__ = ["BNAndPad", "DBBlock", "DBNet", "avg_kernel", "compose_1x1_kxk", "dbb_tiny"]
 
@@ -225,12 +225,14 @@ class DBBlock(nn.Module):
 _TINY = ((8, 3, 2, 1), (16, 3, 2, 2), (16, 3, 1, 0), (16, 5, 1, 1), (32, 3, 2, 1))
 
 
-class DBNet(nn.Module):
+class DBNet(PlainNet):
     """A plain conv net of ``DBBlock -> ReLU`` layers, global average pool, linear head.
 
     ``layers`` lists ``(out_ch, kernel, stride, groups)`` per block (padding ``kernel // 2``);
     ``groups == 0`` means depthwise (``groups = in_ch``).
     """
+
+    block_type = DBBlock
 
     def __init__(
         self,
@@ -238,28 +240,12 @@ class DBNet(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        features: list[nn.Module] = []
-        in_ch = in_chans
+        blocks, in_ch = [], in_chans
         for out_ch, kernel, stride, groups in layers:
             g = in_ch if groups == 0 else groups
-            features += [DBBlock(in_ch, out_ch, kernel, stride, kernel // 2, g), nn.ReLU()]
+            blocks.append(DBBlock(in_ch, out_ch, kernel, stride, kernel // 2, g))
             in_ch = out_ch
-        self.features = nn.Sequential(*features)
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.flatten(self.gap(self.features(x)), 1))
-
-    def blocks(self) -> list[DBBlock]:
-        return [m for m in self.modules() if isinstance(m, DBBlock)]
-
-    def switch_to_deploy(self) -> DBNet:
-        """Convert every block to its deploy form, in place; idempotent."""
-        switch_all_to_deploy(self)
-        return self
+        super().__init__(blocks, in_ch, num_classes)
 
 
 def dbb_tiny(**kwargs: Any) -> DBNet:

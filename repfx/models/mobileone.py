@@ -23,12 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from .repvgg import (
+    ReparamNet,
     conv_bn,
     fuse_bn,
     identity_kernel,
     make_conv,
     pad_to_centre,
-    switch_all_to_deploy,
 )
 
 __all__ = ["MobileOne", "MobileOneBlock", "mobileone_tiny"]
@@ -134,9 +134,11 @@ class MobileOneBlock(nn.Module):
         )
 
 
-class MobileOne(nn.Module):
+class MobileOne(ReparamNet):
     """MobileOne classifier: stem block, four stages of depthwise + pointwise block pairs,
     global average pool, linear head."""
+
+    block_type = MobileOneBlock
 
     def __init__(
         self,
@@ -181,14 +183,6 @@ class MobileOne(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(self.stage0(x))
         return self.linear(torch.flatten(self.gap(x), 1))
-
-    def blocks(self) -> list[MobileOneBlock]:
-        return [m for m in self.modules() if isinstance(m, MobileOneBlock)]
-
-    def switch_to_deploy(self) -> MobileOne:
-        """Convert every block to its deploy form, in place; idempotent."""
-        switch_all_to_deploy(self)
-        return self
 
 
 def mobileone_tiny(**kwargs: Any) -> MobileOne:

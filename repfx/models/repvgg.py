@@ -142,6 +142,34 @@ def switch_all_to_deploy(model: nn.Module) -> None:
         block.switch_to_deploy()
 
 
+class ReparamNet(nn.Module):
+    """A net of reparameterizable blocks (of type ``block_type``), with the conversions."""
+
+    block_type: type[nn.Module]
+
+    def blocks(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, self.block_type)]
+
+    def switch_to_deploy(self) -> ReparamNet:
+        """Convert every block to its deploy form, in place; idempotent."""
+        switch_all_to_deploy(self)
+        return self
+
+
+class PlainNet(ReparamNet):
+    """``block → ReLU`` layers, global average pool, linear head (``num_classes == 0``: none)."""
+
+    def __init__(self, layers: list[nn.Module], width: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.features = nn.Sequential(*[m for block in layers for m in (block, nn.ReLU())])
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.flatten(self.gap(self.features(x)), 1))
+
+
 # --------------------------------------------------------------------------- block
 
 
@@ -211,13 +239,15 @@ class RepVGGBlock(nn.Module):
 # --------------------------------------------------------------------------- network
 
 
-class RepVGG(nn.Module):
+class RepVGG(ReparamNet):
     """RepVGG classifier: a stride-2 stem block, four stages (first block of each stride 2),
     global average pool, linear head.
 
     ``widths`` are the four stage widths, ``stem_width`` the stem's; ``groups_map`` maps a
     block's global index (stem = 0) to its conv groups (RepVGG's ``override_groups_map``).
     """
+
+    block_type = RepVGGBlock
 
     def __init__(
         self,
@@ -253,14 +283,6 @@ class RepVGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(torch.flatten(self.gap(self.forward_features(x)), 1))
-
-    def blocks(self) -> list[RepVGGBlock]:
-        return [m for m in self.modules() if isinstance(m, RepVGGBlock)]
-
-    def switch_to_deploy(self) -> RepVGG:
-        """Convert every block to its deploy form, in place; idempotent."""
-        switch_all_to_deploy(self)
-        return self
 
 
 def repvgg_a0(**kwargs: Any) -> RepVGG:
