@@ -148,8 +148,14 @@ def _is_plain(module: nn.Module, base: type) -> bool:
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2}
-_CONV_FUNCS[torch.conv3d] = 3
+_CONV_FUNCS = {
+    F.conv1d: 1,
+    F.conv2d: 2,
+    F.conv3d: 3,
+    torch.conv1d: 1,
+    torch.conv2d: 2,
+    torch.conv3d: 3,
+}
 
 
 def linear_op(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> LinearOp | None:
@@ -289,9 +295,12 @@ def avg_pool_op(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
     )  # fmt: skip
 
 
-_NORM_FUNCS = {F.layer_norm: "layer_norm", F.group_norm: "group_norm"}
-_NORM_FUNCS[torch.layer_norm] = "layer_norm"
-_NORM_FUNCS[torch.group_norm] = "group_norm"
+_NORM_FUNCS = {
+    F.layer_norm: "layer_norm",
+    F.group_norm: "group_norm",
+    torch.layer_norm: "layer_norm",
+    torch.group_norm: "group_norm",
+}
 
 
 def norm_op(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> NormOp | None:
