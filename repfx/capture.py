@@ -54,6 +54,13 @@ class _FallbackTracer(fx.Tracer):
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
 
+    def create_arg(self, a: Any) -> Any:
+        """As ``fx.Tracer.create_arg``, with the same O(1) lookup for a module's own tensors
+        passed as arguments (``F.batch_norm(x, self.running_mean, ...)``)."""
+        if isinstance(a, torch.Tensor) and (name := self._tensor_names().get(id(a))) is not None:
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
     def _tensor_names(self) -> dict[int, str]:
         if getattr(self, "_names_of", (None, None))[0] is not self.root:
             names: dict[int, str] = {}
@@ -72,14 +79,14 @@ class _FallbackTracer(fx.Tracer):
         if not qualname or self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         last_node = next(iter(reversed(self.graph.nodes)), None)
-        stack, calls = dict(self.module_stack), dict(self.num_calls)
+        stack = dict(self.module_stack)  # the current nesting only: small
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:
             self._rollback(last_node)
             self.module_stack.clear()
             self.module_stack.update(stack)
-            self.num_calls = calls
+            # (call counts of the failed partial trace stay: they only name metadata keys)
             self.opaque[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             return super().call_module(m, forward, args, kwargs)
 

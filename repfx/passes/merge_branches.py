@@ -42,6 +42,7 @@ from .base import FoldContext, PassResult
 from .fold_affine_mixer import join_operands
 
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_UNEXPLAINED = object()  # a join that is not a merge candidate; may deserve an explanation
 _MERGEABLE = ("conv", "avg_pool", "linear")
 
 
@@ -198,7 +199,7 @@ class MergeBranches:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         result = PassResult(modified=False)
         ctx = FoldContext(gm)
-        self._regions: Regions | None = None  # built on first use, for explanations only
+        unexplained: list[fx.Node] = []  # joins of other shapes, explained once nothing changes
         for node in list(gm.graph.nodes):
             if node._erased:
                 continue
@@ -210,21 +211,27 @@ class MergeBranches:
                 continue
             if isinstance(outcome, Skipped):
                 result.skipped.append(outcome)
-            elif outcome is not None:
+            elif isinstance(outcome, Folded):
                 result.folded.append(outcome)
                 result.modified = True
-                self._regions = None
+            elif outcome is _UNEXPLAINED:
+                unexplained.append(node)
+        if not result.modified:  # only the final, unchanged round's skips are reported
+            result.skipped += self._explain(ctx, [n for n in unexplained if not n._erased])
         return result
 
-    def _explain(self, ctx: FoldContext, join: fx.Node) -> Skipped | None:
-        """Why a fork-join region that is not a sum of conv branches was left alone."""
-        if self._regions is None:
-            self._regions = Regions(ctx.gm.graph)
-        blocker = self._regions.first(join, lambda n: not _is_linear(ctx, n))
-        if blocker is None:
-            return None
-        reason = f"a branch contains a non-affine op ({describe(ctx, blocker)})"
-        return Skipped(self.name, where(join), reason)
+    def _explain(self, ctx: FoldContext, joins: list[fx.Node]) -> list[Skipped]:
+        """Why fork-join regions that are not sums of conv branches were left alone (one
+        dominator tree for all of them)."""
+        if not joins:
+            return []
+        regions, explained = Regions(ctx.gm.graph), []
+        for join in joins:
+            blocker = regions.first(join, lambda n: not _is_linear(ctx, n))
+            if blocker is not None:
+                reason = f"a branch contains a non-affine op ({describe(ctx, blocker)})"
+                explained.append(Skipped(self.name, where(join), reason))
+        return explained
 
     def _merge(
         self, ctx: FoldContext, join: fx.Node, u: fx.Node, v: fx.Node, weight: float
@@ -235,7 +242,7 @@ class MergeBranches:
             if wide_left.root is wide_right.root and (wide_left.conv or wide_right.conv):
                 reason = "a branch's intermediate result is also used outside the branches"
                 return Skipped(self.name, where(join), reason)
-            return self._explain(ctx, join)  # e.g. a residual x + relu(conv(x))
+            return _UNEXPLAINED  # e.g. a residual x + relu(conv(x)): explained at the end
         if left.conv is None and right.conv is None:
             return None  # affines only: fold_affine_mixer's job
         return self._rewrite(
