@@ -1,0 +1,31 @@
+"""A shortened run of examples/train_riformer_tiny.py: imitation improves, folding is exact."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_riformer_tiny.py"
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("train_riformer_tiny", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_short_training_run_imitates_and_folds_exactly():
+    torch.set_num_threads(1)
+    example = _load_example()
+    # --quick: 60 teacher and 60 student steps; λ2·B above the S24 value so the imitation
+    # term shows its effect within that budget.
+    results = example.main(["--quick", "--silent", "--lambda-out-b", "1e-2"])
+    assert results["l_out_last"] < 0.98 * results["l_out_first"]
+    assert results["predictions_identical"]
+    assert results["folded_accuracy"] == results["accuracy"]
+    assert results["token_mixers_after_fold"] == 0
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in results["history"].values())
