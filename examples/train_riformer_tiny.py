@@ -193,8 +193,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out-input",
         choices=("own", "teacher"),
-        default="own",
-        help="L_out's student input: its own N(T^s_m) (paper) or the teacher's N(T^t_m)",
+        default="teacher",
+        help="L_out's student input: the teacher's N(T^t_m) (module imitation) or its own",
     )
     p.add_argument("--latency-batch", type=int, default=64)
     p.add_argument("--latency-reps", type=int, default=30)

@@ -20,12 +20,12 @@ Conventions (the paper leaves them implicit; these are the choices made here):
   (:class:`~repfx.models.metaformer.Affine` returns ``s⊙u + t − u``,
   :class:`~repfx.models.metaformer.Pooling` returns ``pool(u) − u``), so both sides carry the
   same ``−u`` term; the captured "mixer output" is exactly what the block adds (before LayerScale).
-* ``L_out`` follows the paper's formula by default: the student's mixer on the *student's*
-  normalised input ``N(T^s_m)`` against the teacher's mixer on the teacher's ``N(T^t_m)``
-  (``out_input="own"``). ``out_input="teacher"`` instead runs the student's mixer on the
-  teacher's (detached) normalised input, so both mixers see the *same* tensor and the term
-  only trains the mixer's own parameters (pure module imitation). With the student initialised
-  from the teacher the two coincide for the first block at step 0.
+* ``L_out`` is module imitation by default: the student's mixer runs on the teacher's
+  (detached) normalised input ``N(T^t_m)``, so both mixers see the *same* tensor and the term
+  trains only the mixer's own parameters (``out_input="teacher"``, as the repfx issue asks).
+  ``out_input="own"`` is the formula as RIFORMER.md writes it: the student's mixer on the
+  *student's* ``N(T^s_m)``. With the student initialised from the teacher the two coincide
+  for the first block at step 0.
 * ``R``: a block output ``(N, C, H, W)`` is read as ``N`` sets of ``H·W`` tokens of ``C``
   features, ``T → (N, H·W, C)``; ``T̃`` is ``T`` L2-normalised along the last dim ``C`` (each
   token a unit vector), so ``R(T) = T̃ T̃ᵀ`` is ``(N, H·W, H·W)`` (token-token cosine similarity)
@@ -305,8 +305,9 @@ class RIFormerDistiller:
     optimizer over the student's parameters. ``mapping`` defaults to
     :func:`metaformer_mapping`. ``kd`` is ``"soft"`` (label-free KL, the paper's choice),
     ``"hard"`` (DeiT hard distillation) or ``"none"``. ``out_input`` selects ``L_out``'s student
-    input: ``"own"`` (the paper's formula) or ``"teacher"`` (same normalised input as the
-    teacher; see the module docstring). The teacher is switched to eval mode here.
+    input: ``"teacher"`` (the same normalised input as the teacher's mixer; the default) or
+    ``"own"`` (the student's own; see the module docstring). The teacher is switched to eval
+    mode here.
     """
 
     def __init__(
@@ -317,7 +318,7 @@ class RIFormerDistiller:
         weights: LossWeights | None = None,
         temperature: float = 1.0,
         kd: Literal["soft", "hard", "none"] = "soft",
-        out_input: Literal["own", "teacher"] = "own",
+        out_input: Literal["own", "teacher"] = "teacher",
     ) -> None:
         if kd not in ("soft", "hard", "none"):
             raise ValueError(f"kd must be 'soft', 'hard' or 'none', got {kd!r}")
