@@ -40,7 +40,7 @@ from ..ops import (
 )
 from ..report import Folded, Skipped
 from ..rewrite import erase_dead, hint_for, insert_affine, set_slot
-from .base import FoldContext, PassResult
+from .base import FoldContext, PassResult, apply_rule
 
 
 class Reason(str):
@@ -236,18 +236,13 @@ Selector = Callable[[FoldContext, fx.Node], "AffineOp | str | None"]
 def absorb_each(gm: fx.GraphModule, rule: str, select: Selector) -> PassResult:
     """Try :func:`absorb` on every affine that ``select`` picks (it returns the view, a reason
     the node is not a candidate worth reporting, or ``None`` to ignore the node)."""
-    result = PassResult(modified=False)
-    ctx = FoldContext(gm)
-    for node in list(gm.graph.nodes):
-        if node._erased:
-            continue
+
+    def visit(ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
         picked = select(ctx, node)
         if picked is None:
-            continue
+            return None
+        location = where(node)
         outcome = picked if isinstance(picked, str) else absorb(ctx, picked, rule)
-        if isinstance(outcome, str):
-            result.skipped.append(Skipped(rule, where(node), outcome))
-            continue
-        result.folded.append(outcome)
-        result.modified = True
-    return result
+        return Skipped(rule, location, outcome) if isinstance(outcome, str) else outcome
+
+    return apply_rule(gm, visit)

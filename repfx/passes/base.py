@@ -7,7 +7,7 @@ the number of call nodes, and the pipeline raises (naming the pass) when one doe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,6 +68,26 @@ class FoldContext:
             if self.tensor_uses[id(t)] > 1:
                 return f"{what} parameter is used at {self.tensor_uses[id(t)]} call sites"
         return None
+
+
+Rule = Callable[[FoldContext, fx.Node], "Folded | Skipped | None"]
+
+
+def apply_rule(gm: fx.GraphModule, rule: Rule) -> PassResult:
+    """Visit every live node in order with ``rule``, which rewrites the graph and returns a
+    :class:`Folded`, returns why it did not (:class:`Skipped`), or ``None`` (not a candidate)."""
+    result = PassResult(modified=False)
+    ctx = FoldContext(gm)
+    for node in list(gm.graph.nodes):
+        if node._erased:
+            continue
+        outcome = rule(ctx, node)
+        if isinstance(outcome, Folded):
+            result.folded.append(outcome)
+            result.modified = True
+        elif isinstance(outcome, Skipped):
+            result.skipped.append(outcome)
+    return result
 
 
 def call_node_count(gm: fx.GraphModule) -> int:

@@ -13,20 +13,21 @@ from ..graph import where
 from ..ops import identity_input
 from ..report import Folded, Skipped
 from ..rewrite import replace_node
-from .base import PassResult
+from .base import FoldContext, PassResult, apply_rule
 
 
 class Cleanup:
     name = "cleanup"
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        result = PassResult(modified=False)
-        for node in list(gm.graph.nodes):
-            found = identity_input(gm, node)
-            if isinstance(found, str):
-                result.skipped.append(Skipped(self.name, where(node), found))
-            elif found is not None:
-                result.folded.append(Folded(self.name, where(node), "removed no-op"))
-                replace_node(node, found)
-                result.modified = True
-        return result
+        return apply_rule(gm, self._visit)
+
+    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+        found = identity_input(ctx.gm, node)
+        if isinstance(found, str):
+            return Skipped(self.name, where(node), found)
+        if found is None:
+            return None
+        location = where(node)
+        replace_node(node, found)
+        return Folded(self.name, location, "removed no-op")

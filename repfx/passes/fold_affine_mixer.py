@@ -22,7 +22,7 @@ from ..graph import has_hooks, module_of, value_users, where
 from ..ops import AffineOp, affine_op, merge_axes
 from ..report import Folded, Skipped
 from ..rewrite import hint_for, insert_affine, replace_join
-from .base import FoldContext, PassResult
+from .base import FoldContext, PassResult, apply_rule
 
 _JOINS = {
     operator.add: 1.0,
@@ -73,20 +73,11 @@ class FoldAffineMixer:
     name = "fold_affine_mixer"
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        result = PassResult(modified=False)
-        ctx = FoldContext(gm)
-        for node in list(gm.graph.nodes):
-            if node._erased or (operands := join_operands(node)) is None:
-                continue
-            outcome = self._collapse(ctx, node, *operands)
-            if outcome is None:
-                continue
-            if isinstance(outcome, Skipped):
-                result.skipped.append(outcome)
-                continue
-            result.folded.append(outcome)
-            result.modified = True
-        return result
+        return apply_rule(gm, self._visit)
+
+    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+        operands = join_operands(node)
+        return None if operands is None else self._collapse(ctx, node, *operands)
 
     def _collapse(
         self, ctx: FoldContext, join: fx.Node, u: fx.Node, v: fx.Node, weight: float

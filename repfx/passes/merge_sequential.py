@@ -21,7 +21,7 @@ from ..graph import RANK_KEY, has_hooks, module_of, shape_users, value_users, wh
 from ..ops import LinearOp, linear_op
 from ..report import Folded, Skipped
 from ..rewrite import replace_node
-from .base import FoldContext, PassResult
+from .base import FoldContext, PassResult, apply_rule
 from .merge_branches import new_conv
 
 
@@ -109,22 +109,18 @@ class MergeSequential:
     name = "merge_sequential"
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        result = PassResult(modified=False)
-        ctx = FoldContext(gm)
-        for node in list(gm.graph.nodes):
-            if node._erased or (second := linear_op(gm, node, ctx.consts)) is None:
-                continue
-            if value_users(second.input) != [node]:
-                continue
-            first = linear_op(gm, second.input, ctx.consts)
-            if first is None:
-                continue
-            if (reason := _reason(ctx, first, second)) is not None:
-                result.skipped.append(Skipped(self.name, where(node), reason))
-                continue
-            result.folded.append(self._compose(ctx, first, second))
-            result.modified = True
-        return result
+        return apply_rule(gm, self._visit)
+
+    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+        second = linear_op(ctx.gm, node, ctx.consts)
+        if second is None or value_users(second.input) != [node]:
+            return None
+        first = linear_op(ctx.gm, second.input, ctx.consts)
+        if first is None:
+            return None
+        if (reason := _reason(ctx, first, second)) is not None:
+            return Skipped(self.name, where(node), reason)
+        return self._compose(ctx, first, second)
 
     def _compose(self, ctx: FoldContext, first: LinearOp, second: LinearOp) -> Folded:
         kernel = compose_pointwise_then_conv(_kernel(first), _kernel(second))
