@@ -8,6 +8,7 @@ into the convs, linears and norms next to it, returning an equivalent ``GraphMod
 from __future__ import annotations
 
 from .capture import CaptureError, ExampleInputError
+from .dynamo import compile_backend
 from .export import export_onnx
 from .fold import REPORT_KEY, VerificationError, fold
 from .report import FoldReport
@@ -21,6 +22,7 @@ __all__ = [
     "FoldReport",
     "VerificationError",
     "__version__",
+    "compile_backend",
     "export_onnx",
     "fold",
 ]

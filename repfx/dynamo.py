@@ -1,0 +1,158 @@
+"""``torch.compile(model, backend="repfx")``: repfx's passes inside the PT2 stack.
+
+Dynamo hands a backend an fx graph whose parameters and buffers arrive as placeholders (their
+source names say which: ``L['self']._modules['conv']._parameters['weight']``), with the real
+tensors among the example inputs. The backend
+
+1. freezes the ones that are safe to treat as constants — a parameter when grad is disabled or
+   it does not require grad, a buffer the graph does not write (training-mode BN updates its
+   running statistics: those stay inputs) — by turning their placeholders into attributes;
+2. runs the same passes as :func:`repfx.fold` (``repfx.passes.default_pipeline``) on it;
+3. hands the folded graph to the inner backend (``"inductor"``, ``"eager"`` or any backend
+   callable) and returns a function with the original calling convention, which drops the
+   frozen arguments.
+
+Like inductor's own freezing, an in-place change to a frozen weight after compiling is not
+seen by the compiled code: recompile (``torch._dynamo.reset()``) after changing weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from .graph import annotate_ranks
+from .passes import default_pipeline
+from .passes.base import Pass, run_to_fixpoint
+from .report import FoldReport, GraphStats
+from .rewrite import delete_unused_attributes
+
+log = logging.getLogger("repfx")
+
+_SOURCE = re.compile(r"\._(parameters|buffers)\['([^']+)'\]")
+
+
+@dataclass
+class DynamoBackend:
+    """A dynamo backend (``torch.compile(model, backend=DynamoBackend())``); ``reports`` has one
+    :class:`~repfx.report.FoldReport` per graph it compiled."""
+
+    inner: str | Callable = "inductor"
+    passes: Callable[[], Sequence[Pass]] = default_pipeline
+    reports: list[FoldReport] = field(default_factory=list)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        frozen = _freezable(gm, example_inputs)
+        report = FoldReport()
+        if frozen:
+            gm = _copy(gm)  # dynamo reads the graph it handed over (its inputs) afterwards
+            _freeze(gm, {i: example_inputs[i] for i in frozen})
+            annotate_ranks(gm)
+            report.before = GraphStats.of(gm)
+            report.folded, report.skipped = run_to_fixpoint(gm, self.passes())
+            delete_unused_attributes(gm)
+            gm.recompile()
+            report.after = GraphStats.of(gm)
+        else:
+            report.notes.append("nothing frozen: parameters need grad, or none in the graph")
+        self.reports.append(report)
+        log.info("repfx: compiled graph, %s", report.counts() or "nothing folded")
+        remaining = [x for i, x in enumerate(example_inputs) if i not in frozen]
+        compiled = _inner_compile(self.inner, gm, remaining)
+        if not frozen:
+            return compiled
+        keep = [i for i in range(len(example_inputs)) if i not in frozen]
+
+        def run(*args: Any) -> Any:
+            return compiled(*[args[i] for i in keep])
+
+        return run
+
+
+def compile_backend(inner: str | Callable = "inductor", **kwargs: Any) -> DynamoBackend:
+    """A repfx dynamo backend whose folded graphs run on ``inner``."""
+    return DynamoBackend(inner=inner, **kwargs)
+
+
+def repfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    """The ``torch_dynamo_backends`` entry point: ``torch.compile(m, backend="repfx")``."""
+    return DynamoBackend()(gm, example_inputs)
+
+
+def _freezable(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> set[int]:
+    """Indices of the placeholders that may be treated as constants."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    frozen = set()
+    for i, node in enumerate(placeholders):
+        value = example_inputs[i] if i < len(example_inputs) else None
+        kind = _attribute_kind(node)
+        if kind is None or not isinstance(value, torch.Tensor) or _written(node):
+            continue
+        if kind == "parameters" and value.requires_grad and torch.is_grad_enabled():
+            continue  # training needs the real parameter in the graph
+        frozen.add(i)
+    return frozen
+
+
+def _attribute_kind(node: fx.Node) -> str | None:
+    graph_arg = node.meta.get("grapharg")
+    source = getattr(getattr(graph_arg, "source", None), "name", None)
+    source = source() if callable(source) else source
+    match = _SOURCE.search(source or "")
+    return match.group(1) if match else None
+
+
+def _written(node: fx.Node) -> bool:
+    """Does the graph (possibly) write to this tensor: an in-place op, or a training-mode
+    batch norm updating its running statistics?"""
+    for user in node.users:
+        name = getattr(user.target, "__name__", str(user.target))
+        if name.endswith("_") and not name.endswith("__"):
+            return True
+        if name == "batch_norm" and _batch_norm_training(user):
+            return True
+    return False
+
+
+def _batch_norm_training(node: fx.Node) -> bool:
+    training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+    return training is not False
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)
+
+
+def _freeze(gm: fx.GraphModule, tensors: dict[int, torch.Tensor]) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, value in tensors.items():
+        node = placeholders[i]
+        name = f"frozen_{node.name}"
+        gm.register_buffer(name, value.detach())
+        with gm.graph.inserting_after(placeholders[-1]):
+            attr = gm.graph.get_attr(name)
+        node.replace_all_uses_with(attr)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _inner_compile(inner: str | Callable, gm: fx.GraphModule, inputs: list[Any]) -> Callable:
+    if inner == "eager":
+        return gm.forward
+    if isinstance(inner, str):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        inner = lookup_backend(inner)
+    return inner(gm, inputs)
+
+
+__all__ = ["DynamoBackend", "compile_backend", "repfx_backend"]

@@ -1,0 +1,150 @@
+"""``torch.compile(model, backend="repfx")``: the same passes, inside the PT2 stack."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from grammar import ParallelBranches, Seq, randomise_
+from torch import nn
+
+import repfx
+from repfx.dynamo import DynamoBackend, compile_backend, repfx_backend
+from repfx.models import create
+from repfx.passes.fold_bn import FoldBatchNorm
+from repfx.tolerances import assert_close
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _random(model: nn.Module, seed: int = 0) -> nn.Module:
+    return randomise_(model, torch.Generator().manual_seed(seed)).eval()
+
+
+def _repvgg_like() -> nn.Module:
+    def block(c):
+        return ParallelBranches(
+            [
+                Seq(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)),
+                Seq(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)),
+                nn.BatchNorm2d(c),
+            ],
+            [1.0, 1.0, 1.0],
+        )
+
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), block(8), nn.ReLU(), block(8), nn.ReLU())
+
+
+class ResNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = Seq(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.conv1 = Seq(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.conv2 = Seq(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+MODELS = {
+    "riformer": lambda: create("riformer_tiny", num_classes=10),
+    "repvgg": _repvgg_like,
+    "resnet": ResNetLike,
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_eval_model_matches_eager_and_reports_folds(name):
+    model = _random(MODELS[name]())
+    backend = compile_backend(inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(compiled(x), model(x))
+    folded = backend.reports[-1].counts()
+    assert folded, "nothing was folded"
+    if name == "repvgg":
+        assert folded["merge_branches"] >= 2
+    else:
+        assert sum(folded.values()) >= 2
+
+
+def test_frozen_parameters_fold_even_with_grad_enabled():
+    model = _random(_repvgg_like()).requires_grad_(False)
+    backend = compile_backend(inner="eager")
+    x = torch.randn(2, 3, 16, 16)
+    assert_close(torch.compile(model, backend=backend)(x), model(x))
+    assert backend.reports[-1].counts()["merge_branches"] >= 2
+
+
+def test_training_mode_folds_nothing_and_gradients_are_right():
+    model = _random(ResNetLike()).train()
+    reference = copy.deepcopy(model)
+    backend = compile_backend(inner="eager")
+    x = torch.randn(4, 3, 8, 8)
+    torch.compile(model, backend=backend)(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    assert backend.reports[-1].folded == []
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None, name
+        assert_close(p.grad, q.grad)
+    # running statistics were updated by the compiled training step, as in eager mode
+    for b, c in zip(model.buffers(), reference.buffers(), strict=True):
+        assert_close(b, c)
+
+
+def test_switching_to_eval_recompiles_and_folds():
+    model = _random(ResNetLike()).train()
+    backend = compile_backend(inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 3, 8, 8)
+    compiled(x)
+    model.eval()
+    with torch.no_grad():
+        assert_close(compiled(x), model(x))
+    assert backend.reports[0].folded == [] and backend.reports[-1].counts()["fold_bn"] == 3
+
+
+def test_new_batch_sizes_stay_correct():
+    model = _random(create("riformer_tiny", num_classes=10))
+    compiled = torch.compile(model, backend=compile_backend(inner="eager"), dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 3, 32, 32)
+            assert_close(compiled(x), model(x))
+
+
+def test_the_backend_runs_the_shared_passes(monkeypatch):
+    """One implementation of each fold: the backend calls repfx.passes, as repfx.fold does."""
+    calls = []
+    original = FoldBatchNorm.__call__
+    monkeypatch.setattr(
+        FoldBatchNorm, "__call__", lambda self, gm: calls.append(gm) or original(self, gm)
+    )
+    model = _random(ResNetLike())
+    with torch.no_grad():
+        torch.compile(model, backend=compile_backend(inner="eager"))(torch.randn(1, 3, 8, 8))
+    assert calls, "the backend did not run the shared fold_bn pass"
+    assert DynamoBackend().passes is repfx.passes.default_pipeline
+
+
+def test_backend_name_is_registered():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("repfx") is repfx_backend
+
+
+def test_inductor_runs_the_folded_graph():
+    model = _random(create("riformer_tiny", num_classes=10))
+    backend = compile_backend(inner="inductor")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(torch.compile(model, backend=backend)(x), model(x))
+    assert backend.reports[-1].counts()["fold_channel_affine"] > 0
