@@ -148,3 +148,28 @@ def test_inductor_runs_the_folded_graph():
     with torch.no_grad():
         assert_close(torch.compile(model, backend=backend)(x), model(x))
     assert backend.reports[-1].counts()["fold_channel_affine"] > 0
+
+
+def test_grad_mode_switch_recompiles_without_freezing_parameters_that_need_grad():
+    model = _random(_repvgg_like())
+    reference = copy.deepcopy(model)
+    backend = compile_backend(inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(compiled(x), model(x))
+    assert backend.reports[-1].counts()["merge_branches"] >= 2
+    compiled(x).sum().backward()  # grad enabled now: a new graph, parameters stay inputs
+    reference(x).sum().backward()
+    assert backend.reports[-1].folded == []
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert_close(p.grad, q.grad)
+
+
+def test_new_spatial_sizes_stay_correct():
+    model = _random(_repvgg_like())
+    compiled = torch.compile(model, backend=compile_backend(inner="eager"), dynamic=True)
+    with torch.no_grad():
+        for size in (12, 17, 24):
+            x = torch.randn(2, 3, size, size + 3)
+            assert_close(compiled(x), model(x))
