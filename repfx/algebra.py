@@ -265,12 +265,17 @@ def sum_kernels(terms: list[tuple[float, ConvKernel]]) -> ConvKernel:
 
 
 def compose_pointwise_then_conv(first: ConvKernel, second: ConvKernel) -> ConvKernel:
-    """``second(first(x))`` as one conv, for a 1×…×1, stride-1, unpadded ``first``.
+    """``second(first(x))`` as one conv, for a 1×…×1, stride-1 ``first``.
 
-    Per group (both convs must have the same groups): ``W[o, c] = Σ_m W₂[o, m]·W₁[m, c]`` over the
-    kernel of ``second``, and ``b = b₂ + Σ_{m,k} W₂[o, m, k]·b₁[m]``. Exact when ``second`` reads
-    no zero padding or ``b₁ = 0`` (a padded border sees ``0``, not ``b₁``): the caller checks.
+    Per group — both convs with the same groups, or a depthwise ``second`` (one input channel
+    per output channel) after any ``first``: ``W[o, c] = Σ_m W₂[o, m]·W₁[m, c]`` over the kernel
+    of ``second``, ``b = b₂ + Σ_{m,k} W₂[o, m, k]·b₁[m]``, padding ``p₁ + p₂``. Exact when
+    ``second`` reads no zero padding or ``b₁ = 0``: ``first``'s own zero padding puts ``b₁`` on
+    the border, which the composed conv reproduces, but ``second``'s padding would put zeros
+    there (the caller checks).
     """
+    if second.groups != first.groups:  # depthwise second: each output reads one first output
+        second = _depthwise_as_grouped(second, first.groups)
     groups = first.groups
     mid, c_per = first.weight.shape[:2]
     out, m_per = second.weight.shape[:2]
@@ -280,7 +285,15 @@ def compose_pointwise_then_conv(first: ConvKernel, second: ConvKernel) -> ConvKe
     weight = weight.reshape((out, c_per, *second.kernel_size))
     b1 = first.bias.reshape(groups, mid // groups)
     bias = second.bias + torch.einsum("gomk,gm->go", w2, b1).reshape(out)
-    return ConvKernel(weight, bias, second.stride, second.padding, second.dilation, groups)
+    padding = tuple(p + q for p, q in zip(first.padding, second.padding, strict=True))
+    return ConvKernel(weight, bias, second.stride, padding, second.dilation, groups)
+
+
+def _depthwise_as_grouped(kernel: ConvKernel, groups: int) -> ConvKernel:
+    """A depthwise conv (``groups == channels``) as the same conv with fewer groups."""
+    if kernel.groups != kernel.in_channels or kernel.in_channels % groups:
+        raise ValueError("only a depthwise second conv can change groups")
+    return regroup(kernel, groups)
 
 
 def _aligned(terms: list[ConvKernel]) -> tuple[list[ConvKernel], tuple[int, ...]]:

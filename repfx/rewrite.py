@@ -12,7 +12,7 @@ import re
 import torch
 from torch import fx, nn
 
-from .algebra import ChannelAffine
+from .algebra import ChannelAffine, ConvKernel
 from .graph import FLOAT_KEY, RANK_KEY, _fetch_attr, module_of, owner_and_name, shape_users, where
 from .ops import Slot
 
@@ -191,3 +191,29 @@ def delete_unused_attributes(gm: fx.GraphModule) -> None:
         for name, b in list(module._buffers.items()):
             if b is not None and id(b) not in used_ids:
                 del module._buffers[name]
+
+
+_CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def new_conv(kernel: ConvKernel, dtype: torch.dtype, padding_mode: str = "zeros") -> nn.Module:
+    """A frozen ``nn.ConvNd`` holding ``kernel`` (an ``nn.Linear`` when it has no spatial dims)."""
+    dims = len(kernel.kernel_size)
+    if dims == 0:
+        module = nn.Linear(kernel.in_channels, kernel.out_channels, dtype=dtype)
+    else:
+        module = _CONV_MODULES[dims](
+            kernel.in_channels,
+            kernel.out_channels,
+            kernel.kernel_size,
+            stride=kernel.stride,
+            padding=kernel.padding,
+            dilation=kernel.dilation,
+            groups=kernel.groups,
+            bias=True,
+            padding_mode=padding_mode,
+            dtype=dtype,
+        )
+    module.weight = nn.Parameter(kernel.weight.to(dtype), requires_grad=False)
+    module.bias = nn.Parameter(kernel.bias.to(dtype), requires_grad=False)
+    return module

@@ -68,6 +68,14 @@ def rounding_explains(folded_err: float, rounding_err: float, dtype: torch.dtype
     return folded_err <= max(tolerance_for(dtype), ROUNDING_SLACK * rounding_err)
 
 
+def constants_match(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Are two constants the same value, up to the rounding of ``dtype`` (a constant computed
+    in float64 by a fold vs the same constant computed by the model in ``dtype``)?"""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    scale = float(max(a.abs().max(), b.abs().max(), 1.0)) if a.numel() else 1.0
+    return bool(torch.all((a - b).abs() <= 8 * eps * scale))
+
+
 def assert_close(actual: object, expected: object) -> None:
     """Assert two output structures agree within the tolerance of their dtype."""
     abs_err, rel_err = max_errors(actual, expected)

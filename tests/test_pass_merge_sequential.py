@@ -79,3 +79,19 @@ def test_reflect_padded_conv_keeps_its_padding_mode():
     assert result.modified
     assert gm.get_submodule("2_composed").padding_mode == "reflect"
     assert_close(gm(x), model(x))
+
+
+def test_padded_pointwise_then_unpadded_conv_keeps_the_padding():
+    """The pointwise conv's own zero padding puts its bias on the border: composable."""
+    model = _random(nn.Sequential(nn.Conv2d(3, 3, 1, padding=1), nn.Conv2d(3, 4, 3)))
+    x = torch.randn(2, 3, 5, 5)
+    gm, result = _run(model, x)
+    assert result.modified
+    assert gm.get_submodule("1_composed").padding == (1, 1)
+    assert_close(gm(x), model(x))
+
+
+def test_padded_biased_pointwise_then_padded_conv_is_not_composed():
+    model = _random(nn.Sequential(nn.Conv2d(3, 3, 1, padding=1), nn.Conv2d(3, 4, 3, padding=1)))
+    _, result = _run(model, torch.randn(1, 3, 5, 5))
+    assert [s.reason for s in result.skipped] == ["a bias before a zero-padded conv is not exact"]

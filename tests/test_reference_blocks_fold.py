@@ -13,7 +13,7 @@ from torch import nn
 
 import repfx
 from repfx.inspect import op_counts
-from repfx.models import ACBlock, MobileOneBlock, RepVGGBlock, create
+from repfx.models import ACBlock, DBBlock, MobileOneBlock, RepVGGBlock, create
 from repfx.verify import assert_equivalent
 
 
@@ -35,6 +35,11 @@ def _check_against_deploy(model: nn.Module, x: torch.Tensor) -> None:
 
 def test_repvgg_tiny_folds_like_its_deploy_form():
     _check_against_deploy(create("repvgg_tiny", num_classes=10), torch.randn(2, 3, 32, 32))
+
+
+def test_dbb_tiny_folds_like_its_deploy_form():
+    """DBB: 1×1 → BNAndPad → K×K and 1×1 → BNAndPad → avg-pool branches compose, then merge."""
+    _check_against_deploy(create("dbb_tiny", num_classes=10), torch.randn(2, 3, 32, 32))
 
 
 def test_mobileone_tiny_folds_like_its_deploy_form():
@@ -64,9 +69,13 @@ def block_chains(draw):
         out = draw(st.sampled_from([channels, draw(st.integers(1, 6))]))
         common = [g for g in range(1, min(channels, out) + 1) if channels % g == 0 and out % g == 0]
         groups, stride = draw(st.sampled_from(common)), draw(st.sampled_from([1, 2]))
-        kind = draw(st.sampled_from(["repvgg", "acnet", "mobileone"]))
+        kind = draw(st.sampled_from(["repvgg", "acnet", "mobileone", "dbb"]))
         if kind == "repvgg":
             blocks.append(RepVGGBlock(channels, out, stride, groups))
+        elif kind == "dbb":
+            k = draw(st.sampled_from([3, 5]))
+            blocks.append(DBBlock(channels, out, k, stride, k // 2, groups))
+            blocks.append(nn.ReLU())
         elif kind == "acnet":
             k = draw(st.sampled_from([3, 5]))
             blocks.append(ACBlock(channels, out, k, stride, k // 2, groups))

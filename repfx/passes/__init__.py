@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .absorb_padding import AbsorbPadding
 from .base import Pass, PassError, PassResult, run_to_fixpoint
 from .cleanup import Cleanup
 from .fold_affine_mixer import FoldAffineMixer
@@ -13,18 +14,20 @@ from .merge_sequential import MergeSequential
 
 def default_pipeline() -> list[Pass]:
     """cleanup → fold_bn → fold_affine_mixer → fold_channel_affine → merge_branches →
-    merge_sequential, run to a fixpoint."""
+    absorb_padding → merge_sequential, run to a fixpoint."""
     return [
         Cleanup(),
         FoldBatchNorm(),
         FoldAffineMixer(),
         FoldChannelAffine(),
         MergeBranches(),
+        AbsorbPadding(),
         MergeSequential(),
     ]
 
 
 __all__ = [
+    "AbsorbPadding",
     "Cleanup",
     "FoldAffineMixer",
     "FoldBatchNorm",

@@ -18,7 +18,7 @@ inside out, over the fixpoint.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -27,6 +27,7 @@ from ..algebra import (
     ChannelAffine,
     ConvKernel,
     affine_as_kernel,
+    compose_pointwise_then_conv,
     concat_kernels,
     fold_affine_into_conv_output,
     sum_kernels,
@@ -36,12 +37,12 @@ from ..graph import RANK_KEY, has_hooks, module_of, rank_of, shape_users, value_
 from ..ops import LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
 from ..regions import Regions
 from ..report import Folded, Skipped
-from ..rewrite import replace_join
+from ..rewrite import new_conv, replace_join
 from ._absorb import describe
 from .base import FoldContext, PassResult
 from .fold_affine_mixer import join_operands
+from .merge_sequential import kernel_of
 
-_CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _UNEXPLAINED = object()  # a join that is not a merge candidate; may deserve an explanation
 _MERGEABLE = ("conv", "avg_pool", "linear")
 
@@ -53,6 +54,39 @@ class _Branch:
     affine: ChannelAffine  # applied after the conv (or to the root)
     axis: int | bool | None  # the affine's channel axis; False when its ops disagree
     ops: list[fx.Node]
+    prefix: list[LinearOp] = field(default_factory=list)  # pointwise convs before the conv
+
+    @property
+    def in_channels(self) -> int:
+        return (self.prefix[-1] if self.prefix else self.conv).in_channels
+
+
+def _pointwise_prefix(ctx: FoldContext, conv: LinearOp) -> list[LinearOp]:
+    """Pointwise convs feeding only ``conv`` (and each other) that compose into it exactly:
+    DBB's 1×1 → BN → K×K and 1×1 → BN → avg-pool branches. A bias may precede zero padding
+    only where the padding is the pointwise conv's own (its border is the bias)."""
+    prefix: list[LinearOp] = []
+    head, padded = conv, conv.kind != "linear" and any(conv.geometry.padding)
+    if padded and conv.geometry.padding_mode != "zeros":
+        return prefix
+    while value_users(head.input) == [head.node]:
+        first = linear_op(ctx.gm, head.input, ctx.consts)
+        if first is None or first.kind != "conv" or first.geometry is None:
+            break
+        g = first.geometry
+        pointwise = all(k == 1 for k in first.weight.shape[2:]) and all(v == 1 for v in g.stride)
+        depthwise = head.groups == head.in_channels == head.out_channels
+        groups_ok = first.groups == head.groups or (
+            depthwise and head.in_channels % first.groups == 0
+        )
+        biased = first.bias is not None and bool(torch.any(first.bias != 0))
+        if not pointwise or g.padding_mode != "zeros" or not groups_ok or (padded and biased):
+            break
+        if first.weight.dtype != conv.weight.dtype or first.out_channels != head.in_channels:
+            break
+        prefix.append(first)
+        head, padded = first, padded or any(g.padding)
+    return prefix
 
 
 def _branch(
@@ -70,7 +104,9 @@ def _branch(
             continue
         lin = linear_op(ctx.gm, node, ctx.consts) or avg_pool_op(ctx.gm, node)
         if lin is not None and lin.kind in _MERGEABLE:
-            return _Branch(lin.input, lin, affine, axis, [*ops, node])
+            prefix = [] if past_other_users else _pointwise_prefix(ctx, lin)
+            root = (prefix[-1] if prefix else lin).input
+            return _Branch(root, lin, affine, axis, [*ops, node, *(p.node for p in prefix)], prefix)
         break
     return _Branch(node, None, affine, axis, ops)
 
@@ -96,7 +132,10 @@ def _conv_kernel(branch: _Branch) -> ConvKernel:
     if conv.kind == "linear":
         return ConvKernel(weight, bias, (), (), (), 1)
     g = conv.geometry
-    return ConvKernel(weight, bias, g.stride, g.padding, g.dilation, conv.groups)
+    kernel = ConvKernel(weight, bias, g.stride, g.padding, g.dilation, conv.groups)
+    for first in branch.prefix:
+        kernel = compose_pointwise_then_conv(kernel_of(first), kernel)
+    return kernel
 
 
 def _check(branches: list[_Branch], summed: bool) -> str | None:
@@ -116,16 +155,19 @@ def _check(branches: list[_Branch], summed: bool) -> str | None:
             return f"a branch conv pads with {g.padding_mode!r}"
         if conv.spatial_dims != reference.spatial_dims:
             return "branch convs have different spatial dims"
-        if conv.in_channels != reference.in_channels or (
+    conv_branches = [b for b in branches if b.conv is not None]
+    for b in conv_branches:
+        conv = b.conv
+        if b.in_channels != conv_branches[0].in_channels or (
             summed and conv.out_channels != reference.out_channels
         ):
             return "branch convs have different channel counts"
-        if not summed and conv.groups != 1:
+        if not summed and any(op.groups != 1 for op in [conv, *b.prefix]):
             return "concatenating grouped convs would make them dense"
         if conv.weight.dtype != reference.weight.dtype:
             return "branch convs have different dtypes"
     identity = any(b.conv is None for b in branches)
-    if summed and identity and reference.in_channels != reference.out_channels:
+    if summed and identity and conv_branches[0].in_channels != reference.out_channels:
         return "an identity branch needs as many input as output channels"
     return None
 
@@ -141,29 +183,6 @@ def _alignment_reason(kernels: list[ConvKernel]) -> str | None:
     if any(len({s[dim] % 2 for s in spans}) > 1 for dim in range(len(spans[0]))):
         return "kernel sizes differ by an odd amount: no common centre"
     return None
-
-
-def new_conv(kernel: ConvKernel, dtype: torch.dtype, padding_mode: str = "zeros") -> nn.Module:
-    """A frozen ``nn.ConvNd`` holding ``kernel`` (an ``nn.Linear`` when it has no spatial dims)."""
-    dims = len(kernel.kernel_size)
-    if dims == 0:
-        module = nn.Linear(kernel.in_channels, kernel.out_channels, dtype=dtype)
-    else:
-        module = _CONV_MODULES[dims](
-            kernel.in_channels,
-            kernel.out_channels,
-            kernel.kernel_size,
-            stride=kernel.stride,
-            padding=kernel.padding,
-            dilation=kernel.dilation,
-            groups=kernel.groups,
-            bias=True,
-            padding_mode=padding_mode,
-            dtype=dtype,
-        )
-    module.weight = nn.Parameter(kernel.weight.to(dtype), requires_grad=False)
-    module.bias = nn.Parameter(kernel.bias.to(dtype), requires_grad=False)
-    return module
 
 
 def _base_path(join: fx.Node) -> str:
@@ -274,11 +293,12 @@ class MergeBranches:
         if reason is None and any(has_hooks(module_of(ctx.gm, n)) for n in hooked):
             reason = "a branch module has hooks"
         if reason is None:
-            conv = next(b.conv for b in branches if b.conv is not None)
+            first = next(b for b in branches if b.conv is not None)
+            conv = first.conv
             kernels = [
                 _conv_kernel(b)
                 if b.conv is not None
-                else affine_as_kernel(b.affine, conv.in_channels, conv.spatial_dims)
+                else affine_as_kernel(b.affine, first.in_channels, conv.spatial_dims)
                 for b in branches
             ]
             reason = _alignment_reason(kernels)

@@ -1,12 +1,14 @@
 """merge_sequential: a pointwise conv (or a linear) feeding only another conv (or linear)
 becomes one op.
 
-``W₂ ∗ (W₁·x + b₁) + b₂ = (W₂·W₁) ∗ x + (b₂ + W₂ ∗ b₁)`` for a 1×…×1, stride-1, unpadded first
-conv with the same groups as the second (``repfx.algebra.compose_pointwise_then_conv``);
-BN or per-channel affines between them are already folded into the first by ``fold_bn`` /
-``fold_channel_affine``. Exact only when the second op reads no zero padding or ``b₁ = 0``
-(DBB's 1×1 → BN → K×K trap). Done only when the composed op costs no more multiply-adds than
-the two it replaces — composing a channel-reducing bottleneck would make the model slower.
+``W₂ ∗ (W₁·x + b₁) + b₂ = (W₂·W₁) ∗ x + (b₂ + W₂ ∗ b₁)`` for a 1×…×1, stride-1 first conv with
+the same groups as the second, or before a depthwise second
+(``repfx.algebra.compose_pointwise_then_conv``); BN or per-channel affines between them are
+already folded into the first by ``fold_bn`` / ``fold_channel_affine``. The first conv's own
+zero padding carries over (its border is ``b₁``, which the composition reproduces); the second
+conv's zero padding is exact only when ``b₁ = 0`` (DBB's 1×1 → BN → K×K trap). Done only when
+the composed op costs no more multiply-adds than the two it replaces — composing a
+channel-reducing bottleneck would make the model slower.
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ from ..algebra import ConvKernel, compose_pointwise_then_conv
 from ..graph import RANK_KEY, has_hooks, module_of, shape_users, value_users, where
 from ..ops import LinearOp, linear_op
 from ..report import Folded, Skipped
-from ..rewrite import replace_node
+from ..rewrite import new_conv, replace_node
 from .base import FoldContext, PassResult, apply_rule
-from .merge_branches import new_conv
 
 
-def _kernel(op: LinearOp) -> ConvKernel:
+def kernel_of(op: LinearOp) -> ConvKernel:
     weight = op.weight.detach().to(torch.float64)
     bias = (
         torch.zeros(op.out_channels, dtype=torch.float64)
@@ -39,6 +40,7 @@ def _kernel(op: LinearOp) -> ConvKernel:
 
 
 def _is_pointwise(op: LinearOp) -> bool:
+    """1×…×1, stride 1; padding allowed (zeros: its border is the bias)."""
     if op.kind == "linear":
         return True
     g = op.geometry
@@ -46,25 +48,42 @@ def _is_pointwise(op: LinearOp) -> bool:
         g is not None
         and all(k == 1 for k in op.weight.shape[2:])
         and all(s == 1 for s in g.stride)
-        and not any(g.padding)
+        and (g.padding_mode == "zeros" or not any(g.padding))
     )
 
 
-def _reason(ctx: FoldContext, first: LinearOp, second: LinearOp) -> str | None:
-    if first.kind != second.kind or first.kind not in ("conv", "linear"):
+def _biased(op: LinearOp) -> bool:
+    return op.bias is not None and bool(torch.any(op.bias != 0))
+
+
+def composition_reason(first: LinearOp, second: LinearOp) -> str | None:
+    """Why ``second(first(x))`` is not exactly one conv / linear (``None``: it is)."""
+    pairs = {("conv", "conv"), ("linear", "linear"), ("conv", "avg_pool")}
+    if (first.kind, second.kind) not in pairs:
         return f"{first.kind} then {second.kind} is not composed"
     if first.spatial_dims != second.spatial_dims:
         return "convs of different spatial dims"
     if not _is_pointwise(first):
-        return "first conv is not 1×1, stride 1, unpadded"
-    if second.kind == "conv" and second.geometry is None:
+        return "first conv is not 1×1 with stride 1"
+    if second.kind != "linear" and second.geometry is None:
         return "second conv has no explicit symmetric padding"
-    if first.groups != second.groups:
+    depthwise = second.groups == second.in_channels == second.out_channels
+    if first.groups != second.groups and not (depthwise and second.in_channels % first.groups == 0):
         return "convs have different groups"
-    if second.zero_padded and first.bias is not None and bool(torch.any(first.bias != 0)):
+    if second.zero_padded and _biased(first):
         return "a bias before a zero-padded conv is not exact"
+    first_pads = first.kind == "conv" and any(first.geometry.padding)
+    second_pads = second.kind != "linear" and any(second.geometry.padding)
+    if first_pads and second_pads and second.geometry.padding_mode != "zeros":
+        return "the second conv would pad the first's border by reflection"
     if first.weight.dtype != second.weight.dtype:
         return "convs have different dtypes"
+    return None
+
+
+def _reason(ctx: FoldContext, first: LinearOp, second: LinearOp) -> str | None:
+    if (reason := composition_reason(first, second)) is not None:
+        return reason
     if shape_users(first.node):
         return "the first op's output shape is read elsewhere"
     for op in (first, second):
@@ -123,7 +142,7 @@ class MergeSequential:
         return self._compose(ctx, first, second)
 
     def _compose(self, ctx: FoldContext, first: LinearOp, second: LinearOp) -> Folded:
-        kernel = compose_pointwise_then_conv(_kernel(first), _kernel(second))
+        kernel = compose_pointwise_then_conv(kernel_of(first), kernel_of(second))
         mode = second.geometry.padding_mode if second.kind == "conv" else "zeros"
         module = new_conv(kernel, second.weight.dtype, mode)
         base = second.node.target if second.node.op == "call_module" else where(second.node)

@@ -1,0 +1,154 @@
+"""absorb_padding: constant padding of a pointwise conv's output becomes the conv's own padding.
+
+A 1×1, stride-1 conv with zero padding ``p`` outputs its bias ``b`` on the border. So padding
+its output ``y = W·x + b`` by ``p`` *with the value* ``b`` (per channel) is the same conv with
+``p`` more padding: ``pad_b(W·x + b) = W·pad_0(x) + b``. Two spellings are recognised:
+
+* ``F.pad(y, pads)`` (zeros) when the conv has no bias (or a zero one);
+* DBB's ``BNAndPad``: ``torch.where(border, v, F.pad(y, pads))`` with ``border`` the padded
+  border (``F.pad(zeros_like(y[:1, :1]), pads, value=c) > t``, ``0 < t < c``) and ``v`` a
+  constant equal to the conv's bias once the BN is folded into it.
+
+The conv then feeds the next op directly, where ``merge_sequential`` can compose it.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..algebra import ConvKernel
+from ..graph import value_users, where
+from ..ops import LinearOp, linear_op
+from ..report import Folded, Skipped
+from ..rewrite import replace_node
+from ..tolerances import constants_match
+from .base import FoldContext, PassResult, apply_rule
+from .merge_branches import new_conv
+
+
+def _symmetric_pads(pad: fx.Node) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """``F.pad(y, [l, r, t, b, …], mode="constant")`` with equal sides → (y, per-dim pads)."""
+    if pad.op != "call_function" or pad.target is not F.pad or len(pad.args) < 2:
+        return None
+    pads = pad.args[1]
+    mode = pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("mode", "constant")
+    if mode != "constant" or not isinstance(pads, (list, tuple)) or len(pads) % 2:
+        return None
+    if not all(isinstance(v, int) and v >= 0 for v in pads):
+        return None
+    sides = [(pads[i], pads[i + 1]) for i in range(0, len(pads), 2)]
+    if any(a != b for a, b in sides):
+        return None
+    return pad.args[0], tuple(a for a, _ in reversed(sides))  # outermost spatial dim first
+
+
+def _pad_value(pad: fx.Node) -> float | None:
+    value = pad.args[3] if len(pad.args) > 3 else pad.kwargs.get("value", None)
+    return 0.0 if value is None else value if isinstance(value, (int, float)) else None
+
+
+def _is_border_mask(mask: fx.Node, y: fx.Node, pads: tuple[int, ...]) -> bool:
+    """``F.pad(zeros_like(y or y[:1, :1]), pads, value=c) > t`` with ``0 < t < c``."""
+    if mask.op != "call_function" or mask.target is not operator.gt or len(mask.args) != 2:
+        return False
+    padded, threshold = mask.args
+    if not isinstance(padded, fx.Node) or not isinstance(threshold, (int, float)):
+        return False
+    found = _symmetric_pads(padded)
+    fill = None if found is None else _pad_value(padded)
+    if found is None or found[1] != pads or fill is None or not 0 < threshold < fill:
+        return False
+    zeros = found[0]
+    if zeros.op != "call_function" or zeros.target is not torch.zeros_like:
+        return False
+    source = zeros.args[0]
+    if source is y:
+        return True
+    return (
+        isinstance(source, fx.Node)
+        and source.op == "call_function"
+        and source.target is operator.getitem
+        and source.args[0] is y
+        and _leading_slices(source.args[1])
+    )
+
+
+def _leading_slices(index: object) -> bool:
+    """``[:1, :1]``-style indexing of the leading (batch, channel) dims only."""
+    return isinstance(index, tuple) and len(index) <= 2 and all(isinstance(i, slice) for i in index)
+
+
+def _pointwise(op: LinearOp | None) -> bool:
+    g = None if op is None else op.geometry
+    return (
+        op is not None
+        and op.kind == "conv"
+        and g is not None
+        and all(k == 1 for k in op.weight.shape[2:])
+        and all(s == 1 for s in g.stride)
+        and g.padding_mode == "zeros"
+    )
+
+
+class AbsorbPadding:
+    name = "absorb_padding"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        return apply_rule(gm, self._visit)
+
+    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+        if node.op == "call_function" and node.target is torch.where and len(node.args) == 3:
+            mask, value, padded = node.args
+            found = _symmetric_pads(padded) if isinstance(padded, fx.Node) else None
+            if found is None or not _is_border_mask(mask, found[0], found[1]):
+                return None
+            constant = ctx.consts.value(value)
+            return self._absorb(ctx, node, padded, found, constant)
+        found = _symmetric_pads(node)
+        if found is None or _pad_value(node) != 0.0:
+            return None
+        return self._absorb(ctx, node, node, found, None)
+
+    def _absorb(self, ctx, node, padded, found, constant) -> Folded | Skipped | None:
+        y, pads = found
+        conv = linear_op(ctx.gm, y, ctx.consts)
+        if not _pointwise(conv) or len(pads) != conv.spatial_dims:
+            return None
+        if [u for u in value_users(y) if u is not padded and not _mask_reader(u)]:
+            return Skipped(self.name, where(node), "the conv's output is also used unpadded")
+        bias = torch.zeros(conv.out_channels, dtype=torch.float64)
+        if conv.bias is not None:
+            bias = conv.bias.detach().double()
+        border = torch.zeros_like(bias) if constant is None else constant.double().reshape(-1)
+        if border.numel() not in (1, bias.numel()) or not constants_match(
+            border.expand_as(bias), bias, conv.weight.dtype
+        ):
+            return Skipped(self.name, where(node), "the padding value is not the conv's bias")
+        g = conv.geometry
+        padding = tuple(p + q for p, q in zip(g.padding, pads, strict=True))
+        kernel = ConvKernel(
+            conv.weight.detach().double(), bias, g.stride, padding, g.dilation, conv.groups
+        )
+        path = f"{y.target}_padded" if y.op == "call_module" else f"{y.name}_padded"
+        ctx.gm.add_submodule(path, new_conv(kernel, conv.weight.dtype))
+        with ctx.gm.graph.inserting_before(node):
+            new = ctx.gm.graph.call_module(path, (conv.input,))
+        new.meta.update(node.meta)
+        location = where(node)
+        replace_node(node, new)
+        return Folded(self.name, location, f"padding moved into {path}")
+
+
+def _mask_reader(user: fx.Node) -> bool:
+    """``zeros_like(y)`` or ``y[:1, :1]`` feeding only ``zeros_like``: reads only the shape."""
+    if user.op != "call_function":
+        return False
+    if user.target is torch.zeros_like:
+        return True
+    return user.target is operator.getitem and all(
+        u.op == "call_function" and u.target is torch.zeros_like for u in user.users
+    )
