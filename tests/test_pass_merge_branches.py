@@ -200,3 +200,22 @@ def test_summed_linears_become_one_linear():
     assert results[0].modified
     assert isinstance(gm.get_submodule("merged_conv"), nn.Linear)
     assert_close(gm(x), model(x))
+
+
+class RowCrop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.square, self.row = nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, (1, 3))
+
+    def forward(self, x):
+        return self.square(x) + self.row(x[:, :, 1:-1, :])
+
+
+def test_crop_before_a_branch_conv_is_absorbed():
+    model = _random(RowCrop())
+    x = torch.randn(2, 3, 7, 8)
+    gm, results = _fold_bn_then_merge(model, x)
+    assert results[0].modified
+    assert call_targets(gm) == ["merged_conv"]
+    assert gm.get_submodule("merged_conv").padding == (0, 0)
+    assert_close(gm(x), model(x))

@@ -37,6 +37,11 @@ def test_repvgg_tiny_folds_like_its_deploy_form():
     _check_against_deploy(create("repvgg_tiny", num_classes=10), torch.randn(2, 3, 32, 32))
 
 
+def test_acnet_tiny_folds_like_its_deploy_form():
+    """Including its block whose 1×k / k×1 branches read a cropped input."""
+    _check_against_deploy(create("acnet_tiny", num_classes=10), torch.randn(2, 3, 32, 32))
+
+
 def test_dbb_tiny_folds_like_its_deploy_form():
     """DBB: 1×1 → BNAndPad → K×K and 1×1 → BNAndPad → avg-pool branches compose, then merge."""
     _check_against_deploy(create("dbb_tiny", num_classes=10), torch.randn(2, 3, 32, 32))
@@ -78,7 +83,8 @@ def block_chains(draw):
             blocks.append(nn.ReLU())
         elif kind == "acnet":
             k = draw(st.sampled_from([3, 5]))
-            blocks.append(ACBlock(channels, out, k, stride, k // 2, groups))
+            padding = draw(st.integers(0, k // 2))  # below k // 2 the 1×k / k×1 inputs are cropped
+            blocks.append(ACBlock(channels, out, k, stride, padding, groups))
             blocks.append(nn.ReLU())
         else:
             k = draw(st.sampled_from([1, 3]))
@@ -89,7 +95,7 @@ def block_chains(draw):
 
 
 @settings(max_examples=20)
-@given(block_chains(), st.integers(6, 12))
+@given(block_chains(), st.integers(10, 14))
 def test_random_nets_of_reference_blocks_fold_like_their_deploy_form(chain, size):
     model, _ = chain
     x = torch.randn(2, _in_channels(model), size, size)

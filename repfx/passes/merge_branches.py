@@ -17,8 +17,9 @@ inside out, over the fixpoint.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
@@ -55,6 +56,7 @@ class _Branch:
     axis: int | bool | None  # the affine's channel axis; False when its ops disagree
     ops: list[fx.Node]
     prefix: list[LinearOp] = field(default_factory=list)  # pointwise convs before the conv
+    crop: tuple[int, ...] = ()  # symmetric crop of the root before the convs, per spatial dim
 
     @property
     def in_channels(self) -> int:
@@ -106,9 +108,39 @@ def _branch(
         if lin is not None and lin.kind in _MERGEABLE:
             prefix = [] if past_other_users else _pointwise_prefix(ctx, lin)
             root = (prefix[-1] if prefix else lin).input
-            return _Branch(root, lin, affine, axis, [*ops, node, *(p.node for p in prefix)], prefix)
+            ops = [*ops, node, *(p.node for p in prefix)]
+            crop = (0,) * lin.spatial_dims
+            while not past_other_users and (found := _crop(root, lin.spatial_dims)) is not None:
+                ops.append(root)
+                root, crop = found[0], tuple(a + b for a, b in zip(crop, found[1], strict=True))
+            return _Branch(root, lin, affine, axis, ops, prefix, crop)
         break
     return _Branch(node, None, affine, axis, ops)
+
+
+def _crop(node: fx.Node, dims: int) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """``x[:, :, c:-c, :]``-style symmetric crops of the spatial dims (ACNet), read by one op:
+    ``(x, crop per spatial dim)``. A crop before a conv is that conv with less padding."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.users) != 1:
+        return None
+    source, index = node.args
+    rank = rank_of(source)
+    if not isinstance(source, fx.Node) or not isinstance(index, tuple) or rank != dims + 2:
+        return None
+    if len(index) > rank or not all(isinstance(i, slice) and i.step is None for i in index):
+        return None
+    full = [*index, *[slice(None)] * (rank - len(index))]
+    if any(i != slice(None) for i in full[:2]):
+        return None
+    crops = []
+    for i in full[2:]:
+        if i == slice(None):
+            crops.append(0)
+        elif isinstance(i.start, int) and i.start > 0 and i.stop == -i.start:
+            crops.append(i.start)
+        else:
+            return None
+    return source, tuple(crops)
 
 
 def _is_linear(ctx: FoldContext, node: fx.Node) -> bool:
@@ -135,6 +167,9 @@ def _conv_kernel(branch: _Branch) -> ConvKernel:
     kernel = ConvKernel(weight, bias, g.stride, g.padding, g.dilation, conv.groups)
     for first in branch.prefix:
         kernel = compose_pointwise_then_conv(kernel_of(first), kernel)
+    if any(branch.crop):  # reading a cropped input = padding less
+        padding = tuple(p - c for p, c in zip(kernel.padding, branch.crop, strict=True))
+        kernel = replace(kernel, padding=padding)
     return kernel
 
 
@@ -304,7 +339,10 @@ class MergeBranches:
             reason = _alignment_reason(kernels)
         if reason is not None:
             return Skipped(self.name, where(join), reason)
-        merged = new_conv(combine(kernels), conv.weight.dtype)
+        combined = combine(kernels)
+        if any(p < 0 for p in combined.padding):
+            return Skipped(self.name, where(join), "every branch crops: no padding is left")
+        merged = new_conv(combined, conv.weight.dtype)
         location, count = where(join), sum(len(b.ops) for b in branches)
         base = _base_path(join)
         with ctx.gm.graph.inserting_before(join):
