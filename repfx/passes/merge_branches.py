@@ -92,14 +92,20 @@ def _pointwise_prefix(ctx: FoldContext, conv: LinearOp) -> list[LinearOp]:
 
 
 def _branch(
-    ctx: FoldContext, start: fx.Node, join: fx.Node, past_other_users: bool = False
+    ctx: FoldContext,
+    start: fx.Node,
+    join: fx.Node,
+    past_other_users: bool = False,
+    convs_first: bool = False,
 ) -> _Branch:
     """Walk back from ``start`` through single-use affines and at most one conv
-    (``past_other_users``: through ops whose result is also used elsewhere too)."""
+    (``past_other_users``: through ops whose result is also used elsewhere too; ``convs_first``:
+    a conv that is also a per-channel affine, like a depthwise 1×1, counts as the conv)."""
     affine, axis, ops = ChannelAffine.of(None, None, 1), None, []
     node, consumer = start, join
     while past_other_users or value_users(node) == [consumer]:
-        if (op := affine_op(ctx.gm, node, ctx.consts)) is not None:
+        is_conv = convs_first and (linear_op(ctx.gm, node, ctx.consts) is not None)
+        if not is_conv and (op := affine_op(ctx.gm, node, ctx.consts)) is not None:
             affine, axis = op.affine.then(affine), merge_axes(axis, op.axis)
             ops.append(node)
             node, consumer = op.input, node
@@ -304,7 +310,7 @@ class MergeBranches:
         )
 
     def _concat(self, ctx: FoldContext, join: fx.Node, operands: list[fx.Node]):
-        branches = [_branch(ctx, u, join) for u in operands]
+        branches = [_branch(ctx, u, join, convs_first=True) for u in operands]
         if len({id(b.root) for b in branches}) > 1 or all(b.conv is None for b in branches):
             return None
         conv = next(b.conv for b in branches if b.conv is not None)
