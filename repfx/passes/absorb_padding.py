@@ -113,7 +113,16 @@ class AbsorbPadding:
             return None
         return self._absorb(ctx, node, node, found, None)
 
-    def _absorb(self, ctx, node, padded, found, constant) -> Folded | Skipped | None:
+    def _absorb(
+        self,
+        ctx: FoldContext,
+        node: fx.Node,
+        padded: fx.Node,
+        found: tuple[fx.Node, tuple[int, ...]],
+        constant: torch.Tensor | None,
+    ) -> Folded | Skipped | None:
+        """Replace ``node`` (``padded``, or a ``where`` around it) by the conv producing the
+        padded tensor with ``found``'s pads added, if the border value is that conv's bias."""
         y, pads = found
         conv = linear_op(ctx.gm, y, ctx.consts)
         if not _pointwise(conv) or len(pads) != conv.spatial_dims:
