@@ -42,7 +42,7 @@ from ..rewrite import new_conv, replace_join
 from ._absorb import describe
 from .base import FoldContext, PassResult
 from .fold_affine_mixer import join_operands
-from .merge_sequential import kernel_of
+from .merge_sequential import composition_reason, has_bias, kernel_of
 
 _UNEXPLAINED = object()  # a join that is not a merge candidate; may deserve an explanation
 _MERGEABLE = ("conv", "avg_pool", "linear")
@@ -73,21 +73,12 @@ def _pointwise_prefix(ctx: FoldContext, conv: LinearOp) -> list[LinearOp]:
         return prefix
     while value_users(head.input) == [head.node]:
         first = linear_op(ctx.gm, head.input, ctx.consts)
-        if first is None or first.kind != "conv" or first.geometry is None:
+        if first is None or first.kind != "conv" or composition_reason(first, head) is not None:
             break
-        g = first.geometry
-        pointwise = all(k == 1 for k in first.weight.shape[2:]) and all(v == 1 for v in g.stride)
-        depthwise = head.groups == head.in_channels == head.out_channels
-        groups_ok = first.groups == head.groups or (
-            depthwise and head.in_channels % first.groups == 0
-        )
-        biased = first.bias is not None and bool(torch.any(first.bias != 0))
-        if not pointwise or g.padding_mode != "zeros" or not groups_ok or (padded and biased):
-            break
-        if first.weight.dtype != conv.weight.dtype or first.out_channels != head.in_channels:
+        if padded and has_bias(first):  # padding so far would meet this conv's bias
             break
         prefix.append(first)
-        head, padded = first, padded or any(g.padding)
+        head, padded = first, padded or any(first.geometry.padding)
     return prefix
 
 

@@ -52,7 +52,8 @@ def _is_pointwise(op: LinearOp) -> bool:
     )
 
 
-def _biased(op: LinearOp) -> bool:
+def has_bias(op: LinearOp) -> bool:
+    """A bias that is not all zeros."""
     return op.bias is not None and bool(torch.any(op.bias != 0))
 
 
@@ -70,7 +71,7 @@ def composition_reason(first: LinearOp, second: LinearOp) -> str | None:
     depthwise = second.groups == second.in_channels == second.out_channels
     if first.groups != second.groups and not (depthwise and second.in_channels % first.groups == 0):
         return "convs have different groups"
-    if second.zero_padded and _biased(first):
+    if second.zero_padded and has_bias(first):
         return "a bias before a zero-padded conv is not exact"
     first_pads = first.kind == "conv" and any(first.geometry.padding)
     second_pads = second.kind != "linear" and any(second.geometry.padding)
