@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+import repfx
 from repfx.capture import capture, copy_model, propagate_shapes
 from repfx.graph import annotate_ranks
 
@@ -30,3 +31,31 @@ def apply(pass_, gm: fx.GraphModule):
     gm.graph.lint()
     gm.recompile()
     return result
+
+
+def fold_recording_error(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[fx.GraphModule | None, torch.Tensor | None, BaseException | None]:
+    """``repfx.fold(model, (x,))`` and its output on ``x``, with the first error recorded
+    instead of raised (a failed verification still yields the unverified fold, so structure
+    tests can run), for test modules that share one fold across many tests."""
+    error: BaseException | None = None
+    folded: fx.GraphModule | None = None
+    actual: torch.Tensor | None = None
+    try:
+        folded = repfx.fold(model, (x,))
+    except repfx.VerificationError as exc:
+        error = exc
+        try:
+            folded = repfx.fold(model, (x,), verify=False)
+        except Exception:
+            folded = None
+    except Exception as exc:
+        error = exc
+    if folded is not None:
+        try:
+            with torch.no_grad():
+                actual = folded(x)
+        except Exception as exc:
+            error = error or exc
+    return folded, actual, error

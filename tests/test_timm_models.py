@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 import pytest
 import timm
 import torch
+from helpers import fold_recording_error
 from timm.layers import LayerScale, LayerScale2d
 from timm.models import metaformer
+from timm_weights import redraw_foldable_parameters_
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import repfx
 from repfx.graph import ConstantFolder
 from repfx.inspect import OP_KINDS, op_counts, op_kind
 from repfx.tolerances import assert_close
@@ -37,7 +38,6 @@ from repfx.tolerances import assert_close
 torch.set_num_threads(1)
 
 TOP_LEVEL = "(top level)"  # origin of an op traced in the model's own forward
-SCALE_TYPES = (LayerScale, LayerScale2d, metaformer.Scale)
 
 
 # --------------------------------------------------------------------------- expectations
@@ -212,50 +212,6 @@ def _unfused_attention(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def redraw_foldable_parameters_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-draw, in place and at O(1), everything a fold moves around.
-
-    BatchNorm (any subclass, e.g. BatchNormAct2d): ``running_mean ~ 0.3 N``,
-    ``running_var ~ U[0.5, 1.5)``, ``weight ~ 1 + 0.5 N``, ``bias ~ 0.3 N``.
-    LayerScale / LayerScale2d ``gamma``, metaformer ``Scale.scale`` (``layer_scale*`` /
-    ``res_scale*``), any other 1-d ``gamma``: ``1 + 0.5 N``. StarReLU ``scale ~ 1 + 0.5 N``,
-    ``bias ~ 0.3 N`` (a scalar affine). LayerNorm / GroupNorm affine: ``1 + 0.5 N``, ``0.3 N``.
-    Conv / Linear biases (timm inits them to 0, which would hide a wrong bias fold): ``0.2 N``.
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(t: torch.Tensor | None, mean: float, std: float) -> None:
-        if t is not None:
-            noise = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-            t.copy_((mean + std * noise).to(t.dtype))
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                draw(m.running_mean, 0.0, 0.3)
-                m.running_var.copy_(
-                    0.5 + torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64)
-                )
-                draw(m.weight, 1.0, 0.5)
-                draw(m.bias, 0.0, 0.3)
-            elif isinstance(m, (LayerScale, LayerScale2d)):
-                draw(m.gamma, 1.0, 0.5)
-            elif isinstance(m, metaformer.Scale):
-                draw(m.scale, 1.0, 0.5)
-            elif isinstance(m, metaformer.StarReLU):
-                draw(m.scale, 1.0, 0.5)
-                draw(m.bias, 0.0, 0.3)
-            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-                draw(m.weight, 1.0, 0.5)
-                draw(m.bias, 0.0, 0.3)
-            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-                draw(m.bias, 0.0, 0.2)
-            gamma = m._parameters.get("gamma")
-            if gamma is not None and gamma.dim() == 1 and not isinstance(m, SCALE_TYPES):
-                draw(gamma, 1.0, 0.5)
-    return model
-
-
 def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
     """``gm`` and every GraphModule nested in it (repfx folds inside untraceable leaves)."""
     return [m for m in gm.modules() if isinstance(m, fx.GraphModule)]
@@ -327,25 +283,7 @@ def folding(request: pytest.FixtureRequest) -> Folding:
         expected = model(x)
     # Errors are recorded, not raised here, so that each test fails (rather than errors) with
     # what it checks; test_fold_is_exact_and_leaves_model_unchanged reports the error itself.
-    error: BaseException | None = None
-    folded: fx.GraphModule | None = None
-    actual: torch.Tensor | None = None
-    try:
-        folded = repfx.fold(model, (x,))
-    except repfx.VerificationError as exc:
-        error = exc
-        try:
-            folded = repfx.fold(model, (x,), verify=False)  # still check the structure
-        except Exception:
-            folded = None
-    except Exception as exc:
-        error = exc
-    if folded is not None:
-        try:
-            with torch.no_grad():
-                actual = folded(x)
-        except Exception as exc:
-            error = error or exc
+    folded, actual, error = fold_recording_error(model, x)
     return Folding(spec, model, x, state_before, expected, actual, folded, error)
 
 

@@ -2,9 +2,9 @@
 
 For each model in ``MODELS``: random weights (no downloads), eval mode, every BatchNorm's
 statistics and affine, every conv / linear bias and every scale-type parameter re-drawn at O(1)
-with a fixed seed (``redraw_foldable_parameters_`` from ``test_timm_models``, plus fastvit's own
-``LayerScale2d``, whose ``(C, 1, 1)`` gamma that helper leaves at its 1e-5 init — a 1e-5
-LayerScale would make a wrong RepMixer fold invisible). Then ``repfx.fold(model, (x,))`` is
+with a fixed seed (``timm_weights.redraw_foldable_parameters_``, which also re-draws fastvit's own
+``LayerScale2d`` gammas of shape ``(C, 1, 1)``: a 1e-5 LayerScale would make a wrong RepMixer
+fold invisible). Then ``repfx.fold(model, (x,))`` is
 compared with ``timm.utils.reparameterize_model(copy.deepcopy(model))``, the hand-written
 ``reparameterize()`` / ``fuse()`` methods of the model's own authors:
 
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import pytest
 import timm
 import torch
-from test_timm_models import redraw_foldable_parameters_
-from timm.models import fastvit
+from helpers import fold_recording_error
+from timm_weights import redraw_foldable_parameters_
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -83,19 +83,6 @@ _BATCH_NORM_KERNELS = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def redraw_parameters_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """``redraw_foldable_parameters_``, then fastvit's ``LayerScale2d`` gammas at ``1 + 0.5 N``
-    (the shared helper only re-draws 1-d gammas; fastvit's are ``(C, 1, 1)``)."""
-    redraw_foldable_parameters_(model, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, fastvit.LayerScale2d):
-                noise = torch.randn(m.gamma.shape, generator=gen, dtype=torch.float64)
-                m.gamma.copy_((1.0 + 0.5 * noise).to(m.gamma.dtype))
-    return model
 
 
 class _KernelCounter(TorchDispatchMode):
@@ -158,7 +145,7 @@ def case(request: pytest.FixtureRequest) -> Case:
     name, size, batch = request.param
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
-    redraw_parameters_(model, seed=0)
+    redraw_foldable_parameters_(model, seed=0)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     timm_model = timm.utils.reparameterize_model(copy.deepcopy(model)).eval()
     with torch.no_grad():
@@ -166,25 +153,7 @@ def case(request: pytest.FixtureRequest) -> Case:
         truth = copy.deepcopy(model).double()(x.double())
         timm_out = timm_model(x)
     # Errors are recorded, not raised, so that each test fails with what it checks.
-    error: BaseException | None = None
-    folded: fx.GraphModule | None = None
-    actual: torch.Tensor | None = None
-    try:
-        folded = repfx.fold(model, (x,))
-    except repfx.VerificationError as exc:
-        error = exc
-        try:
-            folded = repfx.fold(model, (x,), verify=False)  # still check the structure
-        except Exception:
-            folded = None
-    except Exception as exc:
-        error = exc
-    if folded is not None:
-        try:
-            with torch.no_grad():
-                actual = folded(x)
-        except Exception as exc:
-            error = error or exc
+    folded, actual, error = fold_recording_error(model, x)
     return Case(name, model, x, expected, truth, timm_model, timm_out, folded, actual, error)
 
 
