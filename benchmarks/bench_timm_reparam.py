@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import timm
@@ -50,7 +50,7 @@ import torch
 
 # Shared with the RIFormer benchmark in this directory (the script's own directory is on
 # sys.path when it runs as ``python benchmarks/bench_timm_reparam.py``).
-from bench_riformer import Summary, machine_lines, print_section, rotated, time_forward
+from bench_riformer import Summary, machine_lines, measure_interleaved, print_section
 from timm.models.byobnet import RepVggBlock
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -219,28 +219,6 @@ def setup_model(name: str, x: torch.Tensor, seed: int) -> ModelSetup:
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def measure_interleaved(
-    variants: dict[str, nn.Module],
-    x: torch.Tensor,
-    warmup: int,
-    rounds: int,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, list[float]]:
-    """Per-variant forward latencies (seconds), one sample per variant per round."""
-    names = list(variants)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                variants[name](x)
-        for r in range(rounds):
-            for name in rotated(names, r):
-                samples[name].append(time_forward(variants[name], x))
-            if progress is not None:
-                progress(r)
-    return samples
 
 
 def ratio_summaries(samples: dict[str, list[float]]) -> dict[str, tuple[Summary, float]]:
