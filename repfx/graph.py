@@ -5,21 +5,35 @@ Ranks: with example inputs, ``ShapeProp`` metadata gives every node's shape. Wit
 have rank N + 2 (repfx assumes batched inputs there — pass example inputs to have this
 checked), rank-preserving ops (activations, norms, linear, elementwise arithmetic) keep their
 input's rank, ``permute`` / ``view`` / ``reshape`` / ``flatten`` compute it. Anything else is
-unknown, and folds that need it are skipped with a reason.
+unknown, and folds that need it are skipped with a reason. Casts (``x.long()``, ``x.to(dtype)``,
+``x.view(dtype)``) keep the rank and set the floating flag from the dtype they produce.
+
+Constants: a node is a constant when it depends only on module attributes through torch /
+operator calls that neither write to a tensor nor draw random numbers (see
+:class:`ConstantFolder`); capture marks every node that an in-place op may write to
+(:data:`MUTATED_KEY`), and such a node is never a constant.
+
+Plain modules: a module is treated as the ``torch.nn`` class it derives from only when it
+provably behaves as that class (:func:`is_plain`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
+import types
 from collections import Counter
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 RANK_KEY = "repfx_rank"
 FLOAT_KEY = "repfx_float"
+MUTATED_KEY = "repfx_mutated"  # node.meta: an in-place op may write to this value (capture)
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
@@ -27,13 +41,107 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Hooks observe (and may change) a module's inputs and outputs: such a module is never
-    rewritten or removed, since its hooks would then see different values."""
+    """Forward hooks and pre-hooks (with or without kwargs, ``always_call`` or not) observe and
+    may change a module's inputs and outputs: such a module is never rewritten or removed, since
+    its hooks would then see different values. Global module hooks
+    (``torch.nn.modules.module.register_module_forward_hook`` / ``_pre_hook``) count for every
+    module. Backward hooks do not run in eval-mode inference, state-dict hooks never change
+    values: neither counts."""
     return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or getattr(module, "_forward_hooks_with_kwargs", None)
+        getattr(module, "_forward_hooks", None)
+        or getattr(module, "_forward_pre_hooks", None)
+        or global_forward_hooks()
     )
+
+
+def global_forward_hooks() -> list[str]:
+    """The kinds of global module forward hooks registered now (empty when none is)."""
+    module = nn.modules.module
+    found = []
+    if getattr(module, "_global_forward_hooks", None):
+        found.append("global forward hooks (register_module_forward_hook)")
+    if getattr(module, "_global_forward_pre_hooks", None):
+        found.append("global forward pre-hooks (register_module_forward_pre_hook)")
+    return found
+
+
+# ------------------------------------------------------------------------- plain modules
+
+# Methods a subclass may override without changing what ``forward`` computes from the state.
+_INERT_OVERRIDES = frozenset(
+    {
+        "__init__",
+        "extra_repr",
+        "reset_parameters",
+        "_reset_parameters",
+        "reset_running_stats",
+        "_load_from_state_dict",
+        "__setstate__",
+        "__repr__",
+        "_get_name",
+    }
+)
+# Class bookkeeping Python adds to every class dict.
+_CLASS_BOOKKEEPING = frozenset(
+    {
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__dict__",
+        "__weakref__",
+        "__annotations__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__orig_bases__",
+        "__parameters__",
+        "__constants__",
+        "__abstractmethods__",
+        "_abc_impl",
+        "_version",
+    }
+)
+
+
+def is_plain(module: nn.Module, bases: type | tuple[type, ...]) -> bool:
+    """Does ``module`` provably compute what the ``torch.nn`` class in ``bases`` it derives
+    from computes (given its state: weights, stride, eps, ...)?
+
+    True when neither its class nor the instance changes any behaviour of that base: every
+    class between it and the base overrides only inert methods (``__init__``, ``extra_repr``,
+    ``reset_parameters``, ``_load_from_state_dict``, ...) and adds only new methods or plain
+    data (no property or other descriptor, which could shadow an attribute ``forward`` reads);
+    no mixin sits between the base and ``nn.Module`` in the MRO; and the instance does not
+    rebind a method. A subclass overriding ``_conv_forward``, ``_check_input_dim`` or
+    ``forward``, or a parametrized module (its weight is a property), is not plain.
+    """
+    candidates = bases if isinstance(bases, tuple) else (bases,)
+    base = next((b for b in candidates if isinstance(module, b)), None)
+    if base is None or not _class_is_plain(type(module), base):
+        return False
+    return not any(callable(getattr(base, name, None)) for name in vars(module))
+
+
+@functools.cache
+def _class_is_plain(cls: type, base: type) -> bool:
+    mro = cls.__mro__
+    if mro[mro.index(base) :] != base.__mro__:
+        return False  # a mixin between the base and nn.Module
+    return all(
+        _inert_entry(base, name, value)
+        for klass in mro[: mro.index(base)]
+        for name, value in vars(klass).items()
+    )
+
+
+def _inert_entry(base: type, name: str, value: Any) -> bool:
+    """Can this class-dict entry of a subclass of ``base`` leave ``base``'s behaviour as is?"""
+    if name in _INERT_OVERRIDES or name in _CLASS_BOOKKEEPING:
+        return True
+    if isinstance(value, (types.FunctionType, staticmethod, classmethod)):
+        return not hasattr(base, name)  # a new method: base's code never calls it
+    if hasattr(type(value), "__get__"):
+        return False  # a property or other descriptor may shadow what forward reads
+    return not callable(getattr(base, name, None))
 
 
 def where(node: fx.Node) -> str:
@@ -54,6 +162,15 @@ def where(node: fx.Node) -> str:
 class ConstantFolder:
     """Evaluates nodes that depend only on module attributes (``get_attr``), e.g.
     ``self.gamma[:, None, None]`` or ``self.gamma.view(1, -1, 1, 1)``.
+
+    Only calls of torch / ``operator`` callables are evaluated, and only those that provably
+    compute the same value on every run without side effects (:func:`may_evaluate`): no
+    in-place or ``out=`` form, no node capture marked as possibly written to
+    (:data:`MUTATED_KEY`), and — checked on the ATen ops each call actually dispatches, before
+    each one runs — no op that draws random numbers (``torch.Tag.nondeterministic_seeded``:
+    ``rand_like``, ``bernoulli``, training-mode dropout, ``normal_``, ``multinomial``, ...),
+    writes to a tensor (a mutable schema) or returns uninitialised memory (``empty*``).
+    A placeholder (a graph input, or a parameter that arrives as one) is never a constant.
 
     Results are memoised, except a ``get_attr``'s own value, which is always re-read: passes
     overwrite an attribute in place only when its single reader is the op being rewritten
@@ -95,30 +212,146 @@ class ConstantFolder:
         return self.value(arg) is not None
 
     def _evaluate(self, node: fx.Node) -> torch.Tensor | None:
+        if node.meta.get(MUTATED_KEY):
+            return None
         if node.op == "get_attr":
             value = _fetch_attr(self.gm, node.target)
             return value if isinstance(value, torch.Tensor) else None
-        if node.op not in ("call_function", "call_method"):
-            return None
         inputs = node.all_input_nodes
-        if not inputs:
+        if not inputs or node.op not in ("call_function", "call_method"):
             return None  # e.g. torch.ones(...) factories: not worth folding
         values = {
             n: self._evaluate(n) if n.op == "get_attr" else self._cache.get(n) for n in inputs
         }
-        if any(v is None for v in values.values()):
+        if any(v is None for v in values.values()) or not may_evaluate(node):
             return None
         args = fx.node.map_arg(node.args, values.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, values.__getitem__)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _DeterministicOnly():
                 if node.op == "call_method":
                     out = getattr(args[0], node.target)(*args[1:], **kwargs)
                 else:
                     out = node.target(*args, **kwargs)
-        except Exception:
+        except Exception:  # an impure op (_ImpureOp), or any failure: not a constant
             return None
         return out if isinstance(out, torch.Tensor) else None
+
+
+class _ImpureOp(RuntimeError):
+    pass
+
+
+_UNINITIALISED = frozenset(
+    {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+)
+
+
+class _DeterministicOnly(TorchDispatchMode):
+    """Refuses, before it runs, every ATen op that is random, writes to a tensor or returns
+    uninitialised memory."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name().split("::")[-1].split(".")[0]
+        if (
+            torch.Tag.nondeterministic_seeded in func.tags
+            or func._schema.is_mutable
+            or name in _UNINITIALISED
+        ):
+            raise _ImpureOp(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+_INPLACE_OPERATORS = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.iand,
+        operator.ior,
+        operator.ixor,
+        operator.ilshift,
+        operator.irshift,
+        operator.imatmul,
+        operator.iconcat,
+        operator.setitem,
+        operator.delitem,
+    }
+)
+
+
+def is_inplace_name(name: str) -> bool:
+    """``relu_``, ``add_``, ``F.elu_``: PyTorch's spelling of an op that writes to its input."""
+    return name.endswith("_") and not name.endswith("__")
+
+
+@functools.cache
+def call_signature(target: Any) -> inspect.Signature | None:
+    """``inspect.signature`` of a call target, or ``None`` (a builtin without one)."""
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+
+
+def inplace_flag(node: fx.Node) -> Any:
+    """The ``inplace=`` argument of a call whose target takes one (``F.relu(x, inplace=True)``,
+    a ``torch.nn`` module's ``inplace`` attribute is the module's business); ``False`` when the
+    target has no such parameter. May be a node (not known before run time)."""
+    if node.op != "call_function":
+        return False
+    sig = call_signature(node.target)
+    if sig is None or "inplace" not in sig.parameters:
+        return False
+    try:
+        bound = sig.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return True  # malformed: assume the worst
+    return bound.arguments.get("inplace", sig.parameters["inplace"].default)
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Is ``node`` a function / method call that writes to one of its inputs (an in-place name
+    such as ``add_``, an augmented-assignment or ``setitem`` operator, an ``out=`` argument, a
+    mutable ATen overload, or ``inplace=`` not known to be ``False``)? Modules are judged by
+    ``repfx.capture``."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if "out" in node.kwargs:
+        return True
+    if node.op == "call_method":
+        return not isinstance(node.target, str) or is_inplace_name(node.target)
+    target = node.target
+    if target in _INPLACE_OPERATORS or is_inplace_name(getattr(target, "__name__", "") or ""):
+        return True
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    return inplace_flag(node) is not False
+
+
+def is_torch_callable(target: Any) -> bool:
+    """A torch, ``torch.Tensor`` or ``operator`` callable (not user code, which may have side
+    effects a fold would run only once)."""
+    if target is getattr:
+        return True
+    if getattr(target, "__objclass__", None) in (torch._C.TensorBase, torch.Tensor):
+        return True
+    module = getattr(target, "__module__", None) or ""
+    return module.split(".")[0] in ("torch", "_operator", "operator")
+
+
+def may_evaluate(node: fx.Node) -> bool:
+    """May ``node`` be evaluated once, at fold time, in place of every run? (A call of a torch
+    or operator callable that writes to nothing; random ops are refused while it runs.)"""
+    if node.op not in ("call_function", "call_method") or node.meta.get(MUTATED_KEY):
+        return False
+    if writes_in_place(node):
+        return False
+    return node.op == "call_method" or is_torch_callable(node.target)
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -202,16 +435,60 @@ def module_call_counts(gm: fx.GraphModule) -> Counter[str]:
 # ----------------------------------------------------------------------------- ranks
 
 
+def _meta_tensor(node: fx.Node) -> Any:
+    """What is recorded about the value of ``node``: ``tensor_meta`` (shape propagation), or the
+    fake tensor dynamo / export attach (``val`` / ``example_value``); ``None`` when neither."""
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        return meta
+    for key in ("val", "example_value"):
+        value = node.meta.get(key)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
 def rank_of(node: Any) -> int | None:
     if not isinstance(node, fx.Node):
         return None
-    meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape"):
+    meta = _meta_tensor(node)
+    if meta is not None:
         return len(meta.shape)
     return node.meta.get(RANK_KEY)
 
 
+def known_dtype(node: Any) -> torch.dtype | None:
+    """The dtype of ``node``'s value when shapes were recorded, else ``None``."""
+    meta = _meta_tensor(node) if isinstance(node, fx.Node) else None
+    return None if meta is None else meta.dtype
+
+
+def is_floating(node: Any) -> bool:
+    """True only when ``node`` is known to be a floating-point tensor (recorded dtype, or the
+    structural flag :data:`FLOAT_KEY`); unknown is ``False``."""
+    if not isinstance(node, fx.Node):
+        return False
+    dtype = known_dtype(node)
+    if dtype is not None:
+        return dtype.is_floating_point
+    return bool(node.meta.get(FLOAT_KEY, False))
+
+
+def static_shape(node: Any) -> tuple[int, ...] | None:
+    """The recorded shape of ``node`` when every dim is a plain int (not symbolic)."""
+    meta = _meta_tensor(node) if isinstance(node, fx.Node) else None
+    if meta is None or not all(type(d) is int for d in meta.shape):
+        return None
+    return tuple(meta.shape)
+
+
 _FIXED_RANK_MODULES: tuple[tuple[type, int], ...] = (
+    (nn.Conv1d, 3),
+    (nn.Conv2d, 4),
+    (nn.Conv3d, 5),
+    (nn.ConvTranspose1d, 3),
+    (nn.ConvTranspose2d, 4),
+    (nn.ConvTranspose3d, 5),
     (nn.BatchNorm2d, 4),
     (nn.BatchNorm3d, 5),
     (nn.MaxPool1d, 3),
@@ -225,9 +502,17 @@ _FIXED_RANK_MODULES: tuple[tuple[type, int], ...] = (
     (nn.AdaptiveAvgPool3d, 5),
 )
 _FLOAT_MODULES = (
-    nn.modules.conv._ConvNd,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
     nn.Linear,
-    nn.modules.batchnorm._NormBase,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
     nn.LayerNorm,
     nn.GroupNorm,
 )
@@ -237,7 +522,11 @@ _RANK_PRESERVING_MODULES = (
     nn.GroupNorm,
     nn.BatchNorm1d,
     nn.Identity,
-    nn.modules.dropout._DropoutNd,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
     nn.ReLU,
     nn.ReLU6,
     nn.GELU,
@@ -285,12 +574,30 @@ _ELEMENTWISE_METHODS = {
     "clone", "mul_", "add_", "sub_", "div_", "neg",
 }  # fmt: skip
 _FLOAT_FUNCS = {F.gelu, F.layer_norm, F.group_norm, F.batch_norm, F.linear, F.conv1d, F.conv2d}
+_CONV_FUNC_RANKS = {F.conv1d: 3, F.conv2d: 4, F.conv3d: 5}
+
+# Casts keep the rank; the value is floating exactly when the dtype they produce is.
+_CAST_DTYPES: dict[str, torch.dtype] = {
+    "float": torch.float32,
+    "double": torch.float64,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "long": torch.int64,
+    "int": torch.int32,
+    "short": torch.int16,
+    "char": torch.int8,
+    "byte": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_ARG_METHODS = {"to", "type", "view"}  # x.to(dtype), x.type(dtype), x.view(dtype)
 
 
 def annotate_ranks(gm: fx.GraphModule) -> None:
     """Store a structurally inferred rank (and whether the value is floating) on every node.
 
     Constant expressions (``gamma.unsqueeze(-1)``, ``gamma[:, None, None]``) get their value's.
+    Inference never fails: what cannot be inferred (symbolic shape arithmetic, unknown ops) is
+    unknown (``None``, not floating).
     """
     consts = ConstantFolder(gm)
     for node in gm.graph.nodes:
@@ -299,63 +606,122 @@ def annotate_ranks(gm: fx.GraphModule) -> None:
             rank, is_float = value.dim(), value.is_floating_point()
         else:
             rank, is_float = _infer(gm, node)
-        node.meta[RANK_KEY] = rank
-        node.meta[FLOAT_KEY] = is_float
+        node.meta[RANK_KEY] = rank if type(rank) is int else None
+        node.meta[FLOAT_KEY] = bool(is_float)
 
 
 def _infer(gm: fx.GraphModule, node: fx.Node) -> tuple[int | None, bool]:
-    inputs = [n for n in node.all_input_nodes]
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    in_float = any(n.meta.get(FLOAT_KEY, False) for n in inputs)
+    in_float = any(n.meta.get(FLOAT_KEY, False) for n in node.all_input_nodes)
     if node.op == "get_attr":
         value = _fetch_attr(gm, node.target)
         if isinstance(value, torch.Tensor):
             return value.dim(), value.is_floating_point()
         return None, False
     if node.op == "call_module":
-        m = module_of(gm, node)
-        is_float = isinstance(m, _FLOAT_MODULES) or in_float
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return len(m.kernel_size) + 2, is_float  # batched input assumed
-        for base, rank in _FIXED_RANK_MODULES:
-            if isinstance(m, base):
-                return rank, is_float
-        if isinstance(m, _RANK_PRESERVING_MODULES):
-            return rank_of(first), is_float
-        if isinstance(m, nn.Flatten):
-            return _flatten_rank(rank_of(first), m.start_dim, m.end_dim), is_float
-        return None, False
+        return _infer_module(module_of(gm, node), first, in_float)
     if node.op == "call_function":
-        if node.target in (F.conv1d, F.conv2d, F.conv3d):
-            return {F.conv1d: 3, F.conv2d: 4, F.conv3d: 5}[node.target], True
-        if node.target in _ELEMENTWISE_FUNCS:
-            ranks = [rank_of(n) for n in inputs]
-            known = None if not ranks or None in ranks else max(ranks)
-            return known, in_float or node.target in _FLOAT_FUNCS
-        if node.target is torch.flatten:
-            start = _get(node, 1, "start_dim", 0)
-            end = _get(node, 2, "end_dim", -1)
-            return _flatten_rank(rank_of(first), start, end), in_float
-        if node.target in _REDUCTIONS:
-            return _reduced_rank(node, rank_of(first)), in_float
-        if node.target in (torch.permute,):
-            return _shape_arg_len(node), in_float
-        return None, False
-    if node.op == "call_method":
-        if node.target in _ELEMENTWISE_METHODS:
-            ranks = [rank_of(n) for n in inputs]
-            return (None if None in ranks else max(ranks, default=None)), in_float
-        if node.target in ("permute", "view", "reshape"):
-            return _shape_arg_len(node), in_float
-        if node.target in _REDUCTIONS:
-            return _reduced_rank(node, rank_of(first)), in_float
-        if node.target == "transpose":
-            return rank_of(first), in_float
-        if node.target == "flatten":
-            start = _get(node, 1, "start_dim", 0)
-            end = _get(node, 2, "end_dim", -1)
-            return _flatten_rank(rank_of(first), start, end), in_float
+        return _infer_function(node, first, in_float)
+    if node.op == "call_method" and isinstance(node.target, str):
+        return _infer_method(node, first, in_float)
     return None, False
+
+
+def _infer_module(m: nn.Module, first: fx.Node | None, in_float: bool) -> tuple[int | None, bool]:
+    """Modules that provably are the ``torch.nn`` class they derive from (:func:`is_plain`)."""
+    is_float = is_plain(m, _FLOAT_MODULES) or in_float
+    for base, rank in _FIXED_RANK_MODULES:
+        if is_plain(m, base):
+            return rank, is_float  # batched input assumed
+    if is_plain(m, _RANK_PRESERVING_MODULES):
+        return rank_of(first), is_float
+    if is_plain(m, nn.Flatten):
+        return _flatten_rank(rank_of(first), m.start_dim, m.end_dim), is_float
+    return None, False
+
+
+def _infer_function(
+    node: fx.Node, first: fx.Node | None, in_float: bool
+) -> tuple[int | None, bool]:
+    target = node.target
+    if target in _CONV_FUNC_RANKS:
+        return _CONV_FUNC_RANKS[target], True
+    if target in _ELEMENTWISE_FUNCS:
+        return _max_rank(node), in_float or target in _FLOAT_FUNCS
+    if target is torch.flatten:
+        start = _get(node, 1, "start_dim", 0)
+        end = _get(node, 2, "end_dim", -1)
+        return _flatten_rank(rank_of(first), start, end), in_float
+    if target in _REDUCTIONS:
+        return _reduced_rank(node, rank_of(first)), in_float
+    if target is torch.permute:
+        return _shape_arg_len(node), in_float
+    return None, False
+
+
+def _infer_method(node: fx.Node, first: fx.Node | None, in_float: bool) -> tuple[int | None, bool]:
+    target = node.target
+    cast = _cast_result(node, first)
+    if cast is not None:
+        return rank_of(first), cast
+    if target in _ELEMENTWISE_METHODS:
+        return _max_rank(node), in_float
+    if target in ("permute", "view", "reshape"):
+        return _shape_arg_len(node), in_float
+    if target in _REDUCTIONS:
+        return _reduced_rank(node, rank_of(first)), in_float
+    if target == "transpose":
+        return rank_of(first), in_float
+    if target == "flatten":
+        start = _get(node, 1, "start_dim", 0)
+        end = _get(node, 2, "end_dim", -1)
+        return _flatten_rank(rank_of(first), start, end), in_float
+    return None, False
+
+
+def _max_rank(node: fx.Node) -> int | None:
+    ranks = [rank_of(n) for n in node.all_input_nodes]
+    return None if not ranks or None in ranks else max(ranks)
+
+
+def dtype_argument(node: fx.Node) -> Any:
+    """The dtype a ``view`` / ``to`` / ``type`` call converts to: a ``torch.dtype``, a node that
+    may be one (``x.to(y.dtype)``, ``x.to(y)``), or ``None`` when it certainly converts to none
+    (``x.view(2, 3)``, ``x.to("cpu")``)."""
+    if node.op != "call_method" or node.target not in _DTYPE_ARG_METHODS:
+        return None
+    if "dtype" in node.kwargs:
+        return node.kwargs["dtype"]
+    args = node.args[1:]
+    if node.target == "view":
+        if len(args) == 1 and not isinstance(args[0], (int, tuple, list, torch.Size)):
+            return args[0]  # a dtype, or a node that may be one
+        return None
+    for arg in args:
+        if isinstance(arg, (torch.dtype, fx.Node)):
+            return arg
+    return None
+
+
+def _cast_result(node: fx.Node, first: fx.Node | None) -> bool | None:
+    """Is the result of a cast floating? ``None`` when ``node`` is not a cast."""
+    target = node.target
+    if target in _CAST_DTYPES:
+        return _CAST_DTYPES[target].is_floating_point
+    if target == "type_as" and len(node.args) == 2:
+        return is_floating(node.args[1])
+    if target not in _DTYPE_ARG_METHODS or (target == "type" and len(node.args) == 1):
+        return None  # not a cast (x.type() is the type's name, not a tensor)
+    dtype = dtype_argument(node)
+    if dtype is None:
+        # x.view(sizes) is no cast; x.to("cpu") keeps the dtype; x.type("torch.HalfTensor")
+        # converts to a dtype named by a string: unknown
+        return None if target == "view" else is_floating(first) if target == "to" else False
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point
+    if isinstance(dtype, fx.Node) and known_dtype(dtype) is not None:
+        return is_floating(dtype)  # x.to(other_tensor)
+    return False  # converts to a dtype known only at run time
 
 
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
@@ -365,11 +731,14 @@ def _reduced_rank(node: fx.Node, rank: int | None) -> int | None:
     """Rank after ``x.mean(dims, keepdim)`` and friends."""
     dims = _get(node, 1, "dim", None)
     keepdim = _get(node, 2, "keepdim", False)
-    if rank is None or dims is None or not isinstance(keepdim, bool):
+    if type(rank) is not int or not isinstance(keepdim, bool):
+        return None
+    dims = (dims,) if type(dims) is int else dims
+    if not isinstance(dims, (tuple, list)) or not dims or any(type(d) is not int for d in dims):
         return None
     if keepdim:
         return rank
-    return rank - (len(dims) if isinstance(dims, (tuple, list)) else 1)
+    return rank - len({d % rank for d in dims}) if rank > 0 else None
 
 
 def _get(node: fx.Node, index: int, name: str, default: Any) -> Any:
@@ -377,10 +746,12 @@ def _get(node: fx.Node, index: int, name: str, default: Any) -> Any:
 
 
 def _flatten_rank(rank: int | None, start: Any, end: Any) -> int | None:
-    if rank is None or not isinstance(start, int) or not isinstance(end, int):
+    if type(rank) is not int or type(start) is not int or type(end) is not int:
         return None
+    if rank == 0:
+        return 1  # flattening a 0-d tensor gives a 1-d one
     start, end = start % rank, end % rank
-    return rank - (end - start)
+    return rank - (end - start) if start <= end else None
 
 
 def _shape_arg_len(node: fx.Node) -> int | None:
@@ -390,6 +761,8 @@ def _shape_arg_len(node: fx.Node) -> int | None:
         dims = dims[0]
     elif len(dims) == 1 and isinstance(dims[0], fx.Node):
         return None  # a shape computed at run time
+    if any(isinstance(d, torch.dtype) for d in dims):
+        return None
     return len(dims) or None
 
 

@@ -14,6 +14,24 @@ attribute or a node argument), so a rewrite can replace them without knowing the
 
 Channel axes are *negative* (counted from the right) so that they are meaningful whether or not
 the batch dimension is present; ``None`` means "uniform over all channels" (a scalar).
+
+Soundness: a view is returned only when the node provably computes it.
+
+* Modules must be *plain* (``repfx.graph.is_plain``): a subclass that overrides anything
+  ``forward`` uses (``_conv_forward``, ``_check_input_dim``, a ``weight`` property) is not the
+  base op.
+* Every tensor operand of a view is a constant (``repfx.graph.ConstantFolder``). An optional
+  operand (a norm's or batch norm's weight / bias, a linear's bias) that is *given* but not a
+  constant — computed from an activation (conditional BN), or a graph placeholder — makes the
+  node no view at all; only an operand that is absent (not passed, or passed as ``None``) means
+  γ = 1 / β = 0 / no bias.
+* ``F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)`` and
+  ``torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
+  cudnn_enabled)`` are read each with its own argument order; only ``training=False`` folds.
+* Arithmetic affines (``x * c``, ``torch.add(x, c, alpha=a)``, ``addcmul``) need a floating
+  input (recorded dtype or the structural float flag; unknown is refused): on integers the
+  folded float arithmetic would change the dtype and the rounding.
+* Layout ops only move data: ``x.view(dtype)`` (a bitcast) and casts are not layout ops.
 """
 
 from __future__ import annotations
@@ -30,7 +48,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .algebra import ChannelAffine, batch_norm_affine
-from .graph import ConstantFolder, has_hooks, module_of, rank_of
+from .graph import (
+    ConstantFolder,
+    dtype_argument,
+    has_hooks,
+    is_floating,
+    is_plain,
+    known_dtype,
+    module_of,
+    rank_of,
+    static_shape,
+)
 
 # ----------------------------------------------------------------------------------- slots
 
@@ -131,19 +159,34 @@ def _conv_spatial_dims(module: nn.Module) -> int:
     return len(module.kernel_size)
 
 
-def _has_zero_padding(padding: Any, padding_mode: str = "zeros") -> bool:
+def _same_padding(kernel: Any, dilation: Any, dims: int) -> tuple[int, ...] | None:
+    """The symmetric padding ``padding="same"`` amounts to (``None``: asymmetric, or unknown)."""
+    k, d = _per_dim(kernel, dims), _per_dim(dilation, dims)
+    if k is None or d is None:
+        return None
+    totals = [di * (ki - 1) for ki, di in zip(k, d, strict=True)]
+    return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+
+
+def _has_zero_padding(
+    padding: Any, padding_mode: str = "zeros", kernel: Any = None, dilation: Any = 1
+) -> bool:
+    """Does a conv read zeros beyond its input's border? ``padding="valid"`` never does;
+    ``padding="same"`` does unless every kernel extent is 1 (known only given ``kernel``);
+    reflect / replicate / circular padding pads with images of the input, not with zeros."""
     if padding_mode != "zeros":
-        return False  # reflect / replicate / circular pads with images of the input
+        return False
     if isinstance(padding, str):
-        return padding == "same"
+        if padding == "valid":
+            return False
+        dims = len(kernel) if isinstance(kernel, (tuple, list)) else 1
+        k, d = _per_dim(kernel, dims), _per_dim(dilation, dims)
+        if padding != "same" or k is None or d is None:
+            return True  # unknown: assume it pads
+        return any(di * (ki - 1) > 0 for ki, di in zip(k, d, strict=True))
     if isinstance(padding, int):
         return padding != 0
     return any(p != 0 for p in padding)
-
-
-def _is_plain(module: nn.Module, base: type) -> bool:
-    """A module that computes exactly what ``base`` computes (its forward is not overridden)."""
-    return isinstance(module, base) and type(module).forward is base.forward
 
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -182,21 +225,23 @@ def _linear_op_module(node: fx.Node, m: nn.Module) -> LinearOp | None:
         weight_slot=Slot(node, attr="weight"),
         bias_slot=Slot(node, attr="bias"),
     )
-    if any(_is_plain(m, t) for t in _CONV_TYPES):
+    if is_plain(m, _CONV_TYPES):
         dims = _conv_spatial_dims(m)
         return LinearOp(
             kind="conv",
             groups=m.groups,
             spatial_dims=dims,
-            zero_padded=_has_zero_padding(m.padding, m.padding_mode),
-            geometry=_geometry(dims, m.stride, m.padding, m.dilation, m.padding_mode),
+            zero_padded=_has_zero_padding(m.padding, m.padding_mode, m.kernel_size, m.dilation),
+            geometry=_geometry(
+                dims, m.stride, m.padding, m.dilation, m.padding_mode, m.kernel_size
+            ),
             **common,
         )
-    if any(_is_plain(m, t) for t in _CONV_T_TYPES):
+    if is_plain(m, _CONV_T_TYPES):
         return LinearOp(
             kind="conv_transpose", groups=m.groups, spatial_dims=_conv_spatial_dims(m), **common
         )
-    if _is_plain(m, nn.Linear):
+    if is_plain(m, nn.Linear):
         return LinearOp(kind="linear", **common)
     return None
 
@@ -210,6 +255,16 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = _ARG) -> tuple[Any
     return node.kwargs.get(name, default), Slot(node, kwarg=name)
 
 
+def _optional_constant(arg: Any, consts: ConstantFolder) -> tuple[bool, torch.Tensor | None]:
+    """An optional tensor operand: ``(True, None)`` when absent (not given, or ``None``),
+    ``(True, value)`` when a constant, ``(False, None)`` when given but not a constant (computed
+    from an activation, a placeholder, a literal) — the op is then no view at all."""
+    if arg is None:
+        return True, None
+    value = consts.value(arg) if isinstance(arg, fx.Node) else None
+    return value is not None, value
+
+
 def _linear_op_function(node: fx.Node, consts: ConstantFolder) -> LinearOp | None:
     target = node.target
     if target in _CONV_FUNCS:
@@ -221,9 +276,9 @@ def _linear_op_function(node: fx.Node, consts: ConstantFolder) -> LinearOp | Non
     x, _ = _arg(node, 0, "input")
     w_node, w_slot = _arg(node, 1, "weight")
     b_node, b_slot = _arg(node, 2, "bias", None)
-    weight = consts.value(w_node)
-    bias = None if b_node is None else consts.value(b_node)
-    if not isinstance(x, fx.Node) or weight is None or (b_node is not None and bias is None):
+    weight = consts.value(w_node) if isinstance(w_node, fx.Node) else None
+    has_bias, bias = _optional_constant(b_node, consts)
+    if not isinstance(x, fx.Node) or weight is None or not has_bias:
         return None
     if kind == "linear":
         return LinearOp(node, "linear", x, weight, bias, w_slot, b_slot)
@@ -233,6 +288,9 @@ def _linear_op_function(node: fx.Node, consts: ConstantFolder) -> LinearOp | Non
     groups, _ = _arg(node, 6, "groups", 1)
     if any(isinstance(a, fx.Node) for a in (stride, padding, dilation, groups)):
         return None
+    if type(groups) is not int or weight.dim() != dims + 2:
+        return None
+    kernel = tuple(weight.shape[2:])
     return LinearOp(
         node,
         "conv",
@@ -243,27 +301,31 @@ def _linear_op_function(node: fx.Node, consts: ConstantFolder) -> LinearOp | Non
         b_slot,
         groups,
         dims,
-        _has_zero_padding(padding),
-        _geometry(dims, stride, padding, dilation, "zeros"),
+        _has_zero_padding(padding, "zeros", kernel, dilation),
+        _geometry(dims, stride, padding, dilation, "zeros", kernel),
     )
 
 
 def _per_dim(value: Any, dims: int) -> tuple[int, ...] | None:
-    if isinstance(value, int):
+    if type(value) is int:
         return (value,) * dims
     if isinstance(value, (tuple, list)) and len(value) == dims:
-        return tuple(value) if all(isinstance(v, int) for v in value) else None
+        return tuple(value) if all(type(v) is int for v in value) else None
     return None
 
 
 def _geometry(
-    dims: int, stride: Any, padding: Any, dilation: Any, padding_mode: str
+    dims: int, stride: Any, padding: Any, dilation: Any, padding_mode: str, kernel: Any = None
 ) -> ConvGeometry | None:
+    """Stride / symmetric padding / dilation; ``None`` when the padding is asymmetric
+    (``"same"`` with an even kernel extent) or unknown."""
     if padding == "valid":
         padding = 0
+    elif padding == "same":
+        padding = None if kernel is None else _same_padding(kernel, dilation, dims)
     parts = [_per_dim(v, dims) for v in (stride, padding, dilation)]
     if any(p is None for p in parts):
-        return None  # e.g. padding="same", which may be asymmetric
+        return None
     return ConvGeometry(*parts, padding_mode)
 
 
@@ -277,17 +339,19 @@ def avg_pool_op(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return None
     m = module_of(gm, node)
-    dims = _AVG_POOLS.get(type(m))
-    meta = node.meta.get("tensor_meta")
-    if dims is None or meta is None or len(meta.shape) < dims + 1:
+    if not is_plain(m, tuple(_AVG_POOLS)):
+        return None
+    dims = _AVG_POOLS[next(t for t in _AVG_POOLS if isinstance(m, t))]
+    shape, dtype = static_shape(node), known_dtype(node)
+    if shape is None or dtype is None or len(shape) < dims + 1:
         return None
     size, stride, padding = (_per_dim(v, dims) for v in (m.kernel_size, m.stride, m.padding))
     if m.ceil_mode or getattr(m, "divisor_override", None) is not None or None in (size, stride):
         return None
-    if any(padding) and not m.count_include_pad:
+    if padding is None or (any(padding) and not m.count_include_pad):
         return None  # the border divides by fewer taps: not a conv
-    channels = meta.shape[-(dims + 1)]
-    weight = torch.full((channels, 1, *size), 1.0 / math.prod(size), dtype=meta.dtype)
+    channels = shape[-(dims + 1)]
+    weight = torch.full((channels, 1, *size), 1.0 / math.prod(size), dtype=dtype)
     geometry = ConvGeometry(stride, padding, (1,) * dims)
     return LinearOp(
         node, "avg_pool", node.args[0], weight, None, None, None, channels, dims, any(padding),
@@ -306,42 +370,58 @@ _NORM_FUNCS = {
 def norm_op(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> NormOp | None:
     """View ``node`` as a LayerNorm over the last dim or a GroupNorm, or ``None``."""
     if node.op == "call_module":
-        m = module_of(gm, node)
-        if _is_plain(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
-            channels, kind = m.normalized_shape[0], "layer_norm"
-        elif _is_plain(m, nn.GroupNorm):
-            channels, kind = m.num_channels, "group_norm"
-        else:
-            return None
-        weight, bias = m.weight, m.bias
-        w_slot, b_slot = Slot(node, attr="weight"), Slot(node, attr="bias")
-        dtype = _param_dtype(m)
+        found = _norm_module(gm, node)
     elif node.op == "call_function" and node.target in _NORM_FUNCS:
-        kind = _NORM_FUNCS[node.target]
-        second, _ = _arg(node, 1, "normalized_shape" if kind == "layer_norm" else "num_groups")
-        w_node, w_slot = _arg(node, 2, "weight", None)
-        b_node, b_slot = _arg(node, 3, "bias", None)
-        weight = None if w_node is None else consts.value(w_node)
-        bias = None if b_node is None else consts.value(b_node)
-        if (w_node is not None and weight is None) or (b_node is not None and bias is None):
-            return None
-        if kind == "layer_norm":
-            if not isinstance(second, (list, tuple)) or len(second) != 1:
-                return None
-            channels = int(second[0])
-        elif weight is not None:
-            channels = weight.numel()
-        else:
-            return None  # channel count unknown without an affine
-        dtype = weight.dtype if weight is not None else torch.get_default_dtype()
+        found = _norm_function(node, consts)
     else:
         return None
+    if found is None:
+        return None
+    kind, channels, weight, bias, w_slot, b_slot, dtype = found
     if kind == "layer_norm":
         axis = -1
     else:
         rank = rank_of(node)
         axis = None if rank is None else 1 - rank
     return NormOp(node, kind, channels, axis, weight, bias, w_slot, b_slot, dtype)
+
+
+def _norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    m = module_of(gm, node)
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return None
+    if is_plain(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+        channels, kind = m.normalized_shape[0], "layer_norm"
+    elif is_plain(m, nn.GroupNorm):
+        channels, kind = m.num_channels, "group_norm"
+    else:
+        return None
+    w_slot, b_slot = Slot(node, attr="weight"), Slot(node, attr="bias")
+    return kind, channels, m.weight, m.bias, w_slot, b_slot, _param_dtype(m)
+
+
+def _norm_function(node: fx.Node, consts: ConstantFolder) -> tuple | None:
+    kind = _NORM_FUNCS[node.target]
+    second, _ = _arg(node, 1, "normalized_shape" if kind == "layer_norm" else "num_groups")
+    w_node, w_slot = _arg(node, 2, "weight", None)
+    b_node, b_slot = _arg(node, 3, "bias", None)
+    (has_weight, weight), (has_bias, bias) = (
+        _optional_constant(w_node, consts),
+        _optional_constant(b_node, consts),
+    )
+    x, _ = _arg(node, 0, "input")
+    if not has_weight or not has_bias or not isinstance(x, fx.Node):
+        return None
+    if kind == "layer_norm":
+        if not isinstance(second, (list, tuple)) or len(second) != 1 or type(second[0]) is not int:
+            return None
+        channels = second[0]
+    elif weight is not None and type(second) is int:
+        channels = weight.numel()
+    else:
+        return None  # channel count unknown without an affine
+    dtype = weight.dtype if weight is not None else torch.get_default_dtype()
+    return kind, channels, weight, bias, w_slot, b_slot, dtype
 
 
 def _param_dtype(m: nn.Module) -> torch.dtype:
@@ -352,35 +432,73 @@ def _param_dtype(m: nn.Module) -> torch.dtype:
 
 # ------------------------------------------------------------------------ affine ops
 
+_BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+# Argument positions: the two functions take the same arguments in different orders.
+_BATCH_NORM_POSITIONS: dict[Any, dict[str, int]] = {
+    F.batch_norm: dict(
+        input=0, running_mean=1, running_var=2, weight=3, bias=4, training=5, momentum=6, eps=7
+    ),
+    torch.batch_norm: dict(
+        input=0, weight=1, bias=2, running_mean=3, running_var=4, training=5, momentum=6, eps=7
+    ),
+}
+_BATCH_NORM_DEFAULTS: dict[Any, dict[str, Any]] = {
+    F.batch_norm: dict(weight=None, bias=None, training=False, momentum=0.1, eps=1e-5),
+    torch.batch_norm: {},  # every argument is required
+}
+
+
+def _batch_norm_arg(node: fx.Node, name: str) -> tuple[Any, Slot]:
+    """Argument ``name`` of an ``F.batch_norm`` / ``torch.batch_norm`` call, in that function's
+    own argument order (:data:`_ARG` when missing)."""
+    index = _BATCH_NORM_POSITIONS[node.target][name]
+    return _arg(node, index, name, _BATCH_NORM_DEFAULTS[node.target].get(name, _ARG))
+
 
 def is_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Any batch-norm call, foldable or not."""
     if node.op == "call_module":
         return isinstance(module_of(gm, node), _BatchNorm)
-    return node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
+    return node.op == "call_function" and node.target in _BATCH_NORM_POSITIONS
 
 
 def batch_norm_reason(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> str | None:
     """Why a batch-norm node is not an affine (``None`` when it is one, or not a BN at all)."""
     if node.op == "call_module":
         m = module_of(gm, node)
-        if not isinstance(m, _BatchNorm):
-            return None
-        if type(m).forward is not _BatchNorm.forward and not isinstance(m, nn.SyncBatchNorm):
-            return "batch norm subclass with its own forward"
-        if m.training:
-            return "batch norm in training mode (uses batch statistics)"
-        if m.running_mean is None or m.running_var is None:
-            return "batch norm without running statistics"
-        return None
-    if node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
-        training, _ = _arg(node, 5, "training", False)
-        if training is not False:
-            return "batch norm in training mode (uses batch statistics)"
-        mean, _ = _arg(node, 1, "running_mean", None)
-        var, _ = _arg(node, 2, "running_var", None)
-        if consts.value(mean) is None or consts.value(var) is None:
+        return _batch_norm_module_reason(m) if isinstance(m, _BatchNorm) else None
+    if node.op == "call_function" and node.target in _BATCH_NORM_POSITIONS:
+        return _batch_norm_function_reason(node, consts)
+    return None
+
+
+def _batch_norm_module_reason(m: _BatchNorm) -> str | None:
+    if not is_plain(m, _BATCH_NORM_TYPES):
+        return "batch norm subclass that overrides what its forward uses"
+    if m.training:
+        return "batch norm in training mode (uses batch statistics)"
+    if m.running_mean is None or m.running_var is None:
+        return "batch norm without running statistics"
+    return None
+
+
+def _batch_norm_function_reason(node: fx.Node, consts: ConstantFolder) -> str | None:
+    training, _ = _batch_norm_arg(node, "training")
+    if training is not False:
+        return "batch norm in training mode (uses batch statistics)"
+    x, _ = _batch_norm_arg(node, "input")
+    eps, _ = _batch_norm_arg(node, "eps")
+    if not isinstance(x, fx.Node) or isinstance(eps, fx.Node) or eps is _ARG:
+        return "batch norm call not understood"
+    for name in ("running_mean", "running_var"):
+        stat, _ = _batch_norm_arg(node, name)
+        if not isinstance(stat, fx.Node) or consts.value(stat) is None:
             return "batch norm statistics are not constants"
+    for name in ("weight", "bias"):
+        given, _ = _batch_norm_arg(node, name)
+        if given is _ARG or not _optional_constant(given, consts)[0]:
+            return f"batch norm {name} is not a constant"
     return None
 
 
@@ -389,7 +507,7 @@ def affine_op(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> Affi
     if node.op == "call_module":
         return _affine_module(gm, node, consts)
     if node.op in ("call_function", "call_method"):
-        if node.target in (F.batch_norm, torch.batch_norm):
+        if node.op == "call_function" and node.target in _BATCH_NORM_POSITIONS:
             return _affine_batch_norm_function(gm, node, consts)
         return _affine_arith(node, consts)
     return None
@@ -407,7 +525,7 @@ def _affine_module(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) ->
         axis = _batch_norm_axis(m, x)
         dtype = m.running_mean.dtype
         return None if axis is False else AffineOp(node, "batch_norm", x, affine, axis, dtype)
-    if any(_is_plain(m, t) for t in _CONV_TYPES) and _is_depthwise_pointwise(m):
+    if is_plain(m, _CONV_TYPES) and _is_depthwise_pointwise(m):
         affine = ChannelAffine.of(m.weight.reshape(-1), m.bias, m.out_channels)
         axis = -(_conv_spatial_dims(m) + 1)
         return AffineOp(node, "depthwise_1x1_conv", x, affine, axis, m.weight.dtype)
@@ -419,7 +537,7 @@ def _is_depthwise_pointwise(m: _ConvNd) -> bool:
         m.groups == m.in_channels == m.out_channels
         and all(k == 1 for k in m.kernel_size)
         and all(s == 1 for s in m.stride)
-        and not _has_zero_padding(m.padding)
+        and not _has_zero_padding(m.padding, "zeros", m.kernel_size, m.dilation)
         and m.padding_mode == "zeros"
     )
 
@@ -431,7 +549,7 @@ def _batch_norm_axis(m: _BatchNorm, x: fx.Node) -> int | bool | None:
         if isinstance(m, t):
             return axis
     rank = rank_of(x)
-    return False if rank is None else 1 - rank
+    return False if rank is None or rank < 2 else 1 - rank
 
 
 def _affine_batch_norm_function(
@@ -439,16 +557,14 @@ def _affine_batch_norm_function(
 ) -> AffineOp | None:
     if batch_norm_reason(gm, node, consts) is not None:
         return None
-    x, _ = _arg(node, 0, "input")
+    x, _ = _batch_norm_arg(node, "input")
     tensors = [
-        consts.value(_arg(node, i, name, None)[0])
-        for i, name in [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]
+        consts.value(_batch_norm_arg(node, name)[0])
+        for name in ("running_mean", "running_var", "weight", "bias")
     ]
-    eps, _ = _arg(node, 7, "eps", 1e-5)
-    if not isinstance(x, fx.Node) or isinstance(eps, fx.Node):
-        return None
+    eps, _ = _batch_norm_arg(node, "eps")
     rank = rank_of(x)
-    if rank is None:
+    if rank is None or rank < 2:
         return None
     affine = batch_norm_affine(*tensors, eps)
     return AffineOp(node, "batch_norm", x, affine, 1 - rank, tensors[1].dtype)
@@ -470,37 +586,53 @@ def _affine_arith(node: fx.Node, consts: ConstantFolder) -> AffineOp | None:
     if len(node.args) != 2 or (node.kwargs and set(node.kwargs) - {"alpha"}):
         return None
     alpha = node.kwargs.get("alpha", 1)
-    if not isinstance(alpha, (int, float)):
+    if type(alpha) not in (int, float) or (alpha != 1 and target not in _ADD | _SUB):
         return None
     a, b = node.args
     a_const, b_const = _constant_operand(a, consts), _constant_operand(b, consts)
     if (a_const is None) == (b_const is None):
         return None  # needs exactly one tensor operand and one constant
     x, c, const_first = (b, a_const, True) if a_const is not None else (a, b_const, False)
-    if not isinstance(x, fx.Node):
+    if not isinstance(x, fx.Node) or not _keeps_floating_dtype(x, c):
         return None
     layout = _channel_layout(c, x)
     if layout is None:
         return None
     vec, axis = layout
-    one = torch.ones_like(vec)
-    if target in _MUL:
-        affine = ChannelAffine(vec, torch.zeros_like(vec))
-    elif target in _ADD:
-        affine = (
-            ChannelAffine(one, alpha * vec) if not const_first else ChannelAffine(one * alpha, vec)
-        )
-    elif target in _SUB:
-        affine = (
-            ChannelAffine(-alpha * one, vec) if const_first else ChannelAffine(one, -alpha * vec)
-        )
-    elif const_first:
-        return None  # c / x is not affine
-    else:
-        affine = ChannelAffine(1.0 / vec, torch.zeros_like(vec))
+    affine = _arith_affine(target, vec, alpha, const_first)
+    if affine is None:
+        return None
     const_arg = a if const_first else b
     dtype = c.dtype if isinstance(const_arg, fx.Node) else None
     return AffineOp(node, "arith", x, affine, axis, dtype)
+
+
+def _arith_affine(
+    target: Any, vec: torch.Tensor, alpha: float, const_first: bool
+) -> ChannelAffine | None:
+    """``x·c``, ``x + α·c`` / ``c + α·x``, ``x − α·c`` / ``c − α·x``, ``x / c`` as ``s ⊙ x + t``
+    (``torch.add/sub(input, other, alpha=α)`` computes ``input ± α·other``)."""
+    one, zero = torch.ones_like(vec), torch.zeros_like(vec)
+    if target in _MUL:
+        return ChannelAffine(vec, zero)
+    if target in _ADD:
+        return ChannelAffine(alpha * one, vec) if const_first else ChannelAffine(one, alpha * vec)
+    if target in _SUB:
+        return ChannelAffine(-alpha * one, vec) if const_first else ChannelAffine(one, -alpha * vec)
+    if const_first:
+        return None  # c / x is not affine
+    return ChannelAffine(1.0 / vec, zero)
+
+
+def _keeps_floating_dtype(x: fx.Node, c: torch.Tensor) -> bool:
+    """``x`` is known to be floating, and combining it with ``c`` keeps its dtype when both are
+    known (a 1-d float32 constant would promote a float16 ``x``)."""
+    if not is_floating(x):
+        return False
+    x_dtype = known_dtype(x)
+    if x_dtype is None or c.dim() == 0 or not c.is_floating_point():
+        return True
+    return torch.promote_types(x_dtype, c.dtype) == x_dtype
 
 
 def _affine_addcmul(node: fx.Node, consts: ConstantFolder) -> AffineOp | None:
@@ -510,10 +642,12 @@ def _affine_addcmul(node: fx.Node, consts: ConstantFolder) -> AffineOp | None:
     t_node, m1, m2 = node.args
     shift = _constant_operand(t_node, consts)
     c1, c2 = _constant_operand(m1, consts), _constant_operand(m2, consts)
-    if shift is None or (c1 is None) == (c2 is None) or not isinstance(value, (int, float)):
+    if shift is None or (c1 is None) == (c2 is None) or type(value) not in (int, float):
         return None
     x, scale = (m2, c1) if c1 is not None else (m1, c2)
     if not isinstance(x, fx.Node):
+        return None
+    if not _keeps_floating_dtype(x, scale) or not _keeps_floating_dtype(x, shift):
         return None
     s_layout, t_layout = _channel_layout(scale, x), _channel_layout(shift, x)
     if s_layout is None or t_layout is None:
@@ -533,7 +667,7 @@ def merge_axes(a: int | None, b: int | None) -> int | bool | None:
 
 
 def _constant_operand(arg: Any, consts: ConstantFolder) -> torch.Tensor | None:
-    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+    if type(arg) in (int, float):
         return torch.tensor(float(arg), dtype=torch.float64)
     if isinstance(arg, fx.Node):
         return consts.value(arg)
@@ -562,40 +696,83 @@ def _channel_layout(c: torch.Tensor, x: fx.Node) -> tuple[torch.Tensor, int | No
 
 # ------------------------------------------------------------------------ no-op views
 
+# Dropout functions: (name of the training argument, its position, its default).
+_DROPOUT_FUNCS: dict[Any, tuple[str, int, Any]] = {
+    F.dropout: ("training", 2, True),
+    F.dropout1d: ("training", 2, True),
+    F.dropout2d: ("training", 2, True),
+    F.dropout3d: ("training", 2, True),
+    F.alpha_dropout: ("training", 2, False),
+    F.feature_alpha_dropout: ("training", 2, False),
+    torch.dropout: ("train", 2, _ARG),
+    torch.alpha_dropout: ("train", 2, _ARG),
+    torch.feature_dropout: ("train", 2, _ARG),
+    torch.feature_alpha_dropout: ("train", 2, _ARG),
+}
+
 
 def identity_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | str | None:
     """If ``node`` is a no-op in eval mode, its input; a reason string if it is a training-mode
     stochastic op; else ``None``."""
     if node.op == "call_module":
         return _identity_module(module_of(gm, node), node)
-    if node.op == "call_function" and node.target in (F.dropout, torch.dropout):
-        training, _ = _arg(node, 2, "training", True)  # F.dropout defaults to training=True
-        if training is not False:
-            return "dropout in training mode"
-        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCS:
+        return _identity_dropout(node)
     if node.op in ("call_function", "call_method"):
         return _identity_arith(node)
     return None
 
 
-_DROP_PATH_NAMES = ("DropPath", "StochasticDepth")
-_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+def _identity_dropout(node: fx.Node) -> fx.Node | str | None:
+    """``F.dropout(x, p)`` defaults to ``training=True`` (kept); only ``training=False`` (a
+    literal ``False``: traced from ``self.training`` of an eval module) is the identity."""
+    name, index, default = _DROPOUT_FUNCS[node.target]
+    training, _ = _arg(node, index, name, default)
+    if training is not False:
+        return "dropout in training mode"
+    x, _ = _arg(node, 0, "input")
+    return x if isinstance(x, fx.Node) else None
+
+
+_DROPOUT_TYPES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+# Stochastic-depth modules whose forward is the identity in eval mode or when their rate is 0:
+# (module, class name) -> the attribute holding the rate. Matched by exact class: a subclass or
+# another class of the same name may compute anything.
+_DROP_PATHS = {
+    ("timm.layers.drop", "DropPath"): "drop_prob",
+    ("timm.models.layers.drop", "DropPath"): "drop_prob",
+    ("repfx.models.metaformer", "DropPath"): "p",
+    ("torchvision.ops.stochastic_depth", "StochasticDepth"): "p",
+}
+
+
+def _drop_rate(m: nn.Module) -> Any:
+    """The drop probability of a known dropout / drop-path module; ``_ARG`` for other modules."""
+    if is_plain(m, _DROPOUT_TYPES):
+        return m.p
+    attr = _DROP_PATHS.get((type(m).__module__, type(m).__qualname__))
+    return _ARG if attr is None else getattr(m, attr, None)
 
 
 def _identity_module(m: nn.Module, node: fx.Node) -> fx.Node | str | None:
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
     x = node.args[0]
-    if has_hooks(m) and (_is_plain(m, nn.Identity) or isinstance(m, _DROPOUT_TYPES)):
+    rate = _drop_rate(m)
+    if not is_plain(m, nn.Identity) and rate is _ARG:
+        return None
+    if has_hooks(m):
         return f"{type(m).__name__} has hooks"
-    if _is_plain(m, nn.Identity):
-        return x
-    if isinstance(m, _DROPOUT_TYPES) or type(m).__name__ in _DROP_PATH_NAMES:
-        p = getattr(m, "p", getattr(m, "drop_prob", None))
-        if m.training and p != 0:
-            return f"{type(m).__name__} in training mode"
-        return x
-    return None
+    if rate is not _ARG and m.training and not (type(rate) in (int, float) and rate == 0):
+        return f"{type(m).__name__} in training mode"
+    return x
 
 
 _NOOP_SCALARS: dict[Any, tuple[float, bool]] = {}
@@ -610,36 +787,35 @@ for _t in _SUB:
 
 
 def _identity_arith(node: fx.Node) -> fx.Node | None:
-    """``x * 1``, ``1 * x``, ``x / 1``, ``x + 0``, ``0 + x``, ``x - 0`` on a floating tensor."""
+    """``x * 1``, ``1 * x``, ``x / 1``, ``x + 0``, ``0 + x``, ``x - 0`` on a floating tensor
+    (``0 - x`` is ``-x``: not a no-op)."""
     spec = _NOOP_SCALARS.get(node.target)
     if spec is None or len(node.args) != 2 or node.kwargs:
         return None
     neutral, commutes = spec
     a, b = node.args
-    if isinstance(a, fx.Node) and _is_scalar(b, neutral) and _is_float(a):
+    if isinstance(a, fx.Node) and _is_scalar(b, neutral) and is_floating(a):
         return a
-    if commutes and isinstance(b, fx.Node) and _is_scalar(a, neutral) and _is_float(b):
+    if commutes and isinstance(b, fx.Node) and _is_scalar(a, neutral) and is_floating(b):
         return b
     return None
 
 
 def _is_scalar(value: Any, neutral: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == neutral
-
-
-def _is_float(node: fx.Node) -> bool:
-    """True when ``node`` is known to be a floating tensor (so ``x * 1`` keeps its dtype)."""
-    meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "dtype"):
-        return meta.dtype.is_floating_point
-    return node.meta.get("repfx_float", False)
+    return type(value) in (int, float) and value == neutral
 
 
 # ----------------------------------------------------------------------------- layout ops
 
 
 _LAYOUT_METHODS = {"flatten", "permute", "transpose", "contiguous", "view", "reshape"}
-_LAYOUT_FUNCS = {torch.flatten: "flatten", torch.permute: "permute", torch.transpose: "transpose"}
+_LAYOUT_FUNCS = {
+    torch.flatten: "flatten",
+    torch.permute: "permute",
+    torch.transpose: "transpose",
+    torch.reshape: "reshape",
+}
+_SIZE_METHODS = {"size"}  # a node that certainly holds sizes (not a dtype)
 
 
 def layout_source_axis(
@@ -647,7 +823,8 @@ def layout_source_axis(
 ) -> fx.Node | tuple[fx.Node, int | None] | None:
     """If ``node`` only moves data (flatten / permute / transpose / view / reshape /
     contiguous) and keeps the channel ``axis`` of its output intact, return ``(input, axis)``
-    with the axis in the input's coordinates (counted from the right). ``None`` otherwise.
+    with the axis in the input's coordinates (counted from the right). ``None`` otherwise —
+    in particular for ``x.view(dtype)`` (a bitcast: it reinterprets the bits) and for casts.
 
     A per-channel affine then commutes with ``node``: ``a(layout(x)) = layout(a'(x))``.
     """
@@ -658,32 +835,56 @@ def layout_source_axis(
     else:
         return None
     x = node.args[0] if node.args else None
-    if not isinstance(x, fx.Node):
+    if not isinstance(x, fx.Node) or not _moves_data_only(node, kind, x):
         return None
     if axis is None or kind == "contiguous":
         return x, axis
     r_in, r_out = rank_of(x), rank_of(node)
-    if r_in is None or r_out is None:
+    if r_in is None or r_out is None or not 0 <= axis + r_out < r_out or r_in == 0:
         return None
     pos = axis + r_out  # positive axis in the output
     source = _source_position(node, kind, pos, r_in, r_out)
     return None if source is None else (x, source - r_in)
 
 
+def _moves_data_only(node: fx.Node, kind: str, x: fx.Node) -> bool:
+    """Not a bitcast: no dtype argument (or a node that may be one), and the same dtype out as
+    in where both are known."""
+    in_dtype, out_dtype = known_dtype(x), known_dtype(node)
+    if in_dtype is not None and out_dtype is not None and in_dtype != out_dtype:
+        return False
+    if kind == "view" and dtype_argument(node) is not None:
+        args = node.args[1:]
+        single_size = len(args) == 1 and _holds_sizes(args[0])
+        return single_size and "dtype" not in node.kwargs
+    return True
+
+
+def _holds_sizes(arg: Any) -> bool:
+    """Is ``arg`` a node that certainly evaluates to sizes (``x.shape``, ``x.size()``)?"""
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op == "call_function" and arg.target is getattr:
+        return arg.args[1:] == ("shape",)
+    return arg.op == "call_method" and arg.target in _SIZE_METHODS and len(arg.args) == 1
+
+
 def _source_position(node: fx.Node, kind: str, pos: int, r_in: int, r_out: int) -> int | None:
     args = node.args[1:]
     if kind == "permute":
         dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-        return dims[pos] % r_in if len(dims) == r_out and isinstance(dims[pos], int) else None
+        if len(dims) != r_out or type(dims[pos]) is not int:
+            return None
+        return dims[pos] % r_in
     if kind == "transpose":
         d0, d1 = _arg(node, 1, "dim0")[0], _arg(node, 2, "dim1")[0]
-        if not isinstance(d0, int) or not isinstance(d1, int):
+        if type(d0) is not int or type(d1) is not int:
             return None
         d0, d1 = d0 % r_in, d1 % r_in
         return d1 if pos == d0 else d0 if pos == d1 else pos
     if kind == "flatten":
         start, end = _arg(node, 1, "start_dim", 0)[0], _arg(node, 2, "end_dim", -1)[0]
-        if not isinstance(start, int) or not isinstance(end, int):
+        if type(start) is not int or type(end) is not int:
             return None
         start, end = start % r_in, end % r_in
         if pos < start:
@@ -692,13 +893,10 @@ def _source_position(node: fx.Node, kind: str, pos: int, r_in: int, r_out: int) 
             return pos + (end - start)
         return pos if start == end else None
     # view / reshape: only with known shapes, and only when every dim from the axis on is kept
-    s_in, s_out = _shape(node.args[0]), _shape(node)
+    s_in, s_out = static_shape(node.args[0]), static_shape(node)
     if s_in is None or s_out is None:
         return None
     suffix = len(s_out) - pos
+    if suffix > len(s_in):
+        return None
     return len(s_in) - suffix if tuple(s_in[-suffix:]) == tuple(s_out[-suffix:]) else None
-
-
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
