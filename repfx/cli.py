@@ -207,6 +207,9 @@ def report_dict(report: FoldReport) -> dict:
         "before": dataclasses.asdict(report.before) if report.before else None,
         "after": dataclasses.asdict(report.after) if report.after else None,
         "verification": (dataclasses.asdict(report.verification) if report.verification else None),
+        "redrawn_verification": (
+            dataclasses.asdict(report.redrawn_verification) if report.redrawn_verification else None
+        ),
         "opaque_modules": dict(report.opaque_modules),
         "notes": list(report.notes),
     }
@@ -264,11 +267,10 @@ def _optimize(args: argparse.Namespace) -> int:
         given = " ".join(",".join(map(str, s)) for s in shapes)
         raise UsageError(f"wrong --input-shape {given} for {loaded.description}: {exc}") from exc
     except VerificationError as exc:
-        v = exc.report.verification
+        failed = exc.report.failed_verification()
         raise CliError(
-            f"verification failed: the folded model differs from the original (max abs error "
-            f"{v.max_abs_error:.3g}, relative {v.max_rel_error:.3g} > tolerance "
-            f"{v.tolerance:.1g}); nothing written. This is a repfx bug unless the model is "
+            f"verification failed: the folded model differs from the original "
+            f"({failed.summary()}); nothing written. This is a repfx bug unless the model is "
             "non-deterministic; --explain / --json show the report, --no-verify skips the check",
             EXIT_VERIFY,
             {"report": report_dict(exc.report), "report_text": str(exc.report)},

@@ -27,18 +27,137 @@ class Skipped:
     reason: str
 
 
+# Verdicts of one output (OutputComparison.verdict).
+OK = "ok"
+ILL_CONDITIONED = "ok: ill-conditioned"  # missed its tolerance; the float64 re-check explains it
+FAILED = "FAILED"
+
+NOT_VERIFIED = "verification: none, nothing was verified (no example inputs, or verify=False)"
+
+# Labels of the two verifications a fold makes (Verification.label).
+AS_GIVEN = "as given"
+REDRAWN = "re-drawn parameters"
+
+
+@dataclass(frozen=True)
+class Float64Recheck:
+    """One output that missed its tolerance, checked against float64 truth (``repfx.verify``).
+
+    Relative errors, on the output's own scale. ``sensitivity`` is measured only when
+    ``fold_error`` exceeds the float64 floor; ``original_rounding`` … ``rounding_criterion`` only
+    for a low-precision output."""
+
+    fold_error: float  # the float64 fold vs the float64 original
+    criterion: float  # fold_error must be ≤ this (repfx.tolerances.float64_criterion)
+    sensitivity: float | None = None  # the float64 original's move under a 1-ulp perturbation
+    original_rounding: float | None = None  # the low-precision original vs float64 truth
+    folded_rounding: float | None = None  # the low-precision fold vs float64 truth (not judged)
+    weight_rounding: float | None = None  # the fold's rounded weights, run in float64, vs truth
+    rounding_criterion: float | None = None  # weight_rounding must be ≤ this
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """One output tensor of the fold against the same output of the original."""
+
+    path: str  # its pytree path: "output" for a lone tensor, "[1]", "['logits']"
+    dtype: str
+    abs_error: float | None  # max |folded − original| where both are finite (None: not comparable)
+    rel_error: float | None  # abs_error / max |original| of this output
+    tolerance: float  # of this output's dtype (0: compared exactly)
+    verdict: str  # OK, ILL_CONDITIONED or FAILED
+    problem: str = ""  # why it failed
+    nonfinite_mismatches: int = 0  # positions where NaN / Inf differ
+    recheck: Float64Recheck | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict != FAILED
+
+    def line(self) -> str:
+        if self.rel_error is None:
+            numbers = "not comparable"
+        else:
+            numbers = (
+                f"abs {self.abs_error:.3g}, rel {self.rel_error:.3g} "
+                f"(tolerance {self.tolerance:.1g})"
+            )
+        text = f"{self.path} ({self.dtype}): {numbers}: {self.verdict}"
+        if self.problem:
+            text += f": {self.problem}"
+        if self.recheck is not None:
+            text += "\n      " + _recheck_text(self.recheck, self.dtype, self.passed)
+        return text
+
+
+def _recheck_text(r: Float64Recheck, dtype: str, passed: bool) -> str:
+    judged = f"float64 fold off by {r.fold_error:.3g} (≤ {r.criterion:.3g} allowed"
+    if r.sensitivity is not None:
+        judged += f": the float64 original moves by {r.sensitivity:.3g} under a 1-ulp perturbation"
+    text = judged + ")"
+    if r.weight_rounding is not None:
+        text += (
+            f"; against float64 truth the original is off by {r.original_rounding:.3g}, the fold "
+            f"by {r.folded_rounding:.3g}, its rounded weights alone by {r.weight_rounding:.3g} "
+            f"(≤ {r.rounding_criterion:.3g} allowed)"
+        )
+    if passed:
+        text = f"the {dtype} difference is explained by ill-conditioning: {text}"
+    return text
+
+
 @dataclass(frozen=True)
 class Verification:
-    max_abs_error: float
-    max_rel_error: float  # max |folded − original| / max |original|, over all outputs
-    tolerance: float
+    """The fold against the original on the example inputs, every output on its own scale."""
+
+    label: str  # AS_GIVEN, or REDRAWN (a copy with its foldable parameters re-drawn at O(1))
     passed: bool
-    # Set when the first comparison missed ``tolerance`` and repfx re-checked in float64:
-    # the float64 fold's error, and the original's / the fold's errors against float64 truth.
-    exact_rel_error: float | None = None
-    original_rounding: float | None = None
-    folded_rounding: float | None = None
-    weight_rounding: float | None = None  # the folded weights evaluated in float64
+    outputs: tuple[OutputComparison, ...]
+    max_abs_error: float  # the largest per-output abs error
+    max_rel_error: float  # the largest per-output relative error (each on its own scale)
+    tolerance: float  # of the least precise output dtype
+    problem: str = ""  # a mismatch of the whole output structure (no per-output records then)
+
+    @staticmethod
+    def of(
+        label: str, outputs: tuple[OutputComparison, ...], tolerance: float, problem: str = ""
+    ) -> Verification:
+        comparable = [o for o in outputs if o.rel_error is not None]
+        return Verification(
+            label=label,
+            passed=not problem and all(o.passed for o in outputs),
+            outputs=outputs,
+            max_abs_error=max((o.abs_error for o in comparable), default=0.0),
+            max_rel_error=max((o.rel_error for o in comparable), default=0.0),
+            tolerance=tolerance,
+            problem=problem,
+        )
+
+    def summary(self) -> str:
+        """One line: the verdict, the label, the worst error."""
+        verdict = "ok" if self.passed else "FAILED"
+        head = f"verification {verdict} ({self.label})"
+        if self.problem:
+            return f"{head}: {self.problem}"
+        count = f"{len(self.outputs)} output{'s' if len(self.outputs) != 1 else ''}"
+        text = (
+            f"{head}: {count}, max abs {self.max_abs_error:.3g}, max rel "
+            f"{self.max_rel_error:.3g} (tolerance {self.tolerance:.1g})"
+        )
+        failed = sum(not o.passed for o in self.outputs)
+        explained = sum(o.verdict == ILL_CONDITIONED for o in self.outputs)
+        if failed:
+            text += f", {failed} failed"
+        if explained:
+            text += f", {explained} explained by ill-conditioning (float64 re-check)"
+        return text
+
+    def lines(self) -> list[str]:
+        """The summary, then one line per output unless every output simply passed."""
+        lines = [self.summary()]
+        if any(o.verdict != OK for o in self.outputs):
+            lines += [f"  {o.line()}" for o in self.outputs]
+        return lines
 
 
 @dataclass(frozen=True)
@@ -68,7 +187,8 @@ class FoldReport:
     skipped: list[Skipped] = field(default_factory=list)
     before: GraphStats | None = None
     after: GraphStats | None = None
-    verification: Verification | None = None
+    verification: Verification | None = None  # the fold of the model as given (AS_GIVEN)
+    redrawn_verification: Verification | None = None  # a copy with re-drawn parameters (REDRAWN)
     opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why not traced
     notes: list[str] = field(default_factory=list)
 
@@ -98,21 +218,21 @@ class FoldReport:
         for path, why in self.opaque_modules.items():
             lines.append(f"  traced as a leaf: {path} ({why})")
         lines.extend(f"  note: {note}" for note in self.notes)
-        if self.verification:
-            v = self.verification
-            verdict = "ok" if v.passed else "FAILED"
-            lines.append(
-                f"  verification {verdict}: max abs {v.max_abs_error:.3g}, "
-                f"max rel {v.max_rel_error:.3g} (tolerance {v.tolerance:.1g})"
-            )
-            if v.exact_rel_error is not None:
-                lines.append(
-                    f"    float64 re-check: fold error {v.exact_rel_error:.3g}; against float64 "
-                    f"truth the original is off by {v.original_rounding:.3g}, the fold by "
-                    f"{v.folded_rounding:.3g}, its rounded weights alone by "
-                    f"{v.weight_rounding:.3g}"
-                )
+        lines.extend(self._verification_lines())
         return "\n".join(lines)
+
+    def verifications(self) -> list[Verification]:
+        """The verifications made: as given, then with re-drawn parameters."""
+        return [v for v in (self.verification, self.redrawn_verification) if v is not None]
+
+    def failed_verification(self) -> Verification | None:
+        """The first verification that failed, if any."""
+        return next((v for v in self.verifications() if not v.passed), None)
+
+    def _verification_lines(self) -> list[str]:
+        if self.verification is None:
+            return [f"  {NOT_VERIFIED}"]
+        return [f"  {line}" for v in self.verifications() for line in v.lines()]
 
     def explain(self) -> str:
         """Every candidate that was not folded, with its location and reason."""

@@ -1,13 +1,33 @@
 """Verification: does a folded model compute what the original computes?
 
-The first comparison is in the model's own dtype against ``repfx.tolerances``. When a
-low-precision model misses it, rounding may be to blame (a fold reorders arithmetic and rounds
-the folded weights; an ill-conditioned model amplifies both), so repfx re-checks against
-float64 truth. The float64 fold of the float64 model must be exact, and the folded weights as
-stored in the low precision, evaluated exactly, must be as close to the truth as rounding
-allows (within ``ROUNDING_SLACK`` times the original's own rounding error). What is left, the
-low-precision arithmetic of the folded graph, which an ill-conditioned model (a GroupNorm over
-a constant channel, a division by a small scale) amplifies chaotically, is reported, not judged.
+Both are run on the example inputs and compared output by output (``repfx.tolerances``):
+
+1. Structure. The outputs' pytree structure must match, non-tensor leaves must be equal, and
+   each output tensor must have the original's shape and dtype; otherwise the verification
+   fails (it never raises).
+2. Each output tensor on its own scale: ``max |a − e| / max |e|`` over the positions finite in
+   both must be within the tolerance of its dtype; NaN must sit at the same positions, ±Inf at
+   the same positions with the same sign; non-floating outputs must be equal.
+3. An output that misses its tolerance may be a victim of rounding (a fold reorders arithmetic
+   and rounds its folded weights; an ill-conditioned model amplifies both), so it is re-checked,
+   on its own, against float64 truth (the original, its parameters converted exactly to float64,
+   run on float64 inputs):
+
+   a. The fold is exact: the float64 fold of the float64 model (``refold``; the fold itself for
+      a float64 model) is within ``float64_criterion(sensitivity)`` of truth, where
+      ``sensitivity`` is how far that same output of the float64 original moves when each of
+      its floating parameters and buffers is re-rounded by one ulp — the model's own float64
+      conditioning, not a fixed number, and another output's cannot lend it slack.
+   b. Storing the fold costs no more than rounding (low-precision outputs): the fold's weights
+      as stored, evaluated in float64, are within ``ROUNDING_SLACK`` times the original's own
+      low-precision error against truth (never against the fold's own error).
+
+   What is left, the low-precision arithmetic of the folded graph, which an ill-conditioned
+   model (a GroupNorm over a constant channel, a division by a small scale) amplifies
+   chaotically, is reported, not judged.
+
+:func:`verify_redrawn` repeats all of this on a copy whose foldable parameters are re-drawn at
+O(1) (``repfx.redraw``): identity BN statistics and zero biases hide wrong folds.
 """
 
 from __future__ import annotations
@@ -16,16 +36,296 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 from .capture import copy_model
-from .report import Verification
+from .redraw import VERIFICATION_SEED, redraw_foldable_parameters_
+from .report import (
+    AS_GIVEN,
+    FAILED,
+    ILL_CONDITIONED,
+    OK,
+    REDRAWN,
+    Float64Recheck,
+    OutputComparison,
+    Verification,
+)
 from .tolerances import (
-    max_errors,
-    output_tensors,
+    SENSITIVITY_PERTURBATION,
+    SENSITIVITY_TRIALS,
+    float64_criterion,
     reference_dtype,
-    rounding_explains,
+    rounding_criterion,
+    tensor_error,
     tolerance_for,
 )
+
+Refold = Callable[[nn.Module], nn.Module]  # the same fold, applied to a float64 copy
+
+
+def verify(
+    model: nn.Module,
+    folded: nn.Module,
+    inputs: tuple,
+    refold: Refold | None = None,
+    *,
+    label: str = AS_GIVEN,
+) -> Verification:
+    """Compare ``folded`` with ``model`` on ``inputs``, every output on its own (see the module
+    docstring). ``refold`` (the same fold, applied to a float64 copy of the model) enables the
+    float64 re-check of a low-precision model; a float64 model needs none."""
+    reference = copy_model(model)  # the user's model is never run: its forward may mutate it
+    expected, actual = _run(reference, inputs), _run(folded, inputs)
+    tolerance = tolerance_for(reference_dtype(expected))
+    problem = structure_mismatch(actual, expected)
+    if problem is not None:
+        return Verification.of(label, (), tolerance, problem)
+    paths, got, want = _tensor_leaves(actual, expected)
+    comparisons = [compare_output(p, a, e) for p, a, e in zip(paths, got, want, strict=True)]
+    if any(_recheckable(c) for c in comparisons):
+        float64 = reference_dtype(expected) == torch.float64
+        if float64 or refold is not None:
+            recheck = _Float64Recheck(model, folded, inputs, refold, got, want)
+            comparisons = [
+                recheck.judge(i, c) if _recheckable(c) else c for i, c in enumerate(comparisons)
+            ]
+    return Verification.of(label, tuple(comparisons), tolerance)
+
+
+def verify_redrawn(
+    model: nn.Module,
+    inputs: tuple,
+    fold_copy: Callable[[nn.Module], nn.Module],
+    refold: Refold | None = None,
+    seed: int = VERIFICATION_SEED,
+) -> Verification:
+    """Re-draw the foldable parameters of a copy of ``model`` (``repfx.redraw``), fold it with
+    ``fold_copy`` (the same fold, without verification) and verify that fold against the copy."""
+    redrawn = redraw_foldable_parameters_(copy_model(model), seed)
+    return verify(redrawn, fold_copy(redrawn), inputs, refold, label=REDRAWN)
+
+
+def assert_equivalent(
+    model: nn.Module,
+    folded: nn.Module,
+    inputs: tuple,
+    refold: Refold | None = None,
+) -> Verification:
+    """Raise ``AssertionError`` unless :func:`verify` passes; return its result."""
+    result = verify(model, folded, inputs, refold)
+    assert result.passed, "folded model differs: " + "\n".join(result.lines())
+    return result
+
+
+def float64_inputs(inputs: tuple) -> tuple:
+    """``inputs`` with every floating tensor converted to float64 (for ``refold``)."""
+    return tuple(_to_float64(x) for x in inputs)
+
+
+# ------------------------------------------------------------------ structure and outputs
+
+
+def structure_mismatch(actual: object, expected: object) -> str | None:
+    """Why two output structures cannot be compared tensor by tensor (``None``: they can)."""
+    got, got_spec = tree_flatten(actual)
+    want, want_spec = tree_flatten(expected)
+    if len(got) != len(want):
+        return f"the fold returns {len(got)} output leaves, the original {len(want)}"
+    if got_spec != want_spec:
+        return f"output structure {got_spec} differs from the original's {want_spec}"
+    for (path, e), a in zip(tree_flatten_with_path(expected)[0], got, strict=True):
+        if isinstance(a, torch.Tensor) != isinstance(e, torch.Tensor):
+            return f"output {_name(path)} is {type(a).__name__}, expected {type(e).__name__}"
+        if not isinstance(e, torch.Tensor) and not _same_value(a, e):
+            return f"output {_name(path)} is {a!r}, expected {e!r}"
+    return None
+
+
+def compare_output(path: str, actual: torch.Tensor, expected: torch.Tensor) -> OutputComparison:
+    """One output tensor against its original, on its own scale (no float64 re-check)."""
+    dtype = str(expected.dtype).removeprefix("torch.")
+    tolerance = tolerance_for(expected.dtype)
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        got = f"{tuple(actual.shape)} {str(actual.dtype).removeprefix('torch.')}"
+        problem = f"the fold's output is {got}, expected {tuple(expected.shape)} {dtype}"
+        return OutputComparison(path, dtype, None, None, tolerance, FAILED, problem)
+    err = tensor_error(actual, expected)
+    if err.nonfinite_mismatches:
+        problem = f"NaN / Inf differ from the original's at {err.nonfinite_mismatches} positions"
+    elif err.rel_error > tolerance:
+        problem = f"relative error {err.rel_error:.3g} > tolerance {tolerance:.1g}"
+    else:
+        problem = ""
+    verdict = FAILED if problem else OK
+    return OutputComparison(
+        path, dtype, err.abs_error, err.rel_error, tolerance, verdict, problem,
+        err.nonfinite_mismatches,
+    )  # fmt: skip
+
+
+def _recheckable(c: OutputComparison) -> bool:
+    """A floating output that only missed its tolerance (rounding may explain it)."""
+    return (
+        c.verdict == FAILED
+        and c.rel_error is not None
+        and c.tolerance > 0
+        and c.nonfinite_mismatches == 0
+    )
+
+
+def _tensor_leaves(
+    actual: object, expected: object
+) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+    """Paths, actual and expected tensors of two outputs of the same structure."""
+    pairs = zip(tree_flatten_with_path(expected)[0], tree_flatten(actual)[0], strict=True)
+    kept = [(_name(path), a, e) for (path, e), a in pairs if isinstance(e, torch.Tensor)]
+    return [p for p, _, _ in kept], [a for _, a, _ in kept], [e for _, _, e in kept]
+
+
+def _name(path: tuple) -> str:
+    return keystr(path) or "output"
+
+
+def _same_value(a: object, b: object) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # an object whose == does not give a truth value
+        return a is b
+
+
+# ------------------------------------------------------------------ float64 re-check
+
+
+class _Float64Recheck:
+    """Float64 truth, the float64 fold and the stored fold run exactly, computed once and shared
+    by every output re-checked; the float64 sensitivity only when an output needs it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        folded: nn.Module,
+        inputs: tuple,
+        refold: Refold | None,
+        actual: list[torch.Tensor],
+        expected: list[torch.Tensor],
+    ):
+        self.actual, self.expected = actual, expected
+        self.error: str | None = None
+        self._sensitivity: list[float] | None = None
+        try:
+            self._run_float64(model, folded, inputs, refold)
+        except Exception as exc:  # the user's model may not run in float64
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            self.error = f"{type(exc).__name__}: {first_line}"
+
+    def _run_float64(
+        self, model: nn.Module, folded: nn.Module, inputs: tuple, refold: Refold | None
+    ) -> None:
+        self.low_precision = refold is not None and any(
+            e.is_floating_point() and e.dtype != torch.float64 for e in self.expected
+        )
+        self.inputs64 = float64_inputs(inputs)
+        self.model64 = copy_model(model).double()
+        self.truth = _leaves_of(_run(self.model64, self.inputs64))
+        if not self.low_precision:  # a float64 model: the fold is its own float64 fold
+            self.fold64, self.weights64 = self.actual, None
+            return
+        self.fold64 = _leaves_of(_run(refold(self.model64), self.inputs64))
+        if len(self.fold64) != len(self.truth):
+            raise ValueError(f"the float64 fold returns {len(self.fold64)} tensors")
+        # the folded weights, as stored in the model's dtype, evaluated in float64: what storing
+        # any fold (a hand-written one too) in that dtype costs
+        self.weights64 = _leaves_of(_run(copy_model(folded).double(), self.inputs64))
+
+    def judge(self, i: int, c: OutputComparison) -> OutputComparison:
+        """``c`` (output ``i``, which missed its tolerance) re-judged against float64 truth."""
+        if self.error is not None:
+            problem = f"{c.problem}; the float64 re-check could not run ({self.error})"
+            return _replace(c, FAILED, problem, None)
+        fold_error = _rel(self.fold64[i], self.truth[i])
+        sensitivity, criterion = None, float64_criterion(0.0)
+        if fold_error > criterion:
+            sensitivity = self.sensitivity()[i]
+            criterion = float64_criterion(sensitivity)
+        recheck = Float64Recheck(fold_error, criterion, sensitivity)
+        if self.weights64 is not None:
+            recheck = self._rounding(i, recheck)
+        why = _recheck_failure(recheck)
+        problem = f"{c.problem}; {why}" if why else c.problem
+        return _replace(c, FAILED if why else ILL_CONDITIONED, problem, recheck)
+
+    def _rounding(self, i: int, recheck: Float64Recheck) -> Float64Recheck:
+        original = _rel(self.expected[i], self.truth[i])
+        return Float64Recheck(
+            recheck.fold_error,
+            recheck.criterion,
+            recheck.sensitivity,
+            original_rounding=original,
+            folded_rounding=_rel(self.actual[i], self.truth[i]),
+            weight_rounding=_rel(self.weights64[i], self.truth[i]),
+            rounding_criterion=rounding_criterion(original, self.expected[i].dtype),
+        )
+
+    def sensitivity(self) -> list[float]:
+        if self._sensitivity is None:
+            self._sensitivity = float64_sensitivity(self.model64, self.inputs64, self.truth)
+        return self._sensitivity
+
+
+def _recheck_failure(r: Float64Recheck) -> str:
+    """Why a float64 re-check fails ("" when it passes)."""
+    if not r.fold_error <= r.criterion:
+        return f"the float64 fold is off by {r.fold_error:.3g} > {r.criterion:.3g}: not a fold"
+    if r.weight_rounding is not None and not r.weight_rounding <= r.rounding_criterion:
+        return (
+            f"its stored weights, run in float64, are off float64 truth by "
+            f"{r.weight_rounding:.3g} > {r.rounding_criterion:.3g} (the original's own rounding "
+            f"{r.original_rounding:.3g} does not explain it)"
+        )
+    return ""
+
+
+def float64_sensitivity(
+    model64: nn.Module, inputs64: tuple, truth: list[torch.Tensor]
+) -> list[float]:
+    """Per output: the largest relative move of ``model64``'s output (vs ``truth``, its output
+    on ``inputs64``) over ``SENSITIVITY_TRIALS`` copies whose floating parameters and buffers
+    are each multiplied by ``1 ± SENSITIVITY_PERTURBATION`` (random signs, seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    worst = [0.0] * len(truth)
+    for _ in range(SENSITIVITY_TRIALS):
+        perturbed = _perturb_(copy_model(model64), generator)
+        moved = _leaves_of(_run(perturbed, inputs64))
+        for i, (m, t) in enumerate(zip(moved, truth, strict=True)):
+            worst[i] = max(worst[i], _rel(m, t))
+    return worst
+
+
+def _perturb_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                signs = torch.randint(0, 2, tensor.shape, generator=generator).to(tensor.dtype)
+                tensor.mul_(1 + SENSITIVITY_PERTURBATION * (2 * signs - 1))
+    return model
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if actual.shape != expected.shape:
+        return float("inf")
+    return tensor_error(actual, expected).rel_or_inf
+
+
+def _replace(
+    c: OutputComparison, verdict: str, problem: str, recheck: Float64Recheck | None
+) -> OutputComparison:
+    return OutputComparison(
+        c.path, c.dtype, c.abs_error, c.rel_error, c.tolerance, verdict,
+        "" if verdict == ILL_CONDITIONED else problem, c.nonfinite_mismatches, recheck,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------ running
 
 
 def _run(module: nn.Module, inputs: tuple) -> object:
@@ -34,58 +334,11 @@ def _run(module: nn.Module, inputs: tuple) -> object:
         return module(*inputs)
 
 
-def verify(
-    model: nn.Module,
-    folded: nn.Module,
-    inputs: tuple,
-    refold: Callable[[nn.Module], nn.Module] | None = None,
-) -> Verification:
-    """Compare ``folded`` with ``model`` on ``inputs``. When a low-precision comparison misses
-    its tolerance and ``refold`` (the same fold, applied to a float64 copy of the model) is
-    given, re-check in float64."""
-    reference = copy_model(model)  # the user's model is never run: its forward may mutate it
-    expected, actual = _run(reference, inputs), _run(folded, inputs)
-    abs_err, rel_err = max_errors(actual, expected)
-    if _dtypes(actual) != _dtypes(expected):
-        return Verification(abs_err, rel_err, 0.0, passed=False)
-    dtype = reference_dtype(expected)
-    tol = tolerance_for(dtype)
-    if rel_err <= tol or dtype == torch.float64 or refold is None:
-        return Verification(abs_err, rel_err, tol, passed=rel_err <= tol)
-    inputs64 = tuple(_to_float64(x) for x in inputs)
-    reference64 = reference.double()
-    truth = _run(reference64, inputs64)
-    exact = max_errors(_run(refold(reference64), inputs64), truth)[1]
-    original_rounding = max_errors(expected, truth)[1]
-    folded_rounding = max_errors(actual, truth)[1]
-    # the folded weights, rounded to the model's dtype, evaluated exactly: what storing any
-    # fold (a hand-written one too) in that dtype costs
-    weight_rounding = max_errors(_run(copy_model(folded).double(), inputs64), truth)[1]
-    passed = exact <= tolerance_for(torch.float64) and rounding_explains(
-        weight_rounding, original_rounding, dtype
-    )
-    return Verification(
-        abs_err, rel_err, tol, passed, exact, original_rounding, folded_rounding, weight_rounding
-    )
-
-
-def _dtypes(outputs: object) -> list[torch.dtype]:
-    return [t.dtype for t in output_tensors(outputs)]
+def _leaves_of(outputs: object) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
 
 
 def _to_float64(x: object) -> object:
     if isinstance(x, torch.Tensor) and x.is_floating_point():
         return x.double()
     return x
-
-
-def assert_equivalent(
-    model: nn.Module,
-    folded: nn.Module,
-    inputs: tuple,
-    refold: Callable[[nn.Module], nn.Module] | None = None,
-) -> Verification:
-    """Raise ``AssertionError`` unless :func:`verify` passes; return its result."""
-    result = verify(model, folded, inputs, refold)
-    assert result.passed, f"folded model differs: {result}"
-    return result
