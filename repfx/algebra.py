@@ -297,11 +297,21 @@ def _depthwise_as_grouped(kernel: ConvKernel, groups: int) -> ConvKernel:
 
 
 def _aligned(terms: list[ConvKernel]) -> tuple[list[ConvKernel], tuple[int, ...]]:
-    """The kernels on one grid (undilated where dilations differ), and the common size."""
-    if len({k.dilation for k in terms if max(k.kernel_size, default=1) > 1}) > 1:
+    """The kernels on one grid, and the common size. They keep a common dilation only when every
+    kernel's taps fall on it: same dilation wherever wider than 1, and sizes that differ by even
+    amounts (a 2-tap dilated kernel has no tap at its centre, where a 1×1 kernel's tap is).
+    Otherwise all are undilated."""
+    size = _largest(terms)
+    wide_dilations = {k.dilation for k in terms if max(k.kernel_size, default=1) > 1}
+    uneven = any((s - n) % 2 for k in terms for s, n in zip(size, k.kernel_size, strict=True))
+    if len(wide_dilations) > 1 or (uneven and wide_dilations != {(1,) * len(size)}):
         terms = [undilate(k) for k in terms]
-    size = tuple(max(dims) for dims in zip(*(k.kernel_size for k in terms), strict=True))
+        size = _largest(terms)
     return terms, size
+
+
+def _largest(terms: list[ConvKernel]) -> tuple[int, ...]:
+    return tuple(max(dims) for dims in zip(*(k.kernel_size for k in terms), strict=True))
 
 
 def _common_geometry(terms: list[ConvKernel], size: tuple[int, ...]) -> tuple[tuple, tuple]:

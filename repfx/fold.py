@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import re
 from collections.abc import Sequence
 
 import torch
@@ -11,23 +9,26 @@ from torch import fx, nn
 
 from .capture import CaptureError, capture, copy_model, propagate_shapes
 from .graph import annotate_ranks
+from .opaque import child_reason
 from .passes import default_pipeline
 from .passes.base import Pass, run_to_fixpoint
 from .report import Folded, FoldReport, GraphStats, Skipped
 from .rewrite import delete_unused_attributes
+from .verify import float64_inputs
 from .verify import verify as run_verification
+from .verify import verify_redrawn as run_redrawn_verification
 
 REPORT_KEY = "repfx_report"
 
 
 class VerificationError(AssertionError):
-    """The folded model does not match the original on the example inputs."""
+    """The folded model does not match the original on the example inputs (as given, or with
+    its foldable parameters re-drawn); ``report.failed_verification()`` says which."""
 
     def __init__(self, report: FoldReport):
-        v = report.verification
+        failed = report.failed_verification()
         super().__init__(
-            f"folded model differs from the original: max abs error {v.max_abs_error:.3g}, "
-            f"relative {v.max_rel_error:.3g} > tolerance {v.tolerance:.1g}. This is a repfx "
+            f"folded model differs from the original: {failed.summary()}. This is a repfx "
             "bug; please report it with the model. Pass verify=False to get the folded model "
             f"anyway.\n{report}"
         )
@@ -52,6 +53,7 @@ def fold(
     example_inputs: torch.Tensor | Sequence[object] | None = None,
     *,
     verify: bool = True,
+    verify_redrawn: bool = True,
     passes: Sequence[Pass] | None = None,
 ) -> fx.GraphModule:
     """Fold ``model`` into an equivalent, cheaper ``torch.fx.GraphModule``.
@@ -59,7 +61,9 @@ def fold(
     ``model`` is never modified. With ``example_inputs`` (a tensor or a tuple of positional
     inputs) shapes are propagated, enabling folds whose exactness depends on ranks, and with
     ``verify=True`` the result is checked against the original on those inputs
-    (:class:`VerificationError` if it differs beyond ``repfx.tolerances``). Without them,
+    (:class:`VerificationError` if it differs beyond ``repfx.tolerances``); with
+    ``verify_redrawn`` too, a copy whose foldable parameters are re-drawn at O(1)
+    (``repfx.redraw``) is folded the same way and checked as well. Without them,
     repfx assumes conv / batch-norm inputs are batched. The report is at
     ``folded.meta["repfx_report"]``.
     """
@@ -71,11 +75,22 @@ def fold(
     gm = _fold_copy(copy_model(model), inputs, passes, report, prefix="")
     gm.training = model.training
     if verify and inputs is not None:
-        report.verification = run_verification(
-            model, gm, inputs, refold=lambda m: fold(m, verify=False, passes=passes)
-        )
+        inputs64 = float64_inputs(inputs)
+
+        def refold(model64: nn.Module) -> nn.Module:  # the same fold of a float64 copy
+            return fold(model64, inputs64, verify=False, passes=passes)
+
+        report.verification = run_verification(model, gm, inputs, refold)
+        if verify_redrawn:
+            report.redrawn_verification = run_redrawn_verification(
+                model, inputs, lambda m: fold(m, inputs, verify=False, passes=passes), refold
+            )
+        else:
+            report.notes.append("verified with the parameters as given only (verify_redrawn=False)")
+    elif verify:
+        report.notes.append("nothing was verified: verify=True needs example inputs")
     gm.meta[REPORT_KEY] = report
-    if report.verification is not None and not report.verification.passed:
+    if report.failed_verification() is not None:
         raise VerificationError(report)
     return gm
 
@@ -110,9 +125,9 @@ def _fold_copy(
 def _fold_inside(
     gm: fx.GraphModule, path: str, passes: Sequence[Pass], report: FoldReport, prefix: str
 ) -> None:
-    """Fold each child of an untraceable module on its own (it runs as a black box)."""
+    """Fold each child of an untraceable module on its own (it runs as a black box), where the
+    parent's code does nothing with the child but call it (``repfx.opaque``)."""
     leaf = gm.get_submodule(path)
-    source = _forward_source(leaf)
     occurrences: dict[int, int] = {}
     for _, m in gm.named_modules(remove_duplicate=False):
         occurrences[id(m)] = occurrences.get(id(m), 0) + 1
@@ -121,10 +136,8 @@ def _fold_inside(
         if occurrences[id(child)] > 1:
             report.skipped.append(Skipped("capture", where, "module is shared"))
             continue
-        if source is None or re.search(rf"self\.{re.escape(name)}\s*\.", source):
-            report.skipped.append(
-                Skipped("capture", where, "untraced parent reads the module's attributes")
-            )
+        if (reason := child_reason(leaf, name)) is not None:
+            report.skipped.append(Skipped("capture", where, f"untraced parent: {reason}"))
             continue
         try:
             folded = _fold_copy(child, None, passes, report, prefix=f"{where}.")
@@ -132,10 +145,3 @@ def _fold_inside(
             report.skipped.append(Skipped("capture", where, str(exc).split(" (")[0]))
             continue
         setattr(leaf, name, folded)
-
-
-def _forward_source(module: nn.Module) -> str | None:
-    try:
-        return inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return None

@@ -8,6 +8,8 @@ tensor has a single call site (see ``repfx.graph.tensor_use_counts``).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import fx, nn
@@ -16,9 +18,47 @@ from .algebra import ChannelAffine, ConvKernel
 from .graph import FLOAT_KEY, RANK_KEY, _fetch_attr, module_of, owner_and_name, shape_users, where
 from .ops import Slot
 
+_COMMIT_KEY = "repfx_commit_open"  # gm.meta: a commit is applying its rewrite now
+
+
+class GraphSurgeryError(RuntimeError):
+    """Graph surgery outside the commit point (a repfx bug)."""
+
+
+@contextmanager
+def committing(gm: fx.GraphModule) -> Iterator[None]:
+    """Mark ``gm`` as being changed by a commit (the primitives below require it)."""
+    gm.meta[_COMMIT_KEY] = True
+    try:
+        yield
+    finally:
+        gm.meta.pop(_COMMIT_KEY, None)
+
+
+def require_commit(gm: fx.GraphModule) -> None:
+    """Raise unless a commit is open: graph surgery outside the commit point is a bug."""
+    if not gm.meta.get(_COMMIT_KEY):
+        raise GraphSurgeryError("the graph was changed outside FoldContext.commit (a repfx bug)")
+
+
+class RewriteRefused(Exception):
+    """Raised inside a rewrite that turns out not to be representable (a folded constant
+    overflows the model's dtype): the commit point undoes it and reports ``reason``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
 
 def _as_parameter(value: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(value.detach().clone(), requires_grad=False)
+    return nn.Parameter(_finite(value).detach().clone(), requires_grad=False)
+
+
+def _finite(value: torch.Tensor) -> torch.Tensor:
+    """``value``, if its folded entries are representable in its dtype."""
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise RewriteRefused(f"a folded constant overflows {value.dtype}")
+    return value
 
 
 def readable_name(gm: fx.GraphModule, hint: str) -> str:
@@ -34,6 +74,7 @@ def readable_name(gm: fx.GraphModule, hint: str) -> str:
 
 def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
     """Register ``value`` as a frozen parameter of ``gm`` and return a ``get_attr`` node for it."""
+    require_commit(gm)
     name = readable_name(gm, hint)
     gm.register_parameter(name, _as_parameter(value))
     with gm.graph.inserting_before(before):
@@ -50,11 +91,12 @@ def set_slot(gm: fx.GraphModule, slot: Slot, value: torch.Tensor, hint: str) -> 
     argument that is a single-use ``get_attr`` keeps its attribute name; any other argument gets
     a fresh attribute named after ``hint``.
     """
+    require_commit(gm)
     node = slot.node
     if slot.attr is not None:
         module = module_of(gm, node)
         if slot.attr in module._buffers:
-            module._buffers[slot.attr] = value.detach().clone()
+            module._buffers[slot.attr] = _finite(value).detach().clone()
         else:
             setattr(module, slot.attr, _as_parameter(value))
         return
@@ -67,7 +109,7 @@ def set_slot(gm: fx.GraphModule, slot: Slot, value: torch.Tensor, hint: str) -> 
     ):
         owner, name = owner_and_name(gm, current.target)
         if name in owner._buffers:
-            owner._buffers[name] = value.detach().clone()
+            owner._buffers[name] = _finite(value).detach().clone()
         else:
             setattr(owner, name, _as_parameter(value))
         return
@@ -132,6 +174,7 @@ def hint_for(node: fx.Node) -> str:
 
 def replace_node(old: fx.Node, new: fx.Node) -> None:
     """Route every use of ``old`` to ``new`` and erase ``old`` with its dead constant inputs."""
+    require_commit(old.graph.owning_module)
     old.replace_all_uses_with(new)
     erase_dead(old)
 
@@ -143,6 +186,7 @@ def replace_join(join: fx.Node, new: fx.Node, region: list[fx.Node]) -> None:
     since every region op has the join's shape; ``new`` (with the attributes it reads) moves
     before the earliest region op so that it is defined before them.
     """
+    require_commit(join.graph.owning_module)
     readers = [(node, user) for node in region for user in shape_users(node)]
     if readers:
         order = {n: i for i, n in enumerate(join.graph.nodes)}

@@ -173,3 +173,63 @@ def test_new_spatial_sizes_stay_correct():
         for size in (12, 17, 24):
             x = torch.randn(2, 3, size, size + 3)
             assert_close(compiled(x), model(x))
+
+
+def _conv_bn_relu_chain() -> nn.Module:
+    """Frozen convs, trainable BNs (fine-tuning the norms): the convs' weights are constants
+    to dynamo, the BNs' γ and β are graph inputs."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        nn.BatchNorm2d(4),
+    )
+    return _freeze_convs(_random(model))
+
+
+def _freeze_convs(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.requires_grad_(False)
+    return model
+
+
+def _assert_same_values_and_gradients(model: nn.Module, compiled, x: torch.Tensor) -> None:
+    reference = copy.deepcopy(model)
+    out, expected = compiled(x), reference(x)
+    assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(p.grad, q.grad)
+
+
+def test_eval_model_with_trainable_parameters_under_grad_is_exact():
+    """The default use: an eval model whose parameters require grad, grad mode on. BN
+    parameters arrive as graph inputs; no fold may treat them as constants or as absent."""
+    model = _conv_bn_relu_chain()
+    backend = compile_backend(inner="eager")
+    _assert_same_values_and_gradients(model, torch.compile(model, backend=backend), _x())
+
+
+def test_default_string_backend_under_grad_is_exact():
+    model = _conv_bn_relu_chain()
+    _assert_same_values_and_gradients(model, torch.compile(model, backend="repfx"), _x())
+
+
+def test_timm_resnet_with_trainable_bn_under_grad_is_exact():
+    timm = pytest.importorskip("timm")
+    from timm_weights import redraw_foldable_parameters_
+
+    model = redraw_foldable_parameters_(timm.create_model("resnet18", num_classes=10)).eval()
+    _freeze_convs(model)
+    backend = compile_backend(inner="eager")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _assert_same_values_and_gradients(model, torch.compile(model, backend=backend), x)
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 3, 9, 10, generator=torch.Generator().manual_seed(0))

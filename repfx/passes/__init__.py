@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .absorb_padding import AbsorbPadding
-from .base import Pass, PassError, PassResult, run_to_fixpoint
+from .base import Pass, PassError, PassResult, RewriteRejected, run_to_fixpoint
 from .cleanup import Cleanup
 from .fold_affine_mixer import FoldAffineMixer
 from .fold_bn import FoldBatchNorm
@@ -37,6 +37,7 @@ __all__ = [
     "Pass",
     "PassError",
     "PassResult",
+    "RewriteRejected",
     "default_pipeline",
     "run_to_fixpoint",
 ]

@@ -9,13 +9,13 @@
    when no zero padding meets a non-zero shift ``t``.
 
 Each candidate is checked first (a failed check is a :class:`Reason`); only a candidate that
-passes every check returns a :class:`Rewrite`, which then changes the graph.
+passes every check returns a :class:`Plan`, which the commit point proves and applies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -40,14 +40,21 @@ from ..ops import (
 )
 from ..report import Folded, Skipped
 from ..rewrite import erase_dead, hint_for, insert_affine, set_slot
-from .base import FoldContext, PassResult, apply_rule
+from .base import FoldContext, PassResult, Rewrite, apply_rule
 
 
 class Reason(str):
     """Why a candidate rewrite does not apply."""
 
 
-Rewrite = Callable[[], str]  # changes the graph, returns a description of what it did
+@dataclass(frozen=True)
+class Plan:
+    """A checked candidate: the region it replaces (``outputs`` from ``inputs``) and the
+    rewrite, which changes the graph and returns the new output nodes and a description."""
+
+    outputs: list[fx.Node]
+    inputs: list[fx.Node]
+    rewrite: Rewrite
 
 
 def describe(ctx: FoldContext, node: fx.Node) -> str:
@@ -64,19 +71,21 @@ def absorb(ctx: FoldContext, op: AffineOp, rule: str) -> Folded | str:
     if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
         return f"{describe(ctx, op.node)} has hooks"
     producer = _producer_rewrite(ctx, op)
-    if not isinstance(producer, Reason):
-        _remove(op)
-        return Folded(rule, location, producer())
-    consumer = _consumer_rewrite(ctx, op)
-    if not isinstance(consumer, Reason):
-        return Folded(rule, location, consumer())
-    return f"{producer}; {consumer}"
+    plan = producer if not isinstance(producer, Reason) else _consumer_rewrite(ctx, op)
+    if isinstance(plan, Reason):
+        return f"{producer}; {plan}"
+    outcome = ctx.commit(rule, location, plan.outputs, plan.inputs, plan.rewrite)
+    return outcome if isinstance(outcome, Folded) else outcome.reason
 
 
-def _remove(op: AffineOp) -> None:
-    """Drop the affine from the graph (its effect has been or is about to be moved upstream)."""
-    op.node.replace_all_uses_with(op.input)
+def _remove(ctx: FoldContext, op: AffineOp) -> fx.Node:
+    """Drop the affine from the graph (its effect has been moved); return what replaced it."""
+    replacement = op.input
+    if replacement._erased:  # the producer was itself replaced (composition): read what op reads
+        replacement = next(n for n in op.node.all_input_nodes if not ctx.consts.is_constant(n))
+    op.node.replace_all_uses_with(replacement)
     erase_dead(op.node)
+    return replacement
 
 
 def _expand(affine: ChannelAffine, channels: int) -> ChannelAffine:
@@ -85,7 +94,9 @@ def _expand(affine: ChannelAffine, channels: int) -> ChannelAffine:
     )
 
 
-def _fits(op: AffineOp, axis: int | None, channels: int) -> str | None:
+def _fits(op: AffineOp, axis: int | None, channels: int, dtype: torch.dtype) -> str | None:
+    if op.dtype is not None and op.dtype != dtype:
+        return f"affine constants are {op.dtype}, the op's are {dtype}"
     if op.axis is not None and axis is None:
         return "channel axis of the op is unknown (pass example inputs)"
     if op.axis is not None and op.axis != axis:
@@ -95,11 +106,16 @@ def _fits(op: AffineOp, axis: int | None, channels: int) -> str | None:
     return None
 
 
-def _dtype_of(op: AffineOp) -> torch.dtype:
-    meta = op.node.meta.get("tensor_meta")
+def affine_dtype(result: fx.Node, ops: list[AffineOp]) -> torch.dtype | None:
+    """The dtype a replacement affine computing ``result`` from ``ops`` must hold its constants
+    in: ``result``'s recorded dtype, else that of the ops' tensor constants. ``None``: unknown
+    (only Python scalars, no shapes propagated) — a constant in a guessed dtype could promote
+    the tensor (float16 → float32) or round it (float64 → float32)."""
+    meta = result.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "dtype"):
         return meta.dtype
-    return op.dtype or torch.get_default_dtype()
+    dtypes = {op.dtype for op in ops if op.dtype is not None}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 # --------------------------------------------------------------------------- producer side
@@ -118,7 +134,9 @@ def _through_layout(op: AffineOp) -> tuple[AffineOp, list[fx.Node]]:
     return replace(op, input=node, axis=axis), walked
 
 
-def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Rewrite | Reason:
+def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
+    """Fold ``op`` into the op producing its input; the region is from that op's input to
+    ``op``."""
     moved, walked = _through_layout(op)
     p = moved.input
     if len(users := value_users(p)) != 1:
@@ -131,14 +149,27 @@ def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Rewrite | Reason:
         rewrite = _compose_rewrite(ctx, inner, moved)
     else:
         return Reason(f"producer {describe(ctx, p)} is not a conv, linear, norm or affine")
-    if isinstance(rewrite, Reason) or not walked:
+    if isinstance(rewrite, Reason):
         return rewrite
     through = ", ".join(describe(ctx, n) for n in walked)
-    return lambda: f"{rewrite()} (through {through})"
+    suffix = f" (through {through})" if walked else ""
+
+    def fold_then_remove() -> tuple[list[fx.Node], str]:
+        detail = rewrite()
+        return [_remove(ctx, op)], detail + suffix
+
+    return Plan([op.node], _region_inputs(ctx, p), fold_then_remove)
 
 
-def _linear_output_rewrite(ctx: FoldContext, op: AffineOp, lin: LinearOp) -> Rewrite | Reason:
-    if (bad := _fits(op, lin.channel_axis, lin.out_channels)) is not None:
+def _region_inputs(ctx: FoldContext, node: fx.Node) -> list[fx.Node]:
+    """The non-constant values ``node`` reads: where a region ending at ``node`` starts."""
+    return [n for n in node.all_input_nodes if not ctx.consts.is_constant(n)]
+
+
+def _linear_output_rewrite(
+    ctx: FoldContext, op: AffineOp, lin: LinearOp
+) -> Callable[[], str] | Reason:
+    if (bad := _fits(op, lin.channel_axis, lin.out_channels, lin.weight.dtype)) is not None:
         return Reason(f"producer {lin.kind}: {bad}")
     if (shared := ctx.shared_reason(lin.node, lin.kind)) is not None:
         return Reason(f"producer {shared}")
@@ -157,8 +188,8 @@ def _linear_output_rewrite(ctx: FoldContext, op: AffineOp, lin: LinearOp) -> Rew
     return rewrite
 
 
-def _norm_rewrite(ctx: FoldContext, op: AffineOp, norm: NormOp) -> Rewrite | Reason:
-    if (bad := _fits(op, norm.channel_axis, norm.channels)) is not None:
+def _norm_rewrite(ctx: FoldContext, op: AffineOp, norm: NormOp) -> Callable[[], str] | Reason:
+    if (bad := _fits(op, norm.channel_axis, norm.channels, norm.dtype)) is not None:
         return Reason(f"producer {norm.kind}: {bad}")
     if (shared := ctx.shared_reason(norm.node, norm.kind)) is not None:
         return Reason(f"producer {shared}")
@@ -174,16 +205,20 @@ def _norm_rewrite(ctx: FoldContext, op: AffineOp, norm: NormOp) -> Rewrite | Rea
     return rewrite
 
 
-def _compose_rewrite(ctx: FoldContext, inner: AffineOp, outer: AffineOp) -> Rewrite | Reason:
+def _compose_rewrite(
+    ctx: FoldContext, inner: AffineOp, outer: AffineOp
+) -> Callable[[], str] | Reason:
     axis = merge_axes(inner.axis, outer.axis)
     if axis is False:
         return Reason("producer affine acts on another channel axis")
     if len({inner.channels, outer.channels} - {1}) > 1:
         return Reason("producer affine has a different channel count")
+    dtype = affine_dtype(outer.node, [inner, outer])
+    if dtype is None:
+        return Reason("the affines' dtype is unknown (pass example inputs)")
 
     def rewrite() -> str:
         combined = inner.affine.then(outer.affine)
-        dtype = _dtype_of(outer)
         new = insert_affine(
             ctx.gm, inner.input, combined, axis, dtype, inner.node, hint_for(inner.node)
         )
@@ -197,7 +232,8 @@ def _compose_rewrite(ctx: FoldContext, inner: AffineOp, outer: AffineOp) -> Rewr
 # --------------------------------------------------------------------------- consumer side
 
 
-def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Rewrite | Reason:
+def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
+    """Fold ``op`` into its only consumer; the region is from ``op``'s input to the consumer."""
     users = value_users(op.node)
     if len(users) != 1:
         return Reason(f"output has {len(users)} users")
@@ -207,24 +243,24 @@ def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Rewrite | Reason:
         return Reason(f"consumer {describe(ctx, c)} is not a conv or linear")
     if lin.kind == "conv_transpose":
         return Reason("consumer is a transposed conv (input-side fold not supported)")
-    if (bad := _fits(op, lin.channel_axis, lin.in_channels)) is not None:
+    if (bad := _fits(op, lin.channel_axis, lin.in_channels, lin.weight.dtype)) is not None:
         return Reason(f"consumer {lin.kind}: {bad}")
     if lin.zero_padded and op.affine.has_shift():
         return Reason("consumer conv zero-pads its input: a shift before it is not exact")
     if (shared := ctx.shared_reason(c, lin.kind)) is not None:
         return Reason(f"consumer {shared}")
 
-    def rewrite() -> str:
+    def rewrite() -> tuple[list[fx.Node], str]:
         affine = _expand(op.affine, lin.in_channels)
         w, b = fold_affine_into_conv_input(lin.weight, lin.bias, affine, lin.groups)
         hint = hint_for(c)
         set_slot(ctx.gm, lin.weight_slot, w, f"{hint}_weight")
         if b is not None:
             set_slot(ctx.gm, lin.bias_slot, b, f"{hint}_bias")
-        _remove(op)
-        return f"into the input of {lin.kind} {where(c)}"
+        _remove(ctx, op)
+        return [c], f"into the input of {lin.kind} {where(c)}"
 
-    return rewrite
+    return Plan([c], _region_inputs(ctx, op.node), rewrite)
 
 
 # --------------------------------------------------------------------------- the pass loop

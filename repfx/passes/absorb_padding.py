@@ -127,7 +127,10 @@ class AbsorbPadding:
         conv = linear_op(ctx.gm, y, ctx.consts)
         if not _pointwise(conv) or len(pads) != conv.spatial_dims:
             return None
-        if [u for u in value_users(y) if u is not padded and not _mask_reader(u)]:
+        # the BNAndPad spelling also reads y's shape for its border mask; a plain pad may not
+        # leave y alive (the conv would then run twice)
+        mask_ok = constant is not None
+        if [u for u in value_users(y) if u is not padded and not (mask_ok and _mask_reader(u))]:
             return Skipped(self.name, where(node), "the conv's output is also used unpadded")
         bias = torch.zeros(conv.out_channels, dtype=torch.float64)
         if conv.bias is not None:
@@ -143,13 +146,16 @@ class AbsorbPadding:
             conv.weight.detach().double(), bias, g.stride, padding, g.dilation, conv.groups
         )
         path = f"{y.target}_padded" if y.op == "call_module" else f"{y.name}_padded"
-        ctx.gm.add_submodule(path, new_conv(kernel, conv.weight.dtype))
-        with ctx.gm.graph.inserting_before(node):
-            new = ctx.gm.graph.call_module(path, (conv.input,))
-        new.meta.update(node.meta)
-        location = where(node)
-        replace_node(node, new)
-        return Folded(self.name, location, f"padding moved into {path}")
+
+        def rewrite() -> tuple[list[fx.Node], str]:
+            ctx.gm.add_submodule(path, new_conv(kernel, conv.weight.dtype))
+            with ctx.gm.graph.inserting_before(node):
+                new = ctx.gm.graph.call_module(path, (conv.input,))
+            new.meta.update(node.meta)
+            replace_node(node, new)
+            return [new], f"padding moved into {path}"
+
+        return ctx.commit(self.name, where(node), [node], [conv.input], rewrite)
 
 
 def _mask_reader(user: fx.Node) -> bool:

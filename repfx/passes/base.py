@@ -1,17 +1,28 @@
 """Pass infrastructure: a pass maps a graph module to a :class:`PassResult`; the pipeline runs
 an ordered list of passes until none changes the graph.
 
+Every rewrite goes through one commit point, :meth:`FoldContext.commit`: it evaluates the
+region being replaced on random probes in float64 *before* the graph changes, lets the pass
+rewrite, evaluates the replacement on the same probes, and accepts the rewrite only if both
+agree (``repfx.validate``). A rewrite that cannot be proven (no probe shape runs the region)
+is not made. A rewrite whose replacement differs is a repfx bug: with ``REPFX_STRICT=1`` (the
+test suite sets it) it raises :class:`RewriteRejected`; otherwise the pipeline starts again from
+the graph as it was, with that rewrite denied, and reports it. A pass that changes the graph
+outside a commit is a bug the pipeline reports (:class:`PassError`).
+
 Termination is by construction, not by a round cap: every modifying pass must strictly reduce
 the number of call nodes, and the pipeline raises (naming the pass) when one does not.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from torch import fx
+from torch import fx, nn
 
 from ..graph import (
     ConstantFolder,
@@ -21,6 +32,40 @@ from ..graph import (
     tensor_use_counts,
 )
 from ..report import Folded, Skipped
+from ..rewrite import RewriteRefused, committing
+from ..validate import ValidationFailure, prove_before
+
+STRICT_ENV = "REPFX_STRICT"  # "1": a rejected rewrite raises instead of being denied and retried
+DENIED_KEY = "repfx_denied"  # gm.meta: (rule, location) of rewrites rejected in this fold
+REJECTED = "rejected by local validation — a repfx bug, please report it"
+DENIED = "denied after an earlier attempt was undone"
+
+
+class PassError(RuntimeError):
+    """A pass broke the pass contract (a repfx bug)."""
+
+
+class RewriteRejected(PassError):
+    """A rewrite was undone after it changed the graph: its replacement computes something else
+    than the region it replaces (``bug``), or it refused itself half-way (a folded constant
+    overflows the dtype)."""
+
+    def __init__(self, rule: str, where: str, why: str, bug: bool = True):
+        super().__init__(f"{rule} at {where}: {REJECTED + ': ' if bug else ''}{why}")
+        self.rule, self.where, self.why, self.bug = rule, where, why, bug
+
+    @property
+    def reason(self) -> str:
+        return f"{REJECTED}: {self.why}" if self.bug else self.why
+
+
+# A rewrite changes the graph and returns (the nodes now computing the region's outputs, in
+# order; a description of what it did).
+Rewrite = Callable[[], "tuple[list[fx.Node], str]"]
+
+
+def strict() -> bool:
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
 
 
 @dataclass
@@ -51,6 +96,39 @@ class FoldContext:
         self.tensor_uses = tensor_use_counts(gm, self.consts)
         self.module_calls = module_call_counts(gm)
         self._pinned = list(gm.state_dict(keep_vars=True).values())
+        self.denied: frozenset[tuple[str, str]] = frozenset(gm.meta.get(DENIED_KEY, ()))
+        self.commits = 0
+
+    def commit(
+        self,
+        rule: str,
+        location: str,
+        outputs: Sequence[fx.Node],
+        inputs: Sequence[fx.Node],
+        rewrite: Rewrite,
+    ) -> Folded | Skipped:
+        """The one way a pass changes the graph: prove, then apply, ``rewrite``.
+
+        ``outputs`` are the values the rewrite must preserve, ``inputs`` the values it reads and
+        leaves alone (everything between them is the region it replaces); ``rewrite`` returns
+        the nodes computing the outputs afterwards. See the module docstring.
+        """
+        if (rule, location) in self.denied:
+            return Skipped(rule, location, DENIED)
+        try:
+            proof = prove_before(self.gm, outputs, inputs, self.consts)
+        except ValidationFailure as exc:
+            return Skipped(rule, location, f"cannot be validated: {exc}")
+        self.commits += 1
+        try:
+            with committing(self.gm):
+                replacements, detail = rewrite()
+        except RewriteRefused as exc:  # the graph is half-changed: the pipeline undoes it
+            raise RewriteRejected(rule, location, exc.reason, bug=False) from exc
+        why = proof.check(self.gm, replacements)
+        if why is not None:
+            raise RewriteRejected(rule, location, why)
+        return Folded(rule, location, detail)
 
     def shared_reason(self, node: fx.Node, what: str) -> str | None:
         """Why ``node``'s module or parameters may not be rewritten (``None``: they may)."""
@@ -81,21 +159,31 @@ def apply_rule(gm: fx.GraphModule, rule: Rule) -> PassResult:
     for node in list(gm.graph.nodes):
         if node._erased:
             continue
-        outcome = rule(ctx, node)
-        if isinstance(outcome, Folded):
-            result.folded.append(outcome)
-            result.modified = True
-        elif isinstance(outcome, Skipped):
-            result.skipped.append(outcome)
+        record(result, visit_once(ctx, rule, node))
     return result
+
+
+def visit_once(ctx: FoldContext, rule: Rule, node: fx.Node) -> Folded | Skipped | None:
+    """``rule(ctx, node)``, checking that it changed the graph only through a commit."""
+    nodes, commits = len(ctx.gm.graph.nodes), ctx.commits
+    outcome = rule(ctx, node)
+    if ctx.commits == commits and len(ctx.gm.graph.nodes) != nodes:
+        raise PassError(f"a rule changed the graph at {node.name} without a commit (a repfx bug)")
+    if isinstance(outcome, Folded) and ctx.commits == commits:
+        raise PassError(f"a rule reported a fold at {node.name} without a commit (a repfx bug)")
+    return outcome
+
+
+def record(result: PassResult, outcome: Folded | Skipped | None) -> None:
+    if isinstance(outcome, Folded):
+        result.folded.append(outcome)
+        result.modified = True
+    elif isinstance(outcome, Skipped):
+        result.skipped.append(outcome)
 
 
 def call_node_count(gm: fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op.startswith("call_"))
-
-
-class PassError(RuntimeError):
-    pass
 
 
 def run_to_fixpoint(
@@ -104,8 +192,52 @@ def run_to_fixpoint(
     """Run ``passes`` in order, repeatedly, until a full round changes nothing.
 
     Returns every fold made, and the skips of the final (unchanged) round, which describe the
-    graph as it is returned.
+    graph as it is returned. A rejected rewrite (outside strict mode) restores ``gm`` to its
+    state on entry and starts again with that rewrite denied; denied rewrites are reported.
     """
+    pristine = _Snapshot.of(gm)
+    denied: list[RewriteRejected] = []
+    while True:
+        gm.meta[DENIED_KEY] = frozenset((r.rule, r.where) for r in denied)
+        try:
+            folded, skipped = _rounds(gm, passes)
+        except RewriteRejected as exc:
+            if (strict() and exc.bug) or (exc.rule, exc.where) in gm.meta[DENIED_KEY]:
+                raise
+            denied.append(exc)
+            pristine.restore(gm)
+            continue
+        finally:
+            gm.meta.pop(DENIED_KEY, None)
+        skipped = [s for s in skipped if s.reason != DENIED]
+        return folded, skipped + [Skipped(r.rule, r.where, r.reason) for r in denied]
+
+
+@dataclass
+class _Snapshot:
+    """What the passes change, kept cheaply: the graph, and every module's dicts of parameters,
+    buffers and children. Passes never change a tensor in place (they swap in new ones), so the
+    dicts, copied shallowly, restore the module tree."""
+
+    graph: fx.Graph
+    modules: list[tuple[nn.Module, dict, dict, dict]]
+
+    @staticmethod
+    def of(gm: fx.GraphModule) -> _Snapshot:
+        modules = [
+            (m, dict(m._parameters), dict(m._buffers), dict(m._modules))
+            for _, m in gm.named_modules(remove_duplicate=False)
+        ]
+        return _Snapshot(copy.deepcopy(gm.graph), modules)
+
+    def restore(self, gm: fx.GraphModule) -> None:
+        for module, parameters, buffers, children in self.modules:
+            module._parameters, module._buffers = dict(parameters), dict(buffers)
+            module._modules = dict(children)
+        gm.graph = copy.deepcopy(self.graph)  # (the setter recompiles)
+
+
+def _rounds(gm: fx.GraphModule, passes: Sequence[Pass]) -> tuple[list[Folded], list[Skipped]]:
     folded: list[Folded] = []
     while True:
         skipped: list[Skipped] = []

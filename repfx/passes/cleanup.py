@@ -28,6 +28,9 @@ class Cleanup:
             return Skipped(self.name, where(node), found)
         if found is None:
             return None
-        location = where(node)
-        replace_node(node, found)
-        return Folded(self.name, location, "removed no-op")
+
+        def rewrite() -> tuple[list[fx.Node], str]:
+            replace_node(node, found)
+            return [found], "removed no-op"
+
+        return ctx.commit(self.name, where(node), [node], [found], rewrite)

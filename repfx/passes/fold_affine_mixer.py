@@ -22,6 +22,7 @@ from ..graph import has_hooks, module_of, value_users, where
 from ..ops import AffineOp, affine_op, merge_axes
 from ..report import Folded, Skipped
 from ..rewrite import hint_for, insert_affine, replace_join
+from ._absorb import affine_dtype
 from .base import FoldContext, PassResult, apply_rule
 
 _JOINS = {
@@ -101,11 +102,17 @@ class FoldAffineMixer:
         if len(channels) > 1:
             return Skipped(self.name, where(join), "branches have different channel counts")
         combined = left.affine.plus(right.affine, weight)
-        dtype = next((op.dtype for op in left.ops + right.ops if op.dtype is not None), None)
-        meta = join.meta.get("tensor_meta")
-        dtype = getattr(meta, "dtype", None) or dtype or torch.get_default_dtype()
+        dtype = affine_dtype(join, left.ops + right.ops)
+        if dtype is None:
+            return Skipped(
+                self.name, where(join), "the affines' dtype is unknown (pass example inputs)"
+            )
         hint = hint_for((left.ops or right.ops)[-1].node)
-        new = insert_affine(ctx.gm, left.root, combined, axis, dtype, join, hint)
         kinds = ", ".join(op.kind for op in left.ops + right.ops)
-        replace_join(join, new, [op.node for op in left.ops + right.ops])
-        return Folded(self.name, where(join), f"merged branches ({kinds}) into one affine")
+
+        def rewrite() -> tuple[list[fx.Node], str]:
+            new = insert_affine(ctx.gm, left.root, combined, axis, dtype, join, hint)
+            replace_join(join, new, [op.node for op in left.ops + right.ops])
+            return [new], f"merged branches ({kinds}) into one affine"
+
+        return ctx.commit(self.name, where(join), [join], [left.root], rewrite)

@@ -40,7 +40,7 @@ from ..regions import Regions
 from ..report import Folded, Skipped
 from ..rewrite import new_conv, replace_join
 from ._absorb import describe
-from .base import FoldContext, PassResult
+from .base import FoldContext, PassResult, record, visit_once
 from .fold_affine_mixer import join_operands
 from .merge_sequential import composition_reason, has_bias, kernel_of
 
@@ -189,6 +189,8 @@ def _check(branches: list[_Branch], summed: bool) -> str | None:
             return "branch convs have different spatial dims"
     conv_branches = [b for b in branches if b.conv is not None]
     for b in conv_branches:
+        if _pads_a_crop(b):
+            return "a branch conv zero-pads a cropped input (the cropped border is not zeros)"
         conv = b.conv
         if b.in_channels != conv_branches[0].in_channels or (
             summed and conv.out_channels != reference.out_channels
@@ -202,6 +204,15 @@ def _check(branches: list[_Branch], summed: bool) -> str | None:
     if summed and identity and conv_branches[0].in_channels != reference.out_channels:
         return "an identity branch needs as many input as output channels"
     return None
+
+
+def _pads_a_crop(branch: _Branch) -> bool:
+    """Does an op reading the branch's crop pad the cropped dims? Then the padding holds zeros
+    where the uncropped input has values: not the same conv with less padding."""
+    reader = branch.prefix[-1] if branch.prefix else branch.conv
+    if reader.geometry is None:
+        return any(branch.crop)
+    return any(c > 0 and p > 0 for c, p in zip(branch.crop, reader.geometry.padding, strict=False))
 
 
 def _alignment_reason(kernels: list[ConvKernel]) -> str | None:
@@ -254,22 +265,21 @@ class MergeBranches:
         for node in list(gm.graph.nodes):
             if node._erased:
                 continue
-            if (operands := join_operands(node)) is not None:
-                outcome = self._merge(ctx, node, *operands)
-            elif (tensors := _concat_operands(node)) is not None:
-                outcome = self._concat(ctx, node, tensors)
-            else:
-                continue
-            if isinstance(outcome, Skipped):
-                result.skipped.append(outcome)
-            elif isinstance(outcome, Folded):
-                result.folded.append(outcome)
-                result.modified = True
-            elif outcome is _UNEXPLAINED:
+            outcome = visit_once(ctx, self._visit, node)
+            if outcome is _UNEXPLAINED:
                 unexplained.append(node)
+            else:
+                record(result, outcome)
         if not result.modified:  # only the final, unchanged round's skips are reported
             result.skipped += self._explain(ctx, [n for n in unexplained if not n._erased])
         return result
+
+    def _visit(self, ctx: FoldContext, node: fx.Node):
+        if (operands := join_operands(node)) is not None:
+            return self._merge(ctx, node, *operands)
+        if (tensors := _concat_operands(node)) is not None:
+            return self._concat(ctx, node, tensors)
+        return None
 
     def _explain(self, ctx: FoldContext, joins: list[fx.Node]) -> list[Skipped]:
         """Why fork-join regions that are not sums of conv branches were left alone (one
@@ -339,17 +349,22 @@ class MergeBranches:
         combined = combine(kernels)
         if any(p < 0 for p in combined.padding):
             return Skipped(self.name, where(join), "every branch crops: no padding is left")
-        merged = new_conv(combined, conv.weight.dtype)
         location, count = where(join), sum(len(b.ops) for b in branches)
         base = _base_path(join)
-        with ctx.gm.graph.inserting_before(join):
-            new = ctx.gm.graph.create_node("call_module", base, (branches[0].root,))
-        new.meta.update(join.meta)
-        new.meta[RANK_KEY] = join.meta.get(RANK_KEY)
-        replace_join(join, new, region)
-        new.target = _free_path(ctx.gm, base, new)  # names freed by the branches count
-        ctx.gm.add_submodule(new.target, merged)
-        return Folded(self.name, location, f"merged {count} ops into one conv {new.target}")
+        root = branches[0].root
+
+        def rewrite() -> tuple[list[fx.Node], str]:
+            merged = new_conv(combined, conv.weight.dtype)
+            with ctx.gm.graph.inserting_before(join):
+                new = ctx.gm.graph.create_node("call_module", base, (root,))
+            new.meta.update(join.meta)
+            new.meta[RANK_KEY] = join.meta.get(RANK_KEY)
+            replace_join(join, new, region)
+            new.target = _free_path(ctx.gm, base, new)  # names freed by the branches count
+            ctx.gm.add_submodule(new.target, merged)
+            return [new], f"merged {count} ops into one conv {new.target}"
+
+        return ctx.commit(self.name, location, [join], [root], rewrite)
 
 
 _CATS = {torch.cat, torch.concat, torch.concatenate}

@@ -142,17 +142,21 @@ class MergeSequential:
             return Skipped(self.name, where(node), reason)
         return self._compose(ctx, first, second)
 
-    def _compose(self, ctx: FoldContext, first: LinearOp, second: LinearOp) -> Folded:
+    def _compose(self, ctx: FoldContext, first: LinearOp, second: LinearOp) -> Folded | Skipped:
         kernel = compose_pointwise_then_conv(kernel_of(first), kernel_of(second))
         mode = second.geometry.padding_mode if second.kind == "conv" else "zeros"
-        module = new_conv(kernel, second.weight.dtype, mode)
         base = second.node.target if second.node.op == "call_module" else where(second.node)
-        path = _free_path(ctx.gm, f"{base.replace(':', '_')}_composed")
-        ctx.gm.add_submodule(path, module)
-        with ctx.gm.graph.inserting_before(second.node):
-            new = ctx.gm.graph.call_module(path, (first.input,))
-        new.meta.update(second.node.meta)
-        new.meta[RANK_KEY] = second.node.meta.get(RANK_KEY)
-        location, detail = where(second.node), f"composed with {where(first.node)} into {path}"
-        replace_node(second.node, new)
-        return Folded(self.name, location, detail)
+
+        def rewrite() -> tuple[list[fx.Node], str]:
+            module = new_conv(kernel, second.weight.dtype, mode)
+            path = _free_path(ctx.gm, f"{base.replace(':', '_')}_composed")
+            ctx.gm.add_submodule(path, module)
+            with ctx.gm.graph.inserting_before(second.node):
+                new = ctx.gm.graph.call_module(path, (first.input,))
+            new.meta.update(second.node.meta)
+            new.meta[RANK_KEY] = second.node.meta.get(RANK_KEY)
+            detail = f"composed with {where(first.node)} into {path}"
+            replace_node(second.node, new)
+            return [new], detail
+
+        return ctx.commit(self.name, where(second.node), [second.node], [first.input], rewrite)

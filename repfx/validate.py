@@ -1,0 +1,541 @@
+"""Translation validation: every rewrite is proven on probes before it is committed.
+
+A rewrite claims that the sub-graph it replaces and its replacement compute the same function.
+The commit point (``FoldContext.commit`` in ``repfx.passes.base``) checks that claim with this
+module, in three steps:
+
+1. **Region.** Before the graph changes, the *old region* is collected: walking back from the
+   values the rewrite must preserve (its ``outputs``) to the ``inputs`` the pass names, through
+   every op in between. Constants (module attributes and expressions of them only) are part of
+   the region, with their current values. Any other value the region reads — a placeholder,
+   a parameter that arrives as a graph input, a weight computed from an activation — is an
+   *operand*: it gets random probe values like an input, so the proof holds for every value it
+   may take.
+2. **Probes.** Each input and operand gets a shape: its recorded shape when shapes were
+   propagated (``tensor_meta``, or the fake tensor dynamo / export attach), first with the
+   non-channel dimensions shrunk to small sizes; otherwise shapes guessed from the region's
+   channel counts and ranks. Two probes are drawn, batch 2 and 1, standard-normal values; across
+   the two, every spatial dimension gets an odd and an even size, one of which no stride from 2
+   to 4 divides. A shape is accepted only if
+   the old region runs on it (checked on meta tensors, which cost nothing).
+3. **Proof.** The old region is evaluated in float64 on both probes before the rewrite, and the
+   new region (walked back from the replacement values to the same inputs and operands) after
+   it. Per output: equal shapes, the same NaN / Inf positions, the dtype the original would
+   produce (checked on meta tensors in the model's own dtypes), and a maximum difference within
+   ``repfx.tolerances.rewrite_tolerance`` of the output's scale. A wrong fold is off by O(1);
+   a correct one only by the rounding of its folded constants to the model's dtype.
+
+Why this is sound enough: every fold repfx makes is affine in its inputs and operands (or the
+identity), so a polynomial-identity argument applies — two affine maps that agree on random
+inputs agree everywhere, with probability 1. The border behaviour of convolutions (padding,
+strides, crops) depends on the spatial size, which is why the probes use two size parities and
+sizes the strides do not divide. Shape-dependent behaviour beyond that is covered by also
+accepting the real shapes when the shrunk ones do not run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.func import functional_call
+
+from .graph import RANK_KEY, ConstantFolder, _fetch_attr
+from .tolerances import rewrite_tolerance
+
+_CONV_FUNCTIONS = {
+    torch.conv1d, torch.conv2d, torch.conv3d,
+    torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+    torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d,
+    torch.nn.functional.avg_pool3d, torch.nn.functional.max_pool2d,
+}  # fmt: skip
+MUTATED_KEY = "repfx_mutated"  # node.meta: capture could not rule out an in-place write to it
+MAX_REGION_NODES = 400  # a region this large means a pass named the wrong inputs
+PROBE_BATCHES = (2, 1)  # batch > 1 in one probe; the other is cheaper
+
+
+class ValidationFailure(Exception):
+    """The old region cannot be evaluated (no probe runs it): the rewrite cannot be proven."""
+
+
+@dataclass
+class Region:
+    """Ops between ``inputs`` / ``operands`` and ``outputs``, in topological order."""
+
+    outputs: list[fx.Node]
+    inputs: list[fx.Node]  # declared by the pass, or values the region reads from outside
+    ops: list[fx.Node]  # computed nodes (including constant expressions), inputs first
+    constants: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
+
+
+def collect_region(
+    outputs: Sequence[fx.Node], stops: Iterable[fx.Node], consts: ConstantFolder
+) -> Region:
+    """Walk back from ``outputs`` to ``stops``; everything in between is the region."""
+    stops = list(dict.fromkeys(stops))
+    stop_set = set(stops)
+    order: list[fx.Node] = []
+    inputs: list[fx.Node] = [s for s in stops]
+    constants: dict[fx.Node, torch.Tensor] = {}
+    seen: set[fx.Node] = set()
+    stack: list[tuple[fx.Node, bool]] = [(o, False) for o in reversed(outputs)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.meta.get(MUTATED_KEY):
+            raise ValidationFailure(f"{node.name} is mutated in place")
+        if node in stop_set:
+            continue
+        value = consts.value(node) if node.op != "placeholder" else None
+        if value is not None:
+            constants[node] = value
+            continue
+        if node.op in ("placeholder", "output") or (
+            node.op == "get_attr" and not isinstance(_fetch_attr(consts.gm, node.target), nn.Module)
+        ):
+            inputs.append(node)  # an operand: a graph input, or a non-tensor attribute
+            continue
+        if len(seen) > MAX_REGION_NODES:
+            raise ValidationFailure(f"region exceeds {MAX_REGION_NODES} nodes")
+        stack.append((node, True))
+        stack.extend((n, False) for n in reversed(node.all_input_nodes))
+    return Region(list(outputs), inputs, order, constants)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class _Converted:
+    """Converts constants and module tensors for an evaluation, once per tensor."""
+
+    def __init__(self, to_meta: bool):
+        self.to_meta = to_meta
+        self._done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        hit = self._done.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        if self.to_meta:
+            out = torch.empty(value.shape, dtype=value.dtype, device="meta")
+        elif value.is_floating_point():
+            out = value.detach().to(torch.float64)
+        else:
+            out = value.detach()
+        self._done[id(value)] = (value, out)
+        return out
+
+
+def _run_module(module: nn.Module, convert: Any, args: tuple, kwargs: dict) -> Any:
+    state = {
+        name: convert(t)
+        for name, t in itertools.chain(module.named_parameters(), module.named_buffers())
+    }
+    return functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
+
+
+def evaluate(
+    gm: fx.GraphModule, region: Region, feeds: dict[fx.Node, Any], convert: Any
+) -> list[Any]:
+    """Run ``region`` on ``feeds`` (values of its inputs), converting every constant and module
+    tensor with ``convert`` (float64 promotion, or meta tensors). Returns the outputs."""
+    env: dict[fx.Node, Any] = dict(feeds)
+    for node, value in region.constants.items():
+        env[node] = convert(value)
+    with torch.no_grad():
+        for node in region.ops:
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if node.op == "call_module":
+                env[node] = _run_module(gm.get_submodule(node.target), convert, args, kwargs)
+            elif node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "get_attr":
+                env[node] = _fetch_attr(gm, node.target)
+            else:
+                raise ValidationFailure(f"cannot evaluate a {node.op} node")
+    return [env[o] for o in region.outputs]
+
+
+# ----------------------------------------------------------------------------- probe shapes
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What is known about one region input: a recorded shape / dtype, or only a rank."""
+
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+    device: torch.device
+    rank: int | None
+    is_float: bool
+
+
+def _recorded(node: fx.Node) -> tuple[tuple[int, ...] | None, torch.dtype | None]:
+    for key in ("tensor_meta", "val", "example_value"):
+        meta = node.meta.get(key)
+        shape = getattr(meta, "shape", None)
+        if shape is not None:
+            dims = [_concrete(d) for d in shape]
+            if None not in dims:
+                return tuple(dims), getattr(meta, "dtype", None)
+    return None, None
+
+
+def _concrete(dim: Any) -> int | None:
+    if isinstance(dim, int):
+        return dim
+    hint = getattr(getattr(dim, "node", None), "hint", None)
+    return int(hint) if isinstance(hint, int) else None
+
+
+def input_spec(node: fx.Node, device: torch.device) -> InputSpec:
+    shape, dtype = _recorded(node)
+    is_float = dtype.is_floating_point if dtype is not None else True  # unknown: try floats
+    rank = len(shape) if shape is not None else node.meta.get(RANK_KEY)
+    return InputSpec(shape, dtype, device, rank, bool(is_float))
+
+
+def channel_counts(gm: fx.GraphModule, region: Region) -> list[int]:
+    """Channel counts the region's ops mention, most frequent first."""
+    counts: dict[int, int] = {}
+
+    def add(n: Any) -> None:
+        if isinstance(n, int) and n > 0:
+            counts[n] = counts.get(n, 0) + 1
+
+    for node in region.ops:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            for attr in ("in_channels", "in_features", "num_features", "num_channels"):
+                add(getattr(m, attr, None))
+            shape = getattr(m, "normalized_shape", None)
+            if shape:
+                add(shape[-1])
+    for value in region.constants.values():
+        for size in value.shape:
+            add(int(size))
+    return sorted(counts, key=lambda c: -counts[c])
+
+
+def probe_sizes(gm: fx.GraphModule, region: Region) -> tuple[tuple[int, ...], ...]:
+    """Spatial sizes of the probes (one per spatial dim, cycled): every dim gets an odd and an
+    even size, both at least as large as the widest window in the region (so every kernel tap
+    meets data), and the odd one divisible by no stride in the region. A region of pointwise
+    ops only (no window, no reshaping) behaves the same at every size: one probe suffices."""
+    extent, strides = 1, {1}
+    for node in region.ops:
+        window = _window(gm, node, region)
+        if window is not None:
+            extent = max(extent, window[0])
+            strides.add(window[1])
+    odd = extent + (extent % 2 == 0)
+    while any(s > 1 and odd % s == 0 for s in strides):
+        odd += 2
+    even = extent + (extent % 2)
+    if all(_is_pointwise(gm, n) for n in region.ops):
+        return ((odd, even, odd),)
+    return (odd, even, odd), (even, odd, even)
+
+
+# Modules whose output at a position depends on the input there (norms: on statistics over
+# positions, whatever their number).
+_POINTWISE_MODULES = (
+    nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Identity,
+    nn.modules.dropout._DropoutNd, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.Mish, nn.ELU,
+)  # fmt: skip
+_POINTWISE_FUNCTIONS = {
+    "add", "sub", "mul", "div", "addcmul", "neg", "truediv",
+    "relu", "gelu", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid",
+}  # fmt: skip
+
+
+def _is_pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An op whose every output position depends only on the same input position."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.modules.conv._ConvNd):
+            sizes = [_ints(getattr(m, a)) for a in ("kernel_size", "stride", "padding")]
+            return all(v == 1 for v in sizes[0] + sizes[1]) and not any(sizes[2])
+        return isinstance(m, _POINTWISE_MODULES)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name.strip("_") in _POINTWISE_FUNCTIONS
+
+
+def _window(gm: fx.GraphModule, node: fx.Node, region: Region) -> tuple[int, int] | None:
+    """(the widest extent ``dilation·(k − 1) + 1``, the largest stride) of a windowed op."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        kernel = getattr(m, "kernel_size", None)
+        dilation, stride = getattr(m, "dilation", 1), getattr(m, "stride", 1)
+    elif node.op == "call_function" and node.target in _CONV_FUNCTIONS:
+        weight = region.constants.get(node.args[1]) if len(node.args) > 1 else None
+        kernel = None if weight is None else tuple(weight.shape[2:])
+        dilation = node.args[5] if len(node.args) > 5 else node.kwargs.get("dilation", 1)
+        stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
+    else:
+        return None
+    if kernel is None:
+        return None
+    ks, ds, ss = (_ints(v) for v in (kernel, dilation, stride))
+    if not ks:
+        return None
+    ds = ds * len(ks) if len(ds) == 1 else ds
+    extent = max(d * (k - 1) + 1 for k, d in zip(ks, ds, strict=False))
+    return extent, max(ss or [1])
+
+
+def _ints(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
+        return list(value)
+    return []
+
+
+def candidate_shapes(
+    spec: InputSpec, channels: list[int], sizes: tuple[int, ...], batch: int
+) -> list:
+    """Shapes to try for an input, best first."""
+    found: list[tuple[int, ...]] = []
+    if spec.shape is not None:
+        found.append(_shrunk(spec.shape, channels, sizes, batch))
+        found.append(spec.shape)
+        return list(dict.fromkeys(found))
+    ranks = [spec.rank] if spec.rank is not None else [4, 3, 2, 5]
+    for rank, c in itertools.product(ranks, channels[:4] or [4]):
+        spatial = tuple(sizes[i % len(sizes)] for i in range(max(rank - 2, 0)))
+        if rank == 1:
+            found.append((c,))
+            continue
+        found.append((batch, c, *spatial))
+        if rank >= 3:
+            found.append((batch, *spatial, c))
+    return list(dict.fromkeys(found))
+
+
+def _shrunk(
+    shape: tuple[int, ...], channels: list[int], sizes: tuple[int, ...], batch: int
+) -> tuple:
+    out, k = [], 0
+    for i, d in enumerate(shape):
+        if i == 0 and len(shape) > 1:
+            out.append(batch)
+        elif d > 1 and d not in channels:
+            out.append(sizes[k % len(sizes)])
+            k += 1
+        else:
+            out.append(d)
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- the proof
+
+
+@dataclass
+class Probe:
+    feeds: dict[fx.Node, Any]  # float64 values (other dtypes for non-floating inputs)
+    dtypes: dict[fx.Node, torch.dtype]  # the inputs' own dtypes
+
+
+@dataclass
+class Proof:
+    """The old region and its values on the probes, taken before the rewrite."""
+
+    region: Region
+    probes: list[Probe]
+    expected: list[list[Any]]  # per probe, per output (float64)
+    dtypes: list[torch.dtype | None]  # per output, in the model's own dtypes (None: no tensor)
+
+    def check(self, gm: fx.GraphModule, replacements: Sequence[fx.Node]) -> str | None:
+        """Why the replacement differs from the old region (``None``: it does not)."""
+        consts = ConstantFolder(gm)
+        stops = [n for n in self.region.inputs if not n._erased]
+        try:
+            new = collect_region(list(replacements), stops, consts)
+        except ValidationFailure as exc:
+            return str(exc)
+        unknown = [n for n in new.inputs if n not in self.probes[0].feeds]
+        if unknown:
+            return f"the replacement reads {unknown[0].name}, which the region did not"
+        try:
+            dtypes = dtypes_of(gm, new, self.probes[0])
+            to_f64 = _Converted(to_meta=False)
+            actuals = [evaluate(gm, new, probe.feeds, to_f64) for probe in self.probes]
+        except Exception as exc:  # the replacement does not even run
+            return f"the replacement fails on the probe: {type(exc).__name__}: {exc}"
+        for i, (want, got) in enumerate(zip(self.dtypes, dtypes, strict=True)):
+            if (reason := _same_dtype(want, got)) is not None:
+                return f"output {i}: {reason}"
+        for expected, actual in zip(self.expected, actuals, strict=True):
+            for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
+                if (reason := _same_values(want, got, self.dtypes[i])) is not None:
+                    return f"output {i}: {reason}"
+        return None
+
+
+def prove_before(
+    gm: fx.GraphModule,
+    outputs: Sequence[fx.Node],
+    inputs: Sequence[fx.Node],
+    consts: ConstantFolder,
+) -> Proof:
+    """Collect and evaluate the old region on two probes (raises ValidationFailure)."""
+    region = collect_region(outputs, inputs, consts)
+    device = _device_of(gm, region)
+    specs = {n: input_spec(n, device) for n in region.inputs}
+    dtypes = {n: _probe_dtype(specs[n], gm, region) for n in region.inputs}
+    channels = channel_counts(gm, region)
+    to_f64 = _Converted(to_meta=False)
+    probes, expected = [], []
+    generator = torch.Generator().manual_seed(0x5EED)
+    for sizes, batch in zip(probe_sizes(gm, region), PROBE_BATCHES, strict=False):
+        options = [candidate_shapes(specs[n], channels, sizes, batch) for n in region.inputs]
+        for combo in itertools.islice(itertools.product(*options), 64):
+            shapes = dict(zip(region.inputs, combo, strict=True))
+            if not all(s.shape is not None for s in specs.values()) and not _runs_on_meta(
+                gm, region, shapes, dtypes
+            ):
+                continue  # guessed shapes: try them on meta tensors first, which is free
+            feeds = {n: _draw(shapes[n], dtypes[n], device, generator) for n in region.inputs}
+            try:
+                values = evaluate(gm, region, feeds, to_f64)
+            except Exception:
+                continue
+            probes.append(Probe(feeds, dtypes))
+            expected.append(values)
+            break
+    if not probes:
+        raise ValidationFailure("no probe shape runs the region (pass example inputs)")
+    return Proof(region, probes, expected, _output_dtypes(gm, region, probes[0]))
+
+
+def _runs_on_meta(
+    gm: fx.GraphModule,
+    region: Region,
+    shapes: dict[fx.Node, tuple[int, ...]],
+    dtypes: dict[fx.Node, torch.dtype],
+) -> bool:
+    feeds = {n: torch.empty(shapes[n], dtype=dtypes[n], device="meta") for n in region.inputs}
+    try:
+        evaluate(gm, region, feeds, _Converted(to_meta=True))
+    except Exception:
+        return False
+    return True
+
+
+def _as_meta(feeds: dict[fx.Node, Any], dtypes: dict[fx.Node, torch.dtype]) -> dict:
+    return {
+        n: torch.empty(v.shape, dtype=dtypes[n], device="meta")
+        if isinstance(v, torch.Tensor)
+        else v
+        for n, v in feeds.items()
+    }
+
+
+def _output_dtypes(gm: fx.GraphModule, region: Region, probe: Probe) -> list:
+    """The old region's output dtypes in the model's own dtypes: recorded by shape
+    propagation (or dynamo), else computed."""
+    recorded = [_recorded(o)[1] for o in region.outputs]
+    if all(d is not None for d in recorded):
+        return recorded
+    return dtypes_of(gm, region, probe)
+
+
+def dtypes_of(gm: fx.GraphModule, region: Region, probe: Probe) -> list:
+    """Output dtypes of ``region`` run in the model's own dtypes: on meta tensors (free), or,
+    for ops meta tensors do not support, on the probe cast to the inputs' dtypes."""
+    try:
+        outs = evaluate(gm, region, _as_meta(probe.feeds, probe.dtypes), _Converted(True))
+    except Exception:
+        feeds = {
+            n: v.to(probe.dtypes[n]) if isinstance(v, torch.Tensor) else v
+            for n, v in probe.feeds.items()
+        }
+        outs = evaluate(gm, region, feeds, lambda v: v)
+    return [o.dtype if isinstance(o, torch.Tensor) else None for o in outs]
+
+
+def _device_of(gm: fx.GraphModule, region: Region) -> torch.device:
+    for value in region.constants.values():
+        return value.device
+    for node in region.ops:
+        if node.op == "call_module":
+            for t in gm.get_submodule(node.target).parameters():
+                return t.device
+    return torch.device("cpu")
+
+
+def _probe_dtype(spec: InputSpec, gm: fx.GraphModule, region: Region) -> torch.dtype:
+    if spec.dtype is not None:
+        return spec.dtype
+    if not spec.is_float:
+        return torch.int64
+    for value in region.constants.values():
+        if value.is_floating_point():
+            return value.dtype
+    for node in region.ops:
+        if node.op == "call_module":
+            for t in gm.get_submodule(node.target).parameters():
+                if t.is_floating_point():
+                    return t.dtype
+    return torch.get_default_dtype()
+
+
+def _draw(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
+    """Standard-normal float64 values for a floating input, small integers otherwise."""
+    if dtype.is_floating_point:
+        value = torch.randn(shape, generator=generator, dtype=torch.float64)
+    elif dtype == torch.bool:
+        value = torch.randint(0, 2, shape, generator=generator).bool()
+    else:
+        value = torch.randint(-8, 9, shape, generator=generator).to(dtype)
+    return value.to(device)
+
+
+def _same_dtype(want: torch.dtype | None, got: torch.dtype | None) -> str | None:
+    if (want is None) != (got is None):
+        return f"produces {'a tensor' if got else 'no tensor'}, expected the opposite"
+    if got != want:
+        return f"dtype {got}, expected {want}"
+    return None
+
+
+def _same_values(want: Any, got: Any, dtype: torch.dtype | None) -> str | None:
+    if not isinstance(want, torch.Tensor):
+        return None if want == got else f"value {got!r}, expected {want!r}"
+    if want.shape != got.shape:
+        return f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    if not want.is_floating_point():
+        return None if torch.equal(want, got) else "integer values differ"
+    want, got = want.double(), got.double()
+    bad_want, bad_got = ~torch.isfinite(want), ~torch.isfinite(got)
+    if not torch.equal(bad_want, bad_got):
+        return "non-finite values (NaN / Inf) where the original has none, or vice versa"
+    finite = ~bad_want
+    if not bool(finite.any()):
+        return None
+    diff = (want[finite] - got[finite]).abs().max().item()
+    scale = want[finite].abs().max().item()
+    tol = rewrite_tolerance(dtype or torch.float64)
+    rel = diff / scale if scale > 0 else diff
+    if rel > tol or math.isnan(rel):
+        return f"differs by {rel:.3g} of the output's scale (tolerance {tol:.1g})"
+    return None

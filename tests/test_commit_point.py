@@ -1,0 +1,200 @@
+"""The commit point: every rewrite is proven on probes before it is kept.
+
+A wrong rewrite is injected into a pass (its fold arithmetic is made wrong); the commit point
+must reject it — raising under strict mode, and otherwise undoing it, reporting it and folding
+everything else. Graph surgery outside a commit is itself reported as a bug.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import traced
+from torch import fx, nn
+
+import repfx
+from repfx import algebra
+from repfx.passes import FoldBatchNorm, PassError, default_pipeline
+from repfx.passes import _absorb as absorb_module
+from repfx.passes.base import STRICT_ENV, RewriteRejected, apply_rule
+from repfx.report import Folded
+from repfx.rewrite import GraphSurgeryError, replace_node
+from repfx.tolerances import assert_close
+from repfx.validate import MUTATED_KEY, probe_sizes
+
+
+def _randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+def _conv_bn_net() -> nn.Module:
+    return _randomised(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 1),
+            nn.BatchNorm2d(8),
+        )
+    )
+
+
+def _wrong_output_fold(weight, bias, affine):
+    """``fold_affine_into_conv_output`` with its bias off by one: a plausible bug."""
+    w, b = algebra.fold_affine_into_conv_output(weight, bias, affine)
+    return w, b + 1
+
+
+def test_injected_wrong_rewrite_raises_under_strict_mode(monkeypatch):
+    monkeypatch.setenv(STRICT_ENV, "1")
+    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _wrong_output_fold)
+    with pytest.raises(RewriteRejected, match="rejected by local validation"):
+        repfx.fold(_conv_bn_net(), verify=False)
+
+
+def test_injected_wrong_rewrite_is_undone_and_reported(monkeypatch):
+    monkeypatch.setenv(STRICT_ENV, "0")
+    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _wrong_output_fold)
+    model = _conv_bn_net()
+    folded = repfx.fold(model, verify=False)  # no example inputs: nothing else would catch it
+    report = folded.meta[repfx.REPORT_KEY]
+    rejected = [s for s in report.skipped if "rejected by local validation" in s.reason]
+    assert {s.where for s in rejected} == {"1", "4"}
+    assert not [f for f in report.folded if f.rule == "fold_bn"]
+    x = torch.randn(3, 3, 7, 6)
+    with torch.no_grad():
+        assert_close(folded(x), model(x))
+
+
+def test_only_the_wrong_rewrites_are_denied(monkeypatch):
+    """Wrong only for the 3×3 conv's BN: the pointwise conv's BN still folds."""
+    monkeypatch.setenv(STRICT_ENV, "0")
+
+    def wrong_for_3x3(weight, bias, affine):
+        w, b = algebra.fold_affine_into_conv_output(weight, bias, affine)
+        return (w, b + 1) if weight.dim() == 4 and weight.shape[-1] == 3 else (w, b)
+
+    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", wrong_for_3x3)
+    model = _conv_bn_net()
+    x = torch.randn(2, 3, 9, 8)
+    folded = repfx.fold(model, (x,))
+    report = folded.meta[repfx.REPORT_KEY]
+    assert [f.where for f in report.folded if f.rule == "fold_bn"] == ["4"]
+    assert any(s.where == "1" and "rejected" in s.reason for s in report.skipped)
+    other = torch.randn(3, 3, 5, 7)
+    with torch.no_grad():
+        assert_close(folded(other), model(other))
+
+
+def test_wrong_rewrite_with_shapes_known_is_rejected(monkeypatch):
+    """Shapes propagated: the probes use the recorded channel layout."""
+    monkeypatch.setenv(STRICT_ENV, "1")
+    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _wrong_output_fold)
+    with pytest.raises(RewriteRejected):
+        repfx.fold(_conv_bn_net(), (torch.randn(1, 3, 16, 16),), verify=False)
+
+
+def test_a_rule_that_edits_the_graph_without_a_commit_is_reported():
+    gm = traced(_conv_bn_net())
+
+    def sneaky(ctx, node: fx.Node):
+        if node.op == "call_module" and node.target == "2":  # the ReLU
+            replace_node(node, node.args[0])  # surgery outside a commit
+            return Folded("sneaky", "2", "removed")
+        return None
+
+    with pytest.raises(GraphSurgeryError):
+        apply_rule(gm, sneaky)
+
+
+def test_a_rule_that_erases_nodes_directly_is_reported():
+    gm = traced(_conv_bn_net())
+
+    def direct(ctx, node: fx.Node):
+        if node.op == "call_module" and node.target == "2":
+            node.replace_all_uses_with(node.args[0])
+            ctx.gm.graph.erase_node(node)
+        return None
+
+    with pytest.raises(PassError, match="without a commit"):
+        apply_rule(gm, direct)
+
+
+def test_a_region_touching_a_mutated_tensor_is_not_rewritten():
+    gm = traced(_conv_bn_net())
+    conv = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "0")
+    conv.meta[MUTATED_KEY] = True
+    result = FoldBatchNorm()(gm)
+    assert [f.where for f in result.folded] == ["4"]  # the other conv → BN still folds
+    assert any(s.where == "1" and "mutated in place" in s.reason for s in result.skipped)
+
+
+def test_fold_that_overflows_the_dtype_is_refused_not_a_bug(monkeypatch):
+    """float16 conv weights near the top of the range, doubled by a scale: the folded weight
+    would be inf. The rewrite is refused (a plain skip, even under strict mode)."""
+    monkeypatch.setenv(STRICT_ENV, "1")
+
+    class Doubled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1, bias=False).half()
+            self.register_buffer("scale", torch.tensor([2.0, 3.0]).half().view(1, 2, 1, 1))
+            with torch.no_grad():
+                self.conv.weight.fill_(60000.0)
+
+        def forward(self, x):
+            return self.conv(x) * self.scale
+
+    model = Doubled().eval()
+    x = torch.full((1, 2, 3, 3), 1e-4, dtype=torch.float16)
+    folded = repfx.fold(model, (x,), verify=False)
+    report = folded.meta[repfx.REPORT_KEY]
+    assert any("overflows torch.float16" in s.reason for s in report.skipped)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
+def test_probe_sizes_cover_the_widest_window_and_both_parities():
+    model = nn.Sequential(nn.Conv2d(2, 2, 5, stride=3, padding=2), nn.BatchNorm2d(2)).eval()
+    gm = traced(model)
+    from repfx.graph import ConstantFolder
+    from repfx.validate import collect_region
+
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
+    region = collect_region([nodes[1]], [nodes[0].args[0]], ConstantFolder(gm))
+    first, second = probe_sizes(gm, region)
+    assert min(first + second) >= 5
+    assert {first[0] % 2, second[0] % 2} == {0, 1}
+    assert first[0] % 3 != 0  # the odd size is not a multiple of the stride
+
+
+def test_every_fold_of_every_pass_went_through_a_commit(monkeypatch):
+    from collections import Counter
+
+    from repfx.models import create
+    from repfx.passes import base
+
+    calls: Counter[str] = Counter()
+    original = base.FoldContext.commit
+
+    def counting(self, rule, *args, **kwargs):
+        outcome = original(self, rule, *args, **kwargs)
+        calls[rule] += isinstance(outcome, Folded)
+        return outcome
+
+    monkeypatch.setattr(base.FoldContext, "commit", counting)
+    folds: Counter[str] = Counter()
+    for name in ("riformer_tiny", "repvgg_tiny", "dbb_tiny", "acnet_tiny", "mobileone_tiny"):
+        x = torch.randn(1, 3, 32, 32)
+        folded = repfx.fold(_randomised(create(name)), (x,), verify=False)
+        folds += Counter(f.rule for f in folded.meta[repfx.REPORT_KEY].folded)
+    assert folds == calls
+    assert set(folds) == {p.name for p in default_pipeline()}

@@ -1,0 +1,194 @@
+"""Classes of models that used to fold to a different function inside the passes: each is now
+folded exactly or refused (the op stays), never a wrong model and never a raw exception.
+
+Every check compares the folded model with the original on a fresh input (other values, other
+batch size) and, where the class is about exactness, in float64 too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import repfx
+from repfx.inspect import op_counts
+from repfx.models import create
+from repfx.tolerances import assert_close
+
+
+def _randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            mean = 1.0 if p.dim() == 1 and name.endswith("weight") else 0.0
+            p.copy_((torch.randn(p.shape, generator=gen) * 0.5 + mean).to(p.dtype))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+def _fresh(*shape: int, dtype=torch.float32, seed: int = 7) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _assert_exact(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    """Fold without and with example inputs; both match on a fresh input of another batch.
+    Returns the fold with example inputs."""
+    other = _fresh(example.shape[0] + 1, *example.shape[1:], dtype=example.dtype)
+    folds = [repfx.fold(model, inputs) for inputs in (None, (example,))]
+    for folded in folds:
+        with torch.no_grad():
+            got, want = folded(other), model(other)
+        assert got.dtype == want.dtype
+        assert_close(got, want)
+    return folds[-1]
+
+
+def test_dbb_tiny_folds_with_its_freshly_constructed_weights():
+    """Fresh BNs have zero bias: a zero-padded plain pad inside DBB's BNAndPad used to be
+    taken for the whole pattern, leaving the conv alive (PassError)."""
+    model = create("dbb_tiny").eval()
+    folded = _assert_exact(model, torch.randn(1, 3, 32, 32))
+    randomised = repfx.fold(_randomised(create("dbb_tiny")), (torch.randn(1, 3, 32, 32),))
+    assert op_counts(folded)["conv"] == op_counts(randomised)["conv"]
+
+
+class CropBranches(nn.Module):
+    """``conv3(x) + conv(x[..., 1:-1, 1:-1])`` where the cropped branch pads by 2: the
+    cropped ring becomes zeros, so it is *not* the same conv with padding 1."""
+
+    def __init__(self, padding: int):
+        super().__init__()
+        self.square = nn.Conv2d(3, 4, 3, padding=1)
+        self.cropped = nn.Conv2d(3, 4, 3, padding=padding)
+
+    def forward(self, x):
+        return self.square(x) + self.cropped(x[:, :, 1:-1, 1:-1])
+
+
+@pytest.mark.parametrize("padding", [2, 3])
+def test_conv_reading_a_crop_through_padding_is_not_merged_wrongly(padding):
+    model = _randomised(CropBranches(padding))
+    x = torch.randn(2, 3, 9, 8)
+    if padding == 3:  # output sizes differ from the square branch: the model itself fails
+        x = torch.randn(2, 3, 9, 8)
+        with pytest.raises(RuntimeError):
+            model(x)
+        return
+    _assert_exact(model, x)
+
+
+class PaddedPointwiseThenReflect(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.pointwise = nn.Conv2d(3, 4, 1, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, padding_mode=mode)
+
+    def forward(self, x):
+        return self.conv(self.pointwise(x))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_zero_padded_pointwise_conv_before_a_reflecting_conv(mode):
+    _assert_exact(_randomised(PaddedPointwiseThenReflect(mode)), torch.randn(1, 3, 7, 6))
+
+
+class EvenDilatedBranches(nn.Module):
+    def __init__(self, k: int, d: int):
+        super().__init__()
+        self.wide = nn.Conv2d(3, 3, k, dilation=d, padding=d * (k - 1) // 2)
+        self.point = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.wide(x) + self.point(x)
+
+
+@pytest.mark.parametrize(("k", "d"), [(2, 2), (4, 2), (2, 4), (3, 2), (4, 1)])
+def test_even_kernel_with_dilation_summed_with_a_pointwise_branch(k, d):
+    model = _randomised(EvenDilatedBranches(k, d))
+    x = torch.randn(1, 3, 11, 10)
+    with torch.no_grad():
+        shapes_agree = model.wide(x).shape == model.point(x).shape
+    if not shapes_agree:
+        return  # not a valid model for these sizes
+    _assert_exact(model, x)
+
+
+class HookedPad(nn.Module):
+    """A bias-free pointwise conv whose output is zero-padded: absorb_padding's pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.pointwise = nn.Conv2d(3, 4, 1, bias=False)
+        self.conv = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return self.conv(F.pad(self.pointwise(x), [1, 1, 1, 1]))
+
+
+def test_absorb_padding_never_rewrites_a_hooked_conv():
+    model = _randomised(HookedPad())
+    seen: list[tuple[int, ...]] = []
+    model.pointwise.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    x = torch.randn(2, 3, 6, 5)
+    folded = repfx.fold(model, (x,))
+    seen.clear()
+    with torch.no_grad():
+        got = folded(x)
+    assert seen == [(2, 4, 6, 5)], "the hook must see the unpadded output, once"
+    with torch.no_grad():
+        assert_close(got, model(x))
+
+
+class ScalarAffines(nn.Module):
+    """Python-scalar affines only: their dtype is the tensor's, whatever it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y * 0.5 + 0.25) * 3.0 - 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
+def test_scalar_affines_keep_the_models_dtype(dtype):
+    model = _randomised(ScalarAffines()).to(dtype)
+    x = _fresh(2, 3, 6, 7, dtype=dtype)
+    for inputs in ((x,), None):
+        folded = repfx.fold(model, inputs, verify=False)
+        with torch.no_grad():
+            got, want = folded(x), model(x)
+        assert got.dtype == dtype
+        if dtype == torch.float64:
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+        else:
+            assert_close(got, want)
+
+
+class MixedDtypeScale(nn.Module):
+    """A float32 per-channel scale after a float16 conv promotes the result to float32: it
+    must not be folded into the float16 weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1).half()
+        self.scale = nn.Parameter(torch.tensor([3.0, -2.0]).view(1, 2, 1, 1))
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+def test_float32_scale_is_not_folded_into_a_float16_conv():
+    model = MixedDtypeScale().eval()
+    x = _fresh(1, 2, 3, 3, dtype=torch.float16)
+    folded = repfx.fold(model, (x,))
+    with torch.no_grad():
+        got, want = folded(x), model(x)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)
