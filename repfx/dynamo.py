@@ -53,6 +53,7 @@ class DynamoBackend:
         if frozen:
             gm = _copy(gm)  # dynamo reads the graph it handed over (its inputs) afterwards
             _freeze(gm, {i: example_inputs[i] for i in frozen})
+            _record_shapes(gm)
             annotate_ranks(gm)
             report.before = GraphStats.of(gm)
             report.folded, report.skipped = run_to_fixpoint(gm, self.passes())
@@ -143,6 +144,22 @@ def _freeze(gm: fx.GraphModule, tensors: dict[int, torch.Tensor]) -> None:
         node.replace_all_uses_with(attr)
         gm.graph.erase_node(node)
     gm.recompile()
+
+
+def _record_shapes(gm: fx.GraphModule) -> None:
+    """Give the passes the shapes dynamo already knows: every node's fake tensor
+    (``meta["example_value"]``) as the ``tensor_meta`` shape propagation would record. Nodes
+    whose shape is symbolic (dynamic shapes) keep only their inferred rank."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value", node.meta.get("val"))
+        static = isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape)
+        if static and "tensor_meta" not in node.meta:
+            try:
+                node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+            except Exception:  # a fake tensor the extractor cannot read: ranks only
+                continue
 
 
 def _inner_compile(inner: str | Callable, gm: fx.GraphModule, inputs: list[Any]) -> Callable:

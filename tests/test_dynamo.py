@@ -233,3 +233,32 @@ def test_timm_resnet_with_trainable_bn_under_grad_is_exact():
 
 def _x() -> torch.Tensor:
     return torch.randn(2, 3, 9, 10, generator=torch.Generator().manual_seed(0))
+
+
+class RepVggBlock(nn.Module):
+    """``relu(bn3(conv3(x)) + bn1(conv1(x)) + bn_id(x))``: the identity-BN branch reads the
+    graph's input, whose rank only dynamo's fake tensors tell."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv3 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.bn_id = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.bn_id(x))
+
+
+def test_dynamo_graphs_fold_identity_bn_branches_with_the_shapes_dynamo_knows():
+    model = _random(nn.Sequential(*[RepVggBlock(8) for _ in range(3)]))
+    backend = compile_backend(inner="eager")
+    x = torch.randn(4, 8, 12, 12)
+    with torch.no_grad():
+        assert_close(torch.compile(model, backend=backend)(x), model(x))
+    after = backend.reports[-1].after.ops
+    assert after.get("batch_norm", 0) == 0
+    assert after["conv"] == 3  # one conv per block, as repfx.fold makes
+    folded = repfx.fold(model, (x,))
+    assert after == {k: v for k, v in folded.meta[repfx.REPORT_KEY].after.ops.items() if v}
