@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .capture import drop_no_op_dtype_guards, functionalize
 from .graph import annotate_ranks
 from .passes import default_pipeline
 from .passes.base import Pass, run_to_fixpoint
@@ -53,7 +54,9 @@ class DynamoBackend:
         if frozen:
             gm = _copy(gm)  # dynamo reads the graph it handed over (its inputs) afterwards
             _freeze(gm, {i: example_inputs[i] for i in frozen})
+            functionalize(gm)  # in-place ops: out of place where provably private, else marked
             _record_shapes(gm)
+            drop_no_op_dtype_guards(gm)
             annotate_ranks(gm)
             report.before = GraphStats.of(gm)
             report.folded, report.skipped = run_to_fixpoint(gm, self.passes())

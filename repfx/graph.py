@@ -19,6 +19,7 @@ provably behaves as that class (:func:`is_plain`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import operator
@@ -227,8 +228,9 @@ class ConstantFolder:
             return None
         args = fx.node.map_arg(node.args, values.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, values.__getitem__)
+        guard = contextlib.nullcontext() if _known_pure(node) else _DeterministicOnly()
         try:
-            with torch.no_grad(), _DeterministicOnly():
+            with torch.no_grad(), guard:
                 if node.op == "call_method":
                     out = getattr(args[0], node.target)(*args[1:], **kwargs)
                 else:
@@ -240,6 +242,27 @@ class ConstantFolder:
 
 class _ImpureOp(RuntimeError):
     pass
+
+
+# Layout and arithmetic ops that are deterministic and write nothing, whatever their arguments
+# (in-place forms are refused before): evaluated without the dispatch-mode check, which costs a
+# Python round trip per ATen op (and, the first time, an import of torch._dynamo).
+_PURE_NAMES = frozenset(
+    {
+        "view", "reshape", "unsqueeze", "squeeze", "permute", "transpose", "flatten", "expand",
+        "expand_as", "view_as", "reshape_as", "contiguous", "getitem", "mul", "add", "sub",
+        "truediv", "div", "neg", "reciprocal", "rsqrt", "sqrt", "pow", "abs", "t",
+    }
+)  # fmt: skip
+
+
+def _known_pure(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _PURE_NAMES
+    return getattr(node.target, "__name__", "").strip("_") in _PURE_NAMES and (
+        getattr(node.target, "__module__", None) in ("_operator", "operator", "torch")
+        or node.target in (torch.mul, torch.add, torch.sub, torch.div, torch.reshape)
+    )
 
 
 _UNINITIALISED = frozenset(

@@ -206,7 +206,7 @@ def erase_dead(node: fx.Node) -> None:
     stack = [node]
     while stack:
         n = stack.pop()
-        if n.users or n.op in ("placeholder", "output") or n.graph is not graph:
+        if n._erased or n.users or n.op in ("placeholder", "output") or n.graph is not graph:
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)

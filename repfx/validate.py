@@ -21,7 +21,7 @@ module, in three steps:
 3. **Proof.** The old region is evaluated in float64 on both probes before the rewrite, and the
    new region (walked back from the replacement values to the same inputs and operands) after
    it. Per output: equal shapes, the same NaN / Inf positions, the dtype the original would
-   produce (checked on meta tensors in the model's own dtypes), and a maximum difference within
+   produce (the smaller probe run in the model's own dtypes), and a maximum difference within
    ``repfx.tolerances.rewrite_tolerance`` of the output's scale. A wrong fold is off by O(1);
    a correct one only by the rounding of its folded constants to the model's dtype.
 
@@ -374,7 +374,7 @@ class Proof:
         if unknown:
             return f"the replacement reads {unknown[0].name}, which the region did not"
         try:
-            dtypes = dtypes_of(gm, new, self.probes[0])
+            dtypes = dtypes_of(gm, new, self.probes[-1])
             to_f64 = _Converted(to_meta=False)
             actuals = [evaluate(gm, new, probe.feeds, to_f64) for probe in self.probes]
         except Exception as exc:  # the replacement does not even run
@@ -422,7 +422,7 @@ def prove_before(
             break
     if not probes:
         raise ValidationFailure("no probe shape runs the region (pass example inputs)")
-    return Proof(region, probes, expected, _output_dtypes(gm, region, probes[0]))
+    return Proof(region, probes, expected, _output_dtypes(gm, region, probes[-1]))
 
 
 def _runs_on_meta(
@@ -454,20 +454,20 @@ def _output_dtypes(gm: fx.GraphModule, region: Region, probe: Probe) -> list:
     recorded = [_recorded(o)[1] for o in region.outputs]
     if all(d is not None for d in recorded):
         return recorded
-    return dtypes_of(gm, region, probe)
+    return dtypes_of(gm, region, probe)  # (the caller passes its smallest probe)
 
 
 def dtypes_of(gm: fx.GraphModule, region: Region, probe: Probe) -> list:
-    """Output dtypes of ``region`` run in the model's own dtypes: on meta tensors (free), or,
-    for ops meta tensors do not support, on the probe cast to the inputs' dtypes."""
+    """Output dtypes of ``region`` run in the model's own dtypes, on the probe cast to the
+    inputs' dtypes (or, for ops without a kernel for that dtype here, on meta tensors)."""
+    feeds = {
+        n: v.to(probe.dtypes[n]) if isinstance(v, torch.Tensor) else v
+        for n, v in probe.feeds.items()
+    }
     try:
-        outs = evaluate(gm, region, _as_meta(probe.feeds, probe.dtypes), _Converted(True))
-    except Exception:
-        feeds = {
-            n: v.to(probe.dtypes[n]) if isinstance(v, torch.Tensor) else v
-            for n, v in probe.feeds.items()
-        }
         outs = evaluate(gm, region, feeds, lambda v: v)
+    except Exception:
+        outs = evaluate(gm, region, _as_meta(probe.feeds, probe.dtypes), _Converted(True))
     return [o.dtype if isinstance(o, torch.Tensor) else None for o in outs]
 
 

@@ -329,6 +329,9 @@ def _replace(
 
 
 def _run(module: nn.Module, inputs: tuple) -> object:
+    """``module(*inputs)`` on clones of the inputs (a model may write its input: the next run
+    must see the values the caller gave)."""
+    inputs = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
         return module(*inputs)

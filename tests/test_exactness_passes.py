@@ -192,3 +192,55 @@ def test_float32_scale_is_not_folded_into_a_float16_conv():
         got, want = folded(x), model(x)
     assert got.dtype == want.dtype == torch.float32
     assert torch.equal(got, want)
+
+
+class PaddedPointwiseThenUnpaddedReplicate(nn.Module):
+    """The 1×1 conv pads with zeros (its border is its bias); the 3×3 conv pads nothing, so its
+    ``padding_mode`` must not become the composed conv's."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.pointwise = nn.Conv2d(3, 4, 1, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=0, padding_mode=mode)
+
+    def forward(self, x):
+        return self.conv(self.pointwise(x))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_zero_padded_pointwise_conv_before_an_unpadded_reflecting_conv(mode):
+    _assert_exact(_randomised(PaddedPointwiseThenUnpaddedReplicate(mode)), torch.randn(1, 3, 7, 6))
+
+
+class AsymmetricSameBranches(nn.Module):
+    """``padding='same'`` with an even kernel pads asymmetrically: no symmetric geometry."""
+
+    def __init__(self):
+        super().__init__()
+        self.even = nn.Conv2d(3, 3, 2, padding="same")
+        self.point = nn.Conv2d(3, 3, 1, padding="same")
+
+    def forward(self, x):
+        return self.even(x) + self.point(x)
+
+
+def test_asymmetric_same_padding_branch_is_refused_not_a_crash():
+    _assert_exact(_randomised(AsymmetricSameBranches()), torch.randn(1, 3, 6, 7))
+
+
+class MixedAxisChains(nn.Module):
+    """One branch scales the channels, the other the rows: the chains do not compose."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("by_channel", torch.tensor([1.5, -0.5, 2.0, 0.7]).view(1, 4, 1, 1))
+        self.register_buffer("by_row", torch.linspace(-1, 1, 5).view(1, 1, 5, 1))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y * self.by_channel) * self.by_row - y
+
+
+def test_affine_chains_on_different_axes_are_not_composed():
+    _assert_exact(_randomised(MixedAxisChains()), torch.randn(1, 3, 5, 6))

@@ -43,14 +43,18 @@ class _Chain:
 
 
 def _chain(ctx: FoldContext, start: fx.Node, join: fx.Node) -> _Chain:
-    """Follow single-use per-channel affines from ``start`` back towards their root."""
+    """Follow single-use per-channel affines from ``start`` back towards their root, as long as
+    they act on one channel axis with one channel count (else they do not compose)."""
     ops: list[AffineOp] = []
     affine = ChannelAffine.of(None, None, 1)
-    node, consumer = start, join
+    axis, node, consumer = None, start, join
     while value_users(node) == [consumer]:
         op = affine_op(ctx.gm, node, ctx.consts)
-        if op is None:
+        if op is None or merge_axes(axis, op.axis) is False:
             break
+        if len({affine.channels, op.channels} - {1}) > 1:
+            break
+        axis = merge_axes(axis, op.axis)
         affine = op.affine.then(affine)
         ops.append(op)
         node, consumer = op.input, node

@@ -35,7 +35,7 @@ from ..algebra import (
     undilate,
 )
 from ..graph import RANK_KEY, has_hooks, module_of, rank_of, shape_users, value_users, where
-from ..ops import LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
+from ..ops import AffineOp, LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
 from ..regions import Regions
 from ..report import Folded, Skipped
 from ..rewrite import new_conv, replace_join
@@ -68,6 +68,8 @@ def _pointwise_prefix(ctx: FoldContext, conv: LinearOp) -> list[LinearOp]:
     DBB's 1×1 → BN → K×K and 1×1 → BN → avg-pool branches. A bias may precede zero padding
     only where the padding is the pointwise conv's own (its border is the bias)."""
     prefix: list[LinearOp] = []
+    if conv.kind != "linear" and conv.geometry is None:
+        return prefix  # no symmetric explicit padding: the branch is refused by _check
     head, padded = conv, conv.kind != "linear" and any(conv.geometry.padding)
     if padded and conv.geometry.padding_mode != "zeros":
         return prefix
@@ -96,7 +98,10 @@ def _branch(
     node, consumer = start, join
     while past_other_users or value_users(node) == [consumer]:
         is_conv = convs_first and (linear_op(ctx.gm, node, ctx.consts) is not None)
-        if not is_conv and (op := affine_op(ctx.gm, node, ctx.consts)) is not None:
+        op = None if is_conv else affine_op(ctx.gm, node, ctx.consts)
+        if op is not None and not _composes(affine, axis, op):
+            break  # another axis or channel count: the branch ends here (not a candidate)
+        if op is not None:
             affine, axis = op.affine.then(affine), merge_axes(axis, op.axis)
             ops.append(node)
             node, consumer = op.input, node
@@ -113,6 +118,12 @@ def _branch(
             return _Branch(root, lin, affine, axis, ops, prefix, crop)
         break
     return _Branch(node, None, affine, axis, ops)
+
+
+def _composes(affine: ChannelAffine, axis: int | bool | None, op: AffineOp) -> bool:
+    """Can ``op`` be composed with the affine walked so far (one axis, one channel count)?"""
+    same_axis = axis is not False and merge_axes(axis, op.axis) is not False
+    return same_axis and len({affine.channels, op.channels} - {1}) <= 1
 
 
 def _crop(node: fx.Node, dims: int) -> tuple[fx.Node, tuple[int, ...]] | None:

@@ -144,7 +144,10 @@ class MergeSequential:
 
     def _compose(self, ctx: FoldContext, first: LinearOp, second: LinearOp) -> Folded | Skipped:
         kernel = compose_pointwise_then_conv(kernel_of(first), kernel_of(second))
-        mode = second.geometry.padding_mode if second.kind == "conv" else "zeros"
+        # the composed padding is the first's (zeros: its border is b₁) or the second's (its
+        # mode: reflecting / replicating commutes with a pointwise conv), never both
+        second_pads = second.kind == "conv" and any(second.geometry.padding)
+        mode = second.geometry.padding_mode if second_pads else "zeros"
         base = second.node.target if second.node.op == "call_module" else where(second.node)
 
         def rewrite() -> tuple[list[fx.Node], str]:
