@@ -776,10 +776,6 @@ def _settle_inplace_modules(
             mark_mutated(gm, [*_tensor_inputs(node), node])
 
 
-def _order(node: fx.Node) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(node.graph.nodes)}
-
-
 def _is_private(gm: fx.GraphModule, tensor: fx.Node, writer: fx.Node) -> bool:
     """May ``writer`` write to ``tensor`` with nobody else seeing it? ``tensor`` was allocated
     by one op (or is a view / cast of such a tensor read by nothing else), and every op reading
@@ -790,8 +786,7 @@ def _is_private(gm: fx.GraphModule, tensor: fx.Node, writer: fx.Node) -> bool:
         "call_module",
     ):
         return False
-    order = _order(writer)
-    earlier = [u for u in tensor.users if u is not writer and order[u] < order[writer]]
+    earlier = [u for u in tensor.users if u is not writer and u < writer]  # (graph order)
     if any(not (_allocates(gm, u) or reads_only_shape(u, tensor)) for u in earlier):
         return False
     if _allocates(gm, tensor):
@@ -805,9 +800,8 @@ def _is_private(gm: fx.GraphModule, tensor: fx.Node, writer: fx.Node) -> bool:
 
 def _redirect_later_readers(tensor: fx.Node, writer: fx.Node, new: fx.Node) -> None:
     """Every reader of ``tensor`` after ``writer`` reads ``new`` (the value after the write)."""
-    order = _order(writer)
     for user in list(tensor.users):
-        if user is not writer and user is not new and order[user] > order[writer]:
+        if user is not writer and user is not new and user > writer:  # (graph order)
             user.replace_input_with(tensor, new)
 
 
