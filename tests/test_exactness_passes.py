@@ -244,3 +244,21 @@ class MixedAxisChains(nn.Module):
 
 def test_affine_chains_on_different_axes_are_not_composed():
     _assert_exact(_randomised(MixedAxisChains()), torch.randn(1, 3, 5, 6))
+
+
+class PreHookedBatchNormThenNegation(nn.Module):
+    """A BN whose pre-hook scales its input, then ``0 − x``: composing the two affines would
+    drop the BN module, and its hook with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 3, padding=1)
+        self.bn = nn.BatchNorm1d(2)
+        self.bn.register_forward_pre_hook(lambda m, args: (args[0] * 1.5,))
+
+    def forward(self, x):
+        return 0 - self.bn(torch.tanh(self.conv(x)))
+
+
+def test_an_affine_is_not_composed_with_a_hooked_batch_norm():
+    _assert_exact(_randomised(PreHookedBatchNormThenNegation()), torch.randn(2, 2, 7))

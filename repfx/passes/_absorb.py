@@ -213,6 +213,8 @@ def _compose_rewrite(
         return Reason("producer affine acts on another channel axis")
     if len({inner.channels, outer.channels} - {1}) > 1:
         return Reason("producer affine has a different channel count")
+    if (shared := ctx.shared_reason(inner.node, inner.kind)) is not None:
+        return Reason(f"producer {shared}")  # e.g. a BN with hooks, which would not run
     dtype = affine_dtype(outer.node, [inner, outer])
     if dtype is None:
         return Reason("the affines' dtype is unknown (pass example inputs)")
