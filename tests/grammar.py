@@ -458,7 +458,7 @@ def sequential_convs(draw, state: State):
     """DBB-style 1×1 (maybe + BN) → K×K. Composed into one conv when exact (no shift meets
     zero padding) and no more expensive (the 1×1 does not reduce channels)."""
     cin = state.channels
-    mid = draw(st.integers(cin, 8))
+    mid = draw(st.integers(cin, max(cin, 8)))
     groups = draw(st.sampled_from([g for g in range(1, cin + 1) if cin % g == 0 and mid % g == 0]))
     with_bn, bias = draw(st.booleans()), draw(st.booleans())
     first: list[nn.Module] = [nn.Conv2d(cin, mid, 1, groups=groups, bias=bias)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from fuzz_oracle import changes, snapshot
 from grammar import models
 from hypothesis import given, note
 from hypothesis import strategies as st
@@ -16,23 +17,8 @@ from repfx.tolerances import assert_close
 from repfx.verify import assert_equivalent
 
 
-def _snapshot(module: torch.nn.Module) -> dict:
-    return {
-        "state": {k: v.clone() for k, v in module.state_dict(keep_vars=False).items()},
-        "ids": {k: id(v) for k, v in module.state_dict(keep_vars=True).items()},
-        "repr": repr(module),
-        "training": [m.training for m in module.modules()],
-    }
-
-
 def _assert_unchanged(module: torch.nn.Module, before: dict) -> None:
-    after = _snapshot(module)
-    assert after["repr"] == before["repr"]
-    assert after["training"] == before["training"]
-    assert after["ids"] == before["ids"]
-    assert before["state"].keys() == after["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(value, after["state"][key]), key
+    assert not changes(module, before)
 
 
 def _structure(gm: torch.fx.GraphModule) -> dict[str, int]:
@@ -45,7 +31,7 @@ def test_fold_with_example_inputs(model, seed):
     note(f"blocks: {model.blocks}")
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(model.input_shape, generator=generator)
-    before = _snapshot(model.module)
+    before = snapshot(model.module)
 
     folded = repfx.fold(model.module, (x,))
     report = folded.meta["repfx_report"]
@@ -74,7 +60,7 @@ def test_fold_without_example_inputs(model, seed):
     """Structural inference alone: still exact, and never more ops than the original."""
     note(f"blocks: {model.blocks}")
     x = torch.randn(model.input_shape, generator=torch.Generator().manual_seed(seed))
-    before = _snapshot(model.module)
+    before = snapshot(model.module)
     folded = repfx.fold(model.module)
     _assert_unchanged(model.module, before)
     assert_equivalent(model.module, folded, (x,), refold=repfx.fold)

@@ -1,0 +1,420 @@
+"""The fuzz oracle: what ``repfx.fold`` may do with a model, and what it must not.
+
+Acceptable outcomes: a fold; a refusal (the ops stay); an error class that ``repfx`` exports
+(``CaptureError``, ``ExampleInputError``, …); a ``VerificationError`` (repfx's verifier caught a
+wrong fold: acceptable, but counted).
+
+Failures, all checked here independently of repfx's own verifier:
+
+* any other exception escaping ``repfx.fold`` (``KeyError``, ``RuntimeError``, repfx internals);
+* ``repfx.fold`` changing the model (tensors, their identity, modules, modes, hooks) or its
+  example inputs;
+* the folded model raising where the original runs, or computing something else on a *fresh*
+  input (another batch size, other values). Each output tensor is compared against its own
+  scale (a ``1e6·a`` output must not hide an error in ``b``): equal shape and dtype, NaN and
+  ±inf in the same places, and relative error within ``repfx.tolerances`` for its dtype — or,
+  in a low precision, within what rounding explains: the fold's weights evaluated in float64
+  must be within ``ROUNDING_SLACK`` × the original's own rounding error of float64 truth;
+* the float64 copy of the model folding to anything but the same function (float64
+  tolerance, no rounding excuse): folds must be exact in exact arithmetic;
+* the folded model mutating an input that the original leaves alone, or mutating it
+  differently.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+import repfx
+from repfx.tolerances import ROUNDING_SLACK, tolerance_for
+
+PUBLIC_ERRORS: tuple[type[Exception], ...] = tuple(
+    obj for obj in vars(repfx).values() if isinstance(obj, type) and issubclass(obj, Exception)
+)
+
+
+class FoldFailure(AssertionError):
+    """A failure of one kind (a subclass per kind, so that Hypothesis reports distinct kinds
+    as distinct bugs)."""
+
+
+FAILURE_KINDS: dict[str, type[FoldFailure]] = {
+    kind: type(name, (FoldFailure,), {"__doc__": kind})
+    for kind, name in [
+        ("wrong output", "WrongOutput"),
+        ("float64 fold not exact", "Float64NotExact"),
+        ("folded model raises", "FoldedModelRaises"),
+        ("input mutated", "InputMutated"),
+        ("model changed by the fold", "ModelChanged"),
+        ("example inputs changed by the fold", "ExampleInputsChanged"),
+        ("compiled model differs", "CompiledDiffers"),
+    ]
+}
+
+
+@dataclass
+class Verdict:
+    """``problems``: ``(kind, message)`` failures (kinds of :data:`FAILURE_KINDS`; the test
+    asserts there are none); ``events``: outcomes to count (``hypothesis.event``)."""
+
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+    def raise_first(self) -> None:
+        """Raise the first problem as its kind's exception, listing all of them."""
+        if self.problems:
+            kind = self.problems[0][0]
+            listing = "\n".join(f"  [{k}] {message}" for k, message in self.problems)
+            raise FAILURE_KINDS[kind](f"{len(self.problems)} problem(s):\n{listing}")
+
+
+# ---------------------------------------------------------------------------- folding
+
+
+@dataclass
+class Attempt:
+    folded: nn.Module | None
+    outcome: str
+
+
+def attempt_fold(module: nn.Module, inputs: tuple, verify: bool = True) -> Attempt:
+    """``repfx.fold(module, inputs)``; acceptable errors become an outcome, others propagate."""
+    try:
+        folded = repfx.fold(module, inputs, verify=verify)
+    except repfx.VerificationError:
+        return Attempt(None, "refused: VerificationError")
+    except PUBLIC_ERRORS as exc:
+        return Attempt(None, f"refused: {type(exc).__name__}")
+    folds = folded.meta[repfx.REPORT_KEY].folded
+    return Attempt(folded, "folded" if folds else "nothing folded")
+
+
+# ---------------------------------------------------------------------- the original
+
+
+def snapshot(module: nn.Module) -> dict:
+    state = module.state_dict(keep_vars=True)
+    return {
+        "tensors": {k: v.detach().clone() for k, v in state.items()},
+        "ids": {k: id(v) for k, v in state.items()},
+        "repr": repr(module),
+        "training": [m.training for m in module.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in module.modules()],
+    }
+
+
+def changes(module: nn.Module, before: dict) -> list[str]:
+    """How ``module`` differs from its :func:`snapshot` ``before``."""
+    after = snapshot(module)
+    found = [f"the model's {key} changed" for key in ("repr", "training", "hooks", "ids")
+             if after[key] != before[key]]  # fmt: skip
+    for name, value in before["tensors"].items():
+        if name in after["tensors"] and not same(after["tensors"][name], value):
+            found.append(f"the model's tensor {name} changed")
+    return found
+
+
+# ---------------------------------------------------------------------- comparisons
+
+
+def same(a: object, b: object) -> bool:
+    """Bitwise-equal tensors (NaN equal to NaN), or equal non-tensors."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return a == b
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |a − e| / max |e|`` over the finite entries of ``expected``; ``inf`` when NaN or
+    ±inf are not in the same places (dtypes may differ: both are compared in float64)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if a.shape != e.shape or not torch.equal(a.isnan(), e.isnan()):
+        return math.inf
+    infinite = e.isinf()
+    if not torch.equal(a.isinf(), infinite) or not torch.equal(a[infinite], e[infinite]):
+        return math.inf
+    finite = e.isfinite()
+    if not bool(finite.any()):
+        return 0.0
+    diff = (a[finite] - e[finite]).abs().max().item()
+    scale = e[finite].abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def mismatch(actual: object, expected: object) -> str | None:
+    """Why ``actual`` is not ``expected`` within the tolerance of ``expected``'s dtype."""
+    if not isinstance(expected, torch.Tensor):
+        return None if actual == expected else f"{actual!r} instead of {expected!r}"
+    if not isinstance(actual, torch.Tensor):
+        return f"{type(actual).__name__} instead of a tensor"
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        got, want = (tuple(actual.shape), actual.dtype), (tuple(expected.shape), expected.dtype)
+        return f"shape/dtype {got} instead of {want}"
+    if not expected.is_floating_point():
+        return None if torch.equal(actual, expected) else "integer values differ"
+    error, tol = relative_error(actual, expected), tolerance_for(expected.dtype)
+    if error <= tol:
+        return None
+    if math.isinf(error):
+        return "NaN / inf in different places"
+    return f"relative error {error:.3g} > {tol:.1g} (scale {expected.abs().max().item():.3g})"
+
+
+# ------------------------------------------------------------------------- running
+
+
+def clones(inputs: tuple) -> tuple:
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def to_double(inputs: tuple) -> tuple:
+    return tuple(
+        x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
+    )
+
+
+def run(module: nn.Module, inputs: tuple, seed: int) -> tuple[object, tuple]:
+    """``(module(*copies), copies)``, seeded, without grad; an exception is returned."""
+    args = clones(inputs)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        try:
+            out = module(*args)
+        except Exception as exc:
+            out = exc
+    return out, args
+
+
+def leaves(outputs: object) -> list:
+    return tree_flatten(outputs)[0]
+
+
+def _stochastic(module: nn.Module, inputs: tuple) -> bool:
+    a, _ = run(module, inputs, 1)
+    b, _ = run(module, inputs, 2)
+    return not all(same(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
+
+
+def rounding_excuses(original: nn.Module, folded: nn.Module, inputs: tuple, seed, index) -> bool:
+    """Does low-precision rounding explain output ``index``'s error? The fold's weights, run
+    in float64, must be as close to float64 truth as ``ROUNDING_SLACK`` × the original's own
+    rounding error (as repfx's verifier argues, but per output). Never for a random model:
+    its float64 run draws other numbers."""
+    if _stochastic(original, inputs):
+        return False
+    inputs64 = to_double(inputs)
+    original64, folded64 = double_copy(original), double_copy(folded)
+    if original64 is None or folded64 is None:
+        return False
+    runs = [
+        run(original, inputs, seed)[0],
+        run(original64, inputs64, seed)[0],
+        run(folded64, inputs64, seed)[0],
+    ]
+    if any(isinstance(out, Exception) for out in runs):
+        return False  # a model that cannot run in float64 has no float64 truth
+    expected, truth, folded64 = (leaves(out)[index] for out in runs)
+    original_rounding = relative_error(expected, truth)
+    weight_rounding = relative_error(folded64, truth)
+    return weight_rounding <= max(tolerance_for(expected.dtype), ROUNDING_SLACK * original_rounding)
+
+
+def output_problems(
+    original: nn.Module, folded: nn.Module, inputs: tuple, seed: int
+) -> list[tuple[str, str]]:
+    """Compare ``folded`` with ``original`` on ``inputs``: each output, and the inputs after."""
+    expected, inputs_e = run(original, inputs, seed)
+    if isinstance(expected, Exception):
+        return []  # nothing to compare with
+    actual, inputs_a = run(folded, inputs, seed)
+    if isinstance(actual, Exception):
+        return [("folded model raises", f"{type(actual).__name__}: {str(actual)[:300]}")]
+    got, want = leaves(actual), leaves(expected)
+    if len(got) != len(want):
+        return [("wrong output", f"{len(got)} outputs instead of {len(want)}")]
+    problems = []
+    low_precision = not (_is_float64(original) and all(_is_float64_value(x) for x in inputs))
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        reason = mismatch(a, e)  # (a float64 output may come from float32 arithmetic)
+        if reason and low_precision and "shape/dtype" not in reason:
+            reason = None if rounding_excuses(original, folded, inputs, seed, i) else reason
+        if reason:
+            problems.append(("wrong output", f"output {i} of {len(want)}: {reason}"))
+    return problems + mutation_problems(inputs, inputs_e, inputs_a)
+
+
+def mutation_problems(
+    before: tuple, after_original: tuple, after_folded: tuple
+) -> list[tuple[str, str]]:
+    problems = []
+    for i, (b, o, f) in enumerate(zip(before, after_original, after_folded, strict=True)):
+        original_changed, folded_changed = not same(b, o), not same(b, f)
+        if folded_changed and not original_changed:
+            problems.append(("input mutated", f"input {i} mutated; the original leaves it"))
+        elif folded_changed and mismatch(f, o):
+            problems.append(("input mutated", f"input {i} mutated differently: {mismatch(f, o)}"))
+    return problems
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def judge_fold(
+    module: nn.Module,
+    example: tuple,
+    fresh: tuple,
+    seed: int,
+    verdict: Verdict,
+    exact: bool = False,
+    verify: bool = True,
+) -> None:
+    """Fold ``module`` on ``example`` and judge the result on ``fresh``, into ``verdict``.
+
+    ``exact``: a float64 model, whose wrong outputs are their own kind. ``verify=False``:
+    fold without repfx's verifier (half the cost); a fold found wrong is folded again with
+    it, and counts as refused if the verifier refuses it."""
+    tag = "float64: " if exact else ""
+    before, example_before = snapshot(module), clones(example)
+    attempt = attempt_fold(module, example, verify)
+    verdict.problems += [("model changed by the fold", tag + c) for c in changes(module, before)]
+    if not all(same(a, b) for a, b in zip(example, example_before, strict=True)):
+        verdict.problems.append(("example inputs changed by the fold", tag + "changed"))
+    problems = []
+    if attempt.folded is not None:
+        problems = output_problems(module, attempt.folded, fresh, seed)
+    if problems and not verify:
+        attempt = attempt_fold(module, clones(example_before))
+        problems = problems if attempt.folded is not None else []
+    verdict.events.append(tag + attempt.outcome)
+    for kind, message in problems:
+        kind = "float64 fold not exact" if exact and kind == "wrong output" else kind
+        verdict.problems.append((kind, tag + message))
+
+
+def judge(model, seed: int) -> Verdict:
+    """Fold the model (as a user would: verified) and its float64 copy; judge both on a
+    fresh input of another batch size."""
+    verdict = Verdict()
+    generator = torch.Generator().manual_seed(seed)
+    example, fresh = model.inputs(generator), model.inputs(generator, batch=model.batch + 1)
+    if _is_float64(model.module):
+        judge_fold(model.module, example, fresh, seed, verdict, exact=True)
+        return verdict
+    model64 = double_copy(model.module)  # before the original ever runs
+    judge_fold(model.module, example, fresh, seed, verdict)
+    if model64 is None:
+        verdict.events.append("float64: the model cannot be deep-copied")
+        return verdict
+    example64, fresh64 = to_double(example), to_double(fresh)
+    judge_fold(model64, example64, fresh64, seed, verdict, exact=True, verify=False)
+    return verdict
+
+
+def _is_float64(module: nn.Module) -> bool:
+    """Does ``module`` compute in float64 (all its floating tensors are)?"""
+    return all(_is_float64_value(t) for t in [*module.parameters(), *module.buffers()])
+
+
+def _is_float64_value(x: object) -> bool:
+    return not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64
+
+
+def double_copy(module: nn.Module) -> nn.Module | None:
+    """A float64 deep copy, or ``None`` for a model that cannot be copied (e.g. holding a
+    non-leaf tensor attribute: repfx refuses it with a ``CaptureError``)."""
+    try:
+        return copy.deepcopy(module).double()
+    except RuntimeError:
+        return None
+
+
+# -------------------------------------------------------------------- torch.compile
+
+
+def _loss_weights(t: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+
+
+def forward_backward(module: nn.Module, inputs: tuple, seed: int, grad: bool):
+    """``(outputs, parameter gradients or None)`` of a seeded run (grads of a random linear
+    functional of the outputs), or the exception it raised."""
+    args = clones(inputs)
+    params = [p for p in module.parameters() if p.requires_grad]
+    with torch.random.fork_rng(), torch.set_grad_enabled(grad):
+        torch.manual_seed(seed)
+        try:
+            out = module(*args)
+            outs = [t for t in leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not grad or not outs:
+                return leaves(out), None
+            loss = sum((t * _loss_weights(t, seed)).sum() for t in outs)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        except Exception as exc:
+            return exc, None
+    return [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves(out)], list(grads)
+
+
+def _compare_compiled(expected, actual) -> list[str]:
+    (out_e, grads_e), (out_a, grads_a) = expected, actual
+    found = [f"output {i}: {m}" for i, (a, e) in enumerate(zip(out_a, out_e, strict=True))
+             if (m := mismatch(a, e))]  # fmt: skip
+    if len(out_a) != len(out_e):
+        found.append(f"{len(out_a)} outputs instead of {len(out_e)}")
+    for i, (a, e) in enumerate(zip(grads_a or [], grads_e or [], strict=True)):
+        if (a is None) != (e is None) or (e is not None and mismatch(a, e)):
+            found.append(f"gradient of parameter {i}: {None if a is None else mismatch(a, e)}")
+    return found
+
+
+def _compiled(module: nn.Module, backend) -> nn.Module:
+    torch._dynamo.reset()
+    return torch.compile(module, backend=backend)
+
+
+def judge_compiled(model, seed: int) -> Verdict:
+    """``torch.compile(model, backend=repfx)`` (eager inner backend) on the float64 copy,
+    under ``no_grad`` and with grad enabled (trainable parameters): same outputs, same
+    parameter gradients, parameters untouched. A compile error that plain dynamo (backend
+    ``"eager"``) also raises is not repfx's."""
+    verdict = Verdict()
+    module = double_copy(model.module)
+    if module is None:
+        verdict.events.append("compile: the model cannot be deep-copied")
+        return verdict
+    inputs = to_double(model.inputs(torch.Generator().manual_seed(seed), batch=model.batch + 1))
+    params = [p.detach().clone() for p in module.parameters()]
+    for grad in (False, True):
+        mode = "grad" if grad else "no_grad"
+        expected = forward_backward(module, inputs, seed, grad)
+        if isinstance(expected[0], Exception):
+            verdict.events.append(f"compile ({mode}): eager raises")
+            continue
+        actual = forward_backward(
+            _compiled(module, repfx.compile_backend(inner="eager")), inputs, seed, grad
+        )
+        if isinstance(actual[0], Exception):
+            plain = forward_backward(_compiled(module, "eager"), inputs, seed, grad)
+            kind = "dynamo raises" if isinstance(plain[0], Exception) else "repfx backend raises"
+            verdict.events.append(f"compile ({mode}): {kind}")
+            if kind == "repfx backend raises":
+                message = f"{type(actual[0]).__name__}: {str(actual[0])[:300]}"
+                verdict.problems.append(("compiled model differs", f"{mode}: raises {message}"))
+            continue
+        verdict.events.append(f"compile ({mode}): ran")
+        for message in _compare_compiled(expected, actual):
+            verdict.problems.append(("compiled model differs", f"{mode}: {message}"))
+    torch._dynamo.reset()
+    if not all(same(p, q.detach()) for p, q in zip(params, module.parameters(), strict=True)):
+        verdict.problems.append(("model changed by the fold", "compile changed a parameter"))
+    return verdict
