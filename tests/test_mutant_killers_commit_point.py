@@ -1,0 +1,177 @@
+"""The commit point rejects a rewrite that is wrong in one way only.
+
+Each test hands ``FoldContext.commit`` a replacement for one conv that agrees with it except on
+inputs of one kind — even heights, spatial sizes above 1, batches above 1 — or that differs by
+a small relative error, by its Inf positions or by its dtype, and checks that the proof on
+probes rejects it (``RewriteRejected``). Each property is first checked directly on a fresh
+input, so that the test says what the replacement gets wrong. These tests keep the probes
+honest (``tools/mutants.py``: one probe, probes of size 1, batch 1, a looser tolerance, no
+NaN / Inf or dtype check would each let the rewrite through).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import traced
+from torch import fx, nn
+
+from repfx.passes.base import FoldContext, RewriteRejected, apply_rule
+from repfx.report import Folded
+from repfx.rewrite import replace_node
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class StridedConv(nn.Module):
+    """One 3×3, stride-2, padding-1 conv with O(1) parameters."""
+
+    def __init__(self, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+        gen = _gen(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen))
+            self.conv.bias.copy_(torch.randn(5, generator=gen) if bias is None else bias)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _commit_replacement(
+    model: StridedConv, replacement: nn.Module, example: torch.Tensor | None
+) -> Folded:
+    """Ask the commit point to replace ``model.conv`` by ``replacement`` (raises
+    ``RewriteRejected`` when the proof fails)."""
+    gm = traced(model) if example is None else traced(model, example)
+    outcomes: list[Folded] = []
+
+    def rule(ctx: FoldContext, node: fx.Node):
+        if node.op != "call_module" or node.target != "conv":
+            return None
+        x = node.args[0]
+
+        def rewrite() -> tuple[list[fx.Node], str]:
+            ctx.gm.add_submodule("replacement", replacement)
+            with ctx.gm.graph.inserting_before(node):
+                new = ctx.gm.graph.call_module("replacement", (x,))
+            new.meta.update(node.meta)
+            replace_node(node, new)
+            return [new], "replaced the conv"
+
+        outcome = ctx.commit("test", "conv", [node], [x], rewrite)
+        outcomes.append(outcome)
+        return outcome
+
+    apply_rule(gm, rule)
+    assert len(outcomes) == 1 and isinstance(outcomes[0], Folded), outcomes
+    return outcomes[0]
+
+
+def _unpadded_copy(conv: nn.Conv2d) -> nn.Conv2d:
+    wrong = nn.Conv2d(3, 5, 3, stride=2, padding=0)
+    wrong.load_state_dict(conv.state_dict())
+    return wrong
+
+
+EXAMPLES = [None, torch.randn(2, 3, 9, 8, generator=_gen(1))]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=["guessed_shapes", "recorded_shapes"])
+def test_a_rewrite_right_only_on_odd_heights_is_rejected(example):
+    """Padding the bottom by 2 instead of 1 changes nothing where the stride-2 windows never
+    reach the extra row (odd heights, and size 1); on even heights it adds an output row."""
+    model = StridedConv()
+    wrong = nn.Sequential(nn.ZeroPad2d((1, 1, 1, 2)), _unpadded_copy(model.conv))
+    with torch.no_grad():
+        for h in (1, 5, 7):
+            x = torch.randn(2, 3, h, 6, generator=_gen(h))
+            torch.testing.assert_close(wrong(x), model(x))
+        even = torch.randn(2, 3, 6, 6, generator=_gen(2))
+        assert wrong(even).shape != model(even).shape
+    with pytest.raises(RewriteRejected, match="rejected by local validation"):
+        _commit_replacement(model, wrong, example)
+
+
+class BatchMean(nn.Module):
+    """``inner(x)`` averaged over the batch: the same as ``inner`` for a batch of one."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).mean(0, keepdim=True).expand(x.shape[0], -1, -1, -1)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=["guessed_shapes", "recorded_shapes"])
+def test_a_rewrite_that_mixes_the_batch_is_rejected(example):
+    model = StridedConv()
+    wrong = BatchMean(copy.deepcopy(model.conv))
+    with torch.no_grad():
+        one = torch.randn(1, 3, 7, 6, generator=_gen(3))
+        torch.testing.assert_close(wrong(one), model(one))
+        two = torch.randn(2, 3, 7, 6, generator=_gen(4))
+        assert (wrong(two) - model(two)).abs().max() > 0.1
+    with pytest.raises(RewriteRejected, match="rejected by local validation"):
+        _commit_replacement(model, wrong, example)
+
+
+def _scaled_copy(conv: nn.Conv2d, factor: float) -> nn.Conv2d:
+    scaled = copy.deepcopy(conv)
+    with torch.no_grad():
+        scaled.weight.mul_(factor)
+        scaled.bias.mul_(factor)
+    return scaled
+
+
+def test_float32_rewrite_off_by_1e_4_is_rejected_and_one_off_by_rounding_is_not():
+    """The float32 rewrite tolerance is 1e-5 of the output's scale: a folded constant off by
+    1e-4 (~840 ulps) is a wrong fold, one off by 1e-7 (~1 ulp) is rounding."""
+    model = StridedConv()
+    example = EXAMPLES[1]
+    assert _commit_replacement(model, _scaled_copy(model.conv, 1 + 1e-7), example)
+    with pytest.raises(RewriteRejected, match="differs by"):
+        _commit_replacement(model, _scaled_copy(model.conv, 1 + 1e-4), example)
+
+
+def test_a_rewrite_that_is_finite_where_the_region_is_infinite_is_rejected():
+    """Output channel 1 of the original is +Inf everywhere; a replacement that computes every
+    other channel exactly but a finite channel 1 is not the same function."""
+    bias = torch.tensor([0.5, float("inf"), -1.0, 2.0, 0.25])
+    model = StridedConv(bias)
+    finite = copy.deepcopy(model.conv)
+    with torch.no_grad():
+        finite.bias[1] = 0.0
+        x = torch.randn(2, 3, 7, 6, generator=_gen(5))
+        assert torch.isinf(model(x)[:, 1]).all() and torch.isfinite(finite(x)).all()
+        keep = [0, 2, 3, 4]
+        torch.testing.assert_close(finite(x)[:, keep], model(x)[:, keep])
+    with pytest.raises(RewriteRejected, match="non-finite"):
+        _commit_replacement(model, finite, EXAMPLES[1])
+
+
+class Cast(nn.Module):
+    def __init__(self, inner: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x):
+        return self.inner(x).to(self.dtype)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=["guessed_shapes", "recorded_shapes"])
+def test_a_rewrite_that_changes_the_output_dtype_is_rejected(example):
+    """Evaluated in float64 both compute the same values; in the model's own float32 the
+    replacement returns float64, which every later op would see."""
+    model = StridedConv()
+    wrong = Cast(copy.deepcopy(model.conv), torch.float64)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 7, 6, generator=_gen(6))
+        assert wrong(x).dtype == torch.float64 and model(x).dtype == torch.float32
+    with pytest.raises(RewriteRejected, match="dtype"):
+        _commit_replacement(model, wrong, example)
