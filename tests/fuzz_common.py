@@ -83,14 +83,22 @@ def paddings_for(size: int, target: int, k: int, s: int, d: int, limit: int = 6)
     return [p for p in range(limit + 1) if conv_out(size, k, s, p, d) == target]
 
 
-def probe_spatial(module: nn.Module, shape: Shape) -> tuple[int, ...] | None:
-    """The spatial size ``module`` maps ``shape`` to, or ``None`` when it cannot run on it."""
+def probe(module: nn.Module, shape: Shape) -> Shape | None:
+    """The activation ``module`` maps ``shape`` to (run once on zeros), or ``None`` when it
+    cannot run on it or changes the rank."""
     try:
         with torch.no_grad():
             y = module(torch.zeros(2, shape.channels, *shape.spatial, dtype=shape.dtype))
     except (RuntimeError, ValueError, IndexError):
         return None
-    return tuple(y.shape[2:]) if y.dim() == shape.rank + 2 else None
+    if not isinstance(y, torch.Tensor) or y.dim() != shape.rank + 2:
+        return None
+    return Shape(y.shape[1], tuple(y.shape[2:]), shape.dtype)
+
+
+def probe_spatial(module: nn.Module, shape: Shape) -> tuple[int, ...] | None:
+    out = probe(module, shape)
+    return None if out is None else out.spatial
 
 
 def common_groups(a: int, b: int) -> list[int]:

@@ -225,7 +225,10 @@ def branch_sum(draw, shape: Shape) -> Block:
             branches.append(branch)
         if len(branches) > wanted:
             break
-    assume(len(branches) >= 2)
+    if len(branches) == 1:  # none reached the target: a 1×1 conv with solved padding does
+        paddings = [paddings_for(n, t, 1, s, 1) for n, t in zip(shape.spatial, target, strict=True)]
+        assume(all(paddings))
+        branches.append(CONV[shape.rank](shape.channels, cout, 1, s, tuple(p[0] for p in paddings)))
     weights = [1.0] + [draw(st.sampled_from([1.0, -1.0, 0.5])) for _ in branches[1:]]
     label = " + ".join(repr(b).replace("\n", "") for b in branches)
     return Block(WeightedSum(branches, weights), f"branch sum: {label}")

@@ -26,7 +26,7 @@ from fuzz_blocks import (
     PARAMETRIZE_KINDS,
     attach_hook,
 )
-from fuzz_common import CONV, BlockKind, Shape, key_of, probe_spatial
+from fuzz_common import CONV, BlockKind, Shape, key_of, probe
 from fuzz_geometry import (
     ARITHMETIC_KINDS,
     DTYPE_KINDS,
@@ -61,6 +61,7 @@ HOOK_TARGET_KINDS: dict[str, BlockKind] = {
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
 ACTIVATIONS = [nn.GELU, nn.Tanh, nn.SiLU, nn.Identity]
+RARELY = st.sampled_from([False, False, False, True])  # (integers(0, 3) == 0 is drawn far more)
 
 
 @dataclass(frozen=True)
@@ -177,26 +178,19 @@ def _blocks(draw, kinds: dict[str, BlockKind], shape: Shape, max_blocks: int):
         name = draw(st.sampled_from(sorted(allowed)))
         block = draw(kinds[name].strategy(shape))
         convert(block.module, shape.dtype)
-        spatial = probe_spatial(block.module, shape)
-        assume(spatial is not None)
-        channels = _probe_channels(block.module, shape)
+        out = probe(block.module, shape)
+        assume(out is not None)
         activation = draw(st.sampled_from(ACTIVATIONS))()
         blocks.append(block.module)
         activations.append(activation)
         labels.append(f"[{name}] {block.label} → {type(activation).__name__}")
-        shape = Shape(channels, spatial, shape.dtype)
+        shape = out
     return blocks, activations, labels, shape
 
 
-def _probe_channels(module: nn.Module, shape: Shape) -> int:
-    with torch.no_grad():
-        x = torch.zeros(2, shape.channels, *shape.spatial, dtype=shape.dtype)
-        return module(x).shape[1]
-
-
 @st.composite
-def _head(draw, shape: Shape, modifiers: Modifiers):
-    if shape.rank == 2 and draw(st.integers(0, 3)) == 0:
+def _head(draw, shape: Shape):
+    if shape.rank == 2 and draw(RARELY):
         return GlobalHead(shape.channels, draw(st.integers(1, 4))), "head: mean → Linear → BN1d"
     return nn.Identity(), None
 
@@ -216,7 +210,7 @@ def fuzz_models(draw, classes: tuple[str, ...], modifiers: Modifiers = Modifiers
         CONV[shape.rank](in_channels, shape.channels, 3, padding=1) if with_stem else nn.Identity()
     )
     blocks, activations, labels, out = draw(_blocks(kinds, shape, modifiers.max_blocks))
-    head, head_label = draw(_head(out, modifiers))
+    head, head_label = draw(_head(out))
     tap, tap_first = draw(_tap(modifiers, len(blocks)))
     module = FuzzNet(stem, blocks, activations, head, tap, tap_first)
     grammar.randomise_(module, torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1))))
@@ -226,8 +220,7 @@ def fuzz_models(draw, classes: tuple[str, ...], modifiers: Modifiers = Modifiers
         labels.append(
             f"outputs: 1e6 · (activation after block {tap}) {'first' if tap_first else 'second'}"
         )
-    rarely = st.sampled_from([False, False, False, True])  # such a model may be refused
-    if modifiers.top_level_hook and draw(rarely):
+    if modifiers.top_level_hook and draw(RARELY):  # such a model may be refused
         hook = draw(key_of(HOOKS))
         attach_hook(module, hook)
         labels.append(f"top-level {hook}")
@@ -257,10 +250,6 @@ def _runs(model: FuzzModel) -> bool:
     except (RuntimeError, ValueError, IndexError):
         return False
     return True
-
-
-def everything() -> tuple[str, ...]:
-    return tuple(sorted(BUG_CLASSES))
 
 
 __all__ = ["ALL_DTYPES", "BUG_CLASSES", "LOW_PRECISION", "FuzzModel", "Modifiers", "fuzz_models"]

@@ -521,3 +521,23 @@ def test_zero_padding_after_a_pointwise_conv(pads, padding, absorbed):
     model = _random(PaddedPointwise(pads, padding))
     folded = _fold_matches(model, _fresh(2, C, 5, 6), _fresh(1, C, 4, 7))
     assert (_rules(folded) == ["absorb_padding"]) is absorbed
+
+
+class Float64LayerNormScale(nn.Module):
+    """A float64 model: a weight-free ``F.layer_norm`` (whose view knows no parameter dtype)
+    then a float64 per-channel scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.rand(C, dtype=torch.float64) + 0.5)
+
+    def forward(self, x):
+        return F.layer_norm(x, (C,)) * self.g
+
+
+def test_a_float64_scale_is_not_rounded_into_a_float32_norm_affine():
+    """Folding the scale as float32 γ would round it: off by ~1e-8, far beyond float64."""
+    model = Float64LayerNormScale().eval()
+    x, fresh = _fresh(2, 3, C).double(), _fresh(1, 5, C).double()
+    folded = _fold_matches(model, x, fresh)
+    assert folded(fresh).dtype == torch.float64
