@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-from .capture import CaptureError, capture, copy_model, propagate_shapes
+from .capture import CaptureError, ExampleInputError, capture, copy_model, propagate_shapes
 from .graph import annotate_ranks
 from .opaque import child_reason
 from .passes import default_pipeline
@@ -33,6 +33,11 @@ class VerificationError(AssertionError):
             f"anyway.\n{report}"
         )
         self.report = report
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).splitlines()[0] if exc is not None and str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if exc is not None else "unknown error"
 
 
 def _as_inputs(example_inputs: object) -> tuple | None:
@@ -82,9 +87,18 @@ def fold(
 
         report.verification = run_verification(model, gm, inputs, refold)
         if verify_redrawn:
-            report.redrawn_verification = run_redrawn_verification(
-                model, inputs, lambda m: fold(m, inputs, verify=False, passes=passes), refold
-            )
+            try:
+                report.redrawn_verification = run_redrawn_verification(
+                    model, inputs, lambda m: fold(m, inputs, verify=False, passes=passes), refold
+                )
+            except ExampleInputError as exc:  # the model ran as given: the re-draw broke it
+                cause = _first_line(exc.__cause__)
+                report.notes.append(
+                    "verified with the parameters as given only: with its per-channel "
+                    "parameters re-drawn at O(1) the model no longer runs on the example "
+                    f"inputs ({cause}); it may read a parameter as something other than a "
+                    "weight (a probability, a size)"
+                )
         else:
             report.notes.append("verified with the parameters as given only (verify_redrawn=False)")
     elif verify:

@@ -57,6 +57,7 @@ _CONV_FUNCTIONS = {
 MUTATED_KEY = "repfx_mutated"  # node.meta: capture could not rule out an in-place write to it
 MAX_REGION_NODES = 400  # a region this large means a pass named the wrong inputs
 PROBE_BATCHES = (2, 1)  # batch > 1 in one probe; the other is cheaper
+MIN_PROBE_EXTENT = 3  # the smallest spatial probe size: a first, a middle and a last position
 
 
 class ValidationFailure(Exception):
@@ -235,9 +236,11 @@ def channel_counts(gm: fx.GraphModule, region: Region) -> list[int]:
 def probe_sizes(gm: fx.GraphModule, region: Region) -> tuple[tuple[int, ...], ...]:
     """Spatial sizes of the probes (one per spatial dim, cycled): every dim gets an odd and an
     even size, both at least as large as the widest window in the region (so every kernel tap
-    meets data), and the odd one divisible by no stride in the region. A region of pointwise
-    ops only (no window, no reshaping) behaves the same at every size: one probe suffices."""
-    extent, strides = 1, {1}
+    meets data) and at least 3 (every dim has a first, a middle and a last position, so a
+    replacement that flips or shifts a dim shows), and the odd one divisible by no stride in
+    the region. A region of pointwise ops only (no window, no reshaping) behaves the same at
+    every size: one probe suffices."""
+    extent, strides = MIN_PROBE_EXTENT, {1}
     for node in region.ops:
         window = _window(gm, node, region)
         if window is not None:

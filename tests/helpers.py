@@ -8,6 +8,7 @@ from torch import fx, nn
 import repfx
 from repfx.capture import capture, copy_model, propagate_shapes
 from repfx.graph import annotate_ranks
+from repfx.tolerances import assert_close
 
 
 def traced(model: nn.Module, *example_inputs: torch.Tensor) -> fx.GraphModule:
@@ -59,3 +60,16 @@ def fold_recording_error(
         except Exception as exc:
             error = error or exc
     return folded, actual, error
+
+
+def fresh_input(*shape: int, seed: int = 1) -> torch.Tensor:
+    """A standard normal input of ``shape`` from its own seeded generator."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def fold_matches(model: nn.Module, example: torch.Tensor, fresh: torch.Tensor) -> fx.GraphModule:
+    """Fold on ``example`` (verified), then compare with the original on ``fresh``."""
+    folded = repfx.fold(model, (example,))
+    with torch.no_grad():
+        assert_close(folded(fresh), model(fresh))
+    return folded

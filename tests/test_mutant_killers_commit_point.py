@@ -43,7 +43,7 @@ class StridedConv(nn.Module):
 
 
 def _commit_replacement(
-    model: StridedConv, replacement: nn.Module, example: torch.Tensor | None
+    model: nn.Module, replacement: nn.Module, example: torch.Tensor | None
 ) -> Folded:
     """Ask the commit point to replace ``model.conv`` by ``replacement`` (raises
     ``RewriteRejected`` when the proof fails)."""
@@ -97,6 +97,56 @@ def test_a_rewrite_right_only_on_odd_heights_is_rejected(example):
         _commit_replacement(model, wrong, example)
 
 
+def _agrees_on_only(wrong: nn.Module, model: nn.Module, same: torch.Tensor, other: torch.Tensor):
+    """The replacement computes the model's function on ``same`` and not on ``other``."""
+    with torch.no_grad():
+        torch.testing.assert_close(wrong(same), model(same))
+        assert (wrong(other) - model(other)).abs().max() > 0.1
+
+
+class PointwiseConv(nn.Module):
+    """One 1×1 conv with O(1) parameters: a region of pointwise ops only (one probe)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 1)
+        gen = _gen(5)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen))
+            self.conv.bias.copy_(torch.randn(5, generator=gen))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class FlippedHeight(nn.Module):
+    """``inner(x)`` upside down: the same as ``inner`` wherever the height is 1."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).flip(-2)
+
+
+@pytest.mark.parametrize(
+    "example", [None, torch.randn(2, 3, 2, 4, generator=_gen(6))], ids=["guessed", "recorded"]
+)
+def test_a_pointwise_rewrite_that_flips_the_height_is_rejected(example):
+    """A region of pointwise ops gets one probe; every dim of it that is not 1 in the recorded
+    shapes (a 1 may be a broadcast dim, and is kept) has at least three positions."""
+    model = PointwiseConv()
+    wrong = FlippedHeight(copy.deepcopy(model.conv))
+    flat, tall = (
+        torch.randn(2, 3, 1, 6, generator=_gen(7)),
+        torch.randn(2, 3, 3, 6, generator=_gen(8)),
+    )
+    _agrees_on_only(wrong, model, flat, tall)
+    with pytest.raises(RewriteRejected, match="rejected by local validation"):
+        _commit_replacement(model, wrong, example)
+
+
 class BatchMean(nn.Module):
     """``inner(x)`` averaged over the batch: the same as ``inner`` for a batch of one."""
 
@@ -112,11 +162,11 @@ class BatchMean(nn.Module):
 def test_a_rewrite_that_mixes_the_batch_is_rejected(example):
     model = StridedConv()
     wrong = BatchMean(copy.deepcopy(model.conv))
-    with torch.no_grad():
-        one = torch.randn(1, 3, 7, 6, generator=_gen(3))
-        torch.testing.assert_close(wrong(one), model(one))
-        two = torch.randn(2, 3, 7, 6, generator=_gen(4))
-        assert (wrong(two) - model(two)).abs().max() > 0.1
+    one, two = (
+        torch.randn(1, 3, 7, 6, generator=_gen(3)),
+        torch.randn(2, 3, 7, 6, generator=_gen(4)),
+    )
+    _agrees_on_only(wrong, model, one, two)
     with pytest.raises(RewriteRejected, match="rejected by local validation"):
         _commit_replacement(model, wrong, example)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grammar import randomise_
+from helpers import fold_matches, fresh_input
 from torch import fx, nn
 
 import repfx
@@ -25,18 +26,6 @@ def _random(model: nn.Module, seed: int = 0) -> nn.Module:
     return randomise_(model, torch.Generator().manual_seed(seed)).eval()
 
 
-def _fresh(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _fold_matches(model: nn.Module, example: torch.Tensor, fresh: torch.Tensor) -> fx.GraphModule:
-    """Fold on ``example`` (verified), then compare with the original on ``fresh``."""
-    folded = repfx.fold(model, (example,))
-    with torch.no_grad():
-        assert_close(folded(fresh), model(fresh))
-    return folded
-
-
 def _reasons(folded: fx.GraphModule) -> str:
     return "\n".join(s.reason for s in folded.meta[repfx.REPORT_KEY].skipped)
 
@@ -45,7 +34,7 @@ def _rules(folded: fx.GraphModule) -> list[str]:
     return [f.rule for f in folded.meta[repfx.REPORT_KEY].folded]
 
 
-# ------------------------------------------------------------------------- merge_branches
+# ----------------------------------- merge_branches: alignment, geometry, what counts as a branch
 
 
 class BroadcastBranch(nn.Module):
@@ -63,7 +52,7 @@ class BroadcastBranch(nn.Module):
 
 def test_branches_with_different_strides_are_not_merged():
     model = _random(BroadcastBranch())
-    folded = _fold_matches(model, _fresh(2, C, 4, 4), _fresh(3, C, 3, 2, seed=2))
+    folded = fold_matches(model, fresh_input(2, C, 4, 4), fresh_input(3, C, 3, 2, seed=2))
     assert op_counts(folded)["conv"] == 2
     assert "branches have different strides" in _reasons(folded)
 
@@ -83,93 +72,9 @@ class MisalignedStride3(nn.Module):
 
 def test_branches_centred_on_different_positions_are_not_merged():
     model = _random(MisalignedStride3())
-    folded = _fold_matches(model, _fresh(2, C, 6, 6), _fresh(3, C, 9, 12, seed=2))
+    folded = fold_matches(model, fresh_input(2, C, 6, 6), fresh_input(3, C, 9, 12, seed=2))
     assert op_counts(folded)["conv"] == 2
     assert "not centred on the same input position" in _reasons(folded)
-
-
-# ------------------------------------------------------------------------- absorb_padding
-
-
-class PointwiseThenPad(nn.Module):
-    """A bias-free 1×1 conv (``stride``), then ``F.pad`` of its output with ``value``."""
-
-    def __init__(self, value: float = 0.0, stride: int = 1):
-        super().__init__()
-        self.conv = nn.Conv2d(C, C, 1, stride=stride, bias=False)
-        self.value = value
-
-    def forward(self, x):
-        return F.pad(self.conv(x), [1, 1, 1, 1], value=self.value)
-
-
-def test_zero_padding_of_a_bias_free_pointwise_conv_becomes_its_padding():
-    folded = _fold_matches(_random(PointwiseThenPad()), _fresh(2, C, 5, 5), _fresh(1, C, 4, 7))
-    assert _rules(folded) == ["absorb_padding"] and op_counts(folded)["conv"] == 1
-
-
-def test_padding_with_a_non_zero_value_is_not_the_conv_padding():
-    """The border of a padded conv is its bias (zero here), not 0.5."""
-    folded = _fold_matches(
-        _random(PointwiseThenPad(value=0.5)), _fresh(2, C, 5, 5), _fresh(1, C, 4, 7)
-    )
-    assert _rules(folded) == []
-
-
-def test_padding_of_a_strided_pointwise_conv_is_not_its_padding():
-    """Padding the input of a stride-2 conv by 1 adds one output row, not two."""
-    folded = _fold_matches(
-        _random(PointwiseThenPad(stride=2)), _fresh(2, C, 5, 5), _fresh(1, C, 6, 7)
-    )
-    assert _rules(folded) == []
-
-
-# ------------------------------------------------------------------------ merge_sequential
-
-
-def test_strided_pointwise_conv_is_not_composed_with_the_next_conv():
-    """A stride-2 1×1 conv keeps every other position: composed into the 3×3 after it, the
-    result would read every position."""
-    model = _random(nn.Sequential(nn.Conv2d(C, 2 * C, 1, stride=2), nn.Conv2d(2 * C, C, 3)))
-    folded = _fold_matches(model, _fresh(2, C, 9, 9), _fresh(1, C, 8, 11))
-    assert op_counts(folded)["conv"] == 2
-    assert "first conv is not 1×1 with stride 1" in _reasons(folded)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_pointwise_conv_composes_into_the_next_conv(bias):
-    """The positive case of the test above: stride 1, no padding after a bias."""
-    model = _random(nn.Sequential(nn.Conv2d(C, 2 * C, 1, bias=bias), nn.Conv2d(2 * C, C, 3)))
-    folded = _fold_matches(model, _fresh(2, C, 9, 9), _fresh(1, C, 8, 11))
-    assert op_counts(folded)["conv"] == 1
-
-
-# ----------------------------------------------------------------------------- hooks, mode
-
-
-def test_batch_norm_with_an_observing_hook_is_not_folded_away():
-    """A forward hook that only records what it sees leaves the values alone, so the proof on
-    probes cannot object to removing the BN; but the hook must still run on the fold."""
-    seen: list[torch.Tensor] = []
-    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.BatchNorm2d(C)))
-    model[1].register_forward_hook(lambda module, args, out: seen.append(out.detach()))
-    fresh = _fresh(1, 3, 6, 7)
-    folded = _fold_matches(model, _fresh(2, 3, 5, 5), fresh)
-    assert "BatchNorm2d has hooks" in _reasons(folded)
-    seen.clear()
-    with torch.no_grad():
-        model(fresh)
-        folded(fresh)
-    assert len(seen) == 2 and torch.equal(seen[0], seen[1])  # the BN, with its hook, ran
-
-
-@pytest.mark.parametrize("training", [False, True])
-def test_the_fold_is_in_the_mode_of_the_original(training):
-    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.ReLU())).train(training)
-    assert repfx.fold(model, (_fresh(2, 3, 5, 5),)).training is training
-
-
-# ------------------------------------------------------------- more merge_branches geometry
 
 
 class DilatedPointwiseBranch(nn.Module):
@@ -186,8 +91,8 @@ class DilatedPointwiseBranch(nn.Module):
 
 
 def test_a_pointwise_branch_with_dilation_merges_exactly():
-    folded = _fold_matches(
-        _random(DilatedPointwiseBranch()), _fresh(2, C, 6, 6), _fresh(1, C, 5, 7)
+    folded = fold_matches(
+        _random(DilatedPointwiseBranch()), fresh_input(2, C, 6, 6), fresh_input(1, C, 5, 7)
     )
     assert op_counts(folded)["conv"] == 1
 
@@ -206,7 +111,9 @@ class GroupedPlusDense(nn.Module):
 
 
 def test_grouped_and_dense_branches_merge_exactly():
-    folded = _fold_matches(_random(GroupedPlusDense()), _fresh(2, C, 6, 6), _fresh(1, C, 5, 7))
+    folded = fold_matches(
+        _random(GroupedPlusDense()), fresh_input(2, C, 6, 6), fresh_input(1, C, 5, 7)
+    )
     assert op_counts(folded)["conv"] == 1
 
 
@@ -226,155 +133,13 @@ class PromotingScaleBranches(nn.Module):
 
 def test_a_dtype_promoting_scale_keeps_its_branch_out_of_a_merge():
     model = _random(PromotingScaleBranches())
-    x, fresh = _fresh(2, C, 5, 5).half(), _fresh(1, C, 4, 6).half()
+    x, fresh = fresh_input(2, C, 5, 5).half(), fresh_input(1, C, 4, 6).half()
     folded = repfx.fold(model, (x,))
     with torch.no_grad():
         actual, expected = folded(fresh), model(fresh)
     assert actual.dtype == expected.dtype == torch.float32
     assert_close(actual, expected)
     assert op_counts(folded)["conv"] == 2
-
-
-# ----------------------------------------------------------------- consumer-side padding
-
-
-def test_batch_norm_before_a_conv_padded_along_one_axis_only_is_kept():
-    """``padding=(1, 0)`` pads the height: the BN's shift would meet zeros on the border."""
-    model = _random(nn.Sequential(nn.BatchNorm2d(C), nn.Conv2d(C, C, 3, padding=(1, 0))))
-    folded = _fold_matches(model, _fresh(2, C, 5, 5), _fresh(1, C, 4, 6))
-    assert op_counts(folded)["batch_norm"] == 1
-    assert "zero-pads its input" in _reasons(folded)
-
-
-def test_batch_norm_before_an_unpadded_conv_folds_into_it():
-    model = _random(nn.Sequential(nn.BatchNorm2d(C), nn.Conv2d(C, C, 3)))
-    folded = _fold_matches(model, _fresh(2, C, 5, 5), _fresh(1, C, 4, 6))
-    assert op_counts(folded)["batch_norm"] == 0
-
-
-def test_strided_depthwise_pointwise_conv_is_not_a_channel_affine():
-    """A depthwise 1×1 conv with stride 2 keeps every other position: it is not ``s ⊙ x + t``
-    and cannot be folded into the conv before it."""
-    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.Conv2d(C, C, 1, stride=2, groups=C)))
-    folded = _fold_matches(model, _fresh(2, 3, 7, 7), _fresh(1, 3, 6, 9))
-    assert op_counts(folded)["conv"] == 2
-
-
-def test_depthwise_pointwise_conv_folds_into_the_conv_before_it():
-    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.Conv2d(C, C, 1, groups=C)))
-    folded = _fold_matches(model, _fresh(2, 3, 7, 7), _fresh(1, 3, 6, 9))
-    assert op_counts(folded)["conv"] == 1
-
-
-# ---------------------------------------------------------------------- hooked no-ops
-
-
-def test_identity_with_a_hook_is_not_removed():
-    seen: list[torch.Tensor] = []
-    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.Identity(), nn.ReLU()))
-    model[1].register_forward_hook(lambda module, args, out: seen.append(out.detach()))
-    fresh = _fresh(1, 3, 6, 7)
-    folded = _fold_matches(model, _fresh(2, 3, 5, 5), fresh)
-    assert "Identity has hooks" in _reasons(folded)
-    seen.clear()
-    with torch.no_grad():
-        model(fresh)
-        folded(fresh)
-    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
-
-
-def test_a_conv_with_an_observing_hook_does_not_absorb_the_batch_norm_after_it():
-    """The hook must see the conv's own output, not the conv with the BN folded in."""
-    seen: list[torch.Tensor] = []
-    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.BatchNorm2d(C)))
-    model[0].register_forward_hook(lambda module, args, out: seen.append(out.detach()))
-    fresh = _fresh(1, 3, 6, 7)
-    folded = _fold_matches(model, _fresh(2, 3, 5, 5), fresh)
-    assert "conv module has hooks" in _reasons(folded)
-    seen.clear()
-    with torch.no_grad():
-        model(fresh)
-        folded(fresh)
-    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
-
-
-# ------------------------------------------------------------------------ affine placement
-
-
-class HeightScale(nn.Module):
-    """A conv whose output height equals its channel count, scaled per row (axis -2)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, C, 3)
-        self.rows = nn.Parameter(torch.rand(C, 1) + 0.5)
-
-    def forward(self, x):
-        return self.conv(x) * self.rows
-
-
-def test_a_scale_along_the_height_is_not_folded_into_the_channels():
-    model = _random(HeightScale())
-    folded = _fold_matches(model, _fresh(2, 3, C + 2, 7), _fresh(1, 3, C + 2, 5))
-    assert op_counts(folded)["channel_affine"] == 1
-    assert "acts on axis -2" in _reasons(folded)
-
-
-def test_batch_norm_before_a_transposed_conv_is_kept():
-    """The input side of a transposed conv is its weight's first axis: the input-side fold of
-    a conv does not apply."""
-    model = _random(nn.Sequential(nn.BatchNorm2d(C), nn.ConvTranspose2d(C, 3, 3, stride=2)))
-    folded = _fold_matches(model, _fresh(2, C, 4, 4), _fresh(1, C, 5, 3))
-    assert op_counts(folded)["batch_norm"] == 1
-    assert "transposed conv" in _reasons(folded)
-
-
-class SharedFlatten(nn.Module):
-    """``conv(x).flatten(2)`` is scaled per channel and also summed: the scale cannot move
-    into the conv, the sum would see it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, C, 3)
-        self.g = nn.Parameter(torch.rand(C, 1) + 0.5)
-
-    def forward(self, x):
-        z = self.conv(x).flatten(2)
-        return z * self.g, z.sum(-1)
-
-
-def test_a_scale_is_not_moved_back_through_a_layout_op_read_elsewhere():
-    model = _random(SharedFlatten())
-    folded = repfx.fold(model, (_fresh(2, 3, 5, 5),))
-    fresh = _fresh(1, 3, 6, 4)
-    with torch.no_grad():
-        assert_close(folded(fresh), model(fresh))
-    assert op_counts(folded)["channel_affine"] == 1
-
-
-class HookedMixer(nn.Module):
-    """RIFormer's mixer ``bn(x) − x`` with an observing hook on the BN."""
-
-    def __init__(self):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(C)
-
-    def forward(self, x):
-        return self.bn(x) - x
-
-
-def test_a_mixer_branch_with_a_hook_is_not_collapsed():
-    seen: list[torch.Tensor] = []
-    model = _random(HookedMixer())
-    model.bn.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
-    fresh = _fresh(1, C, 4, 6)
-    folded = _fold_matches(model, _fresh(2, C, 5, 5), fresh)
-    assert "a branch module has hooks" in _reasons(folded)
-    seen.clear()
-    with torch.no_grad():
-        model(fresh)
-        folded(fresh)
-    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
 
 
 class RowScaledBranch(nn.Module):
@@ -391,23 +156,7 @@ class RowScaledBranch(nn.Module):
 
 def test_a_branch_scaled_along_the_height_is_not_merged():
     model = _random(RowScaledBranch())
-    folded = _fold_matches(model, _fresh(2, C, C, 5), _fresh(1, C, C, 7))
-    assert op_counts(folded)["conv"] == 2
-
-
-class ConcatTwoInputs(nn.Module):
-    """``cat([conv_a(x), conv_b(relu(x))])``: the convs read different tensors."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, C, 1)
-
-    def forward(self, x):
-        return torch.cat([self.a(x), self.b(torch.relu(x))], dim=1)
-
-
-def test_concatenated_convs_of_different_tensors_are_not_merged():
-    folded = _fold_matches(_random(ConcatTwoInputs()), _fresh(2, C, 5, 5), _fresh(1, C, 4, 6))
+    folded = fold_matches(model, fresh_input(2, C, C, 5), fresh_input(1, C, C, 7))
     assert op_counts(folded)["conv"] == 2
 
 
@@ -424,7 +173,25 @@ class ChannelCrops(nn.Module):
 
 
 def test_branches_reading_a_channel_crop_merge_exactly_or_not_at_all():
-    _fold_matches(_random(ChannelCrops()), _fresh(2, C, 5, 5), _fresh(1, C, 4, 6))
+    fold_matches(_random(ChannelCrops()), fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 6))
+
+
+class ConcatTwoInputs(nn.Module):
+    """``cat([conv_a(x), conv_b(relu(x))])``: the convs read different tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(torch.relu(x))], dim=1)
+
+
+def test_concatenated_convs_of_different_tensors_are_not_merged():
+    folded = fold_matches(
+        _random(ConcatTwoInputs()), fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 6)
+    )
+    assert op_counts(folded)["conv"] == 2
 
 
 class SpatialConcat(nn.Module):
@@ -439,49 +206,61 @@ class SpatialConcat(nn.Module):
 
 
 def test_convs_concatenated_along_the_height_are_not_merged():
-    folded = _fold_matches(_random(SpatialConcat()), _fresh(2, C, 5, 5), _fresh(1, C, 4, 6))
+    folded = fold_matches(
+        _random(SpatialConcat()), fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 6)
+    )
     assert op_counts(folded)["conv"] == 2
     assert "not along the channels" in _reasons(folded)
 
 
-# ---------------------------------------------------------- more merge_sequential guards
-
-
 class PrefixBiasBeforePadding(nn.Module):
-    """DBB's trap as two branches: a 3×3 conv, and a biased 1×1 conv then a zero-padded 3×3.
-    The 1×1's bias sits on the padded border in the original, zeros in a composed conv."""
+    """DBB's trap one conv deeper, as two branches: a 3×3 conv, and a biased 1×1, a bias-free
+    1×1 and a zero-padded 3×3. The first 1×1's bias reaches the 3×3's padded border in the
+    original; a conv composed of all three would read zeros there."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(C, C, 3, padding=1)
-        self.point, self.b = nn.Conv2d(C, C, 1), nn.Conv2d(C, C, 3, padding=1)
+        self.p1, self.p2 = nn.Conv2d(C, C, 1), nn.Conv2d(C, C, 1, bias=False)
+        self.b = nn.Conv2d(C, C, 3, padding=1)
 
     def forward(self, x):
-        return self.a(x) + self.b(self.point(x))
+        return self.a(x) + self.b(self.p2(self.p1(x)))
 
 
 def test_a_biased_pointwise_conv_is_not_composed_into_a_padded_branch():
     model = _random(PrefixBiasBeforePadding())
-    folded = _fold_matches(model, _fresh(2, C, 5, 5), _fresh(1, C, 4, 6))
-    assert op_counts(folded)["conv"] == 3
+    folded = fold_matches(model, fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 6))
+    assert op_counts(folded)["conv"] == 3  # a, p2∘p1, b
+
+
+# ------------------------------------------------------------------------------- merge_sequential
+
+
+def test_strided_pointwise_conv_is_not_composed_with_the_next_conv():
+    """A stride-2 1×1 conv keeps every other position: composed into the 3×3 after it, the
+    result would read every position."""
+    model = _random(nn.Sequential(nn.Conv2d(C, 2 * C, 1, stride=2), nn.Conv2d(2 * C, C, 3)))
+    folded = fold_matches(model, fresh_input(2, C, 9, 9), fresh_input(1, C, 8, 11))
+    assert op_counts(folded)["conv"] == 2
+    assert "first conv is not 1×1 with stride 1" in _reasons(folded)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_conv_composes_into_the_next_conv(bias):
+    """The positive case of the test above: stride 1, no padding after a bias."""
+    model = _random(nn.Sequential(nn.Conv2d(C, 2 * C, 1, bias=bias), nn.Conv2d(2 * C, C, 3)))
+    folded = fold_matches(model, fresh_input(2, C, 9, 9), fresh_input(1, C, 8, 11))
+    assert op_counts(folded)["conv"] == 1
 
 
 def test_grouped_pointwise_conv_is_not_composed_with_a_dense_conv():
     """Only a depthwise second conv can take a grouped first one: a dense 3×3 after a grouped
     1×1 is two ops."""
     model = _random(nn.Sequential(nn.Conv2d(C, C, 1, groups=2), nn.Conv2d(C, C, 3)))
-    folded = _fold_matches(model, _fresh(2, C, 5, 5), _fresh(1, C, 4, 6))
+    folded = fold_matches(model, fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 6))
     assert op_counts(folded)["conv"] == 2
     assert "different groups" in _reasons(folded)
-
-
-def test_a_hooked_conv_is_not_composed():
-    seen: list[torch.Tensor] = []
-    model = _random(nn.Sequential(nn.Conv2d(C, 2 * C, 1), nn.Conv2d(2 * C, C, 3)))
-    model[1].register_forward_hook(lambda module, args, out: seen.append(out.detach()))
-    folded = _fold_matches(model, _fresh(2, C, 5, 5), _fresh(1, C, 4, 6))
-    assert op_counts(folded)["conv"] == 2
-    assert "module has hooks" in _reasons(folded)
 
 
 def test_a_pointwise_conv_before_a_strided_conv_is_composed_when_cheaper():
@@ -489,11 +268,46 @@ def test_a_pointwise_conv_before_a_strided_conv_is_composed_when_cheaper():
     4·8·(2·2) + 2·4·9 = 200 multiply-adds (the 1×1 runs at full resolution), the composed
     3×3 (8 → 2) 2·8·9 = 144."""
     model = _random(nn.Sequential(nn.Conv2d(8, 4, 1), nn.Conv2d(4, 2, 3, stride=2)))
-    folded = _fold_matches(model, _fresh(2, 8, 7, 7), _fresh(1, 8, 8, 9))
+    folded = fold_matches(model, fresh_input(2, 8, 7, 7), fresh_input(1, 8, 8, 9))
     assert op_counts(folded)["conv"] == 1
 
 
-# ---------------------------------------------------------------- absorb_padding geometry
+# --------------------------------------------------------------------------------- absorb_padding
+
+
+class PointwiseThenPad(nn.Module):
+    """A bias-free 1×1 conv (``stride``), then ``F.pad`` of its output with ``value``."""
+
+    def __init__(self, value: float = 0.0, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 1, stride=stride, bias=False)
+        self.value = value
+
+    def forward(self, x):
+        return F.pad(self.conv(x), [1, 1, 1, 1], value=self.value)
+
+
+def test_zero_padding_of_a_bias_free_pointwise_conv_becomes_its_padding():
+    folded = fold_matches(
+        _random(PointwiseThenPad()), fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 7)
+    )
+    assert _rules(folded) == ["absorb_padding"] and op_counts(folded)["conv"] == 1
+
+
+def test_padding_with_a_non_zero_value_is_not_the_conv_padding():
+    """The border of a padded conv is its bias (zero here), not 0.5."""
+    folded = fold_matches(
+        _random(PointwiseThenPad(value=0.5)), fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 7)
+    )
+    assert _rules(folded) == []
+
+
+def test_padding_of_a_strided_pointwise_conv_is_not_its_padding():
+    """Padding the input of a stride-2 conv by 1 adds one output row, not two."""
+    folded = fold_matches(
+        _random(PointwiseThenPad(stride=2)), fresh_input(2, C, 5, 5), fresh_input(1, C, 6, 7)
+    )
+    assert _rules(folded) == []
 
 
 class PaddedPointwise(nn.Module):
@@ -519,8 +333,90 @@ class PaddedPointwise(nn.Module):
 )
 def test_zero_padding_after_a_pointwise_conv(pads, padding, absorbed):
     model = _random(PaddedPointwise(pads, padding))
-    folded = _fold_matches(model, _fresh(2, C, 5, 6), _fresh(1, C, 4, 7))
+    folded = fold_matches(model, fresh_input(2, C, 5, 6), fresh_input(1, C, 4, 7))
     assert (_rules(folded) == ["absorb_padding"]) is absorbed
+
+
+# ------------------------------------------ fold_bn / fold_channel_affine: where an affine may go
+
+
+def test_batch_norm_before_a_conv_padded_along_one_axis_only_is_kept():
+    """``padding=(1, 0)`` pads the height: the BN's shift would meet zeros on the border."""
+    model = _random(nn.Sequential(nn.BatchNorm2d(C), nn.Conv2d(C, C, 3, padding=(1, 0))))
+    folded = fold_matches(model, fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 6))
+    assert op_counts(folded)["batch_norm"] == 1
+    assert "zero-pads its input" in _reasons(folded)
+
+
+def test_batch_norm_before_an_unpadded_conv_folds_into_it():
+    model = _random(nn.Sequential(nn.BatchNorm2d(C), nn.Conv2d(C, C, 3)))
+    folded = fold_matches(model, fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 6))
+    assert op_counts(folded)["batch_norm"] == 0
+
+
+def test_batch_norm_before_a_transposed_conv_is_kept():
+    """The input side of a transposed conv is its weight's first axis: the input-side fold of
+    a conv does not apply."""
+    model = _random(nn.Sequential(nn.BatchNorm2d(C), nn.ConvTranspose2d(C, 3, 3, stride=2)))
+    folded = fold_matches(model, fresh_input(2, C, 4, 4), fresh_input(1, C, 5, 3))
+    assert op_counts(folded)["batch_norm"] == 1
+    assert "transposed conv" in _reasons(folded)
+
+
+def test_strided_depthwise_pointwise_conv_is_not_a_channel_affine():
+    """A depthwise 1×1 conv with stride 2 keeps every other position: it is not ``s ⊙ x + t``
+    and cannot be folded into the conv before it."""
+    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.Conv2d(C, C, 1, stride=2, groups=C)))
+    folded = fold_matches(model, fresh_input(2, 3, 7, 7), fresh_input(1, 3, 6, 9))
+    assert op_counts(folded)["conv"] == 2
+
+
+def test_depthwise_pointwise_conv_folds_into_the_conv_before_it():
+    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.Conv2d(C, C, 1, groups=C)))
+    folded = fold_matches(model, fresh_input(2, 3, 7, 7), fresh_input(1, 3, 6, 9))
+    assert op_counts(folded)["conv"] == 1
+
+
+class HeightScale(nn.Module):
+    """A conv whose output height equals its channel count, scaled per row (axis -2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, C, 3)
+        self.rows = nn.Parameter(torch.rand(C, 1) + 0.5)
+
+    def forward(self, x):
+        return self.conv(x) * self.rows
+
+
+def test_a_scale_along_the_height_is_not_folded_into_the_channels():
+    model = _random(HeightScale())
+    folded = fold_matches(model, fresh_input(2, 3, C + 2, 7), fresh_input(1, 3, C + 2, 5))
+    assert op_counts(folded)["channel_affine"] == 1
+    assert "acts on axis -2" in _reasons(folded)
+
+
+class SharedFlatten(nn.Module):
+    """``conv(x).flatten(2)`` is scaled per channel and also summed: the scale cannot move
+    into the conv, the sum would see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, C, 3)
+        self.g = nn.Parameter(torch.rand(C, 1) + 0.5)
+
+    def forward(self, x):
+        z = self.conv(x).flatten(2)
+        return z * self.g, z.sum(-1)
+
+
+def test_a_scale_is_not_moved_back_through_a_layout_op_read_elsewhere():
+    model = _random(SharedFlatten())
+    folded = repfx.fold(model, (fresh_input(2, 3, 5, 5),))
+    fresh = fresh_input(1, 3, 6, 4)
+    with torch.no_grad():
+        assert_close(folded(fresh), model(fresh))
+    assert op_counts(folded)["channel_affine"] == 1
 
 
 class Float64LayerNormScale(nn.Module):
@@ -538,6 +434,75 @@ class Float64LayerNormScale(nn.Module):
 def test_a_float64_scale_is_not_rounded_into_a_float32_norm_affine():
     """Folding the scale as float32 γ would round it: off by ~1e-8, far beyond float64."""
     model = Float64LayerNormScale().eval()
-    x, fresh = _fresh(2, 3, C).double(), _fresh(1, 5, C).double()
-    folded = _fold_matches(model, x, fresh)
+    x, fresh = fresh_input(2, 3, C).double(), fresh_input(1, 5, C).double()
+    folded = fold_matches(model, x, fresh)
     assert folded(fresh).dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------- hooks and mode
+
+
+def _hook_sees_the_same(
+    model: nn.Module, hooked: nn.Module, example: torch.Tensor, fresh: torch.Tensor
+) -> fx.GraphModule:
+    """Fold ``model`` with a forward hook on ``hooked`` that only records what it sees (so the
+    proof on probes cannot object to removing or changing ``hooked``): running the fold, the
+    hook must run and see what it sees running the original."""
+    seen: list[torch.Tensor] = []
+    hooked.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
+    folded = fold_matches(model, example, fresh)
+    seen.clear()
+    with torch.no_grad():
+        model(fresh)
+        folded(fresh)
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    return folded
+
+
+def test_batch_norm_with_an_observing_hook_is_not_folded_away():
+    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.BatchNorm2d(C)))
+    folded = _hook_sees_the_same(model, model[1], fresh_input(2, 3, 5, 5), fresh_input(1, 3, 6, 7))
+    assert "BatchNorm2d has hooks" in _reasons(folded)
+
+
+def test_a_conv_with_an_observing_hook_does_not_absorb_the_batch_norm_after_it():
+    """The hook sees the conv's own output, not the conv with the BN folded in."""
+    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.BatchNorm2d(C)))
+    folded = _hook_sees_the_same(model, model[0], fresh_input(2, 3, 5, 5), fresh_input(1, 3, 6, 7))
+    assert "conv module has hooks" in _reasons(folded)
+
+
+def test_identity_with_a_hook_is_not_removed():
+    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.Identity(), nn.ReLU()))
+    folded = _hook_sees_the_same(model, model[1], fresh_input(2, 3, 5, 5), fresh_input(1, 3, 6, 7))
+    assert "Identity has hooks" in _reasons(folded)
+
+
+class HookedMixer(nn.Module):
+    """RIFormer's mixer ``bn(x) − x`` (a hook goes on the BN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        return self.bn(x) - x
+
+
+def test_a_mixer_branch_with_a_hook_is_not_collapsed():
+    model = _random(HookedMixer())
+    folded = _hook_sees_the_same(model, model.bn, fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 6))
+    assert "a branch module has hooks" in _reasons(folded)
+
+
+def test_a_hooked_conv_is_not_composed_with_the_pointwise_conv_before_it():
+    model = _random(nn.Sequential(nn.Conv2d(C, 2 * C, 1), nn.Conv2d(2 * C, C, 3)))
+    folded = _hook_sees_the_same(model, model[1], fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 6))
+    assert op_counts(folded)["conv"] == 2
+    assert "module has hooks" in _reasons(folded)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_fold_is_in_the_mode_of_the_original(training):
+    model = _random(nn.Sequential(nn.Conv2d(3, C, 3), nn.ReLU())).train(training)
+    assert repfx.fold(model, (fresh_input(2, 3, 5, 5),)).training is training

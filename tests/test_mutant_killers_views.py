@@ -1,10 +1,12 @@
-"""Op views read exactly what the node says, found by ``tools/mutants.py``.
+"""Op views, plain modules and constants read exactly what the node says (found by
+``tools/mutants.py``).
 
-``repfx.capture`` writes every argument of a functional call out and traces through
-stochastic-depth modules, so through ``repfx.fold`` some view rules are backed up by capture.
-The views are also used on graphs that capture did not make (dynamo's, a hand-traced one), so
-their own contract is tested here on a plain ``torch.fx.symbolic_trace`` graph: a default
-argument of a functional call, a stochastic-depth module that stays a module.
+``repfx.capture`` writes every argument of a functional call out, traces through
+stochastic-depth modules and marks values written in place, so through ``repfx.fold`` some view
+rules are backed up by capture or by the commit point. The views also serve graphs capture did
+not make (dynamo's, a hand-built one), so their own contract is tested on such graphs: a default
+argument of a functional call, a stochastic-depth module kept as a module. The other tests fold
+a model with O(1) parameters and compare with the original on a fresh input of another size.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grammar import randomise_
+from helpers import fold_matches, fresh_input
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-import repfx
 from repfx.capture import capture, copy_model
 from repfx.graph import ConstantFolder, annotate_ranks, is_plain
 from repfx.inspect import op_counts
@@ -24,6 +26,10 @@ from repfx.ops import affine_op, batch_norm_reason, identity_input
 from repfx.tolerances import assert_close
 
 C = 4
+
+
+def _random(model: nn.Module, seed: int = 0) -> nn.Module:
+    return randomise_(model, torch.Generator().manual_seed(seed)).eval()
 
 
 def _plain_trace(model: nn.Module, leaves: tuple[type, ...] = ()) -> fx.GraphModule:
@@ -45,6 +51,9 @@ def _only(gm: fx.GraphModule, predicate) -> fx.Node:
     found = [n for n in gm.graph.nodes if predicate(n)]
     assert len(found) == 1, found
     return found[0]
+
+
+# ------------------------------------------------- training flags, on graphs capture did not make
 
 
 class Functional(nn.Module):
@@ -154,22 +163,7 @@ def test_drop_path_module_is_the_identity_only_in_eval_mode_or_at_rate_0(name):
         assert found is x
 
 
-# ------------------------------------------------------------ arithmetic views, end to end
-
-
-def _random(model: nn.Module, seed: int = 0) -> nn.Module:
-    return randomise_(model, torch.Generator().manual_seed(seed)).eval()
-
-
-def _fresh(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _fold_matches(model: nn.Module, example: torch.Tensor, fresh: torch.Tensor) -> fx.GraphModule:
-    folded = repfx.fold(model, (example,))
-    with torch.no_grad():
-        assert_close(folded(fresh), model(fresh))
-    return folded
+# -------------------------------------------------------- arithmetic and layout views, end to end
 
 
 class ConvThen(nn.Module):
@@ -196,7 +190,7 @@ NOT_AFFINE = {
 def test_a_constant_divided_by_a_tensor_is_not_an_affine(spelling):
     """``c / y`` is not ``y / c`` (nor, for ``c = 1``, a no-op)."""
     model = _random(ConvThen(NOT_AFFINE[spelling]))
-    _fold_matches(model, _fresh(2, 3, 4, 4), _fresh(3, 3, 5, 3, seed=2))
+    fold_matches(model, fresh_input(2, 3, 4, 4), fresh_input(3, 3, 5, 3, seed=2))
 
 
 ADDCMUL = {
@@ -209,8 +203,40 @@ ADDCMUL = {
 @pytest.mark.parametrize("spelling", sorted(ADDCMUL))
 def test_addcmul_value_scales_the_product(spelling):
     model = _random(ConvThen(ADDCMUL[spelling]))
-    folded = _fold_matches(model, _fresh(2, 3, 4, 4), _fresh(3, 3, 5, 3, seed=2))
+    folded = fold_matches(model, fresh_input(2, 3, 4, 4), fresh_input(3, 3, 5, 3, seed=2))
     assert op_counts(folded)["channel_affine"] == 0  # folded into the conv, exactly
+
+
+class AlphaJoin(nn.Module):
+    """``join(a(x), b(x))`` of two per-channel affines (``affines``) or two convs of ``x``."""
+
+    def __init__(self, join, convs: bool):
+        super().__init__()
+        self.join, self.convs = join, convs
+        self.a, self.b = nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, C, 1)
+        self.s = nn.Parameter(torch.rand(C, 1, 1) + 0.5)
+        self.t = nn.Parameter(torch.randn(C, 1, 1))
+
+    def forward(self, x):
+        if self.convs:
+            return self.join(self.a(x), self.b(x))
+        return self.join(x * self.s, x + self.t)
+
+
+JOINS = {
+    "torch.add(u, v, alpha=2)": lambda u, v: torch.add(u, v, alpha=2),
+    "torch.sub(u, v, alpha=0.5)": lambda u, v: torch.sub(u, v, alpha=0.5),
+    "u.sub(v, alpha=-3)": lambda u, v: u.sub(v, alpha=-3),
+}
+
+
+@pytest.mark.parametrize("convs", [False, True], ids=["affine_branches", "conv_branches"])
+@pytest.mark.parametrize("spelling", sorted(JOINS))
+def test_alpha_of_a_join_weighs_the_second_branch(spelling, convs):
+    model = _random(AlphaJoin(JOINS[spelling], convs))
+    folded = fold_matches(model, fresh_input(2, C, 5, 5), fresh_input(1, C, 4, 6, seed=2))
+    counts = op_counts(folded)
+    assert counts["conv"] == (1 if convs else 0) and counts["channel_affine"] <= 1
 
 
 class TransposedScale(nn.Module):
@@ -228,7 +254,7 @@ class TransposedScale(nn.Module):
 
 def test_a_scale_after_a_transpose_folds_into_the_linear_before_it():
     model = _random(TransposedScale())
-    folded = _fold_matches(model, _fresh(2, 5, 3), _fresh(3, 6, 3, seed=2))
+    folded = fold_matches(model, fresh_input(2, 5, 3), fresh_input(3, 6, 3, seed=2))
     assert op_counts(folded)["channel_affine"] == 0
 
 
@@ -249,18 +275,11 @@ def test_average_pool_branch_merges_only_as_the_kernel_it_is(divisor):
     """Without ``divisor_override`` the pool is a uniform 1/9 kernel and merges; with it, it
     divides by 4 and must not be merged as 1/9."""
     model = _random(PoolBranch(divisor))
-    folded = _fold_matches(model, _fresh(2, C, 5, 5), _fresh(3, C, 4, 6, seed=2))
+    folded = fold_matches(model, fresh_input(2, C, 5, 5), fresh_input(3, C, 4, 6, seed=2))
     assert op_counts(folded)["conv"] == 1 if divisor is None else 2
 
 
-class Gained(nn.Conv2d):
-    """A conv whose ``forward`` reads ``weight`` through a property: twice the stored one."""
-
-    gain = 2.0
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.__getattr__("weight") * self.gain  # the registered parameter, doubled
+# ---------------------------------------------------------------------------------- plain modules
 
 
 class Doubling(nn.Conv2d):
@@ -274,19 +293,29 @@ def test_a_subclass_overriding_forward_is_not_the_plain_conv():
     assert not is_plain(Doubling(3, C, 3), nn.Conv2d)
 
 
+class Gained(nn.Conv2d):
+    """A conv whose ``forward`` reads ``weight`` through a property: twice the stored one."""
+
+    gain = 2.0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.__getattr__("weight") * self.gain  # the registered parameter, doubled
+
+
 def test_a_subclass_whose_weight_is_a_property_is_not_the_plain_conv():
     conv, plain = Gained(3, C, 3), nn.Conv2d(3, C, 3)
     with torch.no_grad():
         conv._parameters["weight"].copy_(torch.randn(C, 3, 3, 3))
         plain.load_state_dict(conv.state_dict())
-        x = _fresh(1, 3, 5, 5)
-        unbiased = conv.bias[:, None, None]
-        assert_close(conv(x) - unbiased, 2 * (plain(x) - unbiased))
+        x = fresh_input(1, 3, 5, 5)
+        bias = conv.bias[:, None, None]
+        assert_close(conv(x) - bias, 2 * (plain(x) - bias))
     assert not is_plain(conv, nn.Conv2d)
     assert is_plain(plain, nn.Conv2d)
 
 
-# ------------------------------------------------------------------------------- constants
+# -------------------------------------------------------------------------------------- constants
 
 
 class Counter(nn.Module):
@@ -333,43 +362,8 @@ def test_a_user_function_of_constants_is_called_at_run_time_not_folded():
     """Only torch and operator callables are evaluated at fold time: a user function may have
     side effects (here: it records its calls), which must still happen on every call."""
     model = _random(UserFunctionScale())
-    folded = _fold_matches(model, _fresh(2, 3, 4, 4), _fresh(1, 3, 5, 3, seed=2))
+    folded = fold_matches(model, fresh_input(2, 3, 4, 4), fresh_input(1, 3, 5, 3, seed=2))
     OBSERVED.clear()
     with torch.no_grad():
-        folded(_fresh(1, 3, 4, 4))
+        folded(fresh_input(1, 3, 4, 4))
     assert OBSERVED == [1]
-
-
-# ------------------------------------------------------------------- joins with alpha=
-
-
-class AlphaJoin(nn.Module):
-    """``join(a(x), b(x))`` of two per-channel affines (``affines``) or two convs of ``x``."""
-
-    def __init__(self, join, convs: bool):
-        super().__init__()
-        self.join, self.convs = join, convs
-        self.a, self.b = nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, C, 1)
-        self.s = nn.Parameter(torch.rand(C, 1, 1) + 0.5)
-        self.t = nn.Parameter(torch.randn(C, 1, 1))
-
-    def forward(self, x):
-        if self.convs:
-            return self.join(self.a(x), self.b(x))
-        return self.join(x * self.s, x + self.t)
-
-
-JOINS = {
-    "torch.add(u, v, alpha=2)": lambda u, v: torch.add(u, v, alpha=2),
-    "torch.sub(u, v, alpha=0.5)": lambda u, v: torch.sub(u, v, alpha=0.5),
-    "u.sub(v, alpha=-3)": lambda u, v: u.sub(v, alpha=-3),
-}
-
-
-@pytest.mark.parametrize("convs", [False, True], ids=["affine_branches", "conv_branches"])
-@pytest.mark.parametrize("spelling", sorted(JOINS))
-def test_alpha_of_a_join_weighs_the_second_branch(spelling, convs):
-    model = _random(AlphaJoin(JOINS[spelling], convs))
-    folded = _fold_matches(model, _fresh(2, C, 5, 5), _fresh(1, C, 4, 6, seed=2))
-    counts = op_counts(folded)
-    assert counts["conv"] == (1 if convs else 0) and counts["channel_affine"] <= 1

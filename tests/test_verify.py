@@ -338,6 +338,27 @@ def test_both_verifications_are_reported_one_line_each_when_all_pass():
     assert lines[1].startswith("  verification ok (re-drawn parameters): 1 output")
 
 
+class _ProbabilityGate(nn.Module):
+    """Reads a per-channel parameter as a probability: re-drawn at O(1) it leaves [0, 1]."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        self.keep = nn.Parameter(torch.ones(channels))  # bernoulli(1) = 1: deterministic
+
+    def forward(self, x):
+        return self.conv(x) * torch.bernoulli(self.keep)[:, None, None]
+
+
+def test_a_model_that_redrawing_breaks_is_verified_as_given_and_says_so():
+    model = _ProbabilityGate(8).eval()
+    x = torch.randn(2, 8, 5, 5, generator=_gen(0))
+    report = repfx.fold(model, (x,)).meta["repfx_report"]
+    assert report.verification.passed and report.redrawn_verification is None
+    note = next(n for n in report.notes if "re-drawn" in n)
+    assert "parameters as given only" in note and "RuntimeError" in note
+
+
 def test_fold_without_inputs_says_nothing_was_verified():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
     report = repfx.fold(model, verify=True).meta["repfx_report"]

@@ -12,9 +12,10 @@ file and checks that it is restored.
 Outcomes: ``killed`` (a test failed or errored, or the run timed out), ``survived`` (every test
 passed), ``invalid`` (the snippet does not occur exactly once: the catalogue needs updating),
 ``error`` (pytest could not run: a usage error, not a verdict on the mutant). The score is
-killed / (killed + survived). A baseline run of the unmutated copy comes first: a test that
-already fails there is deselected in every mutant run (and listed), so that a concurrent edit
-elsewhere cannot pass for a kill.
+killed / (killed + survived); mutants the catalogue lists as equivalent count as survivors (the
+summary also gives the score without them, and flags one that is killed). A baseline run of an
+unmutated copy comes first: a test that already fails there is deselected in every mutant run
+(and listed), so that a concurrent edit elsewhere cannot pass for a kill.
 
 One line per mutant is printed as it finishes; the Markdown summary goes to ``--output`` or,
 without it, to stdout.
@@ -54,7 +55,7 @@ FAST_SUITE = (
 _IGNORED = shutil.ignore_patterns(
     ".git", ".venv", "__pycache__", ".hypothesis", ".pytest_cache", ".ruff_cache", "*.egg-info"
 )
-_FAILED_LINE = re.compile(r"^(FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)
+_FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (.+)$", re.MULTILINE)
 
 KILLED, SURVIVED, INVALID, ERROR = "killed", "survived", "invalid", "error"
 
@@ -75,21 +76,34 @@ class PytestRun:
 
     @property
     def first_failure(self) -> str:
-        found = _FAILED_LINE.search(self.output)
+        found = self.failures
         if found:
-            return found.group(2)
+            return found[0]
         lines = [line for line in self.output.strip().splitlines() if line.strip()]
         return lines[-1] if lines else ""
 
     @property
     def failures(self) -> list[str]:
-        return [m.group(2) for m in _FAILED_LINE.finditer(self.output)]
+        """Node ids of the ``FAILED`` / ``ERROR`` lines of pytest's short summary."""
+        return [node_id(m.group(1)) for m in _FAILED_LINE.finditer(self.output)]
+
+
+def node_id(summary: str) -> str:
+    """The node id at the start of a short-summary line ``<node id> - <message>``; a
+    parametrised id may itself contain `` - `` inside its brackets."""
+    depth = 0
+    for i, char in enumerate(summary):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth == 0 and summary.startswith(" - ", i):
+            return summary[:i]
+    return summary
 
 
 @dataclass
 class Baseline:
-    """Tests failing on the unmutated copy: deselected in every mutant run."""
+    """Tests failing on the unmutated copy ``scratch``: deselected in every mutant run."""
 
+    scratch: Path | None = None  # an unmutated copy, made with the jobs' copies
     failing: set[str] = field(default_factory=set)
     checked_fast_suite: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -154,9 +168,10 @@ def verdict(run: PytestRun, stage: str) -> tuple[str, str] | None:
     return ERROR, f"pytest exit code {run.returncode}: {run.first_failure}"
 
 
-def test_mutant(
+def run_mutant(
     scratch: Path, mutant: Mutant, options: argparse.Namespace, baseline: Baseline
 ) -> Outcome:
+    """Apply ``mutant`` to ``scratch``, judge it, restore ``scratch``."""
     found = occurrences(scratch, mutant)
     if found != 1:
         return Outcome(mutant, INVALID, f"snippet found {found} times in {mutant.file}")
@@ -185,7 +200,7 @@ def _judge(
             return Outcome(mutant, *found, stage="targeted")
     if options.no_fallback:
         return Outcome(mutant, SURVIVED, "targeted tests pass (no fallback)", stage="targeted")
-    ensure_fast_suite_baseline(options, baseline)
+    ensure_fast_suite_baseline(baseline)
     run = run_pytest(scratch, [*FAST_SUITE, *baseline.deselect_args()], options.fallback_timeout)
     found = verdict(run, "fast suite")
     if found is not None:
@@ -196,41 +211,29 @@ def _judge(
 # ----------------------------------------------------------------------------- baseline
 
 
-def ensure_fast_suite_baseline(options: argparse.Namespace, baseline: Baseline) -> None:
-    """Run the fast suite once on an unmutated copy (lazily: only if some mutant needs it)."""
+def ensure_fast_suite_baseline(baseline: Baseline) -> None:
+    """Settle the fast suite on the unmutated copy once (lazily: only if a mutant needs it)."""
     with baseline.lock:
-        if baseline.checked_fast_suite:
+        if baseline.checked_fast_suite or baseline.scratch is None:
             return
-        with tempfile.TemporaryDirectory(prefix="repfx-mutants-base-") as parent:
-            scratch = make_scratch(Path(parent), 0)
-            run = run_pytest(scratch, [*FAST_SUITE, *baseline.deselect_args()], 3600)
-            _record_baseline(run, baseline, "fast suite")
+        settle(baseline, FAST_SUITE, "fast suite")
         baseline.checked_fast_suite = True
 
 
-def _record_baseline(run: PytestRun, baseline: Baseline, what: str) -> None:
-    """Add the failures of a baseline run to the deselected tests (exit if it cannot run)."""
-    if run.returncode == 0:
-        return
-    failed = run.failures
-    if not failed or run.returncode not in (1,):
-        sys.exit(f"baseline {what} does not run (exit {run.returncode}):\n{run.output[-3000:]}")
-    baseline.failing.update(failed)
-    print(f"baseline: {', '.join(failed)} fails unmutated; deselected", file=sys.stderr)
-
-
-def settle_baseline(scratch: Path, mutants: Sequence[Mutant], baseline: Baseline) -> None:
-    """Rerun the targeted baseline until it passes, deselecting each failure found (-x stops
-    at the first)."""
-    files = sorted({t for m in mutants for t in existing_tests(scratch, m.tests)})
+def settle(baseline: Baseline, args: Sequence[str], what: str) -> None:
+    """Run ``args`` on the unmutated copy until they pass, deselecting each failing test
+    (``-x`` stops at the first); exit if the suite cannot run at all."""
+    assert baseline.scratch is not None
     for _ in range(20):
-        if not files:
-            return
-        run = run_pytest(scratch, [*files, *baseline.deselect_args()], 3600)
+        run = run_pytest(baseline.scratch, [*args, *baseline.deselect_args()], 3600)
         if run.returncode == 0:
             return
-        _record_baseline(run, baseline, "targeted tests")
-    sys.exit("baseline: too many failing tests; fix the suite first")
+        failed = run.failures
+        if run.returncode != 1 or not failed:
+            sys.exit(f"baseline {what} does not run (exit {run.returncode}):\n{run.output[-3000:]}")
+        baseline.failing.update(failed)
+        print(f"baseline: {', '.join(failed)} fails unmutated; deselected", file=sys.stderr)
+    sys.exit(f"baseline {what}: too many failing tests; fix the suite first")
 
 
 # ----------------------------------------------------------------------------- report
@@ -239,13 +242,21 @@ def settle_baseline(scratch: Path, mutants: Sequence[Mutant], baseline: Baseline
 def line(outcome: Outcome) -> str:
     where = f" [{outcome.stage}]" if outcome.stage else ""
     detail = f" — {outcome.detail}" if outcome.detail else ""
-    return f"{outcome.status:9} {outcome.mutant.name}{where}{detail} ({outcome.seconds:.0f}s)"
+    flag = " (listed as equivalent)" if outcome.mutant.equivalent else ""
+    return f"{outcome.status:9} {outcome.mutant.name}{flag}{where}{detail} ({outcome.seconds:.0f}s)"
 
 
 def score(outcomes: Sequence[Outcome]) -> tuple[int, int, float]:
+    """(killed, valid, killed / valid): every valid mutant counts, equivalent ones too."""
     killed = sum(o.status == KILLED for o in outcomes)
     valid = sum(o.status in (KILLED, SURVIVED) for o in outcomes)
     return killed, valid, (killed / valid if valid else 0.0)
+
+
+def _survivor_line(o: Outcome) -> str:
+    if o.mutant.equivalent:
+        return f"- `{o.mutant.name}` (equivalent): {o.mutant.description} — {o.mutant.equivalent}"
+    return f"- `{o.mutant.name}` (**not known to be equivalent**): {o.mutant.description}"
 
 
 def markdown(outcomes: Sequence[Outcome], command: str, baseline: Baseline) -> str:
@@ -256,24 +267,30 @@ def markdown(outcomes: Sequence[Outcome], command: str, baseline: Baseline) -> s
         for o in outcomes
     ]
     survivors = [o for o in outcomes if o.status == SURVIVED]
+    unexplained = [o for o in survivors if not o.mutant.equivalent]
     others = [o for o in outcomes if o.status in (INVALID, ERROR)]
+    refuted = [o for o in outcomes if o.status == KILLED and o.mutant.equivalent]
     parts = [
         "# Mutation run",
         "",
         f"Command: `{command}`",
         "",
-        f"Mutants: {len(outcomes)}; valid {valid}; killed {killed}; "
-        f"survived {len(survivors)}; invalid / error {len(others)}.",
-        f"**Score: {killed}/{valid} = {ratio:.1%}**",
+        f"Mutants: {len(outcomes)}; valid {valid}; killed {killed}; survived {len(survivors)} "
+        f"({len(survivors) - len(unexplained)} listed as equivalent); "
+        f"invalid / error {len(others)}.",
+        "",
+        f"**Score: {killed}/{valid} = {ratio:.1%}** (equivalent mutants counted as survivors; "
+        f"without them {killed}/{valid - len(survivors) + len(unexplained)}).",
         "",
     ]
     if baseline.failing:
         parts += ["Deselected (failing before any mutation): " + ", ".join(baseline.failing), ""]
     parts += ["| mutant | file | outcome | stage | detail |", "|---|---|---|---|---|", *rows, ""]
     if survivors:
-        parts += ["Survivors:", ""]
-        parts += [f"- `{o.mutant.name}`: {o.mutant.description}" for o in survivors]
-        parts.append("")
+        parts += ["Survivors:", "", *(_survivor_line(o) for o in survivors), ""]
+    if refuted:
+        parts += ["Killed although listed as equivalent (the argument no longer holds):", ""]
+        parts += [f"- `{o.mutant.name}`: {o.detail}" for o in refuted] + [""]
     return "\n".join(parts) + "\n"
 
 
@@ -310,15 +327,17 @@ def run_all(
     with tempfile.TemporaryDirectory(prefix="repfx-mutants-") as parent:
         jobs = max(1, min(options.jobs, len(mutants)))
         scratches: Queue[Path] = Queue()
-        for i in range(jobs):
+        for i in range(jobs + 1):
             scratches.put(make_scratch(Path(parent), i))
-        if not options.no_baseline:
-            settle_baseline(scratches.queue[0], mutants, baseline)
+        baseline.scratch = scratches.get()  # job0 stays unmutated
+        targeted = sorted({t for m in mutants for t in existing_tests(baseline.scratch, m.tests)})
+        if not options.no_baseline and targeted:
+            settle(baseline, targeted, "targeted tests")
 
         def one(mutant: Mutant) -> Outcome:
             scratch = scratches.get()
             try:
-                outcome = test_mutant(scratch, mutant, options, baseline)
+                outcome = run_mutant(scratch, mutant, options, baseline)
             finally:
                 scratches.put(scratch)
             print(line(outcome), flush=True)

@@ -10,6 +10,11 @@ boundary flips, removed guards, swapped operands, wrong axes and off-by-ones ove
 arithmetic (``algebra``), the op views (``ops``), the graph queries (``graph``), the passes, the
 commit point that proves each rewrite on probes (``validate``) and the final verification
 (``verify``, ``tolerances``).
+
+The last group, ``EQUIVALENT``, holds mutants that change the code but not what repfx computes
+on any model it can fold (``equivalent`` says why). They stay in the catalogue, and in the
+score, so that each such argument is re-checked by every run: if one of them is ever killed, the
+argument no longer holds (the code around it changed) and the guard has become load-bearing.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class Mutant:
     description: str
     tests: tuple[str, ...]  # targeted test files (or node ids), run first
     audit: bool = False  # a survivor of the earlier audit
+    equivalent: str = ""  # why no test can kill it (an equivalent mutant), if it is one
 
 
 ALGEBRA = "repfx/algebra.py"
@@ -63,8 +69,8 @@ K_COMMIT = "tests/test_mutant_killers_commit_point.py"
 K_VERIFY = "tests/test_mutant_killers_verify.py"
 
 
-def _m(name, file, original, replacement, description, *tests, audit=False) -> Mutant:
-    return Mutant(name, file, original, replacement, description, tuple(tests), audit)
+def _m(name, file, original, replacement, description, *tests, audit=False, equivalent=""):
+    return Mutant(name, file, original, replacement, description, tuple(tests), audit, equivalent)
 
 
 AUDIT: tuple[Mutant, ...] = (
@@ -321,6 +327,14 @@ AUDIT: tuple[Mutant, ...] = (
         T_COMMIT,
         K_COMMIT,
         audit=True,
+    ),
+    _m(
+        "commit-probes-start-at-1",
+        VALIDATE,
+        "MIN_PROBE_EXTENT = 3  #",
+        "MIN_PROBE_EXTENT = 1  #",
+        "validate.probe_sizes: a pointwise region probed at spatial size 1 (a flip is not seen)",
+        K_COMMIT,
     ),
     _m(
         "commit-guessed-probes-of-size-1",
@@ -1259,6 +1273,85 @@ CHECK_MUTANTS: tuple[Mutant, ...] = (
 )
 
 
+EQUIVALENT: tuple[Mutant, ...] = (
+    _m(
+        "folded-module-training-line-removed",
+        FOLD,
+        "    gm.training = model.training\n",
+        "",
+        "fold: the line setting the folded module's training flag removed",
+        K_PASSES,
+        "tests/test_fold_properties.py",
+        audit=True,
+        equivalent="torch.fx.GraphModule already copies `training` from the module it is built "
+        "from (repfx's copy of the model); `folded-module-always-training` is the killable form",
+    ),
+    _m(
+        "regroup-offset-modulo",
+        ALGEBRA,
+        "start = old_group * in_per_old - (o // (out_ch // groups)) * in_per_new",
+        "start = (old_group * in_per_old) % in_per_new",
+        "regroup: the block offset computed modulo the new group's width",
+        T_ALGEBRA,
+        K_PASSES,
+        equivalent="old groups nest inside new ones, so old_group·in_per_old − "
+        "new_group·in_per_new is that same remainder",
+    ),
+    _m(
+        "branches-identity-channels",
+        BRANCHES,
+        "    if summed and identity and conv_branches[0].in_channels != reference.out_channels:\n",
+        "    if False:\n",
+        "merge_branches._check: an identity branch with in ≠ out channels merged",
+        T_BRANCHES,
+        K_PASSES,
+        equivalent="the sum only runs when one side has 1 channel; summing the kernels then "
+        "broadcasts exactly as the model's sum does (checked: 1→4 and 4→1 channels fold exactly)",
+    ),
+    _m(
+        "branches-crop-asymmetric",
+        BRANCHES,
+        "elif isinstance(i.start, int) and i.start > 0 and i.stop == -i.start:",
+        "elif isinstance(i.start, int) and i.start > 0:",
+        "merge_branches._crop: an asymmetric crop x[a:-b] taken as the symmetric crop a",
+        T_BRANCHES,
+        T_EXACT,
+        K_PASSES,
+        equivalent="the centre offset uses the left crop a, which is right; branches of equal "
+        "output size with equal centre offsets force b = a, and unequal sizes do not add",
+    ),
+    _m(
+        "avg-pool-ceil-mode-accepted",
+        OPS,
+        'if m.ceil_mode or getattr(m, "divisor_override", None) is not None',
+        'if getattr(m, "divisor_override", None) is not None',
+        "avg_pool_op: a ceil_mode average pool seen as a conv",
+        T_BRANCHES,
+        K_VIEWS,
+        equivalent="average pools are only merged as branches; aligned branches (same stride and "
+        "centre) of equal output size need the stride to divide the padded extent, where ceil "
+        "and floor modes coincide",
+    ),
+    _m(
+        "layout-allows-bitcast",
+        OPS,
+        "    if in_dtype is not None and out_dtype is not None and in_dtype != out_dtype:\n"
+        "        return False\n",
+        "",
+        "_moves_data_only: the recorded in / out dtype comparison removed",
+        T_VIEWS,
+        equivalent="of the layout ops only view changes a dtype, and only through a dtype "
+        "argument, which the check after it refuses (`view-node-argument-taken-as-sizes`)",
+    ),
+)
+
+
 MUTANTS: tuple[Mutant, ...] = (
-    AUDIT + ALGEBRA_MUTANTS + OPS_MUTANTS + GRAPH_MUTANTS + PASS_MUTANTS + CHECK_MUTANTS
+    AUDIT
+    + ALGEBRA_MUTANTS
+    + OPS_MUTANTS
+    + GRAPH_MUTANTS
+    + PASS_MUTANTS
+    + CHECK_MUTANTS
+    + EQUIVALENT
 )
