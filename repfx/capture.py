@@ -69,6 +69,7 @@ from .graph import (
     MUTATED_KEY,
     _fetch_attr,
     call_signature,
+    dtype_on_meta_tensors,
     global_forward_hooks,
     inplace_flag,
     is_inplace_name,
@@ -81,6 +82,8 @@ from .graph import (
 )
 
 DTYPE_GUARD_KEY = "repfx_dtype_guard"  # node.meta: a cast added by functionalize (see there)
+# node.meta entries that describe a node's value (shape propagation, dynamo, export)
+VALUE_KEYS = ("tensor_meta", "val", "example_value")
 
 
 class CaptureError(RuntimeError):
@@ -808,13 +811,17 @@ def _redirect_later_readers(tensor: fx.Node, writer: fx.Node, new: fx.Node) -> N
 def _rewrite_out_of_place(write: _Write) -> None:
     node, target = write.node, write.targets[0]
     graph = node.graph
+    meta = {k: v for k, v in node.meta.items() if k != MUTATED_KEY}
     with graph.inserting_before(node):
         new = write.out_of_place()
-        new.meta.update({k: v for k, v in node.meta.items() if k != MUTATED_KEY})
-        if write.guard:
+        if write.guard:  # the in-place result is the cast's; the op's own dtype may be wider
+            new.meta.update({k: v for k, v in meta.items() if k not in VALUE_KEYS})
             cast = graph.call_method("type_as", (new, target))
+            cast.meta.update(meta)
             cast.meta[DTYPE_GUARD_KEY] = True
             new = cast
+        else:
+            new.meta.update(meta)
     node.replace_all_uses_with(new)
     _redirect_later_readers(target, node, new)
     graph.erase_node(node)
@@ -945,8 +952,12 @@ def drop_no_op_dtype_guards(gm: fx.GraphModule) -> None:
         if not node.meta.get(DTYPE_GUARD_KEY):
             continue
         source = node.args[0]
-        before, after = known_dtype(source), known_dtype(node)
+        before = known_dtype(source) or dtype_on_meta_tensors(source)
+        after = known_dtype(node)
         if before is not None and before == after:
+            for key in VALUE_KEYS:  # the cast changed nothing: its value is the source's
+                if key in node.meta:
+                    source.meta.setdefault(key, node.meta[key])
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
             dropped = True

@@ -14,12 +14,17 @@ tensors among the example inputs. The backend
 
 Like inductor's own freezing, an in-place change to a frozen weight after compiling is not
 seen by the compiled code: recompile (``torch._dynamo.reset()``) after changing weights.
+
+Reports: each backend keeps the fold reports of the last ``max_reports`` graphs it compiled
+(``DynamoBackend.reports``; for ``backend="repfx"``, :func:`last_reports`), and logs each one
+on the ``repfx.dynamo`` logger at INFO level.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +39,9 @@ from .passes.base import Pass, run_to_fixpoint
 from .report import FoldReport, GraphStats
 from .rewrite import delete_unused_attributes
 
-log = logging.getLogger("repfx")
+log = logging.getLogger("repfx.dynamo")
+
+MAX_REPORTS = 32  # reports a backend keeps: one per compiled graph, oldest dropped first
 
 _SOURCE = re.compile(r"\._(parameters|buffers)\['([^']+)'\]")
 
@@ -42,11 +49,15 @@ _SOURCE = re.compile(r"\._(parameters|buffers)\['([^']+)'\]")
 @dataclass
 class DynamoBackend:
     """A dynamo backend (``torch.compile(model, backend=DynamoBackend())``); ``reports`` has one
-    :class:`~repfx.report.FoldReport` per graph it compiled."""
+    :class:`~repfx.report.FoldReport` per graph it compiled, the last ``max_reports`` of them."""
 
     inner: str | Callable = "inductor"
     passes: Callable[[], Sequence[Pass]] = default_pipeline
-    reports: list[FoldReport] = field(default_factory=list)
+    max_reports: int = MAX_REPORTS
+    reports: deque[FoldReport] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.reports = deque(maxlen=self.max_reports)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         frozen = _freezable(gm, example_inputs)
@@ -66,7 +77,7 @@ class DynamoBackend:
         else:
             report.notes.append("nothing frozen: parameters need grad, or none in the graph")
         self.reports.append(report)
-        log.info("repfx: compiled graph, %s", report.counts() or "nothing folded")
+        log.info("repfx: fold report of a compiled graph\n%s", report)
         remaining = [x for i, x in enumerate(example_inputs) if i not in frozen]
         compiled = _inner_compile(self.inner, gm, remaining)
         if not frozen:
@@ -84,9 +95,19 @@ def compile_backend(inner: str | Callable = "inductor", **kwargs: Any) -> Dynamo
     return DynamoBackend(inner=inner, **kwargs)
 
 
+# The backend behind ``backend="repfx"``: one per process, so that its reports can be read.
+_REGISTERED = DynamoBackend()
+
+
 def repfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
     """The ``torch_dynamo_backends`` entry point: ``torch.compile(m, backend="repfx")``."""
-    return DynamoBackend()(gm, example_inputs)
+    return _REGISTERED(gm, example_inputs)
+
+
+def last_reports() -> list[FoldReport]:
+    """The fold reports of the graphs ``backend="repfx"`` compiled most recently, oldest first
+    (at most ``MAX_REPORTS``)."""
+    return list(_REGISTERED.reports)
 
 
 def _freezable(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> set[int]:
@@ -175,4 +196,4 @@ def _inner_compile(inner: str | Callable, gm: fx.GraphModule, inputs: list[Any])
     return inner(gm, inputs)
 
 
-__all__ = ["DynamoBackend", "compile_backend", "repfx_backend"]
+__all__ = ["MAX_REPORTS", "DynamoBackend", "compile_backend", "last_reports", "repfx_backend"]

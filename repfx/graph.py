@@ -486,6 +486,37 @@ def known_dtype(node: Any) -> torch.dtype | None:
     return None if meta is None else meta.dtype
 
 
+class _UnknownOperand(Exception):
+    pass
+
+
+def dtype_on_meta_tensors(node: fx.Node) -> torch.dtype | None:
+    """The dtype a torch function / tensor method node computes, found by running it on meta
+    tensors with its tensor operands' recorded dtypes and ranks (every size 1, so that any
+    broadcast works; ranks matter to type promotion: a 0-d tensor promotes like a scalar).
+    ``None`` when an operand's dtype or rank is unknown, or the op does not run on meta."""
+    if node.op == "call_function" and not is_torch_callable(node.target):
+        return None
+    if node.op not in ("call_function", "call_method"):
+        return None
+
+    def on_meta(arg: fx.Node) -> torch.Tensor:
+        dtype, rank = known_dtype(arg), rank_of(arg)
+        if dtype is None or rank is None:
+            raise _UnknownOperand
+        return torch.empty((1,) * rank, dtype=dtype, device="meta")
+
+    try:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), on_meta)
+        if node.op == "call_method":
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            out = node.target(*args, **kwargs)
+    except Exception:  # an unknown operand, or an op meta tensors do not support
+        return None
+    return out.dtype if isinstance(out, torch.Tensor) else None
+
+
 def is_floating(node: Any) -> bool:
     """True only when ``node`` is known to be a floating-point tensor (recorded dtype, or the
     structural flag :data:`FLOAT_KEY`); unknown is ``False``."""

@@ -329,33 +329,79 @@ def _geometry(
     return ConvGeometry(*parts, padding_mode)
 
 
+# F.pad and the builtin it wraps (what dynamo's graphs call): the same arguments.
+PAD_FUNCTIONS = (F.pad, torch._C._nn.pad)
+
 _AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+# F.avg_pool2d / 3d are these builtins themselves (what dynamo's graphs call); F.avg_pool1d is
+# torch.avg_pool1d.
+_AVG_POOL_FUNCS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+_AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+
+
+@dataclass(frozen=True)
+class _AvgPool:
+    """An average pool's settings, from its module or from its functional call."""
+
+    dims: int
+    kernel_size: Any
+    stride: Any
+    padding: Any
+    ceil_mode: Any
+    count_include_pad: Any
+    divisor_override: Any
+
+
+def _avg_pool_settings(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, _AvgPool] | None:
+    """The input and settings of an average pool, module or function; ``None`` otherwise."""
+    if node.op == "call_module":
+        if len(node.args) != 1 or node.kwargs:
+            return None
+        m = module_of(gm, node)
+        if not is_plain(m, tuple(_AVG_POOLS)):
+            return None
+        dims = _AVG_POOLS[next(t for t in _AVG_POOLS if isinstance(m, t))]
+        values = [getattr(m, a) for a in _AVG_POOL_ARGS]
+        divisor = getattr(m, "divisor_override", None)
+        return node.args[0], _AvgPool(dims, *values, divisor)
+    if node.op != "call_function" or node.target not in _AVG_POOL_FUNCS:
+        return None
+    dims = _AVG_POOL_FUNCS[node.target]
+    defaults = (_ARG, None, 0, False, True)
+    pairs = zip(_AVG_POOL_ARGS, defaults, strict=True)
+    values = [_arg(node, i + 1, name, default)[0] for i, (name, default) in enumerate(pairs)]
+    divisor = _arg(node, 6, "divisor_override", None)[0] if dims > 1 else None
+    if values[1] is None or (isinstance(values[1], (list, tuple)) and not values[1]):
+        values[1] = values[0]  # the stride defaults to the kernel size
+    if values[0] is _ARG:
+        return None
+    return _arg(node, 0, "input")[0], _AvgPool(dims, *values, divisor)
 
 
 def avg_pool_op(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
-    """View an average pool as the depthwise conv it is (``1/k`` uniform kernel), when that is
-    exact — zeros counted in the average (or no padding), floor mode — and its channel count is
-    known from shape propagation. The view has no slots: there is no weight to rewrite."""
-    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+    """View an average pool (module or ``F.avg_pool*d``) as the depthwise conv it is (``1/k``
+    uniform kernel), when that is exact — zeros counted in the average (or no padding), floor
+    mode, no divisor override — and its channel count is known from shape propagation. The view
+    has no slots: there is no weight to rewrite."""
+    found = _avg_pool_settings(gm, node)
+    if found is None or not isinstance(found[0], fx.Node):
         return None
-    m = module_of(gm, node)
-    if not is_plain(m, tuple(_AVG_POOLS)):
-        return None
-    dims = _AVG_POOLS[next(t for t in _AVG_POOLS if isinstance(m, t))]
+    x, pool = found
+    dims = pool.dims
     shape, dtype = static_shape(node), known_dtype(node)
     if shape is None or dtype is None or len(shape) < dims + 1:
         return None
-    size, stride, padding = (_per_dim(v, dims) for v in (m.kernel_size, m.stride, m.padding))
-    if m.ceil_mode or getattr(m, "divisor_override", None) is not None or None in (size, stride):
+    windows = (pool.kernel_size, pool.stride, pool.padding)
+    size, stride, padding = (_per_dim(v, dims) for v in windows)
+    if pool.ceil_mode is not False or pool.divisor_override is not None or None in (size, stride):
         return None
-    if padding is None or (any(padding) and not m.count_include_pad):
+    if padding is None or (any(padding) and pool.count_include_pad is not True):
         return None  # the border divides by fewer taps: not a conv
     channels = shape[-(dims + 1)]
     weight = torch.full((channels, 1, *size), 1.0 / math.prod(size), dtype=dtype)
     geometry = ConvGeometry(stride, padding, (1,) * dims)
     return LinearOp(
-        node, "avg_pool", node.args[0], weight, None, None, None, channels, dims, any(padding),
-        geometry,
+        node, "avg_pool", x, weight, None, None, None, channels, dims, any(padding), geometry,
     )  # fmt: skip
 
 

@@ -262,3 +262,99 @@ def test_dynamo_graphs_fold_identity_bn_branches_with_the_shapes_dynamo_knows():
     assert after["conv"] == 3  # one conv per block, as repfx.fold makes
     folded = repfx.fold(model, (x,))
     assert after == {k: v for k, v in folded.meta[repfx.REPORT_KEY].after.ops.items() if v}
+
+
+class BreaksInTheMiddle(nn.Module):
+    """Two RepVGG blocks with a data-dependent branch between them: dynamo captures one graph
+    before the break and one after it (two more for the two ways the branch goes)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.first = RepVggBlock(channels)
+        self.second = RepVggBlock(channels)
+
+    def forward(self, x):
+        y = self.first(x)
+        if y.mean() > 0.5:  # a graph break: the value decides which code runs
+            y = y * 2.0
+        return self.second(y)
+
+
+def test_each_graph_around_a_graph_break_is_folded():
+    model = _random(BreaksInTheMiddle(8))
+    backend = compile_backend(inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        for sample in (x, x + 3.0):  # both ways through the branch
+            assert_close(compiled(sample), model(sample))
+    graphs = [r for r in backend.reports if r.before.ops.get("conv", 0)]
+    assert len(graphs) >= 2, "expected graphs before and after the break"
+    for report in graphs:
+        assert report.after.ops.get("batch_norm", 0) == 0
+        assert report.after.ops["conv"] == report.before.ops["conv"] // 2  # one conv per block
+
+
+def test_a_backend_keeps_a_bounded_number_of_reports():
+    backend = compile_backend(inner="eager", max_reports=2)
+    with torch.no_grad():
+        for size in (6, 7, 8, 9):  # a new static shape per call: a new graph each time
+            torch.compile(_random(RepVggBlock(4)), backend=backend, dynamic=False)(
+                torch.randn(1, 4, size, size)
+            )
+            torch._dynamo.reset()
+    assert len(backend.reports) == 2
+
+
+def test_the_string_backend_reports_are_reachable_and_logged(monkeypatch, caplog):
+    from repfx import dynamo
+
+    monkeypatch.setattr(dynamo._REGISTERED, "inner", "eager")  # inductor is slow to compile
+    model = _random(RepVggBlock(4))
+    x = torch.randn(2, 4, 6, 6)
+    with caplog.at_level("INFO", logger="repfx.dynamo"), torch.no_grad():
+        assert_close(torch.compile(model, backend="repfx")(x), model(x))
+    report = dynamo.last_reports()[-1]
+    assert report.after.ops["conv"] == 1 and report.after.ops.get("batch_norm", 0) == 0
+    assert str(report) in caplog.text
+
+
+class InPlaceResidual(nn.Module):
+    """``y += shortcut`` (as timm's RepVGG block writes its identity branch), with a shortcut
+    of another dtype when ``shortcut_dtype`` is given: the in-place add keeps ``y``'s dtype."""
+
+    def __init__(self, channels: int, shortcut_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.shortcut = nn.BatchNorm2d(channels)
+        self.shortcut_dtype = shortcut_dtype
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        shortcut = self.shortcut(x)
+        if self.shortcut_dtype is not None:
+            shortcut = shortcut.to(self.shortcut_dtype)
+        y += shortcut
+        return y
+
+
+@pytest.mark.parametrize("shortcut_dtype", [None, torch.float64])
+def test_in_place_residual_adds_merge_only_when_they_keep_the_dtype(shortcut_dtype):
+    model = _random(InPlaceResidual(6, shortcut_dtype))
+    backend = compile_backend(inner="eager")
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        got, want = torch.compile(model, backend=backend)(x), model(x)
+    assert got.dtype == want.dtype == torch.float32
+    assert_close(got, want)
+    after = backend.reports[-1].after.ops
+    if shortcut_dtype is None:  # one conv, as repfx.fold makes
+        assert after["conv"] == 1 and after.get("batch_norm", 0) == 0
+        assert after == {k: v for k, v in _fold_ops(model, x).items() if v}
+    else:  # the float64 branch promotes the sum: its cast back must stay
+        assert after.get("batch_norm", 0) + after["conv"] >= 2
+
+
+def _fold_ops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    return repfx.fold(model, (x,)).meta[repfx.REPORT_KEY].after.ops

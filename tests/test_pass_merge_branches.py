@@ -1,6 +1,8 @@
 import operator
 
+import pytest
 import torch
+import torch.nn.functional as F
 from grammar import ParallelBranches, Seq, randomise_
 from helpers import apply, call_targets, traced
 from torch import nn
@@ -126,6 +128,38 @@ def test_average_pool_that_ignores_padding_is_not_a_conv():
         "a branch contains a non-affine op (AvgPool2d)"
     ]
     assert "branches.1" in call_targets(gm)
+
+
+class FunctionalPoolBranch(nn.Module):
+    """``conv(x) + F.avg_pool2d(x, …)``: the pool as a function call, as in dynamo graphs."""
+
+    def __init__(self, **pool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, pool["stride"], 1)
+        self.pool = pool
+
+    def forward(self, x):
+        return self.conv(x) + F.avg_pool2d(x, 3, **self.pool)
+
+
+@pytest.mark.parametrize(
+    "pool, merged",
+    [
+        ({"stride": 2, "padding": 1}, True),
+        ({"stride": 2, "padding": 1, "count_include_pad": True, "divisor_override": None}, True),
+        ({"stride": 2, "padding": 1, "count_include_pad": False}, False),
+        ({"stride": 2, "padding": 1, "divisor_override": 4}, False),
+        ({"stride": 1, "padding": 1}, True),
+    ],
+)
+def test_functional_average_pool_branch_merges_only_when_it_is_a_uniform_kernel(pool, merged):
+    model = _random(FunctionalPoolBranch(**pool))
+    x, fresh = torch.randn(2, 3, 7, 7), torch.randn(1, 3, 9, 9)  # sizes both ops agree on
+    gm, results = _fold_bn_then_merge(model, x)
+    assert results[0].modified == merged
+    assert (call_targets(gm) == ["merged_conv"]) == merged
+    with torch.no_grad():
+        assert_close(gm(fresh), model(fresh))
 
 
 class Inception(nn.Module):

@@ -700,7 +700,7 @@ OPS_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "avg-pool-exclude-pad-accepted",
         OPS,
-        "if padding is None or (any(padding) and not m.count_include_pad):",
+        "if padding is None or (any(padding) and pool.count_include_pad is not True):",
         "if padding is None:",
         "avg_pool_op: an average pool that excludes padding seen as a conv",
         T_BRANCHES,
@@ -709,8 +709,8 @@ OPS_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "avg-pool-divisor-override-accepted",
         OPS,
-        'if m.ceil_mode or getattr(m, "divisor_override", None) is not None',
-        "if m.ceil_mode",
+        "if pool.ceil_mode is not False or pool.divisor_override is not None or",
+        "if pool.ceil_mode is not False or",
         "avg_pool_op: an average pool with divisor_override seen as the 1/k kernel",
         T_BRANCHES,
         T_VIEWS,
@@ -1323,8 +1323,8 @@ EQUIVALENT: tuple[Mutant, ...] = (
     _m(
         "avg-pool-ceil-mode-accepted",
         OPS,
-        'if m.ceil_mode or getattr(m, "divisor_override", None) is not None',
-        'if getattr(m, "divisor_override", None) is not None',
+        "if pool.ceil_mode is not False or pool.divisor_override is not None or",
+        "if pool.divisor_override is not None or",
         "avg_pool_op: a ceil_mode average pool seen as a conv",
         T_BRANCHES,
         K_VIEWS,

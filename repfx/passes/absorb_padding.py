@@ -17,12 +17,11 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from ..algebra import ConvKernel
 from ..graph import value_users, where
-from ..ops import LinearOp, linear_op
+from ..ops import PAD_FUNCTIONS, LinearOp, linear_op
 from ..report import Folded, Skipped
 from ..rewrite import replace_node
 from ..tolerances import constants_match
@@ -32,7 +31,7 @@ from .merge_branches import new_conv
 
 def _symmetric_pads(pad: fx.Node) -> tuple[fx.Node, tuple[int, ...]] | None:
     """``F.pad(y, [l, r, t, b, …], mode="constant")`` with equal sides → (y, per-dim pads)."""
-    if pad.op != "call_function" or pad.target is not F.pad or len(pad.args) < 2:
+    if pad.op != "call_function" or pad.target not in PAD_FUNCTIONS or len(pad.args) < 2:
         return None
     pads = pad.args[1]
     mode = pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("mode", "constant")
