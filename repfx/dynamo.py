@@ -8,9 +8,9 @@ tensors among the example inputs. The backend
    it does not require grad, a buffer the graph does not write (training-mode BN updates its
    running statistics: those stay inputs) — by turning their placeholders into attributes;
 2. runs the same passes as :func:`repfx.fold` (``repfx.passes.default_pipeline``) on it;
-3. hands the folded graph to the inner backend (``"inductor"``, ``"eager"`` or any backend
-   callable) and returns a function with the original calling convention, which drops the
-   frozen arguments.
+3. hands the folded graph to the inner backend (``"inductor"``, run with its freezing on so
+   that it prepacks the folded weights; ``"eager"``; or any backend callable) and returns a
+   function with the original calling convention, which drops the frozen arguments.
 
 Like inductor's own freezing, an in-place change to a frozen weight after compiling is not
 seen by the compiled code: recompile (``torch._dynamo.reset()``) after changing weights.
@@ -189,6 +189,13 @@ def _record_shapes(gm: fx.GraphModule) -> None:
 def _inner_compile(inner: str | Callable, gm: fx.GraphModule, inputs: list[Any]) -> Callable:
     if inner == "eager":
         return gm.forward
+    if inner == "inductor":
+        # Freezing: inductor treats the graph's attributes as constants (prepacked conv
+        # weights, folded constant sub-graphs). Every attribute is one repfx froze or made.
+        from torch._inductor.compile_fx import compile_fx
+
+        with torch._inductor.config.patch(freezing=True):
+            return compile_fx(gm, inputs)
     if isinstance(inner, str):
         from torch._dynamo.backends.registry import lookup_backend
 
