@@ -443,7 +443,8 @@ def _norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     else:
         return None
     w_slot, b_slot = Slot(node, attr="weight"), Slot(node, attr="bias")
-    return kind, channels, m.weight, m.bias, w_slot, b_slot, _param_dtype(m)
+    dtype = _param_dtype(m) if m.weight is not None else _input_dtype(node.args[0])
+    return kind, channels, m.weight, m.bias, w_slot, b_slot, dtype
 
 
 def _norm_function(node: fx.Node, consts: ConstantFolder) -> tuple | None:
@@ -466,8 +467,14 @@ def _norm_function(node: fx.Node, consts: ConstantFolder) -> tuple | None:
         channels = weight.numel()
     else:
         return None  # channel count unknown without an affine
-    dtype = weight.dtype if weight is not None else torch.get_default_dtype()
+    dtype = weight.dtype if weight is not None else _input_dtype(x)
     return kind, channels, weight, bias, w_slot, b_slot, dtype
+
+
+def _input_dtype(x: fx.Node) -> torch.dtype:
+    """A norm without an affine computes in its input's dtype (the default dtype when no
+    shapes were recorded)."""
+    return known_dtype(x) or torch.get_default_dtype()
 
 
 def _param_dtype(m: nn.Module) -> torch.dtype:

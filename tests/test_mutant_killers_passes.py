@@ -437,6 +437,8 @@ def test_a_float64_scale_is_not_rounded_into_a_float32_norm_affine():
     x, fresh = fresh_input(2, 3, C).double(), fresh_input(1, 5, C).double()
     folded = fold_matches(model, x, fresh)
     assert folded(fresh).dtype == torch.float64
+    # the norm computes in its input's dtype: the scale folds into it as a float64 γ
+    assert op_counts(folded).get("channel_affine", 0) == 0
 
 
 # --------------------------------------------------------------------------------- hooks and mode
