@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from .capture import CaptureError, ExampleInputError
 from .dynamo import compile_backend
+from .errors import Error, TrainingModeError
 from .export import export_onnx
-from .fold import REPORT_KEY, VerificationError, fold
+from .fold import REPORT_KEY, TrainingModeWarning, VerificationError, fold
 from .report import FoldReport
 
 __version__ = "0.1.0"
@@ -18,8 +19,11 @@ __version__ = "0.1.0"
 __all__ = [
     "REPORT_KEY",
     "CaptureError",
+    "Error",
     "ExampleInputError",
     "FoldReport",
+    "TrainingModeError",
+    "TrainingModeWarning",
     "VerificationError",
     "__version__",
     "compile_backend",

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrizations, parametrize
 
+from .errors import Error
 from .graph import (
     MUTATED_KEY,
     _fetch_attr,
@@ -86,7 +87,7 @@ DTYPE_GUARD_KEY = "repfx_dtype_guard"  # node.meta: a cast added by functionaliz
 VALUE_KEYS = ("tensor_meta", "val", "example_value")
 
 
-class CaptureError(RuntimeError):
+class CaptureError(Error, RuntimeError):
     """The model could not be captured; the message says why and what to do."""
 
 
@@ -100,7 +101,7 @@ def copy_model(model: nn.Module) -> nn.Module:
         ) from exc
 
 
-class ExampleInputError(ValueError):
+class ExampleInputError(Error, ValueError):
     """The model does not run on the example inputs it was given."""
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
 from .capture import CaptureError, ExampleInputError, capture, copy_model, propagate_shapes
+from .errors import Error, TrainingModeError
 from .graph import annotate_ranks
 from .opaque import child_reason
 from .passes import default_pipeline
@@ -21,7 +25,7 @@ from .verify import verify_redrawn as run_redrawn_verification
 REPORT_KEY = "repfx_report"
 
 
-class VerificationError(AssertionError):
+class VerificationError(Error, AssertionError):
     """The folded model does not match the original on the example inputs (as given, or with
     its foldable parameters re-drawn); ``report.failed_verification()`` says which."""
 
@@ -33,6 +37,32 @@ class VerificationError(AssertionError):
             f"anyway.\n{report}"
         )
         self.report = report
+
+
+class TrainingModeWarning(UserWarning):
+    """``repfx.fold`` of a model in training mode: little or nothing can fold."""
+
+
+_TRAINING_DEPENDENT = (_BatchNorm, _DropoutNd)
+
+
+def _check_mode(model: nn.Module, strict: bool) -> None:
+    """Warn (or raise, ``strict``) when BatchNorm / dropout modules are in training mode."""
+    training = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if m.training and isinstance(m, _TRAINING_DEPENDENT)
+    ]
+    if not training:
+        return
+    message = (
+        f"{len(training)} BatchNorm / dropout module(s) are in training mode (e.g. "
+        f"{training[0]!r}): they compute batch statistics or random masks, which no fold "
+        "keeps, so they are left unfolded. Call model.eval() before repfx.fold."
+    )
+    if strict:
+        raise TrainingModeError(message)
+    warnings.warn(message, TrainingModeWarning, stacklevel=3)
 
 
 def _first_line(exc: BaseException | None) -> str:
@@ -60,6 +90,7 @@ def fold(
     verify: bool = True,
     verify_redrawn: bool = True,
     passes: Sequence[Pass] | None = None,
+    strict: bool = False,
 ) -> fx.GraphModule:
     """Fold ``model`` into an equivalent, cheaper ``torch.fx.GraphModule``.
 
@@ -71,9 +102,24 @@ def fold(
     (``repfx.redraw``) is folded the same way and checked as well. Without them,
     repfx assumes conv / batch-norm inputs are batched. The report is at
     ``folded.meta["repfx_report"]``.
+
+    A model in training mode folds almost nothing (training-mode BatchNorm and dropout are
+    kept as they are): repfx warns (:class:`TrainingModeWarning`), or with ``strict=True``
+    raises :class:`~repfx.errors.TrainingModeError`. Call ``model.eval()`` first.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"repfx.fold expects an nn.Module, not {type(model).__name__}")
+    _check_mode(model, strict)
+    return _fold(model, example_inputs, verify, verify_redrawn, passes)
+
+
+def _fold(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[object] | None,
+    verify: bool = True,
+    verify_redrawn: bool = True,
+    passes: Sequence[Pass] | None = None,
+) -> fx.GraphModule:
     inputs = _as_inputs(example_inputs)
     passes = default_pipeline() if passes is None else passes
     report = FoldReport()
@@ -83,13 +129,13 @@ def fold(
         inputs64 = float64_inputs(inputs)
 
         def refold(model64: nn.Module) -> nn.Module:  # the same fold of a float64 copy
-            return fold(model64, inputs64, verify=False, passes=passes)
+            return _fold(model64, inputs64, verify=False, passes=passes)
 
         report.verification = run_verification(model, gm, inputs, refold)
         if verify_redrawn:
             try:
                 report.redrawn_verification = run_redrawn_verification(
-                    model, inputs, lambda m: fold(m, inputs, verify=False, passes=passes), refold
+                    model, inputs, lambda m: _fold(m, inputs, verify=False, passes=passes), refold
                 )
             except ExampleInputError as exc:  # the model ran as given: the re-draw broke it
                 cause = _first_line(exc.__cause__)

@@ -15,13 +15,14 @@ import torch
 from torch import fx, nn
 
 from .algebra import ChannelAffine, ConvKernel
+from .errors import Error
 from .graph import FLOAT_KEY, RANK_KEY, _fetch_attr, module_of, owner_and_name, shape_users, where
 from .ops import Slot
 
 _COMMIT_KEY = "repfx_commit_open"  # gm.meta: a commit is applying its rewrite now
 
 
-class GraphSurgeryError(RuntimeError):
+class GraphSurgeryError(Error, RuntimeError):
     """Graph surgery outside the commit point (a repfx bug)."""
 
 

@@ -22,10 +22,10 @@ Conventions (the paper leaves them implicit; these are the choices made here):
   same ``−u`` term; the captured "mixer output" is exactly what the block adds (before LayerScale).
 * ``L_out`` is module imitation by default: the student's mixer runs on the teacher's
   (detached) normalised input ``N(T^t_m)``, so both mixers see the *same* tensor and the term
-  trains only the mixer's own parameters (``out_input="teacher"``, as the repfx issue asks).
-  ``out_input="own"`` is the formula as RIFORMER.md writes it: the student's mixer on the
-  *student's* ``N(T^s_m)``. With the student initialised from the teacher the two coincide
-  for the first block at step 0.
+  trains only the mixer's own parameters (``out_input="teacher"``). ``out_input="own"`` is
+  the formula exactly as written above: the student's mixer on the *student's* ``N(T^s_m)``.
+  With the student initialised from the teacher the two coincide for the first block at
+  step 0.
 * ``R``: a block output ``(N, C, H, W)`` is read as ``N`` sets of ``H·W`` tokens of ``C``
   features, ``T → (N, H·W, C)``; ``T̃`` is ``T`` L2-normalised along the last dim ``C`` (each
   token a unit vector), so ``R(T) = T̃ T̃ᵀ`` is ``(N, H·W, H·W)`` (token-token cosine similarity)

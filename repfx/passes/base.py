@@ -24,6 +24,7 @@ from typing import Protocol
 
 from torch import fx, nn
 
+from ..errors import Error
 from ..graph import (
     ConstantFolder,
     attr_tensors_read_by,
@@ -41,7 +42,7 @@ REJECTED = "rejected by local validation — a repfx bug, please report it"
 DENIED = "denied after an earlier attempt was undone"
 
 
-class PassError(RuntimeError):
+class PassError(Error, RuntimeError):
     """A pass broke the pass contract (a repfx bug)."""
 
 
