@@ -12,9 +12,11 @@ Exit codes:
 0   success
 1   verification failed: the folded model, or the file written, differs from the original
     beyond ``repfx.tolerances``; nothing was written
-2   usage: bad option, unknown model name, wrong ``--input-shape`` (not integers, or the
-    model does not run on it), OUT exists without ``--force``, OUT is SOURCE, a state dict
-    without ``--arch``
+2   usage: bad option, unknown model name, wrong ``--input-shape`` (not integers, too large
+    to allocate, not one per input of ``forward``, or the model does not run on it), OUT
+    exists without ``--force``, OUT is SOURCE, OUT cannot be written (its directory is
+    missing or read-only, or OUT is a directory, device or other non-regular file), a state
+    dict without ``--arch``
 3   the model cannot be traced with torch.fx
 4   SOURCE cannot be read: missing file, unreadable or corrupt file, weights that do not fit
     ``--arch``, a factory that cannot be imported or fails
@@ -24,21 +26,35 @@ Exit codes:
 7   internal error (a repfx bug: please report it; ``--debug`` shows the traceback)
 ==  =====================================================================================
 
-Errors are one line on stderr, without a traceback unless ``--debug``; progress messages for
-slow steps go to stderr too (``--quiet`` silences them), so stdout holds only the report
-(``--json``: one JSON object, also on failure).
+Errors are one line on stderr, without a traceback unless ``--debug`` (which prints it as well
+and keeps the exit code); progress messages for slow steps go to stderr too (``--quiet``
+silences them), so stdout holds only the report (``--json``: one JSON object, also on
+failure). Ctrl-C exits with 130 and SIGTERM with 143, both after removing the temporary files
+of a write in progress.
+
+Output safety: OUT is written into a temporary directory next to it and renamed into place
+after its checks. It replaces only a regular file or a symbolic link (the link itself, never
+its target), and only with ``--force``; so do companion files (ONNX's ``OUT.onnx.data``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import inspect
 import json
+import math
 import os
+import signal
+import stat
 import statistics
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -49,6 +65,8 @@ from .capture import CaptureError, ExampleInputError
 from .export import (
     ExportError,
     ExportMismatchError,
+    OutputExistsError,
+    OutputNotAFileError,
     export_onnx,
     onnx_op_counts_of,
     save_pt,
@@ -67,6 +85,8 @@ from .sources import (
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_CAPTURE = 0, 1, 2, 3
 EXIT_SOURCE, EXIT_PICKLE, EXIT_EXPORT, EXIT_INTERNAL = 4, 5, 6, 7
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 128 + signal.SIGTERM
+MAX_INDEX = 2**63 - 1  # torch sizes are int64
 
 FORMATS = {".pt": "pt", ".pth": "pt", ".pt2": "pt2", ".onnx": "onnx"}
 FORMAT_LOADERS = {
@@ -96,6 +116,30 @@ class UsageError(CliError):
         super().__init__(message, EXIT_USAGE)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's ``KeyboardInterrupt`` so that the same
+    cleanup (``finally`` blocks: temporary files of a write in progress) runs."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """The SIGTERM handler ``main`` installs."""
+    raise Terminated(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (main thread only: Python runs
+    signal handlers there); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` (or ``1x3x224x224``) → ``(1, 3, 224, 224)``."""
     try:
@@ -104,7 +148,17 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise UsageError(f"--input-shape {text!r}: expected comma-separated integers") from None
     if not shape or any(d <= 0 for d in shape):
         raise UsageError(f"--input-shape {text!r}: every dimension must be positive")
+    if math.prod(shape) > MAX_INDEX:
+        raise UsageError(
+            f"--input-shape {text!r}: the input is too large ({math.prod(shape):.3g} elements; "
+            "PyTorch tensors hold at most 2**63 - 1)"
+        )
     return shape
+
+
+def _shapes_text(shapes: list[tuple[int, ...]]) -> str:
+    """The shapes as they were given: ``1,3,32,32 1,3,32,32``."""
+    return " ".join(",".join(map(str, s)) for s in shapes)
 
 
 def _output_format(args: argparse.Namespace) -> str | None:
@@ -123,21 +177,51 @@ def _output_format(args: argparse.Namespace) -> str | None:
 
 
 def _check_output_path(args: argparse.Namespace) -> Path | None:
+    """OUT, if it may be written: not SOURCE, absent or a regular file or symbolic link
+    (replaced, not followed) with ``--force``, in a directory repfx can write into."""
     if args.output is None:
         return None
     out = Path(args.output)
     sources = [args.source] if is_file_source(args.source) else []
     sources += [args.weights] if args.weights else []
     for source in sources:
-        if out.resolve() == Path(source).resolve():
+        if os.path.realpath(out) == os.path.realpath(source):  # realpath: no error on loops
             raise UsageError(f"-o {out} is the model file being read; repfx never overwrites it")
-    if out.is_dir():
-        raise UsageError(f"-o {out} is a directory; name the file to write")
-    if out.exists() and not args.force:
-        raise UsageError(f"{out} exists; pass --force to overwrite it")
+    mode = _lstat_mode(out)
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"-o {out} is a directory; name the file to write")
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise UsageError(
+                f"-o {out} is not a regular file (a device, pipe or socket); repfx only "
+                "writes regular files"
+            )
+        if not args.force:
+            what = "exists (a symbolic link)" if stat.S_ISLNK(mode) else "exists"
+            raise UsageError(f"{out} {what}; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise UsageError(f"-o {out}: directory {out.parent} does not exist")
+    _check_writable(out)
     return out
+
+
+def _lstat_mode(path: Path) -> int | None:
+    """``path``'s file type and mode, not following a symbolic link; ``None`` if absent."""
+    try:
+        return os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _check_writable(out: Path) -> None:
+    """Can repfx create its temporary directory next to ``out``? (Before any slow work.)"""
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"-o {out}: cannot write into {out.parent} ({exc.strerror or exc})"
+        ) from None
 
 
 class Progress:
@@ -159,8 +243,57 @@ def _timed(progress: Progress, message: str, step: Callable[[], object]) -> tupl
 
 
 def _example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> tuple:
+    """Seeded random normal inputs; :class:`UsageError` for shapes too large to allocate."""
     generator = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(shape, generator=generator).to(dtype) for shape in shapes)
+    nbytes = sum(math.prod(s) for s in shapes) * max(4, dtype.itemsize)  # drawn in float32
+    memory = _physical_memory()
+    if memory is not None and nbytes > memory:
+        raise UsageError(
+            f"--input-shape {_shapes_text(shapes)}: the input is too large: "
+            f"{_gigabytes(nbytes)} of {str(dtype).removeprefix('torch.')}, more than this "
+            f"machine's {_gigabytes(memory)} of memory; pass a smaller shape"
+        )
+    try:
+        return tuple(torch.randn(shape, generator=generator).to(dtype) for shape in shapes)
+    except (RuntimeError, MemoryError) as exc:
+        raise UsageError(
+            f"--input-shape {_shapes_text(shapes)}: the input is too large: "
+            f"{_gigabytes(nbytes)} could not be allocated ({type(exc).__name__}); pass a "
+            "smaller shape"
+        ) from exc
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gigabytes(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3g} GB"
+
+
+def _check_input_count(model: nn.Module, shapes: list[tuple[int, ...]], description: str) -> None:
+    """One ``--input-shape`` per positional input of ``model.forward``: fold traces the model
+    with torch.fx, which would ignore extra inputs, so count them before."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no introspectable signature: fold will tell
+        return
+    try:
+        signature.bind(*shapes)
+    except TypeError as exc:
+        bare = signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=signature.empty,
+        )
+        name = f"{type(model).__name__}.forward{bare}"
+        raise UsageError(
+            f"wrong --input-shape {_shapes_text(shapes)} for {description}: "
+            f"{len(shapes)} example input{'s' if len(shapes) != 1 else ''} given, but {name} "
+            f"cannot take them ({exc}); pass one --input-shape per input of forward"
+        ) from None
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -251,6 +384,8 @@ def _optimize(args: argparse.Namespace) -> int:
             f"cannot infer the input shape of {loaded.description}; pass --input-shape "
             f"(e.g. --input-shape 1,3,224,224), which is needed {why}"
         )
+    if shapes:
+        _check_input_count(model, shapes, loaded.description)
     inputs = _example_inputs(shapes, dtype) if shapes else None
     result.update(
         kind=loaded.kind,
@@ -264,7 +399,7 @@ def _optimize(args: argparse.Namespace) -> int:
     try:
         folded, seconds = _timed(progress, step, lambda: fold(model, inputs, verify=verify))
     except ExampleInputError as exc:
-        given = " ".join(",".join(map(str, s)) for s in shapes)
+        given = _shapes_text(shapes)
         raise UsageError(f"wrong --input-shape {given} for {loaded.description}: {exc}") from exc
     except VerificationError as exc:
         failed = exc.report.failed_verification()
@@ -280,7 +415,8 @@ def _optimize(args: argparse.Namespace) -> int:
     result.update(report_dict(report))
 
     if out is not None:
-        result["output"] = _write(folded, model, inputs, out, fmt, verify, progress)
+        target = Target(out, fmt, force=args.force)
+        result["output"] = _write(folded, model, inputs, target, verify, progress)
     if args.benchmark:
         progress(f"benchmarking eager latency ({args.benchmark_rounds} interleaved rounds) ...")
         result["benchmark"] = benchmark(model, folded, inputs, args.benchmark_rounds)
@@ -293,56 +429,89 @@ def _optimize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where to write: OUT, its format, and whether existing files may be replaced."""
+
+    path: Path
+    fmt: str
+    force: bool
+
+
 def _write(
     folded: nn.Module,
     model: nn.Module,
     inputs: tuple | None,
-    out: Path,
-    fmt: str,
+    target: Target,
     verify: bool,
     progress: Progress,
 ) -> dict:
-    info: dict = {"path": str(out), "format": fmt, "loader": FORMAT_LOADERS[fmt]}
-    check = None
+    """Write ``folded`` to ``target`` (checking the file with ``verify``); the writer's
+    refusals and the file system's errors become CLI errors."""
+    out = target.path
     try:
-        if fmt == "pt":
-            check, _ = _timed(
-                progress, f"writing {out}", lambda: save_pt(folded, out, inputs if verify else None)
-            )
-        elif fmt == "pt2":
-            check, _ = _timed(
-                progress,
-                f"exporting with torch.export to {out}",
-                lambda: save_pt2(folded, inputs, out, verify=verify),
-            )
-        else:
-            exported, _ = _timed(
-                progress,
-                f"exporting to ONNX, checking{' and running with onnxruntime' if verify else ''}",
-                lambda: export_onnx(folded, inputs, out, verify=verify),
-            )
-            check = exported.check
-            info["onnx"] = {
-                "exporter": exported.exporter,
-                "opset": exported.opset,
-                "nodes": exported.nodes,
-                "ops": exported.ops,
-                "files": [str(f) for f in exported.files],
-            }
-            progress("exporting the unfolded model to ONNX for comparison ...")
-            try:
-                before = onnx_op_counts_of(model, inputs)
-                info["onnx"]["unfolded_nodes"] = sum(before.values())
-                info["onnx"]["unfolded_ops"] = dict(sorted(before.items()))
-            except ExportError as exc:
-                info["onnx"]["unfolded_error"] = str(exc)
+        info, check = _write_format(folded, model, inputs, target, verify, progress)
     except ExportMismatchError as exc:
         raise CliError(
             f"verification failed: {exc}; nothing written", EXIT_VERIFY, {"check": exc.check}
         ) from exc
+    except OutputExistsError as exc:  # e.g. ONNX's external data next to OUT
+        raise UsageError(f"{exc.path} exists; pass --force to overwrite it") from exc
+    except OutputNotAFileError as exc:
+        message = f"{exc.path} is not a regular file; repfx only writes regular files"
+        raise UsageError(message) from exc
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from exc
     info["bytes"] = out.stat().st_size
     info["check"] = dataclasses.asdict(check) if check else None
     return info
+
+
+def _write_format(
+    folded: nn.Module,
+    model: nn.Module,
+    inputs: tuple | None,
+    target: Target,
+    verify: bool,
+    progress: Progress,
+) -> tuple[dict, object]:
+    """Write with the writer of ``target.fmt``: the output's info and its check."""
+    out, fmt, overwrite = target.path, target.fmt, target.force
+    info: dict = {"path": str(out), "format": fmt, "loader": FORMAT_LOADERS[fmt]}
+    if fmt == "pt":
+        check, _ = _timed(
+            progress,
+            f"writing {out}",
+            lambda: save_pt(folded, out, inputs if verify else None, overwrite=overwrite),
+        )
+        return info, check
+    if fmt == "pt2":
+        check, _ = _timed(
+            progress,
+            f"exporting with torch.export to {out}",
+            lambda: save_pt2(folded, inputs, out, verify=verify, overwrite=overwrite),
+        )
+        return info, check
+    exported, _ = _timed(
+        progress,
+        f"exporting to ONNX, checking{' and running with onnxruntime' if verify else ''}",
+        lambda: export_onnx(folded, inputs, out, verify=verify, overwrite=overwrite),
+    )
+    info["onnx"] = {
+        "exporter": exported.exporter,
+        "opset": exported.opset,
+        "nodes": exported.nodes,
+        "ops": exported.ops,
+        "files": [str(f) for f in exported.files],
+    }
+    progress("exporting the unfolded model to ONNX for comparison ...")
+    try:
+        before = onnx_op_counts_of(model, inputs)
+        info["onnx"]["unfolded_nodes"] = sum(before.values())
+        info["onnx"]["unfolded_ops"] = dict(sorted(before.items()))
+    except ExportError as exc:
+        info["onnx"]["unfolded_error"] = str(exc)
+    return info, exported.check
 
 
 def _human_report(report: FoldReport, result: dict, explain: bool) -> str:
@@ -477,7 +646,35 @@ def _exit_code(exc: BaseException) -> int:
         return EXIT_VERIFY
     if isinstance(exc, ExportError):
         return EXIT_EXPORT
+    if _is_out_of_memory(exc):
+        return EXIT_USAGE
     return EXIT_INTERNAL
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure (PyTorch's CPU allocator raises a plain ``RuntimeError``)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text
+    )
+
+
+def _error_message(exc: BaseException, code: int) -> str:
+    """The one line printed for an error."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if code == EXIT_INTERNAL:
+        return (
+            f"internal error: {type(exc).__name__}: {message} (a repfx bug; rerun with "
+            "--debug for the traceback and please report it)"
+        )
+    if _is_out_of_memory(exc) and not isinstance(exc, CliError):
+        return (
+            f"out of memory ({message}); the model and its example inputs do not fit in this "
+            "machine's memory: pass a smaller --input-shape"
+        )
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,31 +687,36 @@ def main(argv: list[str] | None = None) -> int:
         print("repfx: error: choose a command: optimize or models", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return args.run(args)
+        with sigterm_as_interrupt():
+            return args.run(args)
+    except Terminated:  # SIGTERM: the `finally` blocks removed temporary files, as on Ctrl-C
+        print("repfx: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("repfx: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed early (`repfx ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as exc:
-        if args.debug:
-            raise
-        code = _exit_code(exc)
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if code == EXIT_INTERNAL:
-            message = (
-                f"internal error: {type(exc).__name__}: {message} (a repfx bug; rerun with "
-                "--debug for the traceback and please report it)"
-            )
-        print(f"repfx: error: {message}", file=sys.stderr)
-        if getattr(args, "json", False):
-            details = exc.details if isinstance(exc, CliError) else {}
-            payload = {"error": message, "exit_code": code, **details}
-            print(json.dumps(payload, indent=2, default=_json_default))
-        elif isinstance(exc, CliError) and "report_text" in exc.details:
-            print(exc.details["report_text"])
-        return code
+        if args.debug:  # the traceback too; the exit code stays the error's
+            traceback.print_exc()
+        return _report_error(exc, args)
+
+
+def _report_error(exc: Exception, args: argparse.Namespace) -> int:
+    """Print ``exc`` as one line on stderr (and as JSON on stdout with ``--json``); its exit
+    code."""
+    code = _exit_code(exc)
+    message = _error_message(exc, code)
+    print(f"repfx: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        details = exc.details if isinstance(exc, CliError) else {}
+        payload = {"error": message, "exit_code": code, **details}
+        print(json.dumps(payload, indent=2, default=_json_default))
+    elif isinstance(exc, CliError) and "report_text" in exc.details:
+        print(exc.details["report_text"])
+    return code
 
 
 def _json_default(obj: object) -> object:

@@ -11,9 +11,12 @@ Three formats, one writer each:
 
 Every writer is atomic: it writes into a temporary directory next to the destination and
 renames into place only after the file was checked, so a failed export leaves nothing behind
-and never a half-written file. With example inputs, every writer loads what it wrote back with
-the loader of its format, runs it on them and compares the outputs with the module's own,
-within ``repfx.tolerances``; a difference raises :class:`ExportMismatchError`.
+and never a half-written file. Each file renamed into place (the destination, and companion
+files such as ONNX's external ``OUT.onnx.data``) replaces only a regular file or a symbolic
+link (the link itself, never its target), and with ``overwrite=False`` nothing that exists.
+With example inputs, every writer loads what it wrote back with the loader of its format, runs
+it on them and compares the outputs with the module's own, within ``repfx.tolerances``; a
+difference raises :class:`ExportMismatchError`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from collections import Counter
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import Error
 from .tolerances import max_errors, output_tensors, reference_dtype, tolerance_for
 
 # Above this many bytes of weights, ONNX keeps them in an external ``OUT.onnx.data`` file
@@ -38,8 +43,24 @@ from .tolerances import max_errors, output_tensors, reference_dtype, tolerance_f
 ONNX_EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-class ExportError(RuntimeError):
+class ExportError(Error, RuntimeError):
     """The module could not be exported, or the exported file failed its check."""
+
+
+class OutputExistsError(ExportError):
+    """A file the writer would put in place exists, and ``overwrite=False``."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} exists")
+        self.path = path
+
+
+class OutputNotAFileError(ExportError):
+    """A file the writer would put in place is a directory, device, pipe or socket."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} is not a regular file; only regular files are replaced")
+        self.path = path
 
 
 class ExportMismatchError(ExportError):
@@ -82,13 +103,15 @@ def export_onnx(
     verify: bool = True,
     opset: int | None = None,
     dynamo: bool | None = None,
+    overwrite: bool = True,
 ) -> OnnxExport:
     """Export ``folded`` to ONNX at ``path``, check it, run it, and compare.
 
     The graph is checked with ``onnx.checker``; with ``verify`` (the default) onnxruntime runs
     it on ``example_inputs`` and its outputs must match ``folded``'s within
     ``repfx.tolerances`` (:class:`ExportMismatchError` otherwise). Nothing is written unless
-    every check passes; an existing file at ``path`` is replaced. ``dynamo=None`` uses the
+    every check passes; an existing file at ``path`` (or external data next to it) is replaced
+    unless ``overwrite=False`` (:class:`OutputExistsError`). ``dynamo=None`` uses the
     torch.export-based exporter when onnxscript is installed, else the TorchScript one. The
     shapes of ``example_inputs`` are fixed in the exported graph.
     """
@@ -103,7 +126,7 @@ def export_onnx(
             "ONNX export needs onnx and onnxruntime: pip install 'repfx[onnx]'"
         ) from None
     external = _weight_bytes(folded) > ONNX_EXTERNAL_DATA_BYTES
-    with _atomic_output(path) as tmp:
+    with _atomic_output(path, overwrite) as tmp:
         target = tmp / path.name
         _torch_onnx_export(folded, inputs, target, dynamo=dynamo, opset=opset, external=external)
         try:
@@ -168,11 +191,13 @@ def save_pt(
     module: nn.Module,
     path: str | os.PathLike,
     example_inputs: torch.Tensor | Sequence[object] | None = None,
+    *,
+    overwrite: bool = True,
 ) -> OutputCheck | None:
     """``torch.save(module, path)``, atomically; with ``example_inputs`` the file is loaded back
     (``torch.load(weights_only=False)`` — it is the file just written) and compared."""
     path = Path(path)
-    with _atomic_output(path) as tmp:
+    with _atomic_output(path, overwrite) as tmp:
         target = tmp / path.name
         torch.save(module, target)
         if example_inputs is None:
@@ -192,6 +217,7 @@ def save_pt2(
     path: str | os.PathLike,
     *,
     verify: bool = True,
+    overwrite: bool = True,
 ) -> OutputCheck | None:
     """``torch.export.export(module, example_inputs)`` saved with ``torch.export.save``,
     atomically; with ``verify`` the file is loaded back (``torch.export.load``) and compared."""
@@ -201,7 +227,7 @@ def save_pt2(
         program = torch.export.export(module, inputs)
     except Exception as exc:
         raise ExportError(f"torch.export failed: {_line(exc)}") from exc
-    with _atomic_output(path) as tmp:
+    with _atomic_output(path, overwrite) as tmp:
         target = tmp / path.name
         torch.export.save(program, target)
         if not verify:
@@ -289,20 +315,37 @@ def _run(module: nn.Module, inputs: tuple) -> object:
 
 
 @contextlib.contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
+def _atomic_output(path: Path, overwrite: bool = True) -> Iterator[Path]:
     """A temporary directory next to ``path``; what is written into it is renamed into
     ``path.parent`` (companion files first, ``path`` itself last) when the block succeeds,
-    and removed when it fails."""
+    and removed when it fails (or is interrupted). Every destination is checked before the
+    first rename (:func:`_check_replaceable`), so a refusal replaces nothing."""
     parent = path.parent
     if not parent.is_dir():
         raise ExportError(f"cannot write {path}: {parent} is not a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     try:
         yield tmp
-        for item in sorted(tmp.iterdir(), key=lambda f: f.name == path.name):
-            os.replace(item, parent / item.name)
+        items = sorted(tmp.iterdir(), key=lambda f: f.name == path.name)
+        for item in items:
+            _check_replaceable(parent / item.name, overwrite)
+        for item in items:
+            os.replace(item, parent / item.name)  # a symbolic link is replaced, not followed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_replaceable(destination: Path, overwrite: bool) -> None:
+    """May a finished file be renamed onto ``destination``? Yes if nothing is there; if a
+    regular file or a symbolic link is, only with ``overwrite``; never onto anything else."""
+    try:
+        mode = os.lstat(destination).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise OutputNotAFileError(destination)
+    if not overwrite:
+        raise OutputExistsError(destination)
 
 
 def _as_tuple(example_inputs: torch.Tensor | Sequence[object]) -> tuple:

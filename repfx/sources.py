@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from . import models
+from .errors import Error
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)  # the built-in models are ImageNet classifiers
@@ -45,7 +46,7 @@ DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)  # the built-in models are ImageNet class
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema")
 
 
-class SourceError(Exception):
+class SourceError(Error):
     """The model could not be loaded; the message says why and what to do."""
 
 
@@ -176,7 +177,7 @@ def _build_factory(spec: str) -> LoadedModel:
                 "from the directory that contains it or add it to PYTHONPATH"
             ) from None
         raise SourceError(f"importing {module_name!r} failed: {_one_line(exc)}") from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() at import time is a failure too
         raise SourceError(f"importing {module_name!r} failed: {_one_line(exc)}") from exc
     for part in attr_path.split("."):
         try:
@@ -188,6 +189,10 @@ def _build_factory(spec: str) -> LoadedModel:
             raise SourceError(f"{spec} is a {type(obj).__name__}, not a model factory")
         try:
             obj = obj()
+        except SystemExit as exc:  # sys.exit() in the factory: it built no model
+            raise SourceError(
+                f"{spec}() exited (SystemExit({exc.code!r})) instead of returning a model"
+            ) from exc
         except Exception as exc:
             raise SourceError(f"{spec}() raised {_one_line(exc)}") from exc
         if not isinstance(obj, nn.Module):
@@ -236,8 +241,7 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        referenced = found.group(1) if found else _pickled_global(path)
+        referenced = _referenced_global(exc, path)
         if referenced is None:  # not a pickle of objects: damaged, or not a model file at all
             raise UnreadableSourceError(
                 f"cannot read {path}: not a PyTorch file or it is corrupt"
@@ -258,6 +262,31 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
             f"cannot read {path}: not a PyTorch file or it is corrupt ({_one_line(exc)})"
         ) from exc
     return _as_state_dict_or_module(content, path)
+
+
+def _referenced_global(exc: pickle.UnpicklingError, path: Path) -> str | None:
+    """The global (class or function) that made the weights-only unpickler stop, or ``None``
+    if the file holds no such global (it is damaged or not a PyTorch file at all).
+
+    The unpickler's message names it in most cases (``Unsupported global: GLOBAL mod.Cls``,
+    ``unsupported GLOBAL posix.system whose module posix is blocked``); otherwise the file's
+    pickle is disassembled, which executes nothing: torch's zip format with
+    :func:`torch.serialization.get_unsafe_globals_in_checkpoint`, a bare pickle with
+    ``pickletools``."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return found.group(1)
+    return _unsafe_zip_global(path) or _pickled_global(path)
+
+
+def _unsafe_zip_global(path: Path) -> str | None:
+    """The first global of a ``torch.save`` zip file that the weights-only unpickler does not
+    allow, found by disassembling its ``data.pkl``; ``None`` for any other file."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return None
+    return sorted(unsafe)[0] if unsafe else None
 
 
 def _pickled_global(path: Path) -> str | None:

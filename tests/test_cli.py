@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
+import stat
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +25,16 @@ import torch
 from grammar import randomise_
 from torch import nn
 
+from repfx import export as repfx_export
 from repfx import models as builtin_models
-from repfx.cli import main
+from repfx.cli import (
+    Terminated,
+    UsageError,
+    _check_output_path,
+    build_parser,
+    main,
+    sigterm_as_interrupt,
+)
 from repfx.inspect import op_counts
 from repfx.sources import UnknownModelError
 from repfx.tolerances import assert_close
@@ -379,8 +390,12 @@ def test_more_errors_in_process(tmp_path, user_models, riformer, capsys, monkeyp
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (args, err)
     for debug in (["--debug", "optimize"], ["optimize", "--debug"]):
-        with pytest.raises(UnknownModelError):  # --debug: the exception (and its traceback)
-            main([*debug, "riformer_s13"])
+        # --debug adds the traceback and keeps the error's exit code (not Python's 1).
+        assert main([*debug, "riformer_s13"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and UnknownModelError.__name__ in err
+        errors = [line for line in err.splitlines() if line.startswith("repfx: error:")]
+        assert len(errors) == 1 and "unknown model 'riformer_s13'" in errors[0], err
     sys.modules.pop("usermodels", None)
     assert existing.read_bytes() == b"precious"
     written = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
@@ -391,6 +406,178 @@ def test_more_errors_in_process(tmp_path, user_models, riformer, capsys, monkeyp
         "usermodels.py",
         "weights.pt",
     ]
+
+
+def unwritable_directory(tmp_path: Path) -> Path:
+    """A directory in which nothing can be created: read-only for a normal user; for root
+    (whom permissions do not stop) ``/proc``, whose entries only the kernel makes."""
+    if os.geteuid() == 0:
+        return Path("/proc")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    return read_only
+
+
+def test_user_errors_are_not_internal_errors(tmp_path, monkeypatch, capsys):
+    """Wrong input shapes and an unwritable OUT are usage errors (2), never "a repfx bug"."""
+    monkeypatch.chdir(tmp_path)
+    unwritable = unwritable_directory(tmp_path)
+    huge = "1,3,10000000,10000000"  # 1.2 PB: more than any machine's memory or address space
+    cases = [
+        (["--input-shape", "1,3,32,32", "--input-shape", "1,3,32,32"], 2,
+         "2 example inputs given, but RIFormer.forward(x) cannot take them"),
+        (["--input-shape", huge], 2, "the input is too large: 1.2e+06 GB of float32"),
+        (["--input-shape", "99999999999999999999"], 2, "the input is too large"),
+        (["--input-shape", "4611686018427387904,4"], 2, "the input is too large"),
+        ([*TINY, "-o", str(unwritable / "out.pt")], 2, f"cannot write into {unwritable}"),
+        ([*TINY, "-o", "/nonexistent-dir/out.pt"], 2, "directory /nonexistent-dir does not"),
+    ]  # fmt: skip
+    for args, code, message in cases:
+        assert main(["optimize", "riformer_tiny", *args, "-q"]) == code, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+    # Where the size is not known to exceed the memory, the failed allocation says the same.
+    monkeypatch.setattr("repfx.cli._physical_memory", lambda: None)
+    assert main(["optimize", "riformer_tiny", "--input-shape", huge, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "the input is too large: 1.2e+06 GB could not be allocated" in err, err
+    assert list(tmp_path.iterdir()) == ([] if unwritable.name == "proc" else [unwritable])
+
+
+class _RunsCommand:
+    """Unpickling this calls ``os.system``, whose module the weights-only unpickler blocks
+    with a message of its own (no ``Unsupported global``)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_zip_pickle_of_a_blocked_global_is_refused_not_corrupt(tmp_path, capsys):
+    marker = tmp_path / "MARKER"
+    source = tmp_path / "object.pt"
+    torch.save(_RunsCommand(marker), source)  # torch's zip format
+    assert main(["optimize", str(source), "-q"]) == 5
+    err = capsys.readouterr().err
+    assert "(it references posix.system)" in err or "(it references os.system)" in err, err
+    assert "pass --trust-pickle" in err
+    assert not marker.exists()
+
+
+def test_factory_that_exits_is_an_error(user_models, monkeypatch, capsys):
+    monkeypatch.chdir(user_models)
+    monkeypatch.setattr(sys, "path", [*sys.path])
+    (user_models / "exits_on_import.py").write_text("import sys\nsys.exit(3)\n")
+    cases = [
+        ("sys:exit", "sys:exit() exited (SystemExit(None)) instead of returning a model"),
+        ("exits_on_import:build", "importing 'exits_on_import' failed: SystemExit: 3"),
+    ]
+    for source, message in cases:
+        assert main(["optimize", source, "-q"]) == 4, source
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"repfx: error: {message}"], err
+    sys.modules.pop("exits_on_import", None)
+
+
+def test_onnx_external_data_is_not_overwritten_without_force(tmp_path, monkeypatch, capsys):
+    """ONNX's ``OUT.onnx.data`` sidecar is protected like OUT itself."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(repfx_export, "ONNX_EXTERNAL_DATA_BYTES", 0)  # always external data
+    out, sidecar = tmp_path / "tiny.onnx", tmp_path / "tiny.onnx.data"
+    sidecar.write_bytes(b"precious")
+    assert main(["optimize", "riformer_tiny", *TINY, "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"repfx: error: {sidecar} exists; pass --force to overwrite it"], err
+    assert sidecar.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.onnx.data"]  # no OUT, no temp dir
+    assert main(["optimize", "riformer_tiny", *TINY, "-o", str(out), "-q", "--force"]) == 0
+    assert sidecar.read_bytes() != b"precious"
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = x_for()
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    model = builtin_models.create("riformer_tiny").eval()
+    with torch.no_grad():
+        expected = model(x)
+    assert got.shape == tuple(expected.shape) == (1, 1000)
+
+
+def test_out_must_be_a_regular_file_and_a_link_is_replaced_not_followed(tmp_path, capsys):
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    target = tmp_path / "target.pt"
+    target.write_bytes(b"precious")
+    link, dangling = tmp_path / "link.pt", tmp_path / "dangling.pt"
+    link.symlink_to(target)
+    dangling.symlink_to(tmp_path / "nowhere.pt")
+    directory = tmp_path / "directory.pt"
+    directory.mkdir()
+    cases = [
+        ([str(fifo), "--force"], "is not a regular file (a device, pipe or socket)"),
+        ([str(directory), "--force"], "is a directory"),
+        ([str(link)], f"{link} exists (a symbolic link); pass --force"),
+        ([str(dangling)], f"{dangling} exists (a symbolic link); pass --force"),
+    ]
+    for args, message in cases:
+        assert main(["optimize", "riformer_tiny", *TINY, "-q", "-o", *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert main(["optimize", "riformer_tiny", *TINY, "-q", "-o", str(link), "--force"]) == 0
+    assert not link.is_symlink() and link.stat().st_size > 1000  # the link was replaced
+    assert target.read_bytes() == b"precious"  # and its target left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dangling.pt",
+        "directory.pt",
+        "link.pt",
+        "pipe.pt",
+        "target.pt",
+    ]
+    # A device is refused before anything runs (checked on the arguments: nothing is written).
+    args = build_parser().parse_args(
+        ["optimize", "riformer_tiny", "-o", os.devnull, "--format", "pt", "--force"]
+    )
+    with pytest.raises(UsageError, match="is not a regular file"):
+        _check_output_path(args)
+
+
+def test_sigterm_raises_terminated_inside_the_block_only():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at once; this is never reached
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigterm_during_a_write_removes_the_temporary_files(tmp_path):
+    """SIGTERM while the ONNX export writes into its temporary directory: exit 143, and the
+    ``.OUT.XXXX`` directory is gone, as after Ctrl-C."""
+    out = tmp_path / "tiny.onnx"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "repfx", "optimize", "riformer_tiny", *TINY, "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        for line in proc.stderr:  # progress: the export (into the temporary directory) starts
+            if line.startswith("repfx: exporting to ONNX"):
+                break
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".tiny.onnx.*")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(tmp_path.glob(".tiny.onnx.*")), "the export did not start"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    assert "repfx: terminated" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_training_checkpoint_with_data_parallel_prefix(tmp_path, riformer, capsys):
