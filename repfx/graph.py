@@ -271,18 +271,18 @@ _UNINITIALISED = frozenset(
 
 
 class _DeterministicOnly(TorchDispatchMode):
-    """Refuses, before it runs, every ATen op that is random, writes to a tensor or returns
-    uninitialised memory."""
+    """Refuses every ATen op that is random or writes to a tensor (before it runs), or that
+    returns uninitialised memory (an ``empty*`` of any elements: the zero-element workspace
+    ``F.batch_norm`` allocates holds no value)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.name().split("::")[-1].split(".")[0]
-        if (
-            torch.Tag.nondeterministic_seeded in func.tags
-            or func._schema.is_mutable
-            or name in _UNINITIALISED
-        ):
+        if torch.Tag.nondeterministic_seeded in func.tags or func._schema.is_mutable:
             raise _ImpureOp(str(func))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        name = func.name().split("::")[-1].split(".")[0]
+        if name in _UNINITIALISED and not (isinstance(out, torch.Tensor) and out.numel() == 0):
+            raise _ImpureOp(str(func))
+        return out
 
 
 _INPLACE_OPERATORS = frozenset(

@@ -10,12 +10,14 @@ from .fold_bn import FoldBatchNorm
 from .fold_channel_affine import FoldChannelAffine
 from .merge_branches import MergeBranches
 from .merge_sequential import MergeSequential
+from .precompute_constants import PrecomputeConstants
 
 
 def default_pipeline() -> list[Pass]:
-    """cleanup → fold_bn → fold_affine_mixer → fold_channel_affine → merge_branches →
-    absorb_padding → merge_sequential, run to a fixpoint."""
+    """precompute_constants → cleanup → fold_bn → fold_affine_mixer → fold_channel_affine →
+    merge_branches → absorb_padding → merge_sequential, run to a fixpoint."""
     return [
+        PrecomputeConstants(),
         Cleanup(),
         FoldBatchNorm(),
         FoldAffineMixer(),
@@ -37,6 +39,7 @@ __all__ = [
     "Pass",
     "PassError",
     "PassResult",
+    "PrecomputeConstants",
     "RewriteRejected",
     "default_pipeline",
     "run_to_fixpoint",

@@ -1,0 +1,84 @@
+"""precompute_constants: compute once, at fold time, what depends on parameters only.
+
+A value that deterministic torch ops compute from module tensors alone is the same on every run:
+weight standardisation (``F.batch_norm(w.reshape(1, O, -1), None, None, training=True)`` on a
+conv's own weight, as timm's ``StdConv2d`` / ``ScaledStdConv2d`` do every forward), a gain times
+a weight, a masked kernel. Storing the result and reading it instead is exact: the same ops run
+once, in the same dtype, on the same device. ``repfx.graph.ConstantFolder`` decides what is
+constant (no random op, no write, no input).
+
+The frontier of such a sub-graph — a constant value read by an op that is not constant — becomes
+a stored tensor, and the ops before it die. Only what computes something is stored (a chain of
+views such as ``gamma[:, None, None]`` costs nothing at run time and is left to the passes that
+read through it), and only what does not grow: the result holds at most as many elements as the
+module tensors it is computed from (an ``expand`` or an upsampled table stays computed).
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ..graph import where
+from ..report import Folded, Skipped
+from ..rewrite import add_constant, replace_node
+from .base import FoldContext, PassResult, apply_rule
+
+# Methods and functions that only re-view (or copy) their input: no computation to save.
+_VIEWS = {
+    "getitem", "view", "reshape", "reshape_as", "view_as", "unsqueeze", "squeeze", "expand",
+    "expand_as", "permute", "transpose", "t", "flatten", "unflatten", "contiguous", "detach",
+    "clone", "narrow", "select", "movedim", "getattr",
+}  # fmt: skip
+
+
+class PrecomputeConstants:
+    name = "precompute_constants"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        return apply_rule(gm, self._visit)
+
+    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+        if node.op not in ("call_function", "call_method") or not _read_by_computed(ctx, node):
+            return None
+        value = ctx.consts.value(node)
+        if value is None:
+            return None
+        sources = _constant_sources(ctx, node)
+        if not any(_computes(n) for n in sources["ops"]):
+            return None
+        if value.numel() > sum(ctx.consts.value(n).numel() for n in sources["attrs"]):
+            return Skipped(self.name, where(node), "the precomputed value would be larger than "
+                           "the parameters it is computed from")  # fmt: skip
+
+        def rewrite() -> tuple[list[fx.Node], str]:
+            stored = add_constant(ctx.gm, f"{node.name}_precomputed", value.detach(), node)
+            replace_node(node, stored)
+            return [stored], f"precomputed ({len(sources['ops'])} ops on parameters only)"
+
+        return ctx.commit(self.name, where(node), [node], [], rewrite)
+
+
+def _read_by_computed(ctx: FoldContext, node: fx.Node) -> bool:
+    """Is ``node`` read by something that is not constant (the frontier of a constant part)?"""
+    return any(user.op == "output" or not ctx.consts.is_constant(user) for user in node.users)
+
+
+def _constant_sources(ctx: FoldContext, node: fx.Node) -> dict[str, list[fx.Node]]:
+    """The ops of the constant sub-graph ending at ``node`` and the attributes it reads."""
+    ops, attrs, seen, stack = [], [], set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr":
+            attrs.append(current)
+        else:
+            ops.append(current)
+            stack.extend(current.all_input_nodes)
+    return {"ops": ops, "attrs": attrs}
+
+
+def _computes(node: fx.Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name not in _VIEWS
