@@ -10,7 +10,7 @@ from __future__ import annotations
 from .capture import CaptureError, ExampleInputError
 from .dynamo import compile_backend
 from .errors import Error, TrainingModeError
-from .export import export_onnx
+from .export import ExportError, export_onnx
 from .fold import REPORT_KEY, TrainingModeWarning, VerificationError, fold
 from .report import FoldReport
 
@@ -21,6 +21,7 @@ __all__ = [
     "CaptureError",
     "Error",
     "ExampleInputError",
+    "ExportError",
     "FoldReport",
     "TrainingModeError",
     "TrainingModeWarning",

@@ -906,6 +906,12 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...
     Buffers are restored afterwards, so a training-mode BN's running statistics are unchanged;
     so are the example inputs (an in-place op of the model may write to them).
     """
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) > len(placeholders):
+        raise ExampleInputError(
+            f"{len(example_inputs)} example inputs for a forward that takes "
+            f"{len(placeholders)} ({', '.join(placeholders)}): pass one per input"
+        )
     saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
     written = _written_parameters(gm)
     inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs]

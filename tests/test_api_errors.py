@@ -12,6 +12,7 @@ import repfx
 from repfx.capture import CaptureError, ExampleInputError
 from repfx.passes.base import PassError, RewriteRejected
 from repfx.rewrite import GraphSurgeryError
+from repfx.sources import SourceError
 
 
 def _conv_bn() -> nn.Module:
@@ -32,6 +33,8 @@ def _conv_bn() -> nn.Module:
         PassError,
         RewriteRejected,
         GraphSurgeryError,
+        repfx.ExportError,
+        SourceError,
     ],
 )
 def test_every_repfx_error_is_a_repfx_error(error):
@@ -67,3 +70,12 @@ def test_an_eval_model_folds_without_a_warning():
         warnings.simplefilter("error", repfx.TrainingModeWarning)
         folded = repfx.fold(_conv_bn().eval(), (torch.randn(2, 3, 8, 8),))
     assert folded.meta[repfx.REPORT_KEY].counts() == {"fold_bn": 1}
+
+
+def test_more_example_inputs_than_the_forward_takes_is_an_input_error():
+    model = _conv_bn().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(
+        repfx.ExampleInputError, match="2 example inputs for a forward that takes 1"
+    ):
+        repfx.fold(model, (x, x))
