@@ -98,6 +98,9 @@ def target_for(spec: str) -> float:
 
 
 def run_model(spec: str, size: int, args: argparse.Namespace) -> str:
+    # Each model's variants compile the same forward: without a reset, dynamo's per-code cache
+    # limit (8) is reached after two sizes and later variants silently run eagerly.
+    torch._dynamo.reset()
     model = load(spec)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, size, size, generator=gen)
