@@ -9,6 +9,10 @@ LayerScales), and checked: every variant must agree with eager before it is time
 is its own deep copy, so dynamo compiles each with its own backend; compilation happens during
 the warm-up. Rounds are interleaved with a rotating start; ratios are per round ("paired").
 
+``net:repvgg_8x64`` (8 blocks of 3×3 conv + BN, 1×1 conv + BN and an identity BN, 64 channels,
+on 64 × 56 × 56 inputs whatever ``--sizes`` says) is the small RepVGG-style net of the
+backend's first target.
+
 Targets: the repfx backend within 3% of ``torch.compile(repfx.fold(model))``; at most 0.85×
 inductor with freezing on the RepVGG family (RepVGG, MobileOne), at most 1.0× on the others.
 """
@@ -42,7 +46,7 @@ MODELS = (
     "repfx:riformer_s12",
     "timm:resnet50",
 )
-REPVGG_FAMILY = ("repvgg", "mobileone")
+REPVGG_FAMILY = ("repvgg", "mobileone")  # also net:repvgg_8x64: 8 RepVGG-style blocks, 64 ch
 TARGET_REPVGG, TARGET_OTHERS, TARGET_VS_FOLD = 0.85, 1.0, 1.03
 
 
@@ -57,9 +61,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class RepVggStyleBlock(nn.Module):
+    """3×3 conv + BN, 1×1 conv + BN and an identity BN, summed, then ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv3 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.bn_identity = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.bn_identity(x))
+
+
+# name -> (model, input shape (C, H, W) overriding 3 × size × size, batch)
+BUILT_IN = {
+    "net:repvgg_8x64": (lambda: nn.Sequential(*[RepVggStyleBlock(64) for _ in range(8)]), 64, 56),
+}
+
+
 def load(spec: str) -> nn.Module:
     source, _, name = spec.partition(":")
-    if source == "timm":
+    if spec in BUILT_IN:
+        model = BUILT_IN[spec][0]()
+    elif source == "timm":
         import timm
 
         model = timm.create_model(name)
@@ -103,7 +130,8 @@ def run_model(spec: str, size: int, args: argparse.Namespace) -> str:
     torch._dynamo.reset()
     model = load(spec)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 3, size, size, generator=gen)
+    channels, size = BUILT_IN[spec][1:] if spec in BUILT_IN else (3, size)
+    x = torch.randn(args.batch, channels, size, size, generator=gen)
     print(f"== {spec} at {size}: compiling ...", file=sys.stderr, flush=True)
     variants = build_variants(model, x)
     with torch.inference_mode():

@@ -16,7 +16,8 @@ Failures, all checked here independently of repfx's own verifier:
   in a low precision, within what rounding explains: the fold's weights evaluated in float64
   must be within ``ROUNDING_SLACK`` × the original's own rounding error of float64 truth, or
   × how far the float64 original moves when its own weights are re-rounded to that precision
-  (a threshold after a float16 computation — a floor division — jumps under any fold);
+  (a threshold after a float16 computation — a floor division — jumps under any fold); a
+  model whose output passes through a threshold is judged in float64 only (``thresholded``);
 * the float64 copy of the model folding to anything but the same function (float64
   tolerance, no rounding excuse): folds must be exact in exact arithmetic;
 * the folded model mutating an input that the original leaves alone, or mutating it
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import repfx
@@ -235,6 +237,40 @@ def rounding_excuses(original: nn.Module, folded: nn.Module, inputs: tuple, seed
     return weight_rounding <= ROUNDING_SLACK * sensitivity
 
 
+# ATen ops whose output jumps where their input crosses a threshold.
+_THRESHOLDS = {
+    "gt", "lt", "ge", "le", "eq", "ne", "floor", "ceil", "round", "trunc", "sign", "remainder",
+    "fmod", "floor_divide", "argmax", "argmin", "heaviside", "bucketize",
+}  # fmt: skip
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name().split("::")[-1]
+        self.names.add(name.split(".")[0])
+        if name == "div.Tensor_mode" or name == "div.Scalar_mode":
+            self.names.add("floor_divide")  # rounding_mode="floor" / "trunc"
+        return func(*args, **(kwargs or {}))
+
+
+def thresholded(original: nn.Module, inputs: tuple, seed: int) -> bool:
+    """Does the model's output pass through a threshold (a comparison, a floor, a rounding
+    division, an argmax)? Then, in float16 / bfloat16, the rounding a fold's stored weights
+    differ by moves values across it and the output jumps (by a step, not by rounding): such
+    a model's fold is judged by its float64 copy — folded and compared with no rounding
+    excuse in ``judge`` — which must exist."""
+    if double_copy(original) is None:
+        return False
+    mode = _OpNames()
+    with mode:
+        run(original, inputs, seed)
+    return bool(mode.names & _THRESHOLDS)
+
+
 REROUNDING_TRIALS = 4
 
 
@@ -280,7 +316,10 @@ def output_problems(
     for i, (a, e) in enumerate(zip(got, want, strict=True)):
         reason = mismatch(a, e)  # (a float64 output may come from float32 arithmetic)
         if reason and low_precision and "shape/dtype" not in reason:
-            reason = None if rounding_excuses(original, folded, inputs, seed, i) else reason
+            excused = rounding_excuses(original, folded, inputs, seed, i) or thresholded(
+                original, inputs, seed
+            )
+            reason = None if excused else reason
         if reason:
             problems.append(("wrong output", f"output {i} of {len(want)}: {reason}"))
     return problems + mutation_problems(inputs, inputs_e, inputs_a)
