@@ -17,7 +17,8 @@ Failures, all checked here independently of repfx's own verifier:
   must be within ``ROUNDING_SLACK`` × the original's own rounding error of float64 truth, or
   × how far the float64 original moves when its own weights are re-rounded to that precision
   (a threshold after a float16 computation — a floor division — jumps under any fold); a
-  model whose output passes through a threshold is judged in float64 only (``thresholded``);
+  low-precision model whose output passes a threshold or a pole is judged in float64 only
+  (``ill_conditioned``); a random model's float64 runs replay its draws (``RandomDraws``);
 * the float64 copy of the model folding to anything but the same function (float64
   tolerance, no rounding excuse): folds must be exact in exact arithmetic;
 * the folded model mutating an input that the original leaves alone, or mutating it
@@ -26,6 +27,7 @@ Failures, all checked here independently of repfx's own verifier:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -187,10 +189,13 @@ def to_double(inputs: tuple) -> tuple:
     )
 
 
-def run(module: nn.Module, inputs: tuple, seed: int) -> tuple[object, tuple]:
-    """``(module(*copies), copies)``, seeded, without grad; an exception is returned."""
+def run(
+    module: nn.Module, inputs: tuple, seed: int, mode: TorchDispatchMode | None = None
+) -> tuple[object, tuple]:
+    """``(module(*copies), copies)``, seeded, without grad (under ``mode`` if given); an
+    exception is returned."""
     args = clones(inputs)
-    with torch.no_grad(), torch.random.fork_rng():
+    with torch.no_grad(), torch.random.fork_rng(), mode or contextlib.nullcontext():
         torch.manual_seed(seed)
         try:
             out = module(*args)
@@ -203,38 +208,86 @@ def leaves(outputs: object) -> list:
     return tree_flatten(outputs)[0]
 
 
-def _stochastic(module: nn.Module, inputs: tuple) -> bool:
-    a, _ = run(module, inputs, 1)
-    b, _ = run(module, inputs, 2)
-    return not all(same(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
-
-
 def rounding_excuses(original: nn.Module, folded: nn.Module, inputs: tuple, seed, index) -> bool:
     """Does low-precision rounding explain output ``index``'s error? The fold's weights, run
     in float64, must be as close to float64 truth as ``ROUNDING_SLACK`` × the original's own
-    rounding error (as repfx's verifier argues, but per output). Never for a random model:
-    its float64 run draws other numbers."""
-    if _stochastic(original, inputs):
-        return False
+    rounding error (as repfx's verifier argues, but per output). A random model's float64
+    runs replay the draws of its low-precision run (:class:`RandomDraws`); one whose draws
+    cannot be replayed has no float64 truth and no excuse."""
     inputs64 = to_double(inputs)
     original64, folded64 = double_copy(original), double_copy(folded)
     if original64 is None or folded64 is None:
         return False
-    runs = [
-        run(original, inputs, seed)[0],
-        run(original64, inputs64, seed)[0],
-        run(folded64, inputs64, seed)[0],
-    ]
-    if any(isinstance(out, Exception) for out in runs):
+    recorder = RandomDraws()
+    expected = run(original, inputs, seed, recorder)[0]
+    replays = [RandomDraws(recorder.draws) for _ in range(2)]
+    truth = run(original64, inputs64, seed, replays[0])[0]
+    folded_out = run(folded64, inputs64, seed, replays[1])[0]
+    if any(isinstance(out, Exception) for out in (expected, truth, folded_out)):
         return False  # a model that cannot run in float64 has no float64 truth
-    expected, truth, folded64 = (leaves(out)[index] for out in runs)
+    if not all(replay.faithful() for replay in replays):
+        return False
+    expected, truth, folded_out = (leaves(out)[index] for out in (expected, truth, folded_out))
     original_rounding = relative_error(expected, truth)
-    weight_rounding = relative_error(folded64, truth)
+    weight_rounding = relative_error(folded_out, truth)
     allowed = max(tolerance_for(expected.dtype), ROUNDING_SLACK * original_rounding)
     if weight_rounding <= allowed:
         return True
-    sensitivity = rounding_sensitivity(original64, inputs64, seed, index, expected.dtype, truth)
+    sensitivity = rounding_sensitivity(
+        original64, inputs64, seed, index, expected.dtype, truth, recorder.draws
+    )
     return weight_rounding <= ROUNDING_SLACK * sensitivity
+
+
+class RandomDraws(TorchDispatchMode):
+    """Records the draws of a model's random ops (``nondeterministic_seeded`` ATen ops), or,
+    given ``recorded`` draws, replays them — cast to the dtype of the run — so that a float64
+    run of a random model draws the very numbers its float32 run drew (the generator draws
+    other numbers in another dtype). A draw is what the op would return: its values for
+    ``rand_like``/``bernoulli``/…, the tensor an in-place draw (``uniform_``) fills, the mask
+    of a dropout (whose output is recomputed from this run's input)."""
+
+    def __init__(self, recorded: list[torch.Tensor] | None = None):
+        super().__init__()
+        self.recording = recorded is None
+        self.draws: list[torch.Tensor] = [] if recorded is None else list(recorded)
+        self.replayed = 0
+        self.mismatched = False
+
+    def faithful(self) -> bool:
+        """Did a replay use every recorded draw, each where a draw of its shape was made?"""
+        return not self.mismatched and self.replayed == len(self.draws)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)  # (also when replaying: the generator advances alike)
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return out
+        target = self._target(func, args, kwargs, out)
+        if self.recording:
+            self.draws.append(target.detach().clone())
+            return out
+        if self.replayed >= len(self.draws) or self.draws[self.replayed].shape != target.shape:
+            self.mismatched = True
+            return out
+        draw = self.draws[self.replayed]
+        self.replayed += 1
+        if func is torch.ops.aten.native_dropout.default:
+            keep = draw.to(torch.bool)
+            scale = 1.0 / (1.0 - args[1]) if args[1] < 1 else 0.0
+            return args[0] * keep * scale, keep
+        target.copy_(draw.to(target.dtype))
+        return out
+
+    def _target(self, func, args, kwargs, out) -> torch.Tensor:
+        if func is torch.ops.aten.native_dropout.default:
+            return out[1]  # the mask
+        if func._schema.is_mutable:
+            return kwargs["out"] if "out" in kwargs else args[0]
+        if not isinstance(out, torch.Tensor):
+            self.mismatched = True  # a random op of several outputs: not replayable
+            return out[0]
+        return out
 
 
 # ATen ops whose output jumps where their input crosses a threshold.
@@ -242,46 +295,75 @@ _THRESHOLDS = {
     "gt", "lt", "ge", "le", "eq", "ne", "floor", "ceil", "round", "trunc", "sign", "remainder",
     "fmod", "floor_divide", "argmax", "argmin", "heaviside", "bucketize",
 }  # fmt: skip
+# ATen ops with a pole (unbounded amplification) where their input nears zero.
+_POLES = {"reciprocal", "rsqrt", "log", "log2", "log10", "digamma", "tan"}
+_DIVISIONS = {"div", "true_divide", "addcdiv"}
 
 
-class _OpNames(TorchDispatchMode):
-    def __init__(self):
+class _IllConditionedOps(TorchDispatchMode):
+    """Collects the thresholds and poles a run passes: threshold ops, pole ops, divisions by
+    a tensor that is not stored in the model (an activation, a computed value), negative
+    powers of a tensor."""
+
+    def __init__(self, stored: set[int]):
         super().__init__()
-        self.names: set[str] = set()
+        self.stored = stored  # storage addresses of the model's parameters and buffers
+        self.found: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.name().split("::")[-1]
-        self.names.add(name.split(".")[0])
-        if name == "div.Tensor_mode" or name == "div.Scalar_mode":
-            self.names.add("floor_divide")  # rounding_mode="floor" / "trunc"
+        base = name.split(".")[0]
+        if base in _THRESHOLDS | _POLES or name in ("div.Tensor_mode", "div.Scalar_mode"):
+            self.found.add(base)  # (a rounding-mode division is a floor or a truncation)
+        elif base in _DIVISIONS and self._computed_divisor(args[-1 if base != "addcdiv" else 2]):
+            self.found.add("division by a computed tensor")
+        elif base == "pow" and self._negative_power(args):
+            self.found.add("negative power")
         return func(*args, **(kwargs or {}))
 
+    def _computed_divisor(self, divisor) -> bool:
+        return (
+            isinstance(divisor, torch.Tensor)
+            and divisor.dim() > 0
+            and divisor.untyped_storage().data_ptr() not in self.stored
+        )
 
-def thresholded(original: nn.Module, inputs: tuple, seed: int) -> bool:
-    """Does the model's output pass through a threshold (a comparison, a floor, a rounding
-    division, an argmax)? Then, in float16 / bfloat16, the rounding a fold's stored weights
-    differ by moves values across it and the output jumps (by a step, not by rounding): such
-    a model's fold is judged by its float64 copy — folded and compared with no rounding
-    excuse in ``judge`` — which must exist."""
+    @staticmethod
+    def _negative_power(args) -> bool:
+        exponent = args[1]
+        if isinstance(exponent, torch.Tensor):
+            return bool((exponent < 0).any())
+        return isinstance(exponent, (int, float)) and exponent < 0
+
+
+def ill_conditioned(original: nn.Module, inputs: tuple, seed: int) -> bool:
+    """Does the model's output pass a threshold (a comparison, a floor, a rounding division,
+    an argmax) or a pole (a division by an activation, a reciprocal, a logarithm)? In a low
+    precision, the rounding a fold's stored weights differ by moves values across a
+    threshold (the output jumps by a step) or is amplified without bound near a pole: such a
+    model's fold is judged by its float64 copy — folded and compared with no rounding excuse
+    in ``judge`` — which must exist (in float32 too: the same holds at a smaller
+    scale)."""
     if double_copy(original) is None:
         return False
-    mode = _OpNames()
+    stored = {t.untyped_storage().data_ptr() for t in [*original.parameters(), *original.buffers()]}
+    mode = _IllConditionedOps(stored)
     with mode:
         run(original, inputs, seed)
-    return bool(mode.names & _THRESHOLDS)
+    return bool(mode.found)
 
 
 REROUNDING_TRIALS = 4
 
 
 def rounding_sensitivity(
-    original64: nn.Module, inputs64: tuple, seed: int, index: int, dtype, truth
+    original64: nn.Module, inputs64: tuple, seed: int, index: int, dtype, truth, draws
 ) -> float:
     """How far output ``index`` of the float64 original moves from float64 truth when every
     floating parameter and buffer is re-rounded to ``dtype`` (multiplied by ``1 ± eps/2``, a
     random sign per element) — which is all a fold's stored weights differ by. A model whose
     output jumps at a threshold (a floor division, a comparison) after a low-precision
-    computation jumps under that as under any fold."""
+    computation jumps under that as under any fold. ``draws``: the random draws to replay."""
     half_eps = torch.finfo(dtype).eps / 2
     worst = 0.0
     for trial in range(REROUNDING_TRIALS):
@@ -292,8 +374,9 @@ def rounding_sensitivity(
                 if t.is_floating_point():
                     sign = torch.randint(0, 2, t.shape, generator=gen).to(t.dtype) * 2 - 1
                     t.mul_(1 + half_eps * sign)
-        out = run(perturbed, inputs64, seed)[0]
-        if not isinstance(out, Exception):
+        replay = RandomDraws(draws)
+        out = run(perturbed, inputs64, seed, replay)[0]
+        if not isinstance(out, Exception) and replay.faithful():
             worst = max(worst, relative_error(leaves(out)[index], truth))
     return worst
 
@@ -316,7 +399,7 @@ def output_problems(
     for i, (a, e) in enumerate(zip(got, want, strict=True)):
         reason = mismatch(a, e)  # (a float64 output may come from float32 arithmetic)
         if reason and low_precision and "shape/dtype" not in reason:
-            excused = rounding_excuses(original, folded, inputs, seed, i) or thresholded(
+            excused = rounding_excuses(original, folded, inputs, seed, i) or ill_conditioned(
                 original, inputs, seed
             )
             reason = None if excused else reason

@@ -1,0 +1,101 @@
+"""The fuzz oracle's own excuses: each is narrow enough that a wrong fold still fails."""
+
+import fuzz_oracle as oracle
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class NoisyScale(nn.Module):
+    """``conv(x) · (s + randn_like(s)) − conv(x)``: random, with cancellation."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1).to(dtype)
+        self.scale = nn.Parameter(torch.randn(4, 1, 1, dtype=dtype))
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * (self.scale + torch.randn_like(self.scale)) - y
+        return F.dropout(y, 0.5, training=True)
+
+
+class Divide(nn.Module):
+    def __init__(self, spelling):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.scale = nn.Parameter(torch.rand(3, 1, 1) + 0.5)
+        self.spelling = spelling
+
+    def forward(self, x):
+        return self.spelling(self, self.conv(x))
+
+
+def test_replayed_draws_make_a_float64_run_of_a_random_model_its_float64_truth():
+    torch.manual_seed(0)
+    model, x = NoisyScale(), torch.randn(2, 3, 6, 6)
+    recorder = oracle.RandomDraws()
+    out32 = oracle.run(model, (x,), seed=7, mode=recorder)[0]
+    assert len(recorder.draws) == 2  # randn_like, the dropout's mask
+
+    model64, x64 = oracle.double_copy(model), oracle.to_double((x,))
+    replay = oracle.RandomDraws(recorder.draws)
+    replayed = oracle.run(model64, x64, seed=7, mode=replay)[0]
+
+    assert replay.faithful()
+    assert oracle.relative_error(out32, replayed) < 1e-5
+
+
+def test_a_replay_that_runs_out_of_draws_is_not_faithful():
+    torch.manual_seed(0)
+    model, x = NoisyScale(), torch.randn(2, 3, 6, 6)
+    recorder = oracle.RandomDraws()
+    oracle.run(model, (x,), seed=1, mode=recorder)
+    short = oracle.RandomDraws(recorder.draws[:1])
+    oracle.run(model, (x,), seed=1, mode=short)
+    assert not short.faithful()
+
+
+def test_a_wrong_fold_of_a_random_model_is_not_excused_by_rounding():
+    torch.manual_seed(0)
+    model, x = NoisyScale(), torch.randn(2, 3, 6, 6)
+    wrong = oracle.double_copy(model).float()
+    with torch.no_grad():
+        wrong.conv.bias.add_(1e-3)
+    problems = oracle.output_problems(model, wrong, (x,), seed=3)
+    assert [kind for kind, _ in problems] == ["wrong output"]
+
+
+def test_an_exact_fold_of_a_random_model_passes():
+    torch.manual_seed(0)
+    model, x = NoisyScale(), torch.randn(2, 3, 6, 6)
+    same = oracle.double_copy(model).float()
+    assert oracle.output_problems(model, same, (x,), seed=3) == []
+
+
+def test_divisions_by_activations_and_reciprocals_are_poles():
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 4, 4),)
+    poles = {
+        "c / x": lambda m, y: m.scale / y,
+        "x.reciprocal()": lambda m, y: y.reciprocal(),
+        "x ** -1": lambda m, y: y**-1,
+        "log(x.abs())": lambda m, y: y.abs().log(),
+        "addcdiv(x, x, x)": lambda m, y: torch.addcdiv(y, y, y),
+    }
+    tame = {
+        "x / c": lambda m, y: y / m.scale,
+        "x / 2": lambda m, y: y / 2,
+        "x ** 2": lambda m, y: y**2,
+        "gelu": lambda m, y: F.gelu(y),
+    }
+    for name, spelling in poles.items():
+        assert oracle.ill_conditioned(Divide(spelling), x, seed=0), name
+    for name, spelling in tame.items():
+        assert not oracle.ill_conditioned(Divide(spelling), x, seed=0), name
+
+
+def test_thresholds_are_ill_conditioned():
+    x = (torch.randn(2, 3, 4, 4),)
+    assert oracle.ill_conditioned(Divide(lambda m, y: y // 0.25), x, seed=0)
+    assert oracle.ill_conditioned(Divide(lambda m, y: (y > 0).float()), x, seed=0)
