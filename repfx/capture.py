@@ -276,36 +276,42 @@ class _FallbackTracer(fx.Tracer):
             self.graph.erase_node(node)
 
 
-def capture(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
+def capture(
+    model: nn.Module, defaults: dict[str, Any] | None = None
+) -> tuple[fx.GraphModule, dict[str, str]]:
     """Trace ``model`` (already repfx's copy). Returns the graph module and the paths of
     modules kept as opaque leaves, with the reason each could not be traced.
+
+    ``defaults``: arguments of ``forward`` the example inputs leave at their default values
+    (``mask=None``), traced as those constants (``torch.fx`` concrete arguments) rather than
+    as inputs that may be anything (which takes ``if mask is not None`` for true).
 
     Refuses hooks it cannot honour, bakes deterministic parametrizations, and rewrites in-place
     ops out of place where that is exact, marking the others (see the module docstring)."""
     refuse_hooks(model)
     bake_parametrizations(model)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    tracer = _trace(model, proxy_buffers=False)
+    tracer = _trace(model, proxy_buffers=False, defaults=defaults)
     if _restore_changed(model, buffers):
         # The forward wrote to a buffer while tracing: torch.fx ran that write on the real
         # buffer instead of recording it. Trace again with buffers as graph values.
-        tracer = _trace(model, proxy_buffers=True)
+        tracer = _trace(model, proxy_buffers=True, defaults=defaults)
         _restore_changed(model, buffers)
     gm = fx.GraphModule(tracer.root, tracer.graph, class_name=type(model).__name__)
     functionalize(gm)
     return gm, tracer.opaque
 
 
-def _trace(model: nn.Module, proxy_buffers: bool) -> _FallbackTracer:
+def _trace(
+    model: nn.Module, proxy_buffers: bool, defaults: dict[str, Any] | None
+) -> _FallbackTracer:
     tracer = _FallbackTracer(proxy_buffers)
     try:
-        tracer.trace(model)
+        tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:
         raise CaptureError(
             f"cannot trace {type(model).__name__}.forward with torch.fx "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "repfx folds inside submodules that fail to trace, but the top-level forward "
-            "itself must be traceable: move data-dependent control flow into a submodule."
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from exc
     return tracer
 
@@ -363,6 +369,9 @@ _ALLOCATING_FUNCTIONS = frozenset(
         operator.mod, operator.pow, operator.neg, operator.matmul, operator.and_, operator.or_,
         operator.xor, operator.lshift, operator.rshift, operator.invert, functional_setitem,
         torch.stack, torch.softmax, torch.log_softmax, torch.matmul,
+        # composite, but each always returns a new tensor (the bindings torch.export graphs
+        # call: repfx.capture_export)
+        torch.batch_norm, torch.layer_norm, torch.group_norm, torch.instance_norm,
     }
 )  # fmt: skip
 # torch.nn.functional functions that allocate their result unless called with inplace=True.
@@ -447,6 +456,34 @@ def _aten_allocates(name: str) -> bool:
     return found
 
 
+def _overload_allocates(op: torch._ops.OpOverload) -> bool:
+    """As :func:`_aten_allocates`, for one overload."""
+    schema = op._schema
+    if schema.is_mutable or not schema.returns:
+        return False
+    if any(not isinstance(r.type, torch.TensorType) or r.alias_info is not None
+           for r in schema.returns):  # fmt: skip
+        return False
+    try:
+        return not torch._C._dispatch_has_kernel_for_dispatch_key(
+            op.name(), "CompositeImplicitAutograd"
+        )
+    except RuntimeError:
+        return False
+
+
+def _overload_aliases_first(op: torch._ops.OpOverload) -> bool:
+    """Does the overload return a view of (or write to) its first argument, and nothing else?"""
+    schema = op._schema
+    first = schema.arguments[0].alias_info if schema.arguments else None
+    aliased = [r.alias_info for r in schema.returns if r.alias_info is not None]
+    return (
+        first is not None
+        and len(aliased) == len(schema.returns) == 1
+        and (aliased[0].before_set == first.before_set)
+    )
+
+
 def _is_aten_random(name: str) -> bool:
     packet = _aten_packet(name)
     return packet is not None and any(
@@ -472,6 +509,8 @@ def _allocates(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_function" or writes_in_place(node):
         return False
     target = node.target
+    if isinstance(target, torch._ops.OpOverload):  # (a torch.export graph's ATen calls)
+        return _overload_allocates(target)
     if target in _ALLOCATING_FUNCTIONS or target in _ALLOCATING_F:
         return True
     name = getattr(target, "__name__", "") or ""
@@ -499,6 +538,8 @@ def _alias_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     if node.op == "call_function" and (
         node.target in _ALIASING_FUNCTIONS or (writes_in_place(node) and "out" not in node.kwargs)
     ):
+        return first
+    if isinstance(node.target, torch._ops.OpOverload) and _overload_aliases_first(node.target):
         return first
     if node.op == "call_module":
         m = module_of(gm, node)
@@ -874,11 +915,16 @@ def _mark_batch_norm_statistics(gm: fx.GraphModule) -> None:
                 mean_at, var_at = _BATCH_NORM_FUNCTIONS[node.target]
                 mark_mutated(gm, [_arg_at(node, mean_at, "running_mean")])
                 mark_mutated(gm, [_arg_at(node, var_at, "running_var")])
-    ids = {id(b) for b in buffers}
-    reads = [
-        n for n in gm.graph.nodes if n.op == "get_attr" and id(_fetch_attr(gm, n.target)) in ids
-    ]
+    # (by storage: fx records ``bn.running_mean.view(...)``, run eagerly while tracing, as a
+    # tensor constant that is a view of the buffer)
+    storages = {b.untyped_storage().data_ptr() for b in buffers}
+    reads = [n for n in gm.graph.nodes if n.op == "get_attr" and _storage_of(gm, n) in storages]
     mark_mutated(gm, reads)
+
+
+def _storage_of(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    value = _fetch_attr(gm, node.target)
+    return value.untyped_storage().data_ptr() if isinstance(value, torch.Tensor) else None
 
 
 def _arg_at(node: fx.Node, index: int, name: str) -> Any:

@@ -397,7 +397,9 @@ def _optimize(args: argparse.Namespace) -> int:
     shape_text = " and ".join("×".join(map(str, s)) for s in shapes) or "no example input"
     step = "tracing and folding" + (f", verifying on {shape_text}" if verify else "")
     try:
-        folded, seconds = _timed(progress, step, lambda: fold(model, inputs, verify=verify))
+        folded, seconds = _timed(
+            progress, step, lambda: fold(model, inputs, verify=verify, capture=args.capture)
+        )
     except ExampleInputError as exc:
         given = _shapes_text(shapes)
         raise UsageError(f"wrong --input-shape {given} for {loaded.description}: {exc}") from exc
@@ -614,6 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
         "inferred for built-in and timm models)",
     )
     opt.add_argument("--dtype", choices=sorted(DTYPES), help="convert the model to this dtype")
+    opt.add_argument(
+        "--capture",
+        choices=("auto", "fx", "export"),
+        default="auto",
+        help="front end: torch.fx, torch.export, or auto (torch.fx, then torch.export where "
+        "torch.fx cannot trace; default)",
+    )
     opt.add_argument("--no-verify", action="store_true", help="skip the equivalence checks")
     opt.add_argument("--explain", action="store_true", help="list every candidate not folded")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 
@@ -10,8 +11,10 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from .capture import CaptureError, ExampleInputError, capture, copy_model, propagate_shapes
+from .capture import CaptureError, ExampleInputError, copy_model, propagate_shapes
+from .capture_export import export_program
 from .errors import Error, TrainingModeError
+from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs
 from .graph import annotate_ranks
 from .opaque import child_reason
 from .passes import default_pipeline
@@ -84,14 +87,15 @@ def _as_inputs(example_inputs: object) -> tuple | None:
 
 
 def fold(
-    model: nn.Module,
+    model: nn.Module | torch.export.ExportedProgram,
     example_inputs: torch.Tensor | Sequence[object] | None = None,
     *,
     verify: bool = True,
     verify_redrawn: bool = True,
     passes: Sequence[Pass] | None = None,
     strict: bool = False,
-) -> fx.GraphModule:
+    capture: str = "auto",
+) -> fx.GraphModule | torch.export.ExportedProgram:
     """Fold ``model`` into an equivalent, cheaper ``torch.fx.GraphModule``.
 
     ``model`` is never modified. With ``example_inputs`` (a tensor or a tuple of positional
@@ -106,11 +110,52 @@ def fold(
     A model in training mode folds almost nothing (training-mode BatchNorm and dropout are
     kept as they are): repfx warns (:class:`TrainingModeWarning`), or with ``strict=True``
     raises :class:`~repfx.errors.TrainingModeError`. Call ``model.eval()`` first.
+
+    ``capture``: how the model becomes a graph. ``"fx"``: ``torch.fx`` symbolic tracing
+    (submodules it cannot trace run as they are, and repfx folds inside them); ``"export"``:
+    ``torch.export`` (non-strict; needs example inputs; the folded module keeps dynamic what
+    the model does not specialise); ``"auto"`` (default): ``torch.fx``, and ``torch.export``
+    when ``torch.fx`` cannot trace the top-level ``forward``, and, when neither can, the
+    model's children, each captured on its own (``repfx.frontend``).
+
+    ``model`` may be a ``torch.export.ExportedProgram``: it is folded on its own example
+    inputs (or ``example_inputs``) and the result is an ``ExportedProgram`` again (what
+    ``torch.export.save``, AOTInductor and the ONNX exporter take), its report at
+    ``program.graph_module.meta["repfx_report"]``.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        return _fold_program(model, example_inputs, verify, verify_redrawn, passes, strict)
     if not isinstance(model, nn.Module):
         raise TypeError(f"repfx.fold expects an nn.Module, not {type(model).__name__}")
+    if capture not in CAPTURE_MODES:
+        raise ValueError(f"capture must be one of {', '.join(CAPTURE_MODES)}, not {capture!r}")
     _check_mode(model, strict)
-    return _fold(model, example_inputs, verify, verify_redrawn, passes)
+    return _fold(model, example_inputs, verify, verify_redrawn, passes, capture)
+
+
+def _fold_program(
+    program: torch.export.ExportedProgram,
+    example_inputs: torch.Tensor | Sequence[object] | None,
+    verify: bool,
+    verify_redrawn: bool,
+    passes: Sequence[Pass] | None,
+    strict: bool,
+) -> torch.export.ExportedProgram:
+    inputs = _as_inputs(example_inputs)
+    if inputs is None:
+        args, kwargs = program.example_inputs or ((), {})
+        if kwargs or not args:
+            raise ExampleInputError(
+                "the exported program holds no positional example inputs: pass them, "
+                "repfx.fold(program, inputs)"
+            )
+        inputs = tuple(args)
+    module = program.module()
+    _check_mode(module, strict)
+    folded = _fold(module, inputs, verify, verify_redrawn, passes, capture="export")
+    result = export_program(folded, inputs)
+    result.graph_module.meta[REPORT_KEY] = folded.meta[REPORT_KEY]
+    return result
 
 
 def _fold(
@@ -119,23 +164,27 @@ def _fold(
     verify: bool = True,
     verify_redrawn: bool = True,
     passes: Sequence[Pass] | None = None,
+    capture: str = "auto",
 ) -> fx.GraphModule:
     inputs = _as_inputs(example_inputs)
     passes = default_pipeline() if passes is None else passes
     report = FoldReport()
-    gm = _fold_copy(copy_model(model), inputs, passes, report, prefix="")
+    gm = _fold_copy(copy_model(model), inputs, passes, report, prefix="", capture=capture)
     gm.training = model.training
     if verify and inputs is not None:
         inputs64 = float64_inputs(inputs)
 
         def refold(model64: nn.Module) -> nn.Module:  # the same fold of a float64 copy
-            return _fold(model64, inputs64, verify=False, passes=passes)
+            return _fold(model64, inputs64, verify=False, passes=passes, capture=capture)
 
         report.verification = run_verification(model, gm, inputs, refold)
         if verify_redrawn:
             try:
                 report.redrawn_verification = run_redrawn_verification(
-                    model, inputs, lambda m: _fold(m, inputs, verify=False, passes=passes), refold
+                    model,
+                    inputs,
+                    lambda m: _fold(m, inputs, verify=False, passes=passes, capture=capture),
+                    refold,
                 )
             except ExampleInputError as exc:  # the model ran as given: the re-draw broke it
                 cause = _first_line(exc.__cause__)
@@ -161,9 +210,10 @@ def _fold_copy(
     passes: Sequence[Pass],
     report: FoldReport,
     prefix: str,
+    capture: str = "fx",
 ) -> fx.GraphModule:
     """Fold ``work`` (repfx's own copy, mutated freely) and record into ``report``."""
-    gm, opaque = capture(work)
+    gm, opaque = capture_model(work, inputs, capture, report)
     if inputs is not None:
         propagate_shapes(gm, inputs)
     annotate_ranks(gm)
@@ -172,9 +222,11 @@ def _fold_copy(
     folded, skipped = run_to_fixpoint(gm, passes)
     report.folded += [Folded(f.rule, prefix + f.where, f.detail) for f in folded]
     report.skipped += [Skipped(s.rule, prefix + s.where, s.reason) for s in skipped]
+    child_inputs = record_child_inputs(gm, list(opaque), inputs) if opaque and inputs else {}
     for path, why in opaque.items():
-        report.opaque_modules[prefix + path] = why
-        _fold_inside(gm, path, passes, report, prefix)
+        label = "" if path == AS_IS else f"{path}."
+        report.opaque_modules[prefix + (label[:-1] or "forward")] = why
+        _fold_inside(gm, path, passes, report, prefix + label, child_inputs, capture)
     delete_unused_attributes(gm)
     gm.recompile()
     if not prefix:
@@ -183,16 +235,23 @@ def _fold_copy(
 
 
 def _fold_inside(
-    gm: fx.GraphModule, path: str, passes: Sequence[Pass], report: FoldReport, prefix: str
+    gm: fx.GraphModule,
+    path: str,
+    passes: Sequence[Pass],
+    report: FoldReport,
+    prefix: str,
+    child_inputs: dict[str, tuple | None],
+    capture: str,
 ) -> None:
     """Fold each child of an untraceable module on its own (it runs as a black box), where the
-    parent's code does nothing with the child but call it (``repfx.opaque``)."""
+    parent's code does nothing with the child but call it (``repfx.opaque``). A child is
+    captured with the inputs it received on the example inputs, when it was called once."""
     leaf = gm.get_submodule(path)
     occurrences: dict[int, int] = {}
     for _, m in gm.named_modules(remove_duplicate=False):
         occurrences[id(m)] = occurrences.get(id(m), 0) + 1
     for name, child in list(leaf.named_children()):
-        where = f"{prefix}{path}.{name}"
+        where = f"{prefix}{name}"
         if occurrences[id(child)] > 1:
             report.skipped.append(Skipped("capture", where, "module is shared"))
             continue
@@ -200,8 +259,27 @@ def _fold_inside(
             report.skipped.append(Skipped("capture", where, f"untraced parent: {reason}"))
             continue
         try:
-            folded = _fold_copy(child, None, passes, report, prefix=f"{where}.")
+            inputs = child_inputs.get(f"{path}.{name}")
+            folded = _fold_child(child, inputs, passes, report, where, capture)
         except CaptureError as exc:
             report.skipped.append(Skipped("capture", where, str(exc).split(" (")[0]))
             continue
         setattr(leaf, name, folded)
+
+
+def _fold_child(
+    child: nn.Module,
+    inputs: tuple | None,
+    passes: Sequence[Pass],
+    report: FoldReport,
+    where: str,
+    capture: str,
+) -> fx.GraphModule:
+    """Fold a child of an opaque module: captured with the inputs it was seen with (any front
+    end), or, without them (or when they do not reproduce its call), by ``torch.fx``."""
+    if inputs is not None:
+        try:
+            return _fold_copy(copy.deepcopy(child), inputs, passes, report, f"{where}.", capture)
+        except (CaptureError, ExampleInputError):
+            pass
+    return _fold_copy(child, None, passes, report, f"{where}.", "fx")

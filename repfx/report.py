@@ -31,6 +31,10 @@ class Skipped:
 OK = "ok"
 ILL_CONDITIONED = "ok: ill-conditioned"  # missed its tolerance; the float64 re-check explains it
 FAILED = "FAILED"
+# differs, but the original itself jumps at these inputs (a threshold, a sort, NMS): a 1-ulp
+# perturbation of its weights moves this output as far; nothing at these inputs can tell a
+# correct fold from a wrong one (every rewrite was still validated locally at its commit point)
+DISCONTINUOUS = "not verifiable: discontinuous here"
 
 NOT_VERIFIED = "verification: none, nothing was verified (no example inputs, or verify=False)"
 
@@ -54,6 +58,7 @@ class Float64Recheck:
     folded_rounding: float | None = None  # the low-precision fold vs float64 truth (not judged)
     weight_rounding: float | None = None  # the fold's rounded weights, run in float64, vs truth
     rounding_criterion: float | None = None  # weight_rounding must be ≤ this
+    discontinuous: bool = False  # sensitivity ≥ repfx.tolerances.DISCONTINUITY
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class OutputComparison:
     abs_error: float | None  # max |folded − original| where both are finite (None: not comparable)
     rel_error: float | None  # abs_error / max |original| of this output
     tolerance: float  # of this output's dtype (0: compared exactly)
-    verdict: str  # OK, ILL_CONDITIONED or FAILED
+    verdict: str  # OK, ILL_CONDITIONED, DISCONTINUOUS or FAILED
     problem: str = ""  # why it failed
     nonfinite_mismatches: int = 0  # positions where NaN / Inf differ
     recheck: Float64Recheck | None = None
@@ -101,7 +106,9 @@ def _recheck_text(r: Float64Recheck, dtype: str, passed: bool) -> str:
             f"by {r.folded_rounding:.3g}, its rounded weights alone by {r.weight_rounding:.3g} "
             f"(≤ {r.rounding_criterion:.3g} allowed)"
         )
-    if passed:
+    if r.discontinuous:
+        text = f"the original jumps here: {text}"
+    elif passed:
         text = f"the {dtype} difference is explained by ill-conditioning: {text}"
     return text
 
@@ -146,10 +153,16 @@ class Verification:
         )
         failed = sum(not o.passed for o in self.outputs)
         explained = sum(o.verdict == ILL_CONDITIONED for o in self.outputs)
+        jumps = sum(o.verdict == DISCONTINUOUS for o in self.outputs)
         if failed:
             text += f", {failed} failed"
         if explained:
             text += f", {explained} explained by ill-conditioning (float64 re-check)"
+        if jumps:
+            text += (
+                f", {jumps} not verifiable (the original jumps at these inputs under a 1-ulp "
+                "perturbation of its weights: a threshold, a sort, NMS)"
+            )
         return text
 
     def lines(self) -> list[str]:

@@ -220,13 +220,15 @@ def delete_unused_attributes(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    gm.delete_all_unused_submodules()
-    used_ids = {id(_fetch_attr(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            m = module_of(gm, n)
-            used_ids.update(id(t) for t in [*m.parameters(), *m.buffers()])
+    # modules the graph runs whole: called ones, and ones it fetches (``repfx.frontend``)
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    fetched = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    called |= {path for path in fetched if isinstance(_fetch_attr(gm, path), nn.Module)}
+    _delete_unused_submodules(gm, called)
+    used_ids = {id(_fetch_attr(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    for path in called:
+        m = gm.get_submodule(path)
+        used_ids.update(id(t) for t in [*m.parameters(), *m.buffers()])
     for path, module in list(gm.named_modules()):
         if path in called:
             continue
@@ -236,6 +238,22 @@ def delete_unused_attributes(gm: fx.GraphModule) -> None:
         for name, b in list(module._buffers.items()):
             if b is not None and id(b) not in used_ids:
                 del module._buffers[name]
+
+
+def _delete_unused_submodules(gm: fx.GraphModule, whole: set[str]) -> None:
+    """As ``GraphModule.delete_all_unused_submodules``, keeping every submodule of the
+    modules at ``whole`` (a module the graph fetches runs its children too)."""
+    used = {""}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            parts = node.target.split(".")
+            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for path, _ in list(gm.named_modules()):
+        if not path or path in used or any(path.startswith(f"{w}.") for w in whole):
+            continue
+        if "." in path and path.rsplit(".", 1)[0] not in used:
+            continue  # deleted with its parent
+        gm.delete_submodule(path)
 
 
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

@@ -51,6 +51,16 @@ FLOAT64_SENSITIVITY_MULTIPLE = 32.0
 # criterion never exceeds this (a model whose float64 output moves by 3e-5 when its parameters
 # move by one ulp computes nothing meaningful in float32 either).
 FLOAT64_CRITERION_CEILING = 1e-3
+# ... except where the float64 original itself jumps: an output that moves by 1% of its scale
+# when the weights move by one ulp (2e-16) is discontinuous at these inputs (a comparison, a
+# top-k, NMS flips), not merely ill-conditioned. A correct fold moves it as far, so no fold can
+# be judged on it there: the output is reported as not verifiable, neither passed nor failed.
+DISCONTINUITY = 1e-2
+
+
+def discontinuous(sensitivity: float) -> bool:
+    """Does an output of this float64 ``sensitivity`` jump at the inputs it was measured on?"""
+    return not math.isfinite(sensitivity) or sensitivity >= DISCONTINUITY
 
 
 def tolerance_for(dtype: torch.dtype) -> float:

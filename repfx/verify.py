@@ -36,12 +36,13 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
 from .capture import copy_model
 from .redraw import VERIFICATION_SEED, redraw_foldable_parameters_
 from .report import (
     AS_GIVEN,
+    DISCONTINUOUS,
     FAILED,
     ILL_CONDITIONED,
     OK,
@@ -53,6 +54,7 @@ from .report import (
 from .tolerances import (
     SENSITIVITY_PERTURBATION,
     SENSITIVITY_TRIALS,
+    discontinuous,
     float64_criterion,
     reference_dtype,
     rounding_criterion,
@@ -74,8 +76,8 @@ def verify(
     """Compare ``folded`` with ``model`` on ``inputs``, every output on its own (see the module
     docstring). ``refold`` (the same fold, applied to a float64 copy of the model) enables the
     float64 re-check of a low-precision model; a float64 model needs none."""
-    reference = copy_model(model)  # the user's model is never run: its forward may mutate it
-    expected, actual = _run(reference, inputs), _run(folded, inputs)
+    # neither model is run itself: a forward may mutate its module (training-mode BN statistics)
+    expected, actual = _run(copy_model(model), inputs), _run(copy_model(folded), inputs)
     tolerance = tolerance_for(reference_dtype(expected))
     problem = structure_mismatch(actual, expected)
     if problem is not None:
@@ -118,8 +120,9 @@ def assert_equivalent(
 
 
 def float64_inputs(inputs: tuple) -> tuple:
-    """``inputs`` with every floating tensor converted to float64 (for ``refold``)."""
-    return tuple(_to_float64(x) for x in inputs)
+    """``inputs`` with every floating tensor converted to float64 (for ``refold``), also
+    inside lists, tuples and dicts (a detector's list of images)."""
+    return tuple(tree_map(_to_float64, x) for x in inputs)
 
 
 # ------------------------------------------------------------------ structure and outputs
@@ -164,13 +167,10 @@ def compare_output(path: str, actual: torch.Tensor, expected: torch.Tensor) -> O
 
 
 def _recheckable(c: OutputComparison) -> bool:
-    """A floating output that only missed its tolerance (rounding may explain it)."""
-    return (
-        c.verdict == FAILED
-        and c.rel_error is not None
-        and c.tolerance > 0
-        and c.nonfinite_mismatches == 0
-    )
+    """An output that only missed its tolerance (rounding or a jump of the original may
+    explain it): a floating one, or an exact one (integers, booleans: indices, labels, masks)
+    that differs, with the same shape."""
+    return c.verdict == FAILED and c.rel_error is not None and c.nonfinite_mismatches == 0
 
 
 def _tensor_leaves(
@@ -212,6 +212,7 @@ class _Float64Recheck:
         self.actual, self.expected = actual, expected
         self.error: str | None = None
         self._sensitivity: list[float] | None = None
+        self._deterministic: bool | None = None
         try:
             self._run_float64(model, folded, inputs, refold)
         except Exception as exc:  # the user's model may not run in float64
@@ -242,17 +243,38 @@ class _Float64Recheck:
         if self.error is not None:
             problem = f"{c.problem}; the float64 re-check could not run ({self.error})"
             return _replace(c, FAILED, problem, None)
+        if not self.expected[i].is_floating_point():
+            return self._judge_exact(i, c)
         fold_error = _rel(self.fold64[i], self.truth[i])
         sensitivity, criterion = None, float64_criterion(0.0)
         if fold_error > criterion:
             sensitivity = self.sensitivity()[i]
             criterion = float64_criterion(sensitivity)
+            if discontinuous(sensitivity) and self.deterministic():
+                recheck = Float64Recheck(fold_error, criterion, sensitivity, discontinuous=True)
+                return _replace(c, DISCONTINUOUS, c.problem, recheck)
         recheck = Float64Recheck(fold_error, criterion, sensitivity)
         if self.weights64 is not None:
             recheck = self._rounding(i, recheck)
         why = _recheck_failure(recheck)
         problem = f"{c.problem}; {why}" if why else c.problem
         return _replace(c, FAILED if why else ILL_CONDITIONED, problem, recheck)
+
+    def _judge_exact(self, i: int, c: OutputComparison) -> OutputComparison:
+        """An integer / boolean output (labels, indices, a mask) that differs: not verifiable
+        where the original itself jumps — it moves under a 1-ulp perturbation, or the float64
+        fold is exact and rounding (the original's own, or the fold's stored weights') flips
+        it; otherwise the fold is wrong."""
+        fold_error, sensitivity = _rel(self.fold64[i], self.truth[i]), self.sensitivity()[i]
+        rounding_flips = self.weights64 is not None and (
+            _rel(self.expected[i], self.truth[i]) > 0 or _rel(self.weights64[i], self.truth[i]) > 0
+        )
+        jumps = sensitivity > 0 or (fold_error == 0 and rounding_flips)
+        if jumps and self.deterministic():
+            criterion = float64_criterion(sensitivity)
+            recheck = Float64Recheck(fold_error, criterion, sensitivity, discontinuous=True)
+            return _replace(c, DISCONTINUOUS, c.problem, recheck)
+        return c
 
     def _rounding(self, i: int, recheck: Float64Recheck) -> Float64Recheck:
         original = _rel(self.expected[i], self.truth[i])
@@ -265,6 +287,17 @@ class _Float64Recheck:
             weight_rounding=_rel(self.weights64[i], self.truth[i]),
             rounding_criterion=rounding_criterion(original, self.expected[i].dtype),
         )
+
+    def deterministic(self) -> bool:
+        """Does the float64 original compute the same outputs when run again? (A model with
+        state that changes on every call moves under any perturbation — and without one.)"""
+        if self._deterministic is None:
+            again = _leaves_of(_run(copy_model(self.model64), self.inputs64))
+            self._deterministic = len(again) == len(self.truth) and all(
+                a.shape == t.shape and bool(((a == t) | (a.isnan() & t.isnan())).all())
+                for a, t in zip(again, self.truth, strict=True)
+            )
+        return self._deterministic
 
     def sensitivity(self) -> list[float]:
         if self._sensitivity is None:
@@ -321,7 +354,8 @@ def _replace(
 ) -> OutputComparison:
     return OutputComparison(
         c.path, c.dtype, c.abs_error, c.rel_error, c.tolerance, verdict,
-        "" if verdict == ILL_CONDITIONED else problem, c.nonfinite_mismatches, recheck,
+        "" if verdict in (ILL_CONDITIONED, DISCONTINUOUS) else problem, c.nonfinite_mismatches,
+        recheck,
     )  # fmt: skip
 
 
@@ -331,7 +365,8 @@ def _replace(
 def _run(module: nn.Module, inputs: tuple) -> object:
     """``module(*inputs)`` on clones of the inputs (a model may write its input: the next run
     must see the values the caller gave)."""
-    inputs = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+    inputs = tuple(tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, x)
+                   for x in inputs)  # fmt: skip
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
         return module(*inputs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 import repfx
@@ -73,3 +74,15 @@ def fold_matches(model: nn.Module, example: torch.Tensor, fresh: torch.Tensor) -
     with torch.no_grad():
         assert_close(folded(fresh), model(fresh))
     return folded
+
+
+def batch_norms(folded: nn.Module) -> int:
+    """BatchNorms left anywhere in a folded model: modules, and calls in its graphs."""
+    modules = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    calls = sum(
+        n.target in (torch.batch_norm, F.batch_norm)
+        for m in folded.modules()
+        if isinstance(m, fx.GraphModule)
+        for n in m.graph.nodes
+    )
+    return modules + calls

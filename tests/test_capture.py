@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from grammar import BatchNormAct, randomise_
@@ -67,8 +69,16 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_top_level_forward_is_a_clear_error():
-    with pytest.raises(repfx.CaptureError, match="top-level forward itself must be traceable"):
+    with pytest.raises(repfx.CaptureError, match="pass example inputs"):
         repfx.fold(Untraceable())
+
+
+def test_a_forward_no_front_end_captures_runs_as_it_is():
+    model, x = Untraceable(), torch.randn(2, 3)
+    folded = repfx.fold(model, x)
+    why = folded.meta[repfx.REPORT_KEY].opaque_modules["forward"]
+    assert "neither front end" in why and "control flow on tensor values" in why
+    assert torch.equal(folded(x), model(x)) and torch.equal(folded(-x), model(-x))
 
 
 class CountsCalls(nn.Module):
@@ -130,3 +140,34 @@ def test_report_is_readable_and_explains_skips():
     assert "batch_norm" in text and "2 -> 1" in text
     assert report.counts() == {"fold_bn": 1}
     assert report.explain().startswith("fold_bn: 3: producer ReLU is not a conv")
+
+
+class ReadsTrainingStatistics(nn.Module):
+    """An eval BN whose shift reads a training-mode BN's running mean through a view (fx runs
+    ``running_mean.view(...)`` while tracing and records the result as a tensor constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.bn2 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x, *args):
+        y = self.bn(self.conv(x))
+        return self.bn2(y) + self.bn.running_mean.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_view_of_a_training_statistic_is_not_a_constant(capture):
+    torch.manual_seed(0)
+    model = ReadsTrainingStatistics()
+    model.bn2.eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn2.running_mean.normal_()
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.warns(repfx.TrainingModeWarning):
+        folded = repfx.fold(model, x, verify=False, capture=capture)
+    reference = copy.deepcopy(model)
+    for _ in range(2):  # the statistic moves on every call
+        fresh = torch.randn(2, 3, 4, 4)
+        torch.testing.assert_close(folded(fresh), reference(fresh))
+    torch.testing.assert_close(folded.bn.running_mean, reference.bn.running_mean)

@@ -333,8 +333,8 @@ def test_errors_are_one_line_with_documented_exit_codes(tmp_path, user_models, r
         (("optimize", "riformer_s13", "--json"), 2, "unknown model 'riformer_s13'. Did you mean"),
         (("optimize", "riformer_tiny", "--input-shape", "1,3"), 2,
          "wrong --input-shape 1,3 for riformer_tiny: the model does not run on"),
-        (("optimize", "usermodels:untraceable", "--input-shape", "1,3,8,8"), 3,
-         "cannot trace Untraceable.forward"),
+        (("optimize", "usermodels:untraceable", "--input-shape", "1,3,8,8", "--capture", "fx"),
+         3, "cannot trace Untraceable.forward"),
         (("optimize", "usermodels:counter", "--input-shape", "1,3,8,8", "-o", str(no_write)), 1,
          "verification failed: the folded model differs"),
     ]  # fmt: skip

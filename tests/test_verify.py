@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import repfx
 from repfx.passes.base import PassResult
 from repfx.redraw import redraw_foldable_parameters_
-from repfx.report import AS_GIVEN, FAILED, ILL_CONDITIONED, OK, REDRAWN, Folded
+from repfx.report import AS_GIVEN, DISCONTINUOUS, FAILED, ILL_CONDITIONED, OK, REDRAWN, Folded
 from repfx.tolerances import RELATIVE_TOLERANCE, max_errors, tolerance_for
 from repfx.verify import verify
 
@@ -412,3 +412,78 @@ def test_redraw_reaches_everything_a_fold_moves_and_nothing_else():
     assert all(torch.equal(v, again[k]) for k, v in state_after.items())
     other = redraw_foldable_parameters_(copy.deepcopy(before), seed=4).state_dict()
     assert not torch.equal(other["bn.weight"], state_after["bn.weight"])
+
+
+class TiedLabels(nn.Module):
+    """Features and their argmax over two channels; ``tie`` makes the channels equal."""
+
+    def __init__(self, tie: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        if tie:
+            with torch.no_grad():
+                self.conv.weight[1] = self.conv.weight[0]
+                self.conv.bias[1] = self.conv.bias[0]
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, y.argmax(1)
+
+
+def _rounded_copy(model: TiedLabels) -> TiedLabels:
+    """The model with its second channel's weights moved by one float32 ulp: what a correct
+    fold's rounding does."""
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        copy_.conv.weight[1] *= 1 + torch.finfo(torch.float32).eps
+    return copy_
+
+
+def _swapped(model: TiedLabels) -> TiedLabels:
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        copy_.conv.weight.copy_(copy_.conv.weight.flip(0))
+        copy_.conv.bias.copy_(copy_.conv.bias.flip(0))
+    return copy_
+
+
+def test_labels_at_a_tie_are_not_verifiable_rather_than_failed():
+    torch.manual_seed(0)
+    model, x = TiedLabels(tie=True), (torch.randn(2, 3, 4, 4),)
+    result = verify(model, _rounded_copy(model), x, refold=lambda m64: m64)
+    features, labels = result.outputs
+    assert features.verdict == OK
+    assert labels.verdict == DISCONTINUOUS and labels.recheck.discontinuous
+    assert result.passed and "1 not verifiable" in result.summary()
+
+
+def test_wrong_labels_without_a_tie_still_fail():
+    torch.manual_seed(0)
+    model, x = TiedLabels(tie=False), (torch.randn(2, 3, 4, 4),)
+    result = verify(model, _swapped(model), x, refold=_swapped)
+    assert not result.passed
+    assert [o.verdict for o in result.outputs] == [FAILED, FAILED]
+
+
+CALLS = {"count": 0}
+
+
+class CountsItsCalls(nn.Module):
+    """Scales by how often any of its kind ran (global state, which no copy resets): no two
+    runs agree, perturbed or not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        CALLS["count"] += 1
+        return self.conv(x) * CALLS["count"]
+
+
+def test_a_model_whose_runs_disagree_fails_rather_than_being_called_discontinuous():
+    torch.manual_seed(0)
+    with pytest.raises(repfx.VerificationError) as info:
+        repfx.fold(CountsItsCalls(), torch.randn(2, 3, 4, 4))
+    outputs = info.value.report.failed_verification().outputs
+    assert [o.verdict for o in outputs] == [FAILED]

@@ -789,8 +789,8 @@ GRAPH_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "constant-folder-evaluates-random",
         GRAPH,
-        "            torch.Tag.nondeterministic_seeded in func.tags\n            or func",
-        "            func",
+        "        if torch.Tag.nondeterministic_seeded in func.tags or func._schema.is_mutable:",
+        "        if func._schema.is_mutable:",
         "_DeterministicOnly: random ops constant-folded",
         T_VIEWS,
     ),

@@ -1,0 +1,206 @@
+"""Capture with ``torch.export``: for models whose ``forward`` ``torch.fx`` cannot trace.
+
+``torch.fx.symbolic_trace`` runs ``forward`` on proxies: a loop over a list of images, a shape
+assertion, ``forward(self, x, *args)`` or a branch on ``x.dim()`` stops it. ``torch.export``
+(non-strict) runs ``forward`` as Python on fake tensors and records the ATen ops they
+dispatch, so all of these pass: Python control flow on shapes is evaluated (and guarded), only
+data-dependent control flow on tensor *values* stops it. It needs example inputs.
+
+What this module returns is the graph repfx's passes know: ``ExportedProgram.module()`` is an
+``fx.GraphModule`` whose parameters and buffers are module attributes read by ``get_attr``
+nodes (constants, to the passes) and whose calling convention is the original's (a
+``_PyTreeCodeGen`` flattens the inputs — a list of images, a dict — and rebuilds the outputs).
+Its nodes call ATen overloads (``aten.conv2d.default``, ``aten.batch_norm.default``,
+``aten.mul.Tensor``, …); :func:`to_torch_level` rewrites the ones whose torch-level twin takes
+the same arguments to that twin (``torch.conv2d``, ``torch.batch_norm``, ``torch.mul``, …), so
+that every op view, pass and validation works unchanged. An ATen op with no twin here stays
+an ATen call: it runs as it did and folds nothing.
+
+Shapes: every dimension of every tensor input is exported as ``Dim.AUTO``, so what the model
+does not specialise (the batch size, usually the spatial sizes) stays dynamic in the folded
+module; a model that export cannot capture that way is exported with static shapes, and the
+folded module then accepts only the example inputs' shapes (the report says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .capture import CaptureError, forward_hooks_of, functionalize, refuse_hooks
+
+aten = torch.ops.aten
+_GUARDS = "_guards_fn"  # ExportedProgram.module()'s input-shape checks
+
+
+@dataclass(frozen=True)
+class ExportCapture:
+    """The captured graph module, and what the report should say about the capture."""
+
+    module: fx.GraphModule
+    notes: tuple[str, ...]
+
+
+def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
+    """``torch.export`` ``model`` (repfx's own copy) on ``example_inputs`` (non-strict) and
+    return its graph at torch level (:func:`to_torch_level`). Hooks are refused as by
+    :func:`repfx.capture.capture`."""
+    refuse_hooks(model)
+    hooked = [path for path, m in model.named_modules() if path and forward_hooks_of(m)]
+    if hooked:
+        raise CaptureError(
+            f"torch.export would run the forward hooks of {hooked[0]} only while capturing "
+            "(repfx keeps hooked modules as modules, which only torch.fx capture can do)"
+        )
+    notes: list[str] = []
+    try:
+        program = _export(model, example_inputs, dynamic=True)
+    except Exception as dynamic_error:
+        try:
+            program = _export(model, example_inputs, dynamic=False)
+        except Exception as exc:
+            raise CaptureError(
+                f"torch.export cannot capture {type(model).__name__}.forward "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
+        notes.append(
+            "captured by torch.export with static shapes (dynamic shapes failed: "
+            f"{type(dynamic_error).__name__}: {_first_line(dynamic_error)}); the folded "
+            "module accepts inputs of the example inputs' shapes only"
+        )
+    gm = program.module()
+    to_torch_level(gm)
+    with _guards_set_aside(gm):
+        functionalize(gm)  # marks what the graph writes (training-mode BN statistics, inputs)
+    return ExportCapture(gm, tuple(notes))
+
+
+@contextlib.contextmanager
+def _guards_set_aside(gm: fx.GraphModule) -> Iterator[None]:
+    """Take out the calls of the input-shape guards ``ExportedProgram.module()`` adds (a
+    submodule that only reads its inputs, which capture would otherwise take for code that may
+    write them), and put them back after the last placeholder."""
+    guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == _GUARDS]
+    calls = [(n.args, n.kwargs) for n in guards]
+    for node in guards:
+        gm.graph.erase_node(node)
+    yield
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else next(iter(gm.graph.nodes))
+    for args, kwargs in reversed(calls):
+        with gm.graph.inserting_after(anchor):
+            gm.graph.call_module(_GUARDS, args, kwargs)
+    gm.recompile()
+
+
+def export_program(module: nn.Module, example_inputs: tuple) -> Any:
+    """``torch.export`` a folded module as an ``ExportedProgram``: dynamic where the model does
+    not specialise, static if that fails."""
+    try:
+        return _export(module, example_inputs, dynamic=True)
+    except Exception:
+        try:
+            return _export(module, example_inputs, dynamic=False)
+        except Exception as exc:
+            raise CaptureError(
+                f"torch.export cannot export the folded module ({type(exc).__name__}: "
+                f"{_first_line(exc)})"
+            ) from exc
+
+
+def _export(model: nn.Module, example_inputs: tuple, dynamic: bool) -> Any:
+    shapes = None
+    if dynamic:
+        shapes = pytree.tree_map(
+            lambda x: (
+                {d: torch.export.Dim.AUTO for d in range(x.dim())}
+                if isinstance(x, torch.Tensor)
+                else None
+            ),
+            example_inputs,
+        )
+    # (a failing export prints the partial graph: what the user sees is repfx's error)
+    quiet = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(contextlib.redirect_stdout(quiet))
+        stack.enter_context(contextlib.redirect_stderr(quiet))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")  # export's advice to the model's author
+        return torch.export.export(model, example_inputs, strict=False, dynamic_shapes=shapes)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+# ------------------------------------------------------------------ ATen → torch level
+
+
+@dataclass(frozen=True)
+class _Twin:
+    """The torch-level call an ATen overload becomes: ``target`` (a function, or a method
+    name when ``method``), and how to map the ATen call's arguments (``None``: the same)."""
+
+    target: Callable[..., Any] | str
+    method: bool = False
+    arguments: Callable[[tuple, dict], tuple[tuple, dict]] | None = None
+
+
+def _constant_pad(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    x, pad, *rest = args
+    value = rest[0] if rest else kwargs.get("value", 0)
+    return (x, pad, "constant", value), {}
+
+
+# Twins that are not the op's own binding: methods (no ``torch.view``), and the spelling the
+# padding pass reads.
+_OVERRIDES = {
+    aten.view.default: _Twin("view", method=True),
+    aten.contiguous.default: _Twin("contiguous", method=True),
+    aten.constant_pad_nd.default: _Twin(F.pad, arguments=_constant_pad),
+}
+# Where the Python bindings of ATen ops live (``torch._C._nn.linear`` is ``F.linear``).
+_BINDING_NAMESPACES = (torch._C._nn, torch)
+
+
+def _twin_of(target: Any) -> _Twin | None:
+    """The torch-level twin of an ATen overload: an override, or the op's own Python binding
+    (``aten.conv2d.default`` → ``torch.conv2d``), a builtin that takes the schema's arguments
+    and dispatches to the same kernel. A name bound to a Python function (``torch.split``,
+    which takes other arguments) is not a twin."""
+    if target in _OVERRIDES:
+        return _OVERRIDES[target]
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    name = target._schema.name.split("::")[-1]
+    for namespace in _BINDING_NAMESPACES:
+        binding = getattr(namespace, name, None)
+        if isinstance(binding, types.BuiltinFunctionType):
+            return _Twin(binding)
+    return None
+
+
+def to_torch_level(gm: fx.GraphModule) -> None:
+    """Rewrite, in place, every ATen call of ``gm`` that has a torch-level twin to it."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or (twin := _twin_of(node.target)) is None:
+            continue
+        args, kwargs = tuple(node.args), dict(node.kwargs)
+        if twin.arguments is not None:
+            args, kwargs = twin.arguments(args, kwargs)
+        node.op = "call_method" if twin.method else "call_function"
+        node.target = twin.target
+        node.args, node.kwargs = args, kwargs
+    gm.recompile()

@@ -1,0 +1,163 @@
+"""Which front end turns a model into a graph, and what is left when none can.
+
+Two front ends (``repfx.fold(..., capture=...)``):
+
+* ``"fx"`` — ``torch.fx`` symbolic tracing (:func:`repfx.capture.capture`). Needs no inputs;
+  a submodule it cannot trace is kept as an opaque leaf, and ``repfx.fold`` folds inside it.
+* ``"export"`` — ``torch.export``, non-strict (:mod:`repfx.capture_export`). Needs example
+  inputs; passes shape checks, ``*args``, loops over lists of images, branches on ``x.dim()``.
+* ``"auto"`` (the default) — ``torch.fx``, then ``torch.export`` when ``torch.fx`` cannot trace
+  the top-level ``forward`` or leaves a submodule opaque (with example inputs, for an eval
+  model); when neither can (data-dependent control flow at the top: NMS,
+  a per-image loop over detections), the top-level module runs as it is
+  (:func:`run_as_is`) and ``repfx.fold`` folds inside it, child by child, each captured with
+  the inputs it received on the example inputs (:func:`record_child_inputs`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .capture import CaptureError, ExampleInputError
+from .capture import capture as fx_capture
+from .capture_export import capture_exported
+from .report import FoldReport
+
+CAPTURE_MODES = ("auto", "fx", "export")
+AS_IS = "model"  # the submodule of a run_as_is wrapper that holds the model
+
+
+def capture_model(
+    work: nn.Module, inputs: tuple | None, mode: str, report: FoldReport
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The graph of ``work`` by the front end ``mode`` asks for, and the paths of the modules
+    it runs as opaque leaves with the reason for each. Notes on the capture go to ``report``."""
+    if mode == "export":
+        return _exported(work, inputs, report), {}
+    try:
+        gm, opaque = fx_capture(work, unsupplied_defaults(work, inputs))
+    except CaptureError as fx_error:
+        if mode == "fx":
+            raise CaptureError(
+                f"{fx_error}; repfx.fold(model, inputs, capture='export') captures it with "
+                "torch.export instead"
+            ) from fx_error
+        if inputs is None:
+            raise CaptureError(
+                f"{fx_error}; pass example inputs (repfx.fold(model, inputs)) and repfx "
+                "captures it with torch.export instead"
+            ) from fx_error
+        try:
+            gm = _exported(work, inputs, report)
+        except CaptureError as export_error:
+            reason = (
+                f"neither front end captures forward: {fx_error}; {export_error}. torch.export "
+                "stops only at control flow on tensor values (an `if` on a tensor, a loop "
+                "over detections)"
+            )
+            return run_as_is(work), {AS_IS: reason}
+        report.notes.append(f"captured with torch.export: {fx_error}")
+        return gm, {}
+    if opaque and mode == "auto" and inputs is not None and not work.training:
+        # torch.fx left modules opaque: torch.export may capture them (a loop over a list, a
+        # shape check); a module is kept whole where a hook must run (export refuses those)
+        try:
+            exported = _exported(work, inputs, report)
+        except CaptureError:
+            return gm, opaque
+        report.notes.append(
+            f"captured with torch.export: torch.fx would run {len(opaque)} module(s) opaque "
+            f"({next(iter(opaque))}: {next(iter(opaque.values()))})"
+        )
+        return exported, {}
+    return gm, opaque
+
+
+def unsupplied_defaults(model: nn.Module, inputs: tuple | None) -> dict[str, Any]:
+    """The parameters of ``model.forward`` after the ``inputs`` given that have a default
+    (``forward(x, mask=None)`` called with ``x``): the fold is of the model called that way."""
+    if inputs is None:
+        return {}
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters) and len(inputs) > len(positional):
+        return {}
+    return {p.name: p.default for p in positional[len(inputs) :] if p.default is not p.empty}
+
+
+def _exported(work: nn.Module, inputs: tuple | None, report: FoldReport) -> fx.GraphModule:
+    if inputs is None:
+        raise ExampleInputError("capture='export' needs example inputs: repfx.fold(model, inputs)")
+    captured = capture_exported(work, inputs)
+    report.notes.extend(captured.notes)
+    return captured.module
+
+
+def _call(module: nn.Module, args: tuple) -> Any:
+    return module(*args)
+
+
+def run_as_is(model: nn.Module) -> fx.GraphModule:
+    """A ``GraphModule`` whose ``forward(*args)`` calls ``model`` (held as its
+    submodule ``AS_IS``) unchanged: the graph of a model no front end captures, inside which
+    ``repfx.fold`` folds its children."""
+    graph = fx.Graph()
+    args = graph.placeholder("*args")
+    module = graph.get_attr(AS_IS)
+    graph.output(graph.call_function(_call, (module, args)))
+    holder = nn.Module()
+    holder.add_module(AS_IS, model)
+    gm = fx.GraphModule(holder, graph, class_name=type(model).__name__)
+    gm.training = model.training
+    return gm
+
+
+def record_child_inputs(
+    gm: fx.GraphModule, parents: list[str], inputs: tuple
+) -> dict[str, tuple | None]:
+    """The positional inputs each child of the modules at ``parents`` receives when ``gm``
+    runs on ``inputs`` (path → inputs): recorded for a child called exactly once with no
+    keyword arguments, ``None`` for any other child. Buffers are restored afterwards."""
+    calls: dict[str, list[tuple]] = {}
+    handles = []
+
+    def recorder(path: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            clone = _cloned(args)
+            calls.setdefault(path, []).append(clone if not kwargs else None)
+
+        return hook
+
+    for parent in parents:
+        for name, child in gm.get_submodule(parent).named_children():
+            path = f"{parent}.{name}" if parent else name
+            handles.append(child.register_forward_pre_hook(recorder(path), with_kwargs=True))
+    saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            gm(*_cloned(inputs))
+    except Exception:
+        calls.clear()  # (the verification reports a model that does not run)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                b.copy_(saved[name])
+    return {path: seen[0] if len(seen) == 1 else None for path, seen in calls.items()}
+
+
+def _cloned(args: tuple) -> tuple:
+    return tuple(
+        torch.utils._pytree.tree_map(
+            lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, a
+        )
+        for a in args
+    )

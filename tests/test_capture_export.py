@@ -1,0 +1,174 @@
+"""The torch.export front end: models torch.fx cannot trace at the top fold all the same, the
+folded module keeps the caller's convention and dynamic batch, and a model no front end
+captures runs as it is with its children folded."""
+
+import pytest
+import torch
+from grammar import randomise_
+from helpers import batch_norms, fresh_input
+from torch import nn
+
+import repfx
+
+
+def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class ShapeChecked(nn.Module):
+    """``forward(x, *args)`` with a shape assertion: both stop torch.fx."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(3, 8), conv_bn(8, 8))
+
+    def forward(self, x, *args):
+        assert x.shape[1] == 3, "expects RGB"
+        return self.body(x)
+
+
+class ListOfImages(nn.Module):
+    """A detector-style forward over a list of images (torch.fx cannot iterate a proxy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.heads = nn.ModuleList([nn.Conv2d(8, 4, 1), nn.Conv2d(8, 2, 1)])
+
+    def forward(self, images):
+        x = self.stem(torch.stack([im * 2.0 for im in images]))
+        return {f"head{i}": head(x) for i, head in enumerate(self.heads)}
+
+
+class LastBlockNormsTokens(nn.Module):
+    """mmpretrain EfficientFormer's construct: the last block turns the map into tokens, and
+    the forward branches on ``x.dim()`` to pick the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.network = nn.ModuleList([conv_bn(3, 8), conv_bn(8, 8), nn.Flatten(2)])
+        self.scale = nn.Parameter(torch.randn(8))
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        for idx, block in enumerate(self.network):
+            x = block(x)
+            if idx == len(self.network) - 1 and x.dim() == 3:
+                x = self.norm(x.transpose(1, 2) * self.scale)
+        return x
+
+
+class DataDependentTop(nn.Module):
+    """Keeps detections above a threshold: no front end captures the top-level forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(conv_bn(3, 8), conv_bn(8, 8))
+        self.score = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        scores = self.score(self.backbone(x)).flatten(1)
+        if bool((scores > 0).any()):
+            return scores[scores > 0]
+        return scores.new_zeros(0)
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    return randomise_(model, torch.Generator().manual_seed(0)).eval()
+
+
+@pytest.mark.parametrize("model_class", [ShapeChecked, LastBlockNormsTokens])
+def test_a_forward_fx_cannot_trace_is_captured_by_export(model_class):
+    model, x = _randomized(model_class()), torch.randn(2, 3, 8, 8)
+    folded = repfx.fold(model, x)
+    report = folded.meta[repfx.REPORT_KEY]
+    assert any("captured with torch.export" in note for note in report.notes)
+    assert batch_norms(folded) == 0
+    for batch in (3, 5):  # the batch stays dynamic
+        fresh = fresh_input(batch, *x.shape[1:])
+        torch.testing.assert_close(folded(fresh), model(fresh), rtol=1e-5, atol=1e-5)
+
+
+def test_a_list_of_images_in_a_dict_out():
+    model = _randomized(ListOfImages())
+    images = [torch.randn(3, 8, 8) for _ in range(2)]
+    folded = repfx.fold(model, (images,))
+    assert batch_norms(folded) == 0
+    fresh = [torch.randn(3, 8, 8) for _ in range(2)]  # (the list's length is captured)
+    expected, actual = model(fresh), folded(fresh)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_export_on_request_folds_what_fx_folds():
+    model = _randomized(nn.Sequential(conv_bn(3, 8), conv_bn(8, 8), nn.Conv2d(8, 8, 1)))
+    x = torch.randn(2, 3, 8, 8)
+    by_fx = repfx.fold(model, x, capture="fx").meta[repfx.REPORT_KEY]
+    by_export = repfx.fold(model, x, capture="export").meta[repfx.REPORT_KEY]
+    assert by_fx.after.ops == by_export.after.ops
+    assert by_fx.counts() == by_export.counts()
+
+
+def test_export_needs_example_inputs_and_capture_is_checked():
+    with pytest.raises(repfx.ExampleInputError, match="needs example inputs"):
+        repfx.fold(ShapeChecked().eval(), capture="export")
+    with pytest.raises(ValueError, match="capture must be one of"):
+        repfx.fold(ShapeChecked().eval(), torch.randn(1, 3, 4, 4), capture="dynamo")
+
+
+def test_a_forward_fx_cannot_trace_without_inputs_says_what_to_pass():
+    with pytest.raises(repfx.CaptureError, match="pass example inputs"):
+        repfx.fold(ShapeChecked().eval())
+
+
+def test_no_front_end_at_the_top_folds_the_children_on_their_recorded_inputs():
+    model, x = _randomized(DataDependentTop()), torch.randn(2, 3, 8, 8)
+    folded = repfx.fold(model, x)
+    report = folded.meta[repfx.REPORT_KEY]
+    assert "neither front end" in report.opaque_modules["forward"]
+    assert batch_norms(folded) == 0
+    fresh = fresh_input(3, *x.shape[1:])
+    torch.testing.assert_close(folded(fresh), model(fresh), rtol=1e-5, atol=1e-5)
+
+
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = conv_bn(3, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, *args):
+        return self.head(self.block(x))
+
+
+def test_a_hooked_submodule_keeps_its_hook_running():
+    model = _randomized(Hooked())
+    seen = []
+    model.head.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    folded = repfx.fold(model, torch.randn(2, 3, 8, 8))
+    seen.clear()
+    folded(torch.randn(3, 3, 8, 8))
+    assert seen == [torch.Size([3, 4, 8, 8])]
+
+
+def test_fold_inside_a_wrapper_does_not_mutate_the_model():
+    model, x = _randomized(DataDependentTop()), torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    repfx.fold(model, x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_exported_program_folds_to_an_exported_program(tmp_path):
+    model = _randomized(nn.Sequential(conv_bn(3, 8), conv_bn(8, 8), nn.Conv2d(8, 4, 1)))
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    folded = repfx.fold(program)
+    assert isinstance(folded, torch.export.ExportedProgram)
+    assert folded.graph_module.meta[repfx.REPORT_KEY].counts() == {"fold_bn": 2}
+    targets = {n.target for n in folded.graph.nodes if n.op == "call_function"}
+    assert not any("batch_norm" in str(t) for t in targets)
+    torch.export.save(folded, tmp_path / "folded.pt2")
+    loaded = torch.export.load(tmp_path / "folded.pt2").module()
+    fresh = fresh_input(3, 3, 8, 8)
+    torch.testing.assert_close(loaded(fresh), model(fresh), rtol=1e-5, atol=1e-5)
