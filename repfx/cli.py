@@ -417,7 +417,7 @@ def _optimize(args: argparse.Namespace) -> int:
     result.update(report_dict(report))
 
     if out is not None:
-        target = Target(out, fmt, force=args.force)
+        target = Target(out, fmt, force=args.force, static_shapes=args.static_shapes)
         result["output"] = _write(folded, model, inputs, target, verify, progress)
     if args.benchmark:
         progress(f"benchmarking eager latency ({args.benchmark_rounds} interleaved rounds) ...")
@@ -433,11 +433,13 @@ def _optimize(args: argparse.Namespace) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Where to write: OUT, its format, and whether existing files may be replaced."""
+    """Where to write: OUT, its format, whether existing files may be replaced, and whether
+    a ``.pt2`` / ``.onnx`` file fixes the example inputs' shapes (else: a dynamic batch)."""
 
     path: Path
     fmt: str
     force: bool
+    static_shapes: bool = False
 
 
 def _write(
@@ -479,6 +481,7 @@ def _write_format(
 ) -> tuple[dict, object]:
     """Write with the writer of ``target.fmt``: the output's info and its check."""
     out, fmt, overwrite = target.path, target.fmt, target.force
+    dynamic = not target.static_shapes
     info: dict = {"path": str(out), "format": fmt, "loader": FORMAT_LOADERS[fmt]}
     if fmt == "pt":
         check, _ = _timed(
@@ -491,13 +494,17 @@ def _write_format(
         check, _ = _timed(
             progress,
             f"exporting with torch.export to {out}",
-            lambda: save_pt2(folded, inputs, out, verify=verify, overwrite=overwrite),
+            lambda: save_pt2(
+                folded, inputs, out, verify=verify, overwrite=overwrite, dynamic_batch=dynamic
+            ),
         )
         return info, check
     exported, _ = _timed(
         progress,
         f"exporting to ONNX, checking{' and running with onnxruntime' if verify else ''}",
-        lambda: export_onnx(folded, inputs, out, verify=verify, overwrite=overwrite),
+        lambda: export_onnx(
+            folded, inputs, out, verify=verify, overwrite=overwrite, dynamic_batch=dynamic
+        ),
     )
     info["onnx"] = {
         "exporter": exported.exporter,
@@ -508,7 +515,7 @@ def _write_format(
     }
     progress("exporting the unfolded model to ONNX for comparison ...")
     try:
-        before = onnx_op_counts_of(model, inputs)
+        before = onnx_op_counts_of(model, inputs, dynamic_batch=dynamic)
         info["onnx"]["unfolded_nodes"] = sum(before.values())
         info["onnx"]["unfolded_ops"] = dict(sorted(before.items()))
     except ExportError as exc:
@@ -524,8 +531,10 @@ def _human_report(report: FoldReport, result: dict, explain: bool) -> str:
         lines.append(f"wrote {output['path']} ({output['format']}, {size:.1f} MB)")
         check = output["check"]
         if check:
+            sizes = check.get("batch_sizes") or ()
+            at = f" at batch {' and '.join(map(str, sizes))}" if len(sizes) > 1 else ""
             lines.append(
-                f"  reloaded with {check['runner']}: max abs {check['max_abs_error']:.3g}, "
+                f"  reloaded with {check['runner']}{at}: max abs {check['max_abs_error']:.3g}, "
                 f"max rel {check['max_rel_error']:.3g} (tolerance {check['tolerance']:.1g})"
             )
         onnx = output.get("onnx")
@@ -599,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default: from OUT's suffix: .pt, .pt2, .onnx)",
     )
     opt.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    opt.add_argument(
+        "--static-shapes",
+        action="store_true",
+        help="fix the example inputs' shapes in a .pt2 / .onnx OUT (default: dynamic batch)",
+    )
     opt.add_argument(
         "--arch", help="the model a state-dict SOURCE is loaded into (name, timm:NAME, module:fn)"
     )

@@ -17,11 +17,19 @@ link (the link itself, never its target), and with ``overwrite=False`` nothing t
 With example inputs, every writer loads what it wrote back with the loader of its format, runs
 it on them and compares the outputs with the module's own, within ``repfx.tolerances``; a
 difference raises :class:`ExportMismatchError`.
+
+``.pt2`` and ``.onnx`` files take a dynamic batch by default (``dynamic_batch=True``): the first
+dimension of every tensor input is one symbolic ``batch`` size, and the written file is checked
+at two batch sizes — the example inputs', and one more (each input grown by its first item). A
+model that specialises its batch cannot be written so (:class:`ExportError`, which says to pass
+``dynamic_batch=False``, the CLI's ``--static-shapes``); then the example inputs' shapes are
+fixed in the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import stat
@@ -80,6 +88,7 @@ class OutputCheck:
     max_rel_error: float
     tolerance: float
     passed: bool
+    batch_sizes: tuple[int, ...] = ()  # the batch sizes checked (a dynamic-batch file: two)
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,7 @@ def export_onnx(
     opset: int | None = None,
     dynamo: bool | None = None,
     overwrite: bool = True,
+    dynamic_batch: bool = True,
 ) -> OnnxExport:
     """Export ``folded`` to ONNX at ``path``, check it, run it, and compare.
 
@@ -112,8 +122,9 @@ def export_onnx(
     ``repfx.tolerances`` (:class:`ExportMismatchError` otherwise). Nothing is written unless
     every check passes; an existing file at ``path`` (or external data next to it) is replaced
     unless ``overwrite=False`` (:class:`OutputExistsError`). ``dynamo=None`` uses the
-    torch.export-based exporter when onnxscript is installed, else the TorchScript one. The
-    shapes of ``example_inputs`` are fixed in the exported graph.
+    torch.export-based exporter when onnxscript is installed, else the TorchScript one. With
+    ``dynamic_batch`` (the default) the batch dimension stays symbolic and onnxruntime checks
+    two batch sizes; otherwise the shapes of ``example_inputs`` are fixed in the graph.
     """
     inputs = _as_tuple(example_inputs)
     path = Path(path)
@@ -128,7 +139,10 @@ def export_onnx(
     external = _weight_bytes(folded) > ONNX_EXTERNAL_DATA_BYTES
     with _atomic_output(path, overwrite) as tmp:
         target = tmp / path.name
-        _torch_onnx_export(folded, inputs, target, dynamo=dynamo, opset=opset, external=external)
+        _torch_onnx_export(
+            folded, inputs, target, dynamo=dynamo, opset=opset, external=external,
+            dynamic_batch=dynamic_batch,
+        )  # fmt: skip
         try:
             onnx.checker.check_model(str(target))
         except Exception as exc:
@@ -137,8 +151,8 @@ def export_onnx(
         ops = onnx_op_counts(proto)
         check = None
         if verify:
-            check = _compare(
-                folded, inputs, lambda: _run_onnxruntime(target, inputs), "onnxruntime"
+            check = _compare_batches(
+                folded, inputs, dynamic_batch, lambda x: _run_onnxruntime(target, x), "onnxruntime"
             )
         files = [path.parent / f.name for f in tmp.iterdir()]
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -172,18 +186,23 @@ def onnx_op_counts(model: object) -> Counter[str]:
 
 
 def onnx_op_counts_of(
-    module: nn.Module, example_inputs: torch.Tensor | Sequence[object], dynamo: bool | None = None
+    module: nn.Module,
+    example_inputs: torch.Tensor | Sequence[object],
+    dynamo: bool | None = None,
+    dynamic_batch: bool = False,
 ) -> Counter[str]:
     """Node count per op type of ``module``'s ONNX export (written to a temporary directory and
-    removed); used to compare a folded model's ONNX with the unfolded model's."""
+    removed); used to compare a folded model's ONNX with the unfolded model's (exported the
+    same way: ``dynamic_batch`` as the folded one's)."""
     if dynamo is None:
         dynamo = _has_onnxscript()
     with tempfile.TemporaryDirectory(prefix="repfx-onnx-") as tmp:
         target = Path(tmp) / "model.onnx"
         external = _weight_bytes(module) > ONNX_EXTERNAL_DATA_BYTES
         _torch_onnx_export(
-            module, _as_tuple(example_inputs), target, dynamo=dynamo, opset=None, external=external
-        )
+            module, _as_tuple(example_inputs), target, dynamo=dynamo, opset=None,
+            external=external, dynamic_batch=dynamic_batch,
+        )  # fmt: skip
         return onnx_op_counts(target)
 
 
@@ -218,26 +237,77 @@ def save_pt2(
     *,
     verify: bool = True,
     overwrite: bool = True,
+    dynamic_batch: bool = True,
 ) -> OutputCheck | None:
     """``torch.export.export(module, example_inputs)`` saved with ``torch.export.save``,
-    atomically; with ``verify`` the file is loaded back (``torch.export.load``) and compared."""
+    atomically; with ``verify`` the file is loaded back (``torch.export.load``) and compared,
+    at two batch sizes with ``dynamic_batch``."""
     path = Path(path)
     inputs = _as_tuple(example_inputs)
+    shapes = batch_shapes(inputs) if dynamic_batch else None
     try:
-        program = torch.export.export(module, inputs)
+        with torch.no_grad():
+            program = torch.export.export(
+                module, tracing_inputs(inputs, dynamic_batch), dynamic_shapes=shapes
+            )
     except Exception as exc:
-        raise ExportError(f"torch.export failed: {_line(exc)}") from exc
+        raise ExportError(f"torch.export failed: {_line(exc)}{_static_hint(shapes)}") from exc
     with _atomic_output(path, overwrite) as tmp:
         target = tmp / path.name
         torch.export.save(program, target)
         if not verify:
             return None
-        return _compare(
-            module,
-            inputs,
-            lambda: _run(torch.export.load(target).module(), inputs),
-            "torch.export.load",
+        loaded = torch.export.load(target).module()
+        return _compare_batches(
+            module, inputs, dynamic_batch, lambda x: _run(loaded, x), "torch.export.load"
         )
+
+
+BATCH = "batch"
+
+
+def batch_shapes(inputs: tuple) -> tuple:
+    """``dynamic_shapes`` for ``torch.export``: dimension 0 of every tensor input is one
+    shared symbolic batch size."""
+    batch = torch.export.Dim(BATCH, min=1)
+    return tuple({0: batch} if _batched(x) else None for x in inputs)
+
+
+def tracing_inputs(inputs: tuple, dynamic_batch: bool) -> tuple:
+    """What to export on: for a dynamic batch, never a batch of one (which every exporter
+    specialises to the constant 1)."""
+    if dynamic_batch and any(_batched(x) and x.shape[0] == 1 for x in inputs):
+        return grown_batch(inputs)
+    return inputs
+
+
+def grown_batch(inputs: tuple) -> tuple:
+    """``inputs`` with one more item in the batch (each tensor input's first item appended)."""
+    return tuple(torch.cat([x, x[:1]]) if _batched(x) else x for x in inputs)
+
+
+def _batched(x: object) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] >= 1
+
+
+def _static_hint(shapes: object) -> str:
+    if shapes is None:
+        return ""
+    return (
+        "; the file was to take a dynamic batch (dimension 0 of each input): a model that "
+        "fixes its batch size needs static shapes (dynamic_batch=False, --static-shapes)"
+    )
+
+
+def _compare_batches(
+    module: nn.Module, inputs: tuple, dynamic_batch: bool, run_exported, runner: str
+) -> OutputCheck:
+    """Compare at the example inputs' batch size and, for a dynamic batch, at one more."""
+    sets = [inputs, grown_batch(inputs)] if dynamic_batch else [inputs]
+    checks = [_compare(module, x, lambda x=x: run_exported(x), runner) for x in sets]
+    worst = max(checks, key=lambda c: c.max_rel_error)
+    sizes = tuple(int(next((t.shape[0] for t in x if _batched(t)), 0)) for x in sets)
+    return dataclasses.replace(worst, batch_sizes=sizes)
 
 
 def _torch_onnx_export(
@@ -248,18 +318,30 @@ def _torch_onnx_export(
     dynamo: bool,
     opset: int | None,
     external: bool,
+    dynamic_batch: bool,
 ) -> None:
     kwargs: dict[str, object] = {"dynamo": dynamo, "verbose": False, "opset_version": opset}
     if dynamo:
         kwargs["external_data"] = external
+        if dynamic_batch:
+            kwargs["dynamic_shapes"] = batch_shapes(inputs)
+    elif dynamic_batch:
+        names = [f"input_{i}" for i in range(len(inputs))]
+        kwargs["input_names"] = names
+        kwargs["dynamic_axes"] = {
+            name: {0: BATCH} for name, x in zip(names, inputs, strict=True) if _batched(x)
+        }
     try:
         with warnings.catch_warnings():
             # The TorchScript exporter's deprecation notice: choosing it was deliberate.
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             with torch.no_grad():
-                torch.onnx.export(module, inputs, str(target), **kwargs)
+                torch.onnx.export(
+                    module, tracing_inputs(inputs, dynamic_batch), str(target), **kwargs
+                )
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {_line(exc)}") from exc
+        hint = _static_hint(dynamic_batch or None)
+        raise ExportError(f"torch.onnx.export failed: {_line(exc)}{hint}") from exc
     if not target.exists():
         raise ExportError(f"torch.onnx.export wrote nothing to {target}")
 
@@ -291,6 +373,7 @@ def _run_onnxruntime(path: Path, inputs: tuple) -> list[torch.Tensor]:
 
 
 def _compare(module: nn.Module, inputs: tuple, run_exported, runner: str) -> OutputCheck:
+    """One comparison, at ``inputs``; ``run_exported()`` runs the written file on them."""
     expected = _run(module, inputs)
     actual = run_exported()
     try:

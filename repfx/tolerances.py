@@ -58,6 +58,12 @@ FLOAT64_CRITERION_CEILING = 1e-3
 DISCONTINUITY = 1e-2
 
 
+# An integer output (labels, indices) the float64 fold changes where two perturbations did
+# not: a tie that only some roundings break. So many more perturbations, before calling the
+# difference a wrong fold, that a tie survives them all with probability ~2^-8.
+EXACT_SENSITIVITY_TRIALS = 8
+
+
 def discontinuous(sensitivity: float) -> bool:
     """Does an output of this float64 ``sensitivity`` jump at the inputs it was measured on?"""
     return not math.isfinite(sensitivity) or sensitivity >= DISCONTINUITY

@@ -355,24 +355,38 @@ BATCH_NORM_SPELLINGS = {
 }
 
 
+TRAIN_MODE_BATCH_NORMS = (
+    "BatchNorm kept in training mode",
+    "BatchNorm(track_running_stats=False)",
+    "BatchNorm kept in training mode, + its running mean",
+)
+
+
 class TrainModeBatchNorm(nn.Module):
     """``conv`` then a BN module that uses batch statistics inside an eval-mode model: one
-    kept in training mode (``train()`` cannot switch it off) or one without running stats."""
+    kept in training mode (``train()`` cannot switch it off), one without running stats, or
+    one kept in training mode whose running mean — updated on every call — is then added
+    through a view (which torch.fx evaluates while tracing, into a tensor constant) before an
+    eval-mode BN that a fold would absorb the addition into."""
 
     def __init__(self, shape: Shape, spelling: str, conv: nn.Module):
         super().__init__()
         track = spelling != "BatchNorm(track_running_stats=False)"
-        self.spelling, self.conv = spelling, conv
+        self.spelling, self.conv, self.rank = spelling, conv, shape.rank
         self.bn = BATCH_NORM[shape.rank](shape.channels, track_running_stats=track)
+        self.after = BATCH_NORM[shape.rank](shape.channels)
 
     def train(self, mode: bool = True) -> TrainModeBatchNorm:
         super().train(mode)
-        if self.spelling == "BatchNorm kept in training mode":
+        if self.spelling.startswith("BatchNorm kept in training mode"):
             self.bn.train(True)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
+        y = self.bn(self.conv(x))
+        if self.spelling.endswith("+ its running mean"):
+            y = self.after(y + channel_view(self.bn.running_mean, self.rank))
+        return y
 
 
 DROPOUTS = {
@@ -457,9 +471,7 @@ def functional_batch_norm(draw, shape: Shape) -> Block:
 
 @st.composite
 def train_mode_batch_norm(draw, shape: Shape) -> Block:
-    spelling = draw(
-        st.sampled_from(["BatchNorm kept in training mode", "BatchNorm(track_running_stats=False)"])
-    )
+    spelling = draw(st.sampled_from(TRAIN_MODE_BATCH_NORMS))
     return Block(TrainModeBatchNorm(shape, spelling, _plain_conv(shape, 1)), f"conv → {spelling}")
 
 

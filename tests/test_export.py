@@ -108,3 +108,41 @@ def test_pt2_and_existing_onnx_are_replaced_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt2"]
     with torch.no_grad():
         assert_close(torch.export.load(pt2).module()(x), model(x))
+
+
+class _FixedBatch(nn.Module):
+    """Flattens to a vector of one image's size: its code fixes the batch size to 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x).reshape(4 * 4 * 4)
+
+
+def test_pt2_and_onnx_take_a_dynamic_batch_checked_at_two_sizes(tmp_path):
+    model, x = _Small().eval(), torch.randn(1, 3, 8, 8)
+    check = save_pt2(model, (x,), tmp_path / "m.pt2")
+    assert check.batch_sizes == (1, 2)
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
+    onnx_result = repfx.export_onnx(model, x, tmp_path / "m.onnx")
+    assert onnx_result.check.batch_sizes == (1, 2)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    fresh = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(fresh)
+        assert_close(loaded(fresh), expected)
+    (actual,) = session.run(None, {session.get_inputs()[0].name: fresh.numpy()})
+    assert_close(torch.from_numpy(actual), expected)
+
+
+def test_a_model_that_fixes_its_batch_says_to_use_static_shapes(tmp_path):
+    model, x = _FixedBatch().eval(), torch.randn(1, 3, 4, 4)
+    with pytest.raises(ExportError, match="static shapes"):
+        save_pt2(model, (x,), tmp_path / "m.pt2")
+    check = save_pt2(model, (x,), tmp_path / "m.pt2", dynamic_batch=False)
+    assert check.passed and check.batch_sizes == (1,)
+    assert not (tmp_path / "m.onnx").exists()
