@@ -16,10 +16,13 @@ the same arguments to that twin (``torch.conv2d``, ``torch.batch_norm``, ``torch
 that every op view, pass and validation works unchanged. An ATen op with no twin here stays
 an ATen call: it runs as it did and folds nothing.
 
-Shapes: every dimension of every tensor input is exported as ``Dim.AUTO``, so what the model
-does not specialise (the batch size, usually the spatial sizes) stays dynamic in the folded
-module; a model that export cannot capture that way is exported with static shapes, and the
-folded module then accepts only the example inputs' shapes (the report says so).
+Shapes: dimension 0 of every tensor input is exported as ``Dim.AUTO``, so a batch the model
+does not specialise stays dynamic in the folded module (an example batch of 1 specialises it:
+pass 2 or more); every other dimension is fixed as in the example inputs, and the folded
+module's input guards reject other sizes. (Symbolic spatial sizes would cost minutes of
+symbolic reasoning on models that compute their own padding from them, such as timm's
+``Conv2dSame``.) A model that export cannot capture with a dynamic batch is exported with
+static shapes. The report says what the folded module accepts.
 """
 
 from __future__ import annotations
@@ -74,10 +77,12 @@ def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
                 f"({type(exc).__name__}: {_first_line(exc)})"
             ) from exc
         notes.append(
-            "captured by torch.export with static shapes (dynamic shapes failed: "
+            "captured by torch.export with static shapes (a dynamic batch failed: "
             f"{type(dynamic_error).__name__}: {_first_line(dynamic_error)}); the folded "
             "module accepts inputs of the example inputs' shapes only"
         )
+    else:
+        notes.append(_shapes_note(program))
     gm = program.module()
     to_torch_level(gm)
     with _guards_set_aside(gm):
@@ -118,14 +123,30 @@ def export_program(module: nn.Module, example_inputs: tuple) -> Any:
             ) from exc
 
 
+def _shapes_note(program: Any) -> str:
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder"]
+    user = set(program.graph_signature.user_inputs)
+    batch_dynamic = any(
+        isinstance(v := n.meta.get("val"), torch.Tensor)
+        and v.dim() > 0
+        and isinstance(v.shape[0], torch.SymInt)
+        for n in inputs
+        if n.name in user
+    )
+    if batch_dynamic:
+        return "the folded module takes any batch size; other dimensions as in the example inputs"
+    return (
+        "the folded module takes the example inputs' shapes only (the batch is fixed: the "
+        "model fixes it, or the example batch is 1 — pass a batch of 2 or more)"
+    )
+
+
 def _export(model: nn.Module, example_inputs: tuple, dynamic: bool) -> Any:
     shapes = None
     if dynamic:
         shapes = pytree.tree_map(
             lambda x: (
-                {d: torch.export.Dim.AUTO for d in range(x.dim())}
-                if isinstance(x, torch.Tensor)
-                else None
+                {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
             ),
             example_inputs,
         )

@@ -113,10 +113,11 @@ def fold(
 
     ``capture``: how the model becomes a graph. ``"fx"``: ``torch.fx`` symbolic tracing
     (submodules it cannot trace run as they are, and repfx folds inside them); ``"export"``:
-    ``torch.export`` (non-strict; needs example inputs; the folded module keeps dynamic what
-    the model does not specialise); ``"auto"`` (default): ``torch.fx``, and ``torch.export``
-    when ``torch.fx`` cannot trace the top-level ``forward``, and, when neither can, the
-    model's children, each captured on its own (``repfx.frontend``).
+    ``torch.export`` (non-strict; needs example inputs; the folded module takes any batch size
+    and the example inputs' other dimensions); ``"auto"`` (default): ``torch.fx``, and
+    ``torch.export`` when ``torch.fx`` cannot trace the top-level ``forward`` (or, with example
+    inputs, runs a submodule opaque), and, when neither can, the model's children, each
+    captured on its own (``repfx.frontend``).
 
     ``model`` may be a ``torch.export.ExportedProgram``: it is folded on its own example
     inputs (or ``example_inputs``) and the result is an ``ExportedProgram`` again (what
@@ -260,7 +261,11 @@ def _fold_inside(
             continue
         try:
             inputs = child_inputs.get(f"{path}.{name}")
-            folded = _fold_child(child, inputs, passes, report, where, capture)
+            # inside a module that a traced graph runs opaque, torch.fx only: torch.export would
+            # fix the child's input sizes, and with them the sizes the whole model accepts;
+            # inside a model no front end captured, any front end
+            mode = capture if path == AS_IS else "fx"
+            folded = _fold_child(child, inputs, passes, report, where, mode)
         except CaptureError as exc:
             report.skipped.append(Skipped("capture", where, str(exc).split(" (")[0]))
             continue
@@ -275,8 +280,8 @@ def _fold_child(
     where: str,
     capture: str,
 ) -> fx.GraphModule:
-    """Fold a child of an opaque module: captured with the inputs it was seen with (any front
-    end), or, without them (or when they do not reproduce its call), by ``torch.fx``."""
+    """Fold a child of an opaque module: captured by ``capture`` with the inputs it was seen
+    with, or, without them (or when they do not reproduce its call), by ``torch.fx``."""
     if inputs is not None:
         try:
             return _fold_copy(copy.deepcopy(child), inputs, passes, report, f"{where}.", capture)

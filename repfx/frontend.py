@@ -37,7 +37,7 @@ def capture_model(
     """The graph of ``work`` by the front end ``mode`` asks for, and the paths of the modules
     it runs as opaque leaves with the reason for each. Notes on the capture go to ``report``."""
     if mode == "export":
-        return _exported(work, inputs, report), {}
+        return _exported(work, inputs, report, "on request"), {}
     try:
         gm, opaque = fx_capture(work, unsupplied_defaults(work, inputs))
     except CaptureError as fx_error:
@@ -52,7 +52,7 @@ def capture_model(
                 "captures it with torch.export instead"
             ) from fx_error
         try:
-            gm = _exported(work, inputs, report)
+            gm = _exported(work, inputs, report, str(fx_error))
         except CaptureError as export_error:
             reason = (
                 f"neither front end captures forward: {fx_error}; {export_error}. torch.export "
@@ -60,20 +60,16 @@ def capture_model(
                 "over detections)"
             )
             return run_as_is(work), {AS_IS: reason}
-        report.notes.append(f"captured with torch.export: {fx_error}")
         return gm, {}
     if opaque and mode == "auto" and inputs is not None and not work.training:
         # torch.fx left modules opaque: torch.export may capture them (a loop over a list, a
         # shape check); a module is kept whole where a hook must run (export refuses those)
+        path, why = next(iter(opaque.items()))
+        reason = f"torch.fx would run {len(opaque)} module(s) opaque ({path}: {why})"
         try:
-            exported = _exported(work, inputs, report)
+            return _exported(work, inputs, report, reason), {}
         except CaptureError:
             return gm, opaque
-        report.notes.append(
-            f"captured with torch.export: torch.fx would run {len(opaque)} module(s) opaque "
-            f"({next(iter(opaque))}: {next(iter(opaque.values()))})"
-        )
-        return exported, {}
     return gm, opaque
 
 
@@ -92,10 +88,14 @@ def unsupplied_defaults(model: nn.Module, inputs: tuple | None) -> dict[str, Any
     return {p.name: p.default for p in positional[len(inputs) :] if p.default is not p.empty}
 
 
-def _exported(work: nn.Module, inputs: tuple | None, report: FoldReport) -> fx.GraphModule:
+def _exported(
+    work: nn.Module, inputs: tuple | None, report: FoldReport, reason: str
+) -> fx.GraphModule:
+    """Capture with torch.export; the report says so, why, and what the result accepts."""
     if inputs is None:
         raise ExampleInputError("capture='export' needs example inputs: repfx.fold(model, inputs)")
     captured = capture_exported(work, inputs)
+    report.notes.append(f"captured with torch.export: {reason}")
     report.notes.extend(captured.notes)
     return captured.module
 

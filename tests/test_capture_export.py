@@ -172,3 +172,27 @@ def test_an_exported_program_folds_to_an_exported_program(tmp_path):
     loaded = torch.export.load(tmp_path / "folded.pt2").module()
     fresh = fresh_input(3, 3, 8, 8)
     torch.testing.assert_close(loaded(fresh), model(fresh), rtol=1e-5, atol=1e-5)
+
+
+class OptionalMask(nn.Module):
+    """``forward(x, mask=None)`` (timm hiera, naflexvit): the example inputs leave the mask out."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = conv_bn(3, 8)
+
+    def forward(self, x, mask=None):
+        y = self.body(x)
+        if mask is not None:
+            y = y * mask
+        return y
+
+
+def test_arguments_left_at_their_defaults_are_specialised_to_them():
+    model, x = _randomized(OptionalMask()), torch.randn(2, 3, 8, 8)
+    folded = repfx.fold(model, x)
+    assert batch_norms(folded) == 0
+    fresh = fresh_input(3, 3, 8, 8)
+    torch.testing.assert_close(folded(fresh), model(fresh), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError, match="mask has been specialized"):
+        folded(fresh, torch.ones(1))
