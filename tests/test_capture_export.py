@@ -196,3 +196,32 @@ def test_arguments_left_at_their_defaults_are_specialised_to_them():
     torch.testing.assert_close(folded(fresh), model(fresh), rtol=1e-5, atol=1e-5)
     with pytest.raises(AssertionError, match="mask has been specialized"):
         folded(fresh, torch.ones(1))
+
+
+def _folded_program() -> tuple[nn.Module, torch.export.ExportedProgram]:
+    model = _randomized(nn.Sequential(conv_bn(3, 8), nn.Conv2d(8, 4, 1)))
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    return model, repfx.fold(program)
+
+
+def test_the_onnx_exporter_takes_a_folded_program(tmp_path):
+    import onnxruntime as ort
+
+    model, folded = _folded_program()
+    torch.onnx.export(folded, dynamo=True).save(str(tmp_path / "folded.onnx"))
+    session = ort.InferenceSession(
+        str(tmp_path / "folded.onnx"), providers=["CPUExecutionProvider"]
+    )
+    fresh = fresh_input(3, 3, 8, 8)
+    (actual,) = session.run(None, {session.get_inputs()[0].name: fresh.numpy()})
+    torch.testing.assert_close(torch.from_numpy(actual), model(fresh), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_aot_inductor_compiles_a_folded_program(tmp_path):
+    model, folded = _folded_program()
+    package = torch._inductor.aoti_compile_and_package(folded, package_path=str(tmp_path / "f.pt2"))
+    fresh = fresh_input(3, 3, 8, 8)
+    actual = torch._inductor.aoti_load_package(package)(fresh)
+    torch.testing.assert_close(actual, model(fresh), rtol=1e-5, atol=1e-5)
