@@ -41,6 +41,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .capture import CaptureError, forward_hooks_of, functionalize, refuse_hooks
+from .export import error_line
 
 aten = torch.ops.aten
 _GUARDS = "_guards_fn"  # ExportedProgram.module()'s input-shape checks
@@ -65,24 +66,17 @@ def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
             f"torch.export would run the forward hooks of {hooked[0]} only while capturing "
             "(repfx keeps hooked modules as modules, which only torch.fx capture can do)"
         )
-    notes: list[str] = []
-    try:
-        program = _export(model, example_inputs, dynamic=True)
-    except Exception as dynamic_error:
-        try:
-            program = _export(model, example_inputs, dynamic=False)
-        except Exception as exc:
-            raise CaptureError(
-                f"torch.export cannot capture {type(model).__name__}.forward "
-                f"({type(exc).__name__}: {_first_line(exc)})"
-            ) from exc
-        notes.append(
-            "captured by torch.export with static shapes (a dynamic batch failed: "
-            f"{type(dynamic_error).__name__}: {_first_line(dynamic_error)}); the folded "
-            "module accepts inputs of the example inputs' shapes only"
-        )
+    program, dynamic_error = _export_dynamic_or_static(
+        model, example_inputs, f"{type(model).__name__}.forward"
+    )
+    if dynamic_error is None:
+        notes = [_shapes_note(program)]
     else:
-        notes.append(_shapes_note(program))
+        notes = [
+            f"captured by torch.export with static shapes (a dynamic batch failed: "
+            f"{error_line(dynamic_error)}); the folded module accepts inputs of the example "
+            "inputs' shapes only"
+        ]
     gm = program.module()
     to_torch_level(gm)
     with _guards_set_aside(gm):
@@ -109,18 +103,23 @@ def _guards_set_aside(gm: fx.GraphModule) -> Iterator[None]:
 
 
 def export_program(module: nn.Module, example_inputs: tuple) -> Any:
-    """``torch.export`` a folded module as an ``ExportedProgram``: dynamic where the model does
-    not specialise, static if that fails."""
+    """``torch.export`` a folded module as an ``ExportedProgram``: a dynamic batch where the
+    model does not specialise it, static shapes if that fails."""
+    return _export_dynamic_or_static(module, example_inputs, "the folded module")[0]
+
+
+def _export_dynamic_or_static(
+    model: nn.Module, example_inputs: tuple, what: str
+) -> tuple[Any, Exception | None]:
+    """The program exported with a dynamic batch, or with static shapes and why the dynamic
+    batch failed; :class:`CaptureError` naming ``what`` when neither exports."""
     try:
-        return _export(module, example_inputs, dynamic=True)
-    except Exception:
+        return _export(model, example_inputs, dynamic=True), None
+    except Exception as dynamic_error:
         try:
-            return _export(module, example_inputs, dynamic=False)
+            return _export(model, example_inputs, dynamic=False), dynamic_error
         except Exception as exc:
-            raise CaptureError(
-                f"torch.export cannot export the folded module ({type(exc).__name__}: "
-                f"{_first_line(exc)})"
-            ) from exc
+            raise CaptureError(f"torch.export cannot capture {what} ({error_line(exc)})") from exc
 
 
 def _shapes_note(program: Any) -> str:
@@ -159,11 +158,6 @@ def _export(model: nn.Module, example_inputs: tuple, dynamic: bool) -> Any:
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")  # export's advice to the model's author
         return torch.export.export(model, example_inputs, strict=False, dynamic_shapes=shapes)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
 
 
 # ------------------------------------------------------------------ ATen → torch level

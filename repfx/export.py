@@ -146,7 +146,8 @@ def export_onnx(
         try:
             onnx.checker.check_model(str(target))
         except Exception as exc:
-            raise ExportError(f"onnx.checker rejected the exported model: {_line(exc)}") from exc
+            message = f"onnx.checker rejected the exported model: {error_line(exc)}"
+            raise ExportError(message) from exc
         proto = onnx.load(str(target), load_external_data=False)
         ops = onnx_op_counts(proto)
         check = None
@@ -251,7 +252,7 @@ def save_pt2(
                 module, tracing_inputs(inputs, dynamic_batch), dynamic_shapes=shapes
             )
     except Exception as exc:
-        raise ExportError(f"torch.export failed: {_line(exc)}{_static_hint(shapes)}") from exc
+        raise ExportError(f"torch.export failed: {error_line(exc)}{_static_hint(shapes)}") from exc
     with _atomic_output(path, overwrite) as tmp:
         target = tmp / path.name
         torch.export.save(program, target)
@@ -341,7 +342,7 @@ def _torch_onnx_export(
                 )
     except Exception as exc:
         hint = _static_hint(dynamic_batch or None)
-        raise ExportError(f"torch.onnx.export failed: {_line(exc)}{hint}") from exc
+        raise ExportError(f"torch.onnx.export failed: {error_line(exc)}{hint}") from exc
     if not target.exists():
         raise ExportError(f"torch.onnx.export wrote nothing to {target}")
 
@@ -369,7 +370,8 @@ def _run_onnxruntime(path: Path, inputs: tuple) -> list[torch.Tensor]:
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"onnxruntime could not run the exported model: {_line(exc)}") from exc
+        message = f"onnxruntime could not run the exported model: {error_line(exc)}"
+        raise ExportError(message) from exc
 
 
 def _compare(module: nn.Module, inputs: tuple, run_exported, runner: str) -> OutputCheck:
@@ -450,7 +452,7 @@ def _has_onnxscript() -> bool:
     return True
 
 
-def _line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     if len(first) > 200:
