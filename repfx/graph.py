@@ -145,6 +145,15 @@ def _inert_entry(base: type, name: str, value: Any) -> bool:
     return not callable(getattr(base, name, None))
 
 
+def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """What ``node`` computes, in a word: its module's class, or its function / method name."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
 def where(node: fx.Node) -> str:
     """A readable location: the module path of the op, and the node name for functions."""
     if node.op == "call_module":

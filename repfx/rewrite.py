@@ -51,8 +51,26 @@ class RewriteRefused(Exception):
         self.reason = reason
 
 
-def _as_parameter(value: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(_finite(value).detach().clone(), requires_grad=False)
+def _as_parameter(value: torch.Tensor, like: torch.Tensor | None = None) -> nn.Parameter:
+    return nn.Parameter(_stored(value, like), requires_grad=False)
+
+
+def _stored(value: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A fresh copy of ``value`` laid out as the tensor it replaces (``like``), else contiguous.
+
+    Fold arithmetic may leave odd strides (an einsum's result can come out channels-last), and
+    a weight's memory format decides its conv's output format: one stray channels-last weight
+    turns every later activation channels-last.
+    """
+    value = _finite(value).detach()
+    fmt = torch.contiguous_format
+    if like is not None and like.shape == value.shape and not like.is_contiguous():
+        for candidate in (torch.channels_last, torch.channels_last_3d):
+            if like.dim() == (4 if candidate is torch.channels_last else 5) and like.is_contiguous(
+                memory_format=candidate
+            ):
+                fmt = candidate
+    return value.clone(memory_format=fmt)
 
 
 def _finite(value: torch.Tensor) -> torch.Tensor:
@@ -96,10 +114,11 @@ def set_slot(gm: fx.GraphModule, slot: Slot, value: torch.Tensor, hint: str) -> 
     node = slot.node
     if slot.attr is not None:
         module = module_of(gm, node)
+        old = getattr(module, slot.attr, None)
         if slot.attr in module._buffers:
-            module._buffers[slot.attr] = _finite(value).detach().clone()
+            module._buffers[slot.attr] = _stored(value, old)
         else:
-            setattr(module, slot.attr, _as_parameter(value))
+            setattr(module, slot.attr, _as_parameter(value, old))
         return
     current = node.args[slot.index] if slot.index is not None else node.kwargs.get(slot.kwarg)
     if (
@@ -109,10 +128,11 @@ def set_slot(gm: fx.GraphModule, slot: Slot, value: torch.Tensor, hint: str) -> 
         and _single_get_attr(gm, current)
     ):
         owner, name = owner_and_name(gm, current.target)
+        old = getattr(owner, name)
         if name in owner._buffers:
-            owner._buffers[name] = _finite(value).detach().clone()
+            owner._buffers[name] = _stored(value, old)
         else:
-            setattr(owner, name, _as_parameter(value))
+            setattr(owner, name, _as_parameter(value, old))
         return
     new_node = add_constant(gm, hint, value, before=node)
     if slot.index is not None:
@@ -277,6 +297,6 @@ def new_conv(kernel: ConvKernel, dtype: torch.dtype, padding_mode: str = "zeros"
             padding_mode=padding_mode,
             dtype=dtype,
         )
-    module.weight = nn.Parameter(kernel.weight.to(dtype), requires_grad=False)
-    module.bias = nn.Parameter(kernel.bias.to(dtype), requires_grad=False)
+    module.weight = _as_parameter(kernel.weight.to(dtype))
+    module.bias = _as_parameter(kernel.bias.to(dtype))
     return module

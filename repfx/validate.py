@@ -335,11 +335,14 @@ def candidate_shapes(
 def _shrunk(
     shape: tuple[int, ...], channels: list[int], sizes: tuple[int, ...], batch: int
 ) -> tuple:
+    """``shape`` with its batch set and its other dims shrunk, except channel counts. A region
+    that mentions no channel count (an average pool minus its input) keeps every other dim: a
+    shrunk channel dim would run it, and not its replacement (a depthwise conv)."""
     out, k = [], 0
     for i, d in enumerate(shape):
         if i == 0 and len(shape) > 1:
             out.append(batch)
-        elif d > 1 and d not in channels:
+        elif d > 1 and channels and d not in channels:
             out.append(sizes[k % len(sizes)])
             k += 1
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
 from repfx.capture import capture, copy_model, propagate_shapes
@@ -86,3 +87,39 @@ def batch_norms(folded: nn.Module) -> int:
         for n in m.graph.nodes
     )
     return modules + calls
+
+
+class _StoredMultiplies(TorchDispatchMode):
+    """Records each dispatched multiply (``mul``, ``div``, ``addcmul``) whose operand is a
+    parameter or buffer of ``module`` holding more than one element (a per-channel constant;
+    scalars such as StarReLU's are not counted)."""
+
+    _OPS = {"mul", "mul_", "div", "div_", "addcmul", "addcmul_"}
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.names = {}
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if t.numel() > 1:
+                self.names.setdefault(t.untyped_storage().data_ptr(), name)
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self._OPS:
+            stored = [
+                self.names[a.untyped_storage().data_ptr()]
+                for a in args
+                if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.names
+            ]
+            if stored:
+                self.found.append(",".join(stored))
+        return func(*args, **(kwargs or {}))
+
+
+def stored_multiplies(module: nn.Module, *inputs: torch.Tensor) -> list[str]:
+    """The names of ``module``'s per-channel constants that a run on ``inputs`` multiplies by
+    (once per dispatched multiply)."""
+    mode = _StoredMultiplies(module)
+    with torch.no_grad(), mode:
+        module(*inputs)
+    return mode.found

@@ -183,7 +183,8 @@ SPECS = [
     # caformer_s18 (metaformer.py): as convformer_s18, but stages 2, 3 use Attention, so their
     # 12 blocks run channels-last (B, N, C): LayerNormNoBias, Linear Mlp, Scale over the last
     # dim. No BN; res_scale in stages 2, 3 → 24 Scale, all stay (residual stream).
-    #   StarReLU in each Mlp → fc2 (1x1 conv in stages 0, 1, Linear in 2, 3): 18 fold.
+    #   StarReLU in each Mlp → fc2: the 6 1x1 convs of stages 0, 1 take it; the 12 bias-free
+    #   Linears of stages 2, 3 do not (its shift would give them a bias): 12 stay.
     #   StarReLU act1 in the 6 SepConv blocks → zero-padded 7x7 dwconv: 6 stay.
     #   Attention uses F.scaled_dot_product_attention when timm's fused attention is on (no
     #   scalar multiply in the graph); otherwise `(q @ k^T) * self.scale` stays in each of 12.
@@ -198,8 +199,8 @@ SPECS = [
         scales=24,
         scales_left=r"stages\.[23]\.blocks\.\d+\.res_scale[12]",
         scales_left_count=24,
-        ops_after={"conv": 34, "linear": 50, "layer_norm": 42, "channel_affine": 30},
-        affines_left={"Scale": 24, "StarReLU": 6},
+        ops_after={"conv": 34, "linear": 50, "layer_norm": 42, "channel_affine": 42},
+        affines_left={"Scale": 24, "StarReLU": 18},
     ),
 ]
 

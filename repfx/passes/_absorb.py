@@ -6,7 +6,14 @@
    conv (output side, ``W' = s ⊙_out W``, ``b' = s·b + t``), a norm's ``γ' = s·γ``,
    ``β' = s·β + t``, or another affine (composition: one op instead of two);
 2. into its only consumer, a conv / linear (input side, ``W' = W ⊙_in s``, ``b' = b + W∗t``),
-   when no zero padding meets a non-zero shift ``t``.
+   looking forward through single-use ops that act on each channel alone and commute with
+   ``a`` (a mean over other axes, an average pool that divides by the taps it reads, layout
+   ops), when no zero padding meets a non-zero shift ``t``;
+3. a scale (``t = 0``) only: back through sums and channel-wise ops into every op computing
+   its input (``repfx.passes._scale_region``).
+
+Never worse: a bias-free linear does not gain a bias (ONNX Runtime then rewrites its
+``MatMul`` as ``Reshape → Gemm → Reshape``).
 
 Each candidate is checked first (a failed check is a :class:`Reason`); only a candidate that
 passes every check returns a :class:`Plan`, which the commit point proves and applies.
@@ -27,12 +34,14 @@ from ..algebra import (
     fold_affine_into_conv_transpose_output,
     fold_affine_into_norm,
 )
-from ..graph import has_hooks, module_of, value_users, where
+from ..graph import has_hooks, module_of, op_name, rank_of, value_users, where
 from ..ops import (
     AffineOp,
+    Channelwise,
     LinearOp,
     NormOp,
     affine_op,
+    channelwise_source,
     layout_source_axis,
     linear_op,
     merge_axes,
@@ -40,6 +49,7 @@ from ..ops import (
 )
 from ..report import Folded, Skipped
 from ..rewrite import erase_dead, hint_for, insert_affine, set_slot
+from ._scale_region import scaled_region
 from .base import FoldContext, PassResult, Rewrite, apply_rule
 
 
@@ -58,11 +68,7 @@ class Plan:
 
 
 def describe(ctx: FoldContext, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return type(ctx.gm.get_submodule(node.target)).__name__
-    if node.op in ("call_function", "call_method"):
-        return getattr(node.target, "__name__", str(node.target))
-    return node.op
+    return op_name(ctx.gm, node)
 
 
 def absorb(ctx: FoldContext, op: AffineOp, rule: str) -> Folded | str:
@@ -70,10 +76,14 @@ def absorb(ctx: FoldContext, op: AffineOp, rule: str) -> Folded | str:
     location = where(op.node)
     if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
         return f"{describe(ctx, op.node)} has hooks"
-    producer = _producer_rewrite(ctx, op)
-    plan = producer if not isinstance(producer, Reason) else _consumer_rewrite(ctx, op)
-    if isinstance(plan, Reason):
-        return f"{producer}; {plan}"
+    reasons: list[Reason] = []
+    for candidate in (_producer_rewrite, _consumer_rewrite, _region_rewrite):
+        plan = candidate(ctx, op)
+        if not isinstance(plan, Reason):
+            break
+        reasons.append(plan)
+    else:
+        return "; ".join(r for r in reasons if r)
     outcome = ctx.commit(rule, location, plan.outputs, plan.inputs, plan.rewrite)
     return outcome if isinstance(outcome, Folded) else outcome.reason
 
@@ -141,14 +151,7 @@ def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
     p = moved.input
     if len(users := value_users(p)) != 1:
         return Reason(f"producer {describe(ctx, p)} has {len(users)} users")
-    if (lin := linear_op(ctx.gm, p, ctx.consts)) is not None:
-        rewrite = _linear_output_rewrite(ctx, moved, lin)
-    elif (norm := norm_op(ctx.gm, p, ctx.consts)) is not None:
-        rewrite = _norm_rewrite(ctx, moved, norm)
-    elif (inner := affine_op(ctx.gm, p, ctx.consts)) is not None:
-        rewrite = _compose_rewrite(ctx, inner, moved)
-    else:
-        return Reason(f"producer {describe(ctx, p)} is not a conv, linear, norm or affine")
+    rewrite = _into_producer(ctx, moved, p)
     if isinstance(rewrite, Reason):
         return rewrite
     through = ", ".join(describe(ctx, n) for n in walked)
@@ -159,6 +162,17 @@ def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
         return [_remove(ctx, op)], detail + suffix
 
     return Plan([op.node], _region_inputs(ctx, p), fold_then_remove)
+
+
+def _into_producer(ctx: FoldContext, op: AffineOp, p: fx.Node) -> Callable[[], str] | Reason:
+    """The rewrite folding ``op`` (re-expressed at ``p``'s output) into ``p``."""
+    if (lin := linear_op(ctx.gm, p, ctx.consts)) is not None:
+        return _linear_output_rewrite(ctx, op, lin)
+    if (norm := norm_op(ctx.gm, p, ctx.consts)) is not None:
+        return _norm_rewrite(ctx, op, norm)
+    if (inner := affine_op(ctx.gm, p, ctx.consts)) is not None:
+        return _compose_rewrite(ctx, inner, op)
+    return Reason(f"producer {describe(ctx, p)} is not a conv, linear, norm or affine")
 
 
 def _region_inputs(ctx: FoldContext, node: fx.Node) -> list[fx.Node]:
@@ -173,6 +187,8 @@ def _linear_output_rewrite(
         return Reason(f"producer {lin.kind}: {bad}")
     if (shared := ctx.shared_reason(lin.node, lin.kind)) is not None:
         return Reason(f"producer {shared}")
+    if _would_add_bias(lin, op):
+        return Reason(f"producer {_ADDS_BIAS}")
 
     def rewrite() -> str:
         affine = _expand(op.affine, lin.out_channels)
@@ -235,34 +251,147 @@ def _compose_rewrite(
 
 
 def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
-    """Fold ``op`` into its only consumer; the region is from ``op``'s input to the consumer."""
-    users = value_users(op.node)
+    """Fold ``op`` into its only consumer, a conv or linear, reached through single-use
+    channel-wise ops that commute with it; the region is from ``op``'s input to the consumer."""
+    walked = _walk_forward(ctx, op)
+    end, axis = (walked[-1].node, walked[-1].axis) if walked else (op.node, op.axis)
+    users = value_users(end)
     if len(users) != 1:
         return Reason(f"output has {len(users)} users")
     c = users[0]
     lin = linear_op(ctx.gm, c, ctx.consts)
-    if lin is None or lin.input is not op.node:
+    if lin is None or lin.input is not end:
         return Reason(f"consumer {describe(ctx, c)} is not a conv or linear")
     if lin.kind == "conv_transpose":
         return Reason("consumer is a transposed conv (input-side fold not supported)")
-    if (bad := _fits(op, lin.channel_axis, lin.in_channels, lin.weight.dtype)) is not None:
+    moved = replace(op, axis=axis)
+    if (bad := _fits(moved, lin.channel_axis, lin.in_channels, lin.weight.dtype)) is not None:
         return Reason(f"consumer {lin.kind}: {bad}")
     if lin.zero_padded and op.affine.has_shift():
         return Reason("consumer conv zero-pads its input: a shift before it is not exact")
     if (shared := ctx.shared_reason(c, lin.kind)) is not None:
         return Reason(f"consumer {shared}")
+    if _would_add_bias(lin, op):
+        return Reason(f"consumer {_ADDS_BIAS}")
+    through = ", ".join(describe(ctx, w.node) for w in walked)
+    suffix = f" (through {through})" if walked else ""
 
     def rewrite() -> tuple[list[fx.Node], str]:
-        affine = _expand(op.affine, lin.in_channels)
-        w, b = fold_affine_into_conv_input(lin.weight, lin.bias, affine, lin.groups)
-        hint = hint_for(c)
-        set_slot(ctx.gm, lin.weight_slot, w, f"{hint}_weight")
-        if b is not None:
-            set_slot(ctx.gm, lin.bias_slot, b, f"{hint}_bias")
+        _fold_into_input(ctx, lin, op.affine)
         _remove(ctx, op)
-        return [c], f"into the input of {lin.kind} {where(c)}"
+        return [c], f"into the input of {lin.kind} {where(c)}{suffix}"
 
     return Plan([c], _region_inputs(ctx, op.node), rewrite)
+
+
+def _fold_into_input(ctx: FoldContext, lin: LinearOp, affine: ChannelAffine) -> None:
+    """``lin`` now computes ``lin(affine(x))`` from ``x``."""
+    w, b = fold_affine_into_conv_input(
+        lin.weight, lin.bias, _expand(affine, lin.in_channels), lin.groups
+    )
+    hint = hint_for(lin.node)
+    set_slot(ctx.gm, lin.weight_slot, w, f"{hint}_weight")
+    if b is not None:
+        set_slot(ctx.gm, lin.bias_slot, b, f"{hint}_bias")
+
+
+@dataclass(frozen=True)
+class _Step:
+    node: fx.Node
+    axis: int | None  # the affine's channel axis at ``node``'s output
+
+
+def _walk_forward(ctx: FoldContext, op: AffineOp) -> list[_Step]:
+    """The single-use channel-wise ops after ``op`` that ``op`` commutes with (with its shift
+    too, and with its sign), up to the first that is not one."""
+    shift, nonnegative = op.affine.has_shift(), bool((op.affine.scale >= 0).all())
+    walked: list[_Step] = []
+    node, axis = op.node, op.axis
+    while len(users := value_users(node)) == 1 and linear_op(ctx.gm, users[0], ctx.consts) is None:
+        step = _channelwise_step(ctx, users[0], node, axis)
+        if step is None or (shift and not step[1].keeps_constants):
+            break
+        if step[1].nonnegative_only and not nonnegative:
+            break
+        walked.append(_Step(users[0], step[0]))
+        node, axis = users[0], step[0]
+    return walked
+
+
+def _channelwise_step(
+    ctx: FoldContext, user: fx.Node, node: fx.Node, axis: int | None
+) -> tuple[int | None, Channelwise] | None:
+    """The output axis at which ``user`` passes channel ``axis`` of ``node`` on, and its view."""
+    rank = rank_of(user)
+    candidates = [None] if axis is None else range(-rank, 0) if rank else []
+    for out_axis in candidates:
+        found = channelwise_source(ctx.gm, user, out_axis, ctx.consts)
+        if found is not None and found.input is node and found.axis == axis:
+            return out_axis, found
+    return None
+
+
+_ADDS_BIAS = (
+    "linear has no bias, and the shift would add one (ONNX Runtime would rewrite its MatMul as "
+    "Reshape → Gemm → Reshape)"
+)
+
+
+def _would_add_bias(lin: LinearOp, op: AffineOp) -> bool:
+    """Would folding ``op`` give the bias-free linear ``lin`` a bias? Made only to remove a
+    batch norm; an arithmetic shift (``x + b``, StarReLU's ``s·relu(x)² + b``) costs less left
+    as it is."""
+    return (
+        lin.kind == "linear"
+        and lin.bias is None
+        and op.affine.has_shift()
+        and (op.kind != "batch_norm")
+    )
+
+
+# --------------------------------------------------------------------------- back through ops
+
+
+def _region_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
+    """Fold a scale into every op computing its input, through sums and channel-wise ops."""
+    if op.affine.has_shift():
+        return Reason("")  # only a scale moves back through a sum
+    region = scaled_region(ctx, op)
+    if isinstance(region, str):
+        return Reason(region)
+    rewrites, inputs = [], []
+    for node, axis in region.terminals:
+        rewrite = _into_producer(ctx, replace(op, input=node, axis=axis), node)
+        if isinstance(rewrite, Reason):
+            return rewrite
+        rewrites.append(rewrite)
+        inputs += _region_inputs(ctx, node)
+    undo = []
+    for node, axis in region.undo:
+        lin = linear_op(ctx.gm, node, ctx.consts)
+        if (bad := _fits(replace(op, axis=axis), lin.channel_axis, lin.in_channels,
+                         lin.weight.dtype)) is not None:  # fmt: skip
+            return Reason(f"{lin.kind} reading the scaled value: {bad}")
+        if (shared := ctx.shared_reason(node, lin.kind)) is not None:
+            return Reason(f"{shared} (it reads the scaled value)")
+        undo.append(node)
+    inverse = ChannelAffine(1.0 / op.affine.scale, torch.zeros_like(op.affine.shift))
+
+    def fold_all_then_remove() -> tuple[list[fx.Node], str]:
+        details = [rewrite() for rewrite in rewrites]
+        for node in undo:  # viewed again: it may have taken the scale on its output too
+            lin = linear_op(ctx.gm, node, ctx.consts)
+            _fold_into_input(ctx, lin, inverse)
+            details.append(f"undone in the input of {lin.kind} {where(node)}")
+        through = sorted({describe(ctx, n) for n in region.through})
+        suffix = f" (through {', '.join(through)})" if through else ""
+        return [_remove(ctx, op), *preserved], "; ".join(details) + suffix
+
+    # An op that undoes the scale on its input keeps its output, unless it took the scale too.
+    preserved = [n for n in undo if n not in dict(region.terminals)]
+    inside = {*dict(region.terminals), *region.through}  # (a conv may read a scaled value)
+    inputs = [n for n in dict.fromkeys(inputs) if n not in inside]
+    return Plan([op.node, *preserved], inputs, fold_all_then_remove)
 
 
 # --------------------------------------------------------------------------- the pass loop

@@ -34,12 +34,20 @@ from ..algebra import (
     sum_kernels,
     undilate,
 )
-from ..graph import RANK_KEY, has_hooks, module_of, rank_of, shape_users, value_users, where
+from ..graph import (
+    RANK_KEY,
+    has_hooks,
+    module_of,
+    op_name,
+    rank_of,
+    shape_users,
+    value_users,
+    where,
+)
 from ..ops import AffineOp, LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
 from ..regions import Regions
 from ..report import Folded, Skipped
 from ..rewrite import new_conv, replace_join
-from ._absorb import describe
 from .base import FoldContext, PassResult, record, visit_once
 from .fold_affine_mixer import join_operands
 from .merge_sequential import composition_reason, has_bias, kernel_of
@@ -301,7 +309,7 @@ class MergeBranches:
         for join in joins:
             blocker = regions.first(join, lambda n: not _is_linear(ctx, n))
             if blocker is not None:
-                reason = f"a branch contains a non-affine op ({describe(ctx, blocker)})"
+                reason = f"a branch contains a non-affine op ({op_name(ctx.gm, blocker)})"
                 explained.append(Skipped(self.name, where(join), reason))
         return explained
 
