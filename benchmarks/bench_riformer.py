@@ -289,12 +289,15 @@ def paired_ratios(samples: dict[str, list[float]], num: str, den: str) -> list[f
     return [a / b for a, b in zip(samples[num], samples[den], strict=True)]
 
 
-def ratio_summaries(samples: dict[str, list[float]]) -> dict[str, tuple[Summary, float]]:
-    """For each ratio: (summary of the paired ratios, ratio of the medians)."""
+def ratio_summaries(
+    samples: dict[str, list[float]], ratios: Sequence[tuple[str, str, str]] = RATIOS
+) -> dict[str, tuple[Summary, float]]:
+    """For each ratio (label, numerator, denominator): (summary of the paired ratios, ratio
+    of the medians)."""
     medians = {name: statistics.median(values) for name, values in samples.items()}
     return {
         label: (Summary.of(paired_ratios(samples, num, den)), medians[num] / medians[den])
-        for label, num, den in RATIOS
+        for label, num, den in ratios
     }
 
 
@@ -388,6 +391,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_section("agreement with the training form", check_agreement(variants, x))
     print_section("repfx graph vs the hand-folded ideal", structure_lines(variants))
 
+    time_and_report(variants, x, args, target_lines)
+    return 0
+
+
+def time_and_report(
+    variants: dict[str, nn.Module],
+    x: torch.Tensor,
+    args: argparse.Namespace,
+    targets: Callable[[dict[str, tuple[Summary, float]]], list[str]] | None = None,
+    ratio_labels: Sequence[tuple[str, str, str]] = RATIOS,
+) -> None:
+    """Time ``variants`` interleaved and print latencies, paired ratios, ``targets`` (checked
+    on the ratios) and, with ``--markdown``, the tables."""
     print(f"\n== timing: {args.warmup} warm-up + {args.rounds} interleaved rounds", flush=True)
     samples = measure_interleaved(
         variants,
@@ -396,16 +412,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.rounds,
         progress=lambda r: print(f"  round {r + 1}/{args.rounds}", flush=True),
     )
-    ratios = ratio_summaries(samples)
+    ratios = ratio_summaries(samples, ratio_labels)
     print_section("latency per forward", latency_text(samples))
     print_section("ratios (lower = numerator faster)", ratio_text(ratios))
-    print_section("targets (from the paired medians)", target_lines(ratios))
+    if targets is not None:
+        print_section("targets (from the paired medians)", targets(ratios))
     if args.markdown:
         print_section(
             "markdown",
             [*latency_markdown(samples, args.batch), "", *ratio_markdown(ratios)],
         )
-    return 0
 
 
 if __name__ == "__main__":

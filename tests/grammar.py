@@ -474,6 +474,94 @@ def sequential_convs(draw, state: State):
     return Seq(*first, second), State(p["out_channels"], *p["out_hw"]), expected
 
 
+PURE_SCALES = ["index", "unsqueeze", "view_method", "torch_mul"]
+
+
+class PoolMixer(nn.Module):
+    """PoolFormer's token mixer ``x + ls·(M(n) − n)``, ``n = GroupNorm(x)``, with ``M`` an
+    average pool (zero padding counted or not) or a depthwise conv."""
+
+    def __init__(self, channels: int, groups: int, mixer: str, ls: str):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        if mixer == "dwconv":
+            self.mixer = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        else:
+            self.mixer = nn.AvgPool2d(3, 1, 1, count_include_pad=mixer == "avg_pool_incl")
+        self.ls = Scale(channels, ls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm(x)
+        return x + self.ls(self.mixer(n) - n)
+
+
+@st.composite
+def pool_mixer(draw, state: State):
+    """The scale goes back through the mixer into the norm; a zero-counting pool or a
+    depthwise conv minus its input also merges into one conv."""
+    c = state.channels
+    groups = draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
+    mixer = draw(st.sampled_from(["avg_pool_excl", "avg_pool_incl", "dwconv"]))
+    block = PoolMixer(c, groups, mixer, draw(st.sampled_from(PURE_SCALES)))
+    return block, state, Counter(group_norm=1, conv=0 if mixer == "avg_pool_excl" else 1)
+
+
+class TokenMixer(nn.Module):
+    """ResMLP / MLP-Mixer: ``x + ls·T(n)`` with ``T`` a linear over the positions."""
+
+    def __init__(self, channels: int, positions: int, bias: bool):
+        super().__init__()
+        self.norm = nn.GroupNorm(1, channels)
+        self.tokens = nn.Linear(positions, positions, bias=bias)
+        self.gamma = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tokens(self.norm(x).flatten(2)) * self.gamma[:, None]
+        return x + y.reshape(x.shape)
+
+
+@st.composite
+def token_mixer(draw, state: State):
+    """Bias-free, the scale goes back through ``T`` into the norm; with a bias it cannot (the
+    bias would need scaling per channel and per position) and stays, unless it is a scalar."""
+    bias = draw(st.booleans())
+    block = TokenMixer(state.channels, state.height * state.width, bias)
+    stays = bias and state.channels > 1  # one channel: a scalar, which the linear takes
+    return block, state, Counter(group_norm=1, linear=1, channel_affine=int(stays))
+
+
+class ScaledResidual(nn.Module):
+    """``a = conv(x)``, then ``s·a + tanh(conv(a))`` (``shortcut``), ``s·(a + conv(a))``
+    (``sum``) or ``s·a + conv(GroupNorm(a))`` (``norm_reads``)."""
+
+    def __init__(self, channels: int, kind: str, spelling: str):
+        super().__init__()
+        self.first = nn.Conv2d(channels, channels, 3, padding=1)
+        self.branch = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(1, channels)
+        self.scale = Scale(channels, spelling)
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.first(x)
+        if self.kind == "shortcut":
+            return self.scale(a) + torch.tanh(self.branch(a))
+        if self.kind == "sum":
+            return self.scale(a + self.branch(a))
+        return self.scale(a) + self.branch(self.norm(a))
+
+
+@st.composite
+def scaled_residual(draw, state: State):
+    """A scale on a shortcut or on a residual sum goes back into the convs computing it and is
+    undone by the conv that reads the scaled value; beside a norm reading it, it stays."""
+    kind = draw(st.sampled_from(["shortcut", "sum", "norm_reads"]))
+    block = ScaledResidual(state.channels, kind, draw(st.sampled_from(PURE_SCALES)))
+    if kind == "norm_reads":
+        return block, state, Counter(conv=2, group_norm=1, channel_affine=1)
+    return block, state, Counter(conv=2)
+
+
 BLOCKS = {
     "conv_bn": conv_bn,
     "bn_conv": bn_conv,
@@ -486,6 +574,9 @@ BLOCKS = {
     "parallel_branches": parallel_branches,
     "sequential_convs": sequential_convs,
     "concat_branches": concat_branches,
+    "pool_mixer": pool_mixer,
+    "token_mixer": token_mixer,
+    "scaled_residual": scaled_residual,
 }
 # Smooth barriers: a ReLU can zero a whole channel, and a GroupNorm over a constant channel
 # amplifies rounding noise by 1/sqrt(eps) — an ill-conditioned model, not a wrong fold.

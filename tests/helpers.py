@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -123,3 +125,21 @@ def stored_multiplies(module: nn.Module, *inputs: torch.Tensor) -> list[str]:
     with torch.no_grad(), mode:
         module(*inputs)
     return mode.found
+
+
+class _Dispatched(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(module: nn.Module, *inputs: torch.Tensor) -> Counter[str]:
+    """How many times a run of ``module`` on ``inputs`` dispatches each ATen op."""
+    mode = _Dispatched()
+    with torch.no_grad(), mode:
+        module(*inputs)
+    return mode.counts
