@@ -398,7 +398,15 @@ def _optimize(args: argparse.Namespace) -> int:
     step = "tracing and folding" + (f", verifying on {shape_text}" if verify else "")
     try:
         folded, seconds = _timed(
-            progress, step, lambda: fold(model, inputs, verify=verify, capture=args.capture)
+            progress,
+            step,
+            lambda: fold(
+                model,
+                inputs,
+                verify=verify,
+                capture=args.capture,
+                fold_norm_affine=args.fold_norm_affine,
+            ),
         )
     except ExampleInputError as exc:
         given = _shapes_text(shapes)
@@ -636,6 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="front end: torch.fx, torch.export, or auto (torch.fx, then torch.export where "
         "torch.fx cannot trace; default)",
+    )
+    opt.add_argument(
+        "--fold-norm-affine",
+        action="store_true",
+        help="also move each norm's own weight and bias into the linears / convs that read it "
+        "(affine-free norms, as rotation-based quantization wants; linears may gain a bias)",
     )
     opt.add_argument("--no-verify", action="store_true", help="skip the equivalence checks")
     opt.add_argument("--explain", action="store_true", help="list every candidate not folded")

@@ -17,7 +17,7 @@ from .errors import Error, TrainingModeError
 from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs
 from .graph import annotate_ranks
 from .opaque import child_reason
-from .passes import default_pipeline
+from .passes import FoldNormAffine, default_pipeline
 from .passes.base import Pass, run_to_fixpoint
 from .report import Folded, FoldReport, GraphStats, Skipped
 from .rewrite import delete_unused_attributes
@@ -95,6 +95,7 @@ def fold(
     passes: Sequence[Pass] | None = None,
     strict: bool = False,
     capture: str = "auto",
+    fold_norm_affine: bool = False,
 ) -> fx.GraphModule | torch.export.ExportedProgram:
     """Fold ``model`` into an equivalent, cheaper ``torch.fx.GraphModule``.
 
@@ -119,11 +120,18 @@ def fold(
     inputs, runs a submodule opaque), and, when neither can, the model's children, each
     captured on its own (``repfx.frontend``).
 
+    ``fold_norm_affine=True`` also moves each LayerNorm's / GroupNorm's own ``γ, β`` into the
+    linears or convs that read it, when all of them can take it, leaving affine-free norms
+    (``repfx.passes.fold_norm_affine``; the "fuse layer norms" step before rotation-based
+    quantization). Off by default: it removes no op, and bias-free linears may gain a bias.
+
     ``model`` may be a ``torch.export.ExportedProgram``: it is folded on its own example
     inputs (or ``example_inputs``) and the result is an ``ExportedProgram`` again (what
     ``torch.export.save``, AOTInductor and the ONNX exporter take), its report at
     ``program.graph_module.meta["repfx_report"]``.
     """
+    if fold_norm_affine:
+        passes = [*(default_pipeline() if passes is None else passes), FoldNormAffine()]
     if isinstance(model, torch.export.ExportedProgram):
         return _fold_program(model, example_inputs, verify, verify_redrawn, passes, strict)
     if not isinstance(model, nn.Module):

@@ -143,6 +143,22 @@ def set_slot(gm: fx.GraphModule, slot: Slot, value: torch.Tensor, hint: str) -> 
         node.kwargs = {**node.kwargs, slot.kwarg: new_node}
 
 
+def clear_slot(gm: fx.GraphModule, slot: Slot) -> None:
+    """Make the optional tensor at ``slot`` absent (``None``: a norm without γ or β)."""
+    require_commit(gm)
+    node = slot.node
+    if slot.attr is not None:
+        module = module_of(gm, node)
+        if slot.attr in module._parameters:
+            module._parameters[slot.attr] = None
+        else:
+            setattr(module, slot.attr, None)
+    elif slot.index is not None and slot.index < len(node.args):
+        node.args = (*node.args[: slot.index], None, *node.args[slot.index + 1 :])
+    elif slot.kwarg is not None:
+        node.kwargs = {**node.kwargs, slot.kwarg: None}
+
+
 def _single_get_attr(gm: fx.GraphModule, node: fx.Node) -> bool:
     """No other ``get_attr`` node reads the same tensor."""
     value = _fetch_attr(gm, node.target)

@@ -8,14 +8,17 @@ from .cleanup import Cleanup
 from .fold_affine_mixer import FoldAffineMixer
 from .fold_bn import FoldBatchNorm
 from .fold_channel_affine import FoldChannelAffine
+from .fold_norm_affine import FoldNormAffine
 from .merge_branches import MergeBranches
 from .merge_sequential import MergeSequential
 from .precompute_constants import PrecomputeConstants
 
 
-def default_pipeline() -> list[Pass]:
+def default_pipeline(fold_norm_affine: bool = False) -> list[Pass]:
     """precompute_constants → cleanup → fold_bn → fold_affine_mixer → fold_channel_affine →
-    merge_branches → absorb_padding → merge_sequential, run to a fixpoint."""
+    merge_branches → absorb_padding → merge_sequential, run to a fixpoint (then, on request,
+    fold_norm_affine once, and the others to a fixpoint again)."""
+    optional: list[Pass] = [FoldNormAffine()] if fold_norm_affine else []
     return [
         PrecomputeConstants(),
         Cleanup(),
@@ -25,6 +28,7 @@ def default_pipeline() -> list[Pass]:
         MergeBranches(),
         AbsorbPadding(),
         MergeSequential(),
+        *optional,
     ]
 
 
@@ -34,6 +38,7 @@ __all__ = [
     "FoldAffineMixer",
     "FoldBatchNorm",
     "FoldChannelAffine",
+    "FoldNormAffine",
     "MergeBranches",
     "MergeSequential",
     "Pass",

@@ -251,21 +251,41 @@ def _compose_rewrite(
 
 
 def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
-    """Fold ``op`` into its only consumer, a conv or linear, reached through single-use
-    channel-wise ops that commute with it; the region is from ``op``'s input to the consumer."""
+    """Fold ``op`` into its consumers, all of them convs or linears (each takes it on its input
+    side: the q, k and v projections reading one norm), reached through single-use channel-wise
+    ops that commute with it; the region is from ``op``'s input to the consumers."""
     walked = _walk_forward(ctx, op)
     end, axis = (walked[-1].node, walked[-1].axis) if walked else (op.node, op.axis)
     users = value_users(end)
-    if len(users) != 1:
-        return Reason(f"output has {len(users)} users")
-    c = users[0]
+    if not users:
+        return Reason("output has no users")
+    consumers = []
+    for c in users:
+        lin = input_side(ctx, replace(op, axis=axis), c, end)
+        if isinstance(lin, Reason):
+            return lin if len(users) == 1 else Reason(f"output has {len(users)} users; {lin}")
+        consumers.append(lin)
+    through = ", ".join(describe(ctx, w.node) for w in walked)
+    suffix = f" (through {through})" if walked else ""
+
+    def rewrite() -> tuple[list[fx.Node], str]:
+        for lin in consumers:
+            fold_into_input(ctx, lin, op.affine)
+        _remove(ctx, op)
+        into = ", ".join(f"{lin.kind} {where(lin.node)}" for lin in consumers)
+        return [lin.node for lin in consumers], f"into the input of {into}{suffix}"
+
+    return Plan([lin.node for lin in consumers], _region_inputs(ctx, op.node), rewrite)
+
+
+def input_side(ctx: FoldContext, op: AffineOp, c: fx.Node, end: fx.Node) -> LinearOp | Reason:
+    """``c`` as a conv / linear that can take ``op`` (re-expressed at ``end``) on its input."""
     lin = linear_op(ctx.gm, c, ctx.consts)
     if lin is None or lin.input is not end:
         return Reason(f"consumer {describe(ctx, c)} is not a conv or linear")
     if lin.kind == "conv_transpose":
         return Reason("consumer is a transposed conv (input-side fold not supported)")
-    moved = replace(op, axis=axis)
-    if (bad := _fits(moved, lin.channel_axis, lin.in_channels, lin.weight.dtype)) is not None:
+    if (bad := _fits(op, lin.channel_axis, lin.in_channels, lin.weight.dtype)) is not None:
         return Reason(f"consumer {lin.kind}: {bad}")
     if lin.zero_padded and op.affine.has_shift():
         return Reason("consumer conv zero-pads its input: a shift before it is not exact")
@@ -273,18 +293,10 @@ def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
         return Reason(f"consumer {shared}")
     if _would_add_bias(lin, op):
         return Reason(f"consumer {_ADDS_BIAS}")
-    through = ", ".join(describe(ctx, w.node) for w in walked)
-    suffix = f" (through {through})" if walked else ""
-
-    def rewrite() -> tuple[list[fx.Node], str]:
-        _fold_into_input(ctx, lin, op.affine)
-        _remove(ctx, op)
-        return [c], f"into the input of {lin.kind} {where(c)}{suffix}"
-
-    return Plan([c], _region_inputs(ctx, op.node), rewrite)
+    return lin
 
 
-def _fold_into_input(ctx: FoldContext, lin: LinearOp, affine: ChannelAffine) -> None:
+def fold_into_input(ctx: FoldContext, lin: LinearOp, affine: ChannelAffine) -> None:
     """``lin`` now computes ``lin(affine(x))`` from ``x``."""
     w, b = fold_affine_into_conv_input(
         lin.weight, lin.bias, _expand(affine, lin.in_channels), lin.groups
@@ -337,16 +349,16 @@ _ADDS_BIAS = (
 )
 
 
+# Affines a bias-free linear may take with their shift: a batch norm (removing it is worth a
+# bias), a norm's own γ, β (moved on request: ``fold_norm_affine``).
+BIAS_WORTHY = ("batch_norm", "norm_affine")
+
+
 def _would_add_bias(lin: LinearOp, op: AffineOp) -> bool:
-    """Would folding ``op`` give the bias-free linear ``lin`` a bias? Made only to remove a
-    batch norm; an arithmetic shift (``x + b``, StarReLU's ``s·relu(x)² + b``) costs less left
-    as it is."""
-    return (
-        lin.kind == "linear"
-        and lin.bias is None
-        and op.affine.has_shift()
-        and (op.kind != "batch_norm")
-    )
+    """Would folding ``op`` give the bias-free linear ``lin`` a bias it is not worth? An
+    arithmetic shift (``x + b``, StarReLU's ``s·relu(x)² + b``) costs less left as it is."""
+    shift = op.affine.has_shift()
+    return lin.kind == "linear" and lin.bias is None and shift and op.kind not in BIAS_WORTHY
 
 
 # --------------------------------------------------------------------------- back through ops
@@ -381,7 +393,7 @@ def _region_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
         details = [rewrite() for rewrite in rewrites]
         for node in undo:  # viewed again: it may have taken the scale on its output too
             lin = linear_op(ctx.gm, node, ctx.consts)
-            _fold_into_input(ctx, lin, inverse)
+            fold_into_input(ctx, lin, inverse)
             details.append(f"undone in the input of {lin.kind} {where(node)}")
         through = sorted({describe(ctx, n) for n in region.through})
         suffix = f" (through {', '.join(through)})" if through else ""

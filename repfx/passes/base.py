@@ -11,7 +11,10 @@ the graph as it was, with that rewrite denied, and reports it. A pass that chang
 outside a commit is a bug the pipeline reports (:class:`PassError`).
 
 Termination is by construction, not by a round cap: every modifying pass must strictly reduce
-the number of call nodes, and the pipeline raises (naming the pass) when one does not.
+the number of call nodes, and the pipeline raises (naming the pass) when one does not. A pass
+that moves constants without removing an op (``runs_once = True``, e.g. the opt-in
+``fold_norm_affine``) runs once, after the others reach their fixpoint, and they run again
+after it.
 """
 
 from __future__ import annotations
@@ -239,6 +242,22 @@ class _Snapshot:
 
 
 def _rounds(gm: fx.GraphModule, passes: Sequence[Pass]) -> tuple[list[Folded], list[Skipped]]:
+    repeated = [p for p in passes if not getattr(p, "runs_once", False)]
+    once = [p for p in passes if getattr(p, "runs_once", False)]
+    folded, skipped = _fixpoint(gm, repeated)
+    if not once:
+        return folded, skipped
+    once_skipped: list[Skipped] = []
+    for p in once:
+        result = p(gm)
+        folded.extend(result.folded)
+        once_skipped.extend(result.skipped)
+        gm.graph.lint()
+    more, skipped = _fixpoint(gm, repeated)
+    return folded + more, skipped + once_skipped
+
+
+def _fixpoint(gm: fx.GraphModule, passes: Sequence[Pass]) -> tuple[list[Folded], list[Skipped]]:
     folded: list[Folded] = []
     while True:
         skipped: list[Skipped] = []
