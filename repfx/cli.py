@@ -331,23 +331,6 @@ def benchmark(
     }
 
 
-def report_dict(report: FoldReport) -> dict:
-    """The fold report as plain JSON-able data."""
-    return {
-        "folded": report.counts(),
-        "folds": [dataclasses.asdict(f) for f in report.folded],
-        "skipped": [dataclasses.asdict(s) for s in report.skipped],
-        "before": dataclasses.asdict(report.before) if report.before else None,
-        "after": dataclasses.asdict(report.after) if report.after else None,
-        "verification": (dataclasses.asdict(report.verification) if report.verification else None),
-        "redrawn_verification": (
-            dataclasses.asdict(report.redrawn_verification) if report.redrawn_verification else None
-        ),
-        "opaque_modules": dict(report.opaque_modules),
-        "notes": list(report.notes),
-    }
-
-
 def _optimize(args: argparse.Namespace) -> int:
     if args.list:
         return _list_models(args)
@@ -418,11 +401,11 @@ def _optimize(args: argparse.Namespace) -> int:
             f"({failed.summary()}); nothing written. This is a repfx bug unless the model is "
             "non-deterministic; --explain / --json show the report, --no-verify skips the check",
             EXIT_VERIFY,
-            {"report": report_dict(exc.report), "report_text": str(exc.report)},
+            {"report": exc.report.to_dict(), "report_text": str(exc.report)},
         ) from exc
     report: FoldReport = folded.meta["repfx_report"]
     result["fold_seconds"] = seconds
-    result.update(report_dict(report))
+    result.update(report.to_dict())
 
     if out is not None:
         target = Target(out, fmt, force=args.force, static_shapes=args.static_shapes)
@@ -435,7 +418,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(_human_report(report, result, explain=args.explain))
+        print(_human_report(report, result, explain=args.explain, everything=args.all))
     return EXIT_OK
 
 
@@ -531,8 +514,8 @@ def _write_format(
     return info, exported.check
 
 
-def _human_report(report: FoldReport, result: dict, explain: bool) -> str:
-    lines = [str(report), f"  time        {result['fold_seconds']:.1f} s"]
+def _human_report(report: FoldReport, result: dict, explain: bool, everything: bool) -> str:
+    lines = [str(report), f"  fold time {result['fold_seconds']:.1f} s"]
     output = result.get("output")
     if output:
         size = output["bytes"] / 1e6
@@ -558,8 +541,10 @@ def _human_report(report: FoldReport, result: dict, explain: bool) -> str:
             f"{threads}; median paired ratio after/before {bench['paired_ratio_median']:.3f}"
         )
     if explain:
-        lines.append("not folded, with reasons:")
-        lines.append(report.explain() or "  (every candidate was folded)")
+        which = "every candidate" if everything else "what you could change"
+        lines.append(f"not folded ({which}), with reasons:")
+        text = report.explain(everything=everything)
+        lines.append(text or ("  (every candidate was folded)" if everything else "  (nothing)"))
     return "\n".join(lines)
 
 
@@ -652,7 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(affine-free norms, as rotation-based quantization wants; linears may gain a bias)",
     )
     opt.add_argument("--no-verify", action="store_true", help="skip the equivalence checks")
-    opt.add_argument("--explain", action="store_true", help="list every candidate not folded")
+    opt.add_argument(
+        "--explain",
+        action="store_true",
+        help="list the candidates not folded that you could change (with --all: every one)",
+    )
+    opt.add_argument(
+        "--all", action="store_true", help="with --explain: every candidate not folded"
+    )
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     opt.add_argument(
         "--benchmark", action="store_true", help="time eager inference before -> after"

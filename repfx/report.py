@@ -7,8 +7,11 @@ global state.
 
 from __future__ import annotations
 
+import html
+import json
+import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from torch import fx, nn
 
@@ -194,6 +197,55 @@ class GraphStats:
         )
 
 
+# Plain words for op kinds (repfx.inspect.op_kind) and rules (pass names).
+OP_WORDS = {
+    "conv": "conv",
+    "conv_transpose": "transposed conv",
+    "linear": "linear",
+    "batch_norm": "batch norm",
+    "layer_norm": "layer norm",
+    "group_norm": "group norm",
+    "channel_affine": "per-channel multiply / add",
+    "no_op": "no-op (dropout, identity)",
+}
+RULE_WORDS = {
+    "precompute_constants": "computed once from parameters",
+    "cleanup": "no-op removed",
+    "fold_bn": "batch norm folded",
+    "fold_affine_mixer": "affine mixer folded",
+    "fold_channel_affine": "per-channel affine folded",
+    "merge_branches": "parallel branches merged",
+    "absorb_padding": "padding absorbed",
+    "merge_sequential": "sequential convs merged",
+    "fold_norm_affine": "norm affine moved",
+}
+# Reasons a user can act on (remove a hook, untie a module, call eval(), pass example inputs,
+# convert a dtype, report a bug); every other reason describes how the model is built.
+_ACTIONABLE = (
+    "hooks", "shared", "call sites", "training mode", "example inputs", "rejected by local "
+    "validation", "cannot be validated", "denied", "mutated in place", "constants are",
+)  # fmt: skip
+
+
+def actionable(skip: Skipped) -> bool:
+    """Could the user change something so that this candidate folds?"""
+    return skip.rule == "capture" or any(marker in skip.reason for marker in _ACTIONABLE)
+
+
+def pattern(text: str) -> str:
+    """``text`` with block indices and node counters wildcarded, so that repeated blocks read
+    as one: ``stages.2.blocks.11.norm1:mul_23`` → ``stages.*.blocks.*.norm1:mul``."""
+    text = re.sub(r"(?<=[.\[])\d+(?=[.\]:]|$| )", "*", text)
+    return re.sub(r"(?<=[A-Za-z])_\d+\b", "", text)
+
+
+def grouped(records: list[tuple[str, str, str]]) -> list[tuple[int, str, str, str]]:
+    """(count, rule, where, what) for records (rule, where, what) that read alike once their
+    indices are wildcarded, most frequent first."""
+    counts = Counter((rule, pattern(where), pattern(what)) for rule, where, what in records)
+    return [(n, *key) for key, n in counts.most_common()]
+
+
 @dataclass
 class FoldReport:
     folded: list[Folded] = field(default_factory=list)
@@ -212,27 +264,87 @@ class FoldReport:
     def skip_reasons(self) -> dict[str, int]:
         return dict(Counter(s.reason for s in self.skipped))
 
-    def __str__(self) -> str:
-        lines = ["repfx fold report"]
+    # ------------------------------------------------------------------ reading
+
+    def summary(self) -> str:
+        """One line: ops before → after in words, parameters, the verification verdict."""
+        parts = []
         if self.before and self.after:
             b, a = self.before, self.after
-            lines.append(f"  parameters  {b.parameters:,} -> {a.parameters:,}")
-            lines.append(f"  buffers     {b.buffers:,} -> {a.buffers:,}")
-            lines.append(f"  graph nodes {b.nodes:,} -> {a.nodes:,}")
-            for kind in sorted(set(b.ops) | set(a.ops)):
-                lines.append(f"    {kind:<14} {b.ops.get(kind, 0):>5} -> {a.ops.get(kind, 0)}")
-        lines.append("  folded:" if self.folded else "  folded: nothing")
-        for rule, count in sorted(self.counts().items()):
-            lines.append(f"    {rule:<22} {count}")
-        if self.skipped:
-            lines.append("  not folded:")
-            for reason, count in sorted(self.skip_reasons().items(), key=lambda kv: -kv[1]):
-                lines.append(f"    {count:>4} × {reason}")
+            removed = [
+                f"{b.ops.get(k, 0) - a.ops.get(k, 0)} {OP_WORDS.get(k, k)}"
+                for k in OP_WORDS
+                if b.ops.get(k, 0) > a.ops.get(k, 0)
+            ]
+            parts.append(f"{b.nodes:,} → {a.nodes:,} ops")
+            parts.append("removed " + ", ".join(removed) if removed else "nothing removed")
+            parts.append(f"parameters {b.parameters:,} → {a.parameters:,}")
+        else:
+            parts.append(f"{len(self.folded)} folds")
+        checks = self.verifications()
+        if not checks:
+            parts.append("not verified")
+        else:
+            verdict = "ok" if all(v.passed for v in checks) else "FAILED"
+            parts.append(f"verification {verdict} ({len(checks)} checks)")
+        return "; ".join(parts)
+
+    def __str__(self) -> str:
+        lines = ["repfx fold report", f"  {self.summary()}"]
+        lines.extend(self._verification_lines())
+        lines.extend(self._folded_lines())
+        lines.extend(self._not_folded_lines())
         for path, why in self.opaque_modules.items():
             lines.append(f"  traced as a leaf: {path} ({why})")
         lines.extend(f"  note: {note}" for note in self.notes)
-        lines.extend(self._verification_lines())
+        lines.extend(self._op_lines())
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<repfx FoldReport: {self.summary()}>"
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{html.escape(str(self))}</pre>"
+
+    def _folded_lines(self) -> list[str]:
+        if not self.folded:
+            return ["  folded: nothing"]
+        lines = ["  folded:"]
+        for rule, count in sorted(self.counts().items(), key=lambda kv: -kv[1]):
+            lines.append(f"    {RULE_WORDS.get(rule, rule)} ({rule}): {count}")
+        records = [(f.rule, f.where, f.detail) for f in self.folded if f.rule != "cleanup"]
+        for n, _, where, detail in grouped(records)[:_SHOWN]:
+            lines.append(f"      {where}: {detail}" + (f"  (×{n})" if n > 1 else ""))
+        if len(grouped(records)) > _SHOWN:
+            lines.append(f"      … {len(grouped(records)) - _SHOWN} more (report.to_dict())")
+        return lines
+
+    def _not_folded_lines(self) -> list[str]:
+        mine = [s for s in self.skipped if actionable(s)]
+        lines = []
+        if mine:
+            lines.append("  not folded, and you could change that:")
+            for n, rule, where, reason in grouped([(s.rule, s.where, s.reason) for s in mine]):
+                lines.append(f"    {n:>4} × {rule} at {where}: {reason}")
+        others = len(self.skipped) - len(mine)
+        if others:
+            lines.append(
+                f"  {others} other candidate{'s' if others != 1 else ''} cannot fold as the "
+                "model is built (explain(everything=True); CLI --explain --all)"
+            )
+        return lines
+
+    def _op_lines(self) -> list[str]:
+        if not (self.before and self.after):
+            return []
+        b, a = self.before, self.after
+        lines = [f"  ops before → after (graph nodes {b.nodes:,} → {a.nodes:,}):"]
+        for kind in sorted(set(b.ops) | set(a.ops)):
+            word = OP_WORDS.get(kind, kind)
+            lines.append(f"    {word:<27} {b.ops.get(kind, 0):>5} → {a.ops.get(kind, 0)}")
+        if b.buffers or a.buffers:
+            lines.append(f"    buffers (elements)          {b.buffers:,} → {a.buffers:,}")
+        return lines
 
     def verifications(self) -> list[Verification]:
         """The verifications made: as given, then with re-drawn parameters."""
@@ -247,6 +359,41 @@ class FoldReport:
             return [f"  {NOT_VERIFIED}"]
         return [f"  {line}" for v in self.verifications() for line in v.lines()]
 
-    def explain(self) -> str:
-        """Every candidate that was not folded, with its location and reason."""
-        return "\n".join(f"{s.rule}: {s.where}: {s.reason}" for s in self.skipped)
+    def explain(self, everything: bool = True) -> str:
+        """The candidates that were not folded, one line each, with location and reason: every
+        one, or (``everything=False``) those a user could act on, alike ones grouped."""
+        if everything:
+            return "\n".join(f"{s.rule}: {s.where}: {s.reason}" for s in self.skipped)
+        mine = [(s.rule, s.where, s.reason) for s in self.skipped if actionable(s)]
+        return "\n".join(
+            f"{rule}: {where}: {reason}" + (f"  (×{n})" if n > 1 else "")
+            for n, rule, where, reason in grouped(mine)
+        )
+
+    # ------------------------------------------------------------------ data
+
+    def to_dict(self) -> dict:
+        """The report as plain, JSON-able data."""
+
+        def plain(value: object) -> object:
+            return asdict(value) if value is not None else None
+
+        return {
+            "summary": self.summary(),
+            "folded": self.counts(),
+            "folds": [asdict(f) for f in self.folded],
+            "skipped": [{**asdict(s), "actionable": actionable(s)} for s in self.skipped],
+            "before": plain(self.before),
+            "after": plain(self.after),
+            "verification": plain(self.verification),
+            "redrawn_verification": plain(self.redrawn_verification),
+            "opaque_modules": dict(self.opaque_modules),
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, **kwargs: object) -> str:
+        """:meth:`to_dict` as JSON (``kwargs`` go to ``json.dumps``, e.g. ``indent=2``)."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+_SHOWN = 12  # grouped folds listed in the text report

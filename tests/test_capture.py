@@ -137,7 +137,12 @@ def test_report_is_readable_and_explains_skips():
     report = folded.meta["repfx_report"]
     text = str(report)
     assert "fold_bn" in text and "verification ok" in text
-    assert "batch_norm" in text and "2 -> 1" in text
+    assert text.splitlines()[1] == (
+        "  4 → 3 ops; removed 1 batch norm; parameters 128 → 120; verification ok (2 checks)"
+    )
+    assert "    batch norm                      2 → 1" in text
+    assert "1 other candidate cannot fold as the model is built" in text
+    assert repr(report).startswith("<repfx FoldReport: 4 → 3 ops") and len(repr(report)) < 200
     assert report.counts() == {"fold_bn": 1}
     assert report.explain().startswith("fold_bn: 3: producer ReLU is not a conv")
 

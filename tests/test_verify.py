@@ -332,7 +332,7 @@ def test_both_verifications_are_reported_one_line_each_when_all_pass():
     x = torch.randn(2, 3, 8, 8, generator=_gen(0))
     report = repfx.fold(model, (x,)).meta["repfx_report"]
     assert report.verification.label == AS_GIVEN and report.redrawn_verification.label == REDRAWN
-    lines = [line for line in str(report).splitlines() if "verification" in line]
+    lines = [line for line in str(report).splitlines() if line.startswith("  verification")]
     assert len(lines) == 2
     assert lines[0].startswith("  verification ok (as given): 1 output")
     assert lines[1].startswith("  verification ok (re-drawn parameters): 1 output")
