@@ -8,6 +8,7 @@ into the convs, linears and norms next to it, returning an equivalent ``GraphMod
 from __future__ import annotations
 
 from .capture import CaptureError, ExampleInputError
+from .draw import DrawError
 from .dynamo import compile_backend
 from .errors import Error, TrainingModeError
 from .export import ExportError, export_onnx
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "REPORT_KEY",
     "CaptureError",
+    "DrawError",
     "Error",
     "ExampleInputError",
     "ExportError",

@@ -62,6 +62,7 @@ from torch import nn
 
 from . import __version__, models
 from .capture import CaptureError, ExampleInputError
+from .draw import DrawError
 from .export import (
     ExportError,
     ExportMismatchError,
@@ -177,30 +178,35 @@ def _output_format(args: argparse.Namespace) -> str | None:
 
 
 def _check_output_path(args: argparse.Namespace) -> Path | None:
-    """OUT, if it may be written: not SOURCE, absent or a regular file or symbolic link
-    (replaced, not followed) with ``--force``, in a directory repfx can write into."""
-    if args.output is None:
-        return None
-    out = Path(args.output)
+    """OUT, if it may be written (see :func:`_writable_target`)."""
+    return None if args.output is None else _writable_target(Path(args.output), "-o", args)
+
+
+def _writable_target(out: Path, flag: str, args: argparse.Namespace) -> Path:
+    """``out`` (given as ``flag``), if it may be written: not SOURCE, absent or a regular file
+    or symbolic link (replaced, not followed) with ``--force``, in a directory repfx can write
+    into."""
     sources = [args.source] if is_file_source(args.source) else []
     sources += [args.weights] if args.weights else []
     for source in sources:
         if os.path.realpath(out) == os.path.realpath(source):  # realpath: no error on loops
-            raise UsageError(f"-o {out} is the model file being read; repfx never overwrites it")
+            raise UsageError(
+                f"{flag} {out} is the model file being read; repfx never overwrites it"
+            )
     mode = _lstat_mode(out)
     if mode is not None:
         if stat.S_ISDIR(mode):
-            raise UsageError(f"-o {out} is a directory; name the file to write")
+            raise UsageError(f"{flag} {out} is a directory; name the file to write")
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
             raise UsageError(
-                f"-o {out} is not a regular file (a device, pipe or socket); repfx only "
+                f"{flag} {out} is not a regular file (a device, pipe or socket); repfx only "
                 "writes regular files"
             )
         if not args.force:
             what = "exists (a symbolic link)" if stat.S_ISLNK(mode) else "exists"
             raise UsageError(f"{out} {what}; pass --force to overwrite it")
     if not out.parent.is_dir():
-        raise UsageError(f"-o {out}: directory {out.parent} does not exist")
+        raise UsageError(f"{flag} {out}: directory {out.parent} does not exist")
     _check_writable(out)
     return out
 
@@ -339,6 +345,7 @@ def _optimize(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet or False)
     fmt = _output_format(args)
     out = _check_output_path(args)
+    picture = None if args.graph is None else _writable_target(Path(args.graph), "--graph", args)
     shapes = [parse_shape(s) for s in args.input_shape or []]
     if args.benchmark_rounds < 1:
         raise UsageError("--benchmark-rounds must be at least 1")
@@ -407,6 +414,8 @@ def _optimize(args: argparse.Namespace) -> int:
     result["fold_seconds"] = seconds
     result.update(report.to_dict())
 
+    if picture is not None:
+        result["graph"] = _draw(report, picture, progress)
     if out is not None:
         target = Target(out, fmt, force=args.force, static_shapes=args.static_shapes)
         result["output"] = _write(folded, model, inputs, target, verify, progress)
@@ -420,6 +429,20 @@ def _optimize(args: argparse.Namespace) -> int:
     else:
         print(_human_report(report, result, explain=args.explain, everything=args.all))
     return EXIT_OK
+
+
+def _draw(report: FoldReport, path: Path, progress: Progress) -> dict:
+    """Draw one folded block before and after into ``path`` (``--graph``)."""
+    progress(f"drawing a folded block into {path} ...")
+    try:
+        block = report.draw(path)
+    except DrawError as exc:
+        if "matplotlib" in str(exc):
+            raise UsageError(f"--graph: {exc}") from exc
+        return {"path": None, "why": str(exc)}
+    except OSError as exc:
+        raise UsageError(f"--graph {path}: cannot write it: {exc.strerror or exc}") from exc
+    return {"path": str(path), "block": block}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,6 +539,11 @@ def _write_format(
 
 def _human_report(report: FoldReport, result: dict, explain: bool, everything: bool) -> str:
     lines = [str(report), f"  fold time {result['fold_seconds']:.1f} s"]
+    graph = result.get("graph")
+    if graph:
+        drawn = graph["path"]
+        lines.append(f"drew {graph['block'] or 'the model'} before and after into {drawn}"
+                     if drawn else f"no picture: {graph['why']}")  # fmt: skip
     output = result.get("output")
     if output:
         size = output["bytes"] / 1e6
@@ -629,6 +657,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="front end: torch.fx, torch.export, or auto (torch.fx, then torch.export where "
         "torch.fx cannot trace; default)",
+    )
+    opt.add_argument(
+        "--graph",
+        metavar="PICTURE",
+        help="draw one folded block before and after into PICTURE (.svg, .png or .pdf; needs "
+        "matplotlib: pip install 'repfx[draw]')",
     )
     opt.add_argument(
         "--fold-norm-affine",

@@ -13,6 +13,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .capture import CaptureError, ExampleInputError, copy_model, propagate_shapes
 from .capture_export import export_program
+from .draw import GraphSketch
 from .errors import Error, TrainingModeError
 from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs
 from .graph import annotate_ranks
@@ -228,6 +229,7 @@ def _fold_copy(
     annotate_ranks(gm)
     if not prefix:
         report.before = GraphStats.of(gm, work)
+        report.before_sketch = GraphSketch.of(gm)
     folded, skipped = run_to_fixpoint(gm, passes)
     report.folded += [Folded(f.rule, prefix + f.where, f.detail) for f in folded]
     report.skipped += [Skipped(s.rule, prefix + s.where, s.reason) for s in skipped]
@@ -240,6 +242,7 @@ def _fold_copy(
     gm.recompile()
     if not prefix:
         report.after = GraphStats.of(gm)
+        report.after_sketch = GraphSketch.of(gm)
     return gm
 
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import fx, nn
+
+if TYPE_CHECKING:
+    from .draw import GraphSketch
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,16 @@ class FoldReport:
     redrawn_verification: Verification | None = None  # a copy with re-drawn parameters (REDRAWN)
     opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why not traced
     notes: list[str] = field(default_factory=list)
+    # the graph as captured and as folded, for draw() (repfx.draw); not part of to_dict()
+    before_sketch: GraphSketch | None = field(default=None, repr=False)
+    after_sketch: GraphSketch | None = field(default=None, repr=False)
+
+    def draw(self, path: str | os.PathLike, block: str | None = None) -> str:
+        """Draw one folded block before and after into ``path`` (SVG, PNG, PDF: by its
+        suffix); returns the module path drawn. See ``repfx.draw``."""
+        from .draw import draw  # local: matplotlib is optional, and imported only to draw
+
+        return draw(self, path, block)
 
     def counts(self) -> dict[str, int]:
         """Number of folds per rule."""
