@@ -231,14 +231,28 @@ def _check_writable(out: Path) -> None:
 
 
 class Progress:
-    """One line on stderr per slow step, with the time the previous step took."""
+    """A line on stderr when a slow step starts (``repfx: loading x ...``), and one with its
+    duration when it ends — at the next step, or at :meth:`finish`."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        self._open: tuple[str, float] | None = None
 
     def __call__(self, message: str) -> None:
+        self.finish()
+        self._open = (message.removesuffix(" ..."), time.perf_counter())
+        self._print(message)
+
+    def finish(self) -> None:
+        """Report the duration of the step in progress, if any."""
+        if self._open is not None:
+            step, started = self._open
+            self._open = None
+            self._print(f"{step}: {time.perf_counter() - started:.1f} s")
+
+    def _print(self, line: str) -> None:
         if not self.quiet:
-            print(f"repfx: {message}", file=sys.stderr, flush=True)
+            print(f"repfx: {line}", file=sys.stderr, flush=True)
 
 
 def _timed(progress: Progress, message: str, step: Callable[[], object]) -> tuple[object, float]:
@@ -422,6 +436,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.benchmark:
         progress(f"benchmarking eager latency ({args.benchmark_rounds} interleaved rounds) ...")
         result["benchmark"] = benchmark(model, folded, inputs, args.benchmark_rounds)
+    progress.finish()
     result["seconds"] = time.perf_counter() - started
 
     if args.json:
@@ -538,7 +553,8 @@ def _write_format(
 
 
 def _human_report(report: FoldReport, result: dict, explain: bool, everything: bool) -> str:
-    lines = [str(report), f"  fold time {result['fold_seconds']:.1f} s"]
+    fold, total = result["fold_seconds"], result["seconds"]
+    lines = [str(report), f"  time: fold {fold:.1f} s, whole run {total:.1f} s"]
     graph = result.get("graph")
     if graph:
         drawn = graph["path"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import stat
 import subprocess
@@ -618,3 +619,13 @@ def test_console_script_is_the_same_command():
     )
     assert result.returncode == 0
     assert "riformer_s12" in result.stdout.split()
+
+
+def test_each_step_reports_its_duration_and_the_report_the_whole_run(capsys):
+    assert main(["optimize", "riformer_tiny", *TINY]) == 0
+    captured = capsys.readouterr()
+    steps = [line for line in captured.err.splitlines() if line.startswith("repfx: ")]
+    assert steps[0] == "repfx: loading riformer_tiny ..."
+    assert re.fullmatch(r"repfx: loading riformer_tiny: \d+\.\d s", steps[1])
+    assert re.fullmatch(r"repfx: tracing and folding, verifying on 1×3×32×32: \d+\.\d s", steps[-1])
+    assert re.search(r"time: fold \d+\.\d s, whole run \d+\.\d s", captured.out)
