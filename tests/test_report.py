@@ -138,3 +138,11 @@ def test_cli_draws_the_picture_and_refuses_to_overwrite_one(tmp_path, capsys):
     assert main([*args, "-q"]) == 2  # exists: --force to replace it
     assert "pass --force" in capsys.readouterr().err
     assert main([*args, "-q", "--force"]) == 0
+
+
+@pytest.mark.slow
+def test_cli_picture_of_riformer_s12_shows_its_mixer_gone(tmp_path):
+    picture = tmp_path / "g.svg"
+    assert main(["optimize", "riformer_s12", "--graph", str(picture), "-q"]) == 0
+    before, after = _sides(picture.read_text())
+    assert {"affine", "sub", "mul"} <= before and not {"affine", "sub", "mul"} & after
