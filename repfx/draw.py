@@ -54,23 +54,13 @@ class GraphSketch:
 
     @staticmethod
     def of(gm: fx.GraphModule) -> GraphSketch:
-        computed: set[fx.Node] = set()  # values that depend on an input (not parameter views)
-        for n in gm.graph.nodes:
-            if n.op == "placeholder" or any(i in computed for i in n.all_input_nodes):
-                computed.add(n)
-        calls = [n for n in gm.graph.nodes if n.op.startswith("call_") and n in computed]
-        paths = {n: _own_path(n) for n in calls}
-        for n in calls:  # ops a pass created have no module: take a neighbour's
-            if paths[n] is None:
-                near = [u for u in n.users if paths.get(u)] + [
-                    i for i in n.all_input_nodes if paths.get(i)
-                ]
-                paths[n] = paths[near[0]] if near else ""
+        calls = _computed_calls(gm)
+        paths = _module_paths(calls)
         nodes = tuple(
             SketchNode(
                 n.name,
                 op_name(gm, n),
-                paths[n] or "",
+                paths[n],
                 tuple(i.name for i in n.all_input_nodes if i in paths),
                 n.op == "call_module",
             )
@@ -80,6 +70,26 @@ class GraphSketch:
 
     def block(self, prefix: str) -> list[SketchNode]:
         return [n for n in self.nodes if _inside(n.path, prefix)]
+
+
+def _computed_calls(gm: fx.GraphModule) -> list[fx.Node]:
+    """The calls whose value depends on an input (not views of parameters), in order."""
+    computed: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(i in computed for i in n.all_input_nodes):
+            computed.add(n)
+    return [n for n in gm.graph.nodes if n.op.startswith("call_") and n in computed]
+
+
+def _module_paths(calls: list[fx.Node]) -> dict[fx.Node, str]:
+    """The module each call belongs to; a call a pass created has none of its own and takes a
+    reader's (else an input's)."""
+    own = {n: _own_path(n) for n in calls}
+    paths = {}
+    for n in calls:
+        near = [m for m in [*n.users, *n.all_input_nodes] if own.get(m)]
+        paths[n] = own[n] if own[n] is not None else (own[near[0]] if near else "")
+    return paths
 
 
 def _own_path(node: fx.Node) -> str | None:
