@@ -81,6 +81,7 @@ from .graph import (
     reads_only_shape,
     writes_in_place,
 )
+from .ops import identity_input
 
 DTYPE_GUARD_KEY = "repfx_dtype_guard"  # node.meta: a cast added by functionalize (see there)
 # node.meta entries that describe a node's value (shape propagation, dynamo, export)
@@ -541,6 +542,8 @@ def _alias_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
         return first
     if isinstance(node.target, torch._ops.OpOverload) and _overload_aliases_first(node.target):
         return first
+    if node.op == "call_function" and isinstance(identity_input(gm, node), fx.Node):
+        return first  # an eval-mode stochastic depth returns its input itself
     if node.op == "call_module":
         m = module_of(gm, node)
         if (is_plain(m, _ALIASING_MODULES) or getattr(m, "inplace", False) is True) and (
@@ -606,6 +609,8 @@ def _write_of(gm: fx.GraphModule, node: fx.Node) -> _Write | None:
         return _module_write(gm, node)
     if node.op not in ("call_function", "call_method"):
         return None
+    if node.op == "call_function" and isinstance(identity_input(gm, node), fx.Node):
+        return None  # a known function that returns its input as is (eval stochastic depth)
     if node.op == "call_function" and not _known_callable(node.target):
         return _Write(node, _tensor_inputs(node))  # user code may write to its inputs
     if not writes_in_place(node):

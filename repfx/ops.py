@@ -771,6 +771,8 @@ def identity_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | str | None:
         return _identity_module(module_of(gm, node), node)
     if node.op == "call_function" and node.target in _DROPOUT_FUNCS:
         return _identity_dropout(node)
+    if node.op == "call_function" and _qualified_name(node.target) in _DROP_PATH_FUNCS:
+        return _identity_drop_path(node)
     if node.op in ("call_function", "call_method"):
         return _identity_arith(node)
     return None
@@ -785,6 +787,32 @@ def _identity_dropout(node: fx.Node) -> fx.Node | str | None:
         return "dropout in training mode"
     x, _ = _arg(node, 0, "input")
     return x if isinstance(x, fx.Node) else None
+
+
+# Stochastic-depth functions (module, name) → (the rate's and the training flag's positions
+# and names), matched by qualified name (torchvision wraps its own with ``torch.fx.wrap``, so
+# it stays one call in the graph): ``f(x, p, mode, training)`` returns ``x`` itself when
+# ``training`` is False or ``p`` is 0.
+_DROP_PATH_FUNCS = {
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"): ((1, "p"), (3, "training")),
+}
+
+
+def _qualified_name(target: Any) -> tuple[str, str] | None:
+    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    return (module, name) if isinstance(module, str) and isinstance(name, str) else None
+
+
+def _identity_drop_path(node: fx.Node) -> fx.Node | str | None:
+    (p_index, p_name), (t_index, t_name) = _DROP_PATH_FUNCS[_qualified_name(node.target)]
+    rate, _ = _arg(node, p_index, p_name, _ARG)
+    training, _ = _arg(node, t_index, t_name, True)
+    x, _ = _arg(node, 0, "input")
+    if not isinstance(x, fx.Node):
+        return None
+    if training is False or (type(rate) in (int, float) and rate == 0):
+        return x
+    return "stochastic depth in training mode"
 
 
 _DROPOUT_TYPES = (

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 from torch.utils._pytree import tree_map
+from torchvision.ops import StochasticDepth
 
 # ====================================================================== in-place ops
 
@@ -75,6 +76,7 @@ NOOPS = {
     "nn.Identity": lambda m, x: m.identity(x),
     "nn.Dropout (eval)": lambda m, x: m.dropout(x),
     "F.dropout(training=False)": lambda m, x: F.dropout(x, 0.5, training=False),
+    "torchvision StochasticDepth (eval)": lambda m, x: m.stochastic_depth(x),
     "x.clone()": lambda m, x: x.clone(),
 }
 
@@ -117,6 +119,7 @@ class NoopThenMutate(Mutating):
         super().__init__(shape, mutation, rebind, constant)
         self.noop, self.read_x_first, self.f, self.g = noop, read_x_first, f, g
         self.identity, self.dropout = nn.Identity(), nn.Dropout(0.5)
+        self.stochastic_depth = StochasticDepth(0.5, "row")  # returns x itself in eval mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         early = self.g(x) if self.read_x_first else None

@@ -176,3 +176,44 @@ def test_a_view_of_a_training_statistic_is_not_a_constant(capture):
         fresh = torch.randn(2, 3, 4, 4)
         torch.testing.assert_close(folded(fresh), reference(fresh))
     torch.testing.assert_close(folded.bn.running_mean, reference.bn.running_mean)
+
+
+class MBConvTail(nn.Module):
+    """torchvision's MBConv residual: ``result = stochastic_depth(bn(conv(x))); result += x``.
+    torchvision keeps ``stochastic_depth`` one call in the graph (``torch.fx.wrap``); in eval
+    mode it returns its input itself, so ``+=`` writes into the BN's own output."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.stochastic_depth = StochasticDepth(0.2, "row")
+
+    def forward(self, x):
+        result = self.stochastic_depth(self.bn(self.conv(x)))
+        result += x
+        return result
+
+
+def test_a_write_through_eval_stochastic_depth_into_a_fresh_result_is_made_out_of_place():
+    model = randomise_(MBConvTail(), torch.Generator().manual_seed(3)).eval()
+    x = torch.randn(2, 4, 5, 5)
+    folded = repfx.fold(model, (x,))
+    assert op_counts(folded)["batch_norm"] == 0  # the BN output is private: it folds
+    assert_equivalent(model, folded, (torch.randn(3, 4, 6, 6),))
+    assert not any("stochastic_depth" in str(n.target) for n in folded.graph.nodes)
+
+
+def test_stochastic_depth_in_training_mode_is_not_an_identity():
+    from torchvision.ops import StochasticDepth
+
+    from repfx.ops import identity_input
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(StochasticDepth(0.5, "row")).train())
+    node = next(n for n in gm.graph.nodes if "stochastic_depth" in str(n.target))
+    assert identity_input(gm, node) == "stochastic depth in training mode"
+    gm = torch.fx.symbolic_trace(nn.Sequential(StochasticDepth(0.5, "row")).eval())
+    node = next(n for n in gm.graph.nodes if "stochastic_depth" in str(n.target))
+    assert identity_input(gm, node) is node.args[0]
