@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .report import FoldReport
 
 MIN_BLOCK_OPS = 6  # widen the drawn block to its parent module until it has this many ops
+MAX_BLOCK_OPS = 80  # ... but not past this many: the picture would be unreadable
 REMOVED, CHANGED, KEPT, OUTSIDE = "#f4a6a6", "#a6e3a6", "#e8e8e8", "#ffffff"
 
 
@@ -105,13 +106,16 @@ def _inside(path: str, prefix: str) -> bool:
 
 def representative_block(report: FoldReport) -> str:
     """The module holding the first fold (other than a removed no-op), widened to its parent
-    until it holds :data:`MIN_BLOCK_OPS` ops of the captured graph."""
+    until it holds :data:`MIN_BLOCK_OPS` ops of the captured graph (not past
+    :data:`MAX_BLOCK_OPS`)."""
     sketch = _sketches(report)[0]
     first = next((f for f in report.folded if f.rule != "cleanup"), None)
     if first is None:
         raise DrawError("nothing was folded (other than no-ops): there is no block to draw")
     parts = first.where.split(":")[0].split(".")
     while parts and len(sketch.block(".".join(parts))) < MIN_BLOCK_OPS:
+        if len(sketch.block(".".join(parts[:-1]))) > MAX_BLOCK_OPS:
+            break
         parts.pop()
     return ".".join(parts)
 
@@ -129,6 +133,11 @@ def draw(report: FoldReport, path: str | os.PathLike, block: str | None = None) 
     old, new = before.block(block), after.block(block)
     if not old:
         raise DrawError(f"no op of the captured graph belongs to module {block!r}")
+    if len(old) > MAX_BLOCK_OPS:
+        raise DrawError(
+            f"{block or 'the model'} has {len(old)} ops, too many to draw readably: name a "
+            "smaller module (report.draw(path, block='...'))"
+        )
     changed = _changed_paths(report, block)
     kept = {n.name for n in new}
     old_colour = {n.name: KEPT if n.name in kept else REMOVED for n in old}

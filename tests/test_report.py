@@ -146,3 +146,12 @@ def test_cli_picture_of_riformer_s12_shows_its_mixer_gone(tmp_path):
     assert main(["optimize", "riformer_s12", "--graph", str(picture), "-q"]) == 0
     before, after = _sides(picture.read_text())
     assert {"affine", "sub", "mul"} <= before and not {"affine", "sub", "mul"} & after
+
+
+def test_a_block_too_large_to_read_is_refused_with_what_to_do(tmp_path):
+    layers = [nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU()) for _ in range(30)]
+    model = randomise_(nn.Sequential(*layers), torch.Generator().manual_seed(0)).eval()
+    report = repfx.fold(model, (fresh_input(1, 3, 4, 4),)).meta["repfx_report"]
+    with pytest.raises(repfx.DrawError, match="too many to draw readably"):
+        report.draw(tmp_path / "all.svg", block="")
+    assert report.draw(tmp_path / "one.svg", block="3") == "3"
