@@ -82,3 +82,23 @@ def test_readme_snippet_is_self_contained_and_runs(line, source, isolated_proces
     assert not missing, f"README.md:{line} uses names it does not define: {sorted(missing)}"
     namespace: dict[str, object] = {"__name__": f"readme_snippet_{line}"}
     exec(compile(source, f"README.md:{line}", "exec"), namespace)  # raises if the snippet fails
+
+
+REPO = README.parent
+USER_DOCS = [README, *sorted(REPO.glob("docs/*.md")), *sorted(REPO.glob("benchmarks/*.md"))]
+_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("doc", USER_DOCS, ids=[str(p.relative_to(REPO)) for p in USER_DOCS])
+def test_user_docs_are_self_contained(doc):
+    """Everything a user reads lives in the repository: no link leaves it (other than to the
+    web), every relative link resolves, and nothing speaks of the project's issue tracker."""
+    text = doc.read_text(encoding="utf-8")
+    for target in _LINK.findall(text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        resolved = (doc.parent / target).resolve()
+        assert resolved.is_relative_to(REPO.resolve()), f"{target} leaves the repository"
+        assert resolved.exists(), f"{target} does not exist"
+    assert "../shared" not in text
+    assert not re.search(r"\bissues?\b", text, re.IGNORECASE), "speaks of issues"
