@@ -352,7 +352,7 @@ class _AvgPool:
     divisor_override: Any
 
 
-def _avg_pool_settings(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, _AvgPool] | None:
+def avg_pool_settings(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, _AvgPool] | None:
     """The input and settings of an average pool, module or function; ``None`` otherwise."""
     if node.op == "call_module":
         if len(node.args) != 1 or node.kwargs:
@@ -383,7 +383,7 @@ def avg_pool_op(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
     uniform kernel), when that is exact — zeros counted in the average (or no padding), floor
     mode, no divisor override — and its channel count is known from shape propagation. The view
     has no slots: there is no weight to rewrite."""
-    found = _avg_pool_settings(gm, node)
+    found = avg_pool_settings(gm, node)
     if found is None or not isinstance(found[0], fx.Node):
         return None
     x, pool = found
@@ -1040,7 +1040,7 @@ def _spatial_pool_axis(axis: int | None, dims: int) -> bool:
 
 
 def _pool_channelwise(gm: fx.GraphModule, node: fx.Node, axis: int | None) -> Channelwise | None:
-    avg = _avg_pool_settings(gm, node)
+    avg = avg_pool_settings(gm, node)
     if avg is not None and isinstance(avg[0], fx.Node) and _spatial_pool_axis(axis, avg[1].dims):
         pool = avg[1]
         padding = _per_dim(pool.padding, pool.dims)

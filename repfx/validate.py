@@ -45,7 +45,8 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call
 
-from .graph import RANK_KEY, ConstantFolder, _fetch_attr
+from .graph import RANK_KEY, ConstantFolder, _fetch_attr, static_shape
+from .ops import avg_pool_settings
 from .tolerances import rewrite_tolerance
 
 _CONV_FUNCTIONS = {
@@ -230,7 +231,19 @@ def channel_counts(gm: fx.GraphModule, region: Region) -> list[int]:
     for value in region.constants.values():
         for size in value.shape:
             add(int(size))
+    for node in region.ops:  # a pool names no channel count, but its replacement may (a conv)
+        add(_pooled_channels(gm, node))
     return sorted(counts, key=lambda c: -counts[c])
+
+
+def _pooled_channels(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The channel count of an average pool's recorded output (``None``: not a pool, or no
+    recorded shape)."""
+    found = avg_pool_settings(gm, node)
+    shape = static_shape(node)
+    if found is None or shape is None or len(shape) < found[1].dims + 1:
+        return None
+    return int(shape[-(found[1].dims + 1)])
 
 
 def probe_sizes(gm: fx.GraphModule, region: Region) -> tuple[tuple[int, ...], ...]:
@@ -335,14 +348,11 @@ def candidate_shapes(
 def _shrunk(
     shape: tuple[int, ...], channels: list[int], sizes: tuple[int, ...], batch: int
 ) -> tuple:
-    """``shape`` with its batch set and its other dims shrunk, except channel counts. A region
-    that mentions no channel count (an average pool minus its input) keeps every other dim: a
-    shrunk channel dim would run it, and not its replacement (a depthwise conv)."""
     out, k = [], 0
     for i, d in enumerate(shape):
         if i == 0 and len(shape) > 1:
             out.append(batch)
-        elif d > 1 and channels and d not in channels:
+        elif d > 1 and d not in channels:
             out.append(sizes[k % len(sizes)])
             k += 1
         else:
