@@ -226,3 +226,13 @@ def test_folded_weights_keep_the_memory_format_of_the_weights_they_replace():
             assert tensor.is_contiguous(memory_format=torch.channels_last), name
         else:
             assert tensor.is_contiguous(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_in_16_bit_floats_a_scale_does_not_move_before_a_difference(dtype):
+    """``ls·(pool(n) − n)`` rounds once after the difference; ``pool(ls·n) − ls·n`` would round
+    ``ls·n`` before a difference that may cancel: 0.66% off in float16 (a fuzzer find)."""
+    model = _random(PoolMixer()).to(dtype)
+    folded = repfx.fold(model, (fresh_input(2, 4, 5, 5).to(dtype),))
+    assert stored_multiplies(folded, fresh_input(1, 4, 5, 5).to(dtype)) == ["ls"]
+    assert "moves the rounding before a cancellation" in _reasons(folded)
