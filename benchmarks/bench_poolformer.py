@@ -37,7 +37,7 @@ import torch
 
 # Shared with the RIFormer benchmark in this directory (the script's own directory is on
 # sys.path when it runs as ``python benchmarks/bench_poolformer.py``).
-from bench_riformer import machine_lines, print_section, time_and_report
+from bench_riformer import machine_lines, parse_latency_args, print_section, time_and_report
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -64,27 +64,11 @@ MUL_KERNELS = KERNEL_GROUPS[0][1]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Interleaved eager CPU latency of PoolFormer: unfolded / repfx-folded."
+    return parse_latency_args(
+        argv,
+        "Interleaved eager CPU latency of PoolFormer: unfolded / repfx-folded.",
+        family="poolformer",
     )
-    parser.add_argument("--model", default="poolformer_s12", help="poolformer_* model name")
-    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    parser.add_argument("--size", type=int, default=224, help="input height = width (224)")
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
-    parser.add_argument("--warmup", type=int, default=3, help="warm-up forwards per variant")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights and input")
-    parser.add_argument(
-        "--markdown", action="store_true", help="also print markdown tables for RESULTS.md"
-    )
-    args = parser.parse_args(argv)
-    if not args.model.startswith("poolformer_"):
-        parser.error(f"--model must be a poolformer_* model, got {args.model!r}")
-    if min(args.batch, args.size, args.rounds) < 1 or args.warmup < 0:
-        parser.error("--batch, --size and --rounds must be >= 1, --warmup >= 0")
-    return args
 
 
 # --------------------------------------------------------------------------- models

@@ -92,11 +92,21 @@ class Summary:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Interleaved eager CPU latency of RIFormer: training / paper deploy / "
-        "repfx-folded / hand-folded ideal."
+    return parse_latency_args(
+        argv,
+        "Interleaved eager CPU latency of RIFormer: training / paper deploy / repfx-folded / "
+        "hand-folded ideal.",
+        family="riformer",
     )
-    parser.add_argument("--model", default="riformer_s12", help="riformer_* model name")
+
+
+def parse_latency_args(
+    argv: Sequence[str] | None, description: str, family: str
+) -> argparse.Namespace:
+    """The options of an interleaved latency benchmark of one built-in model family (also
+    ``bench_poolformer.py``'s): ``--model {family}_*``, batch, size, rounds, threads, ..."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=f"{family}_s12", help=f"{family}_* model name")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     parser.add_argument("--size", type=int, default=224, help="input height = width (224)")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
@@ -109,8 +119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--markdown", action="store_true", help="also print markdown tables for RESULTS.md"
     )
     args = parser.parse_args(argv)
-    if not args.model.startswith("riformer_"):
-        parser.error(f"--model must be a riformer_* model, got {args.model!r}")
+    if not args.model.startswith(f"{family}_"):
+        parser.error(f"--model must be a {family}_* model, got {args.model!r}")
     if min(args.batch, args.size, args.rounds) < 1 or args.warmup < 0:
         parser.error("--batch, --size and --rounds must be >= 1, --warmup >= 0")
     return args
