@@ -328,10 +328,11 @@ class FoldReport:
         for rule, count in sorted(self.counts().items(), key=lambda kv: -kv[1]):
             lines.append(f"    {RULE_WORDS.get(rule, rule)} ({rule}): {count}")
         records = [(f.rule, f.where, f.detail) for f in self.folded if f.rule != "cleanup"]
-        for n, _, where, detail in grouped(records)[:_SHOWN]:
+        groups = grouped(records)
+        for n, _, where, detail in groups[:_SHOWN]:
             lines.append(f"      {where}: {detail}" + (f"  (×{n})" if n > 1 else ""))
-        if len(grouped(records)) > _SHOWN:
-            lines.append(f"      … {len(grouped(records)) - _SHOWN} more (report.to_dict())")
+        if len(groups) > _SHOWN:
+            lines.append(f"      … {len(groups) - _SHOWN} more (report.to_dict())")
         return lines
 
     def _not_folded_lines(self) -> list[str]:
