@@ -99,3 +99,74 @@ def test_thresholds_are_ill_conditioned():
     x = (torch.randn(2, 3, 4, 4),)
     assert oracle.ill_conditioned(Divide(lambda m, y: y // 0.25), x, seed=0)
     assert oracle.ill_conditioned(Divide(lambda m, y: (y > 0).float()), x, seed=0)
+
+
+class HalfOnlyTail(nn.Module):
+    """``|conv(x) · s|`` through an int16 view: only runs on float16 values (as a traced
+    ``view(torch.int16)`` is baked for them); ``fused`` folds ``s`` into the conv."""
+
+    def __init__(self, conv: nn.Conv2d, scale: torch.Tensor, fused: bool):
+        super().__init__()
+        self.conv, self.fused = conv, fused
+        self.scale = nn.Parameter(scale)
+
+    def forward(self, x):
+        y = self.conv(x) if self.fused else self.conv(x) * self.scale
+        if y.dtype != torch.float16:
+            raise TypeError(f"an int16 view of {y.dtype}")
+        return (y.view(torch.int16) & 0x7FFF).view(torch.float16)
+
+
+def half_only_pair(error: float):
+    """An original in float16 whose float64 copy runs (its tail adapts), and a fold of it
+    (``s`` in the conv, off by ``error`` relative) whose float64 copy cannot."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    scale = torch.rand(4, 1, 1) + 0.5
+
+    class Original(HalfOnlyTail):
+        def forward(self, x):
+            y = self.conv(x) * self.scale
+            return y.abs()  # what the int16 view computes, in any dtype
+
+    original = Original(conv, scale, fused=False).half()
+    fused = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale[:, None] * (1 + error))
+        fused.bias.copy_(conv.bias * scale.flatten() * (1 + error))
+    folded = HalfOnlyTail(fused, torch.ones(4, 1, 1), fused=True).half()
+    return original, folded, (torch.randn(2, 3, 8, 8).half(),)
+
+
+def test_a_fold_that_only_runs_in_its_own_precision_is_judged_in_it():
+    original, folded, x = half_only_pair(error=0.0)
+    assert isinstance(oracle.run(oracle.double_copy(folded), oracle.to_double(x), 0)[0], Exception)
+    assert oracle.rounding_excuses(original, folded, x, seed=0, index=0)
+    original, wrong, x = half_only_pair(error=0.05)
+    assert not oracle.rounding_excuses(original, wrong, x, seed=0, index=0)
+
+
+class Pole(nn.Module):
+    """``1 / conv(x)``, evaluated where ``conv(x)`` is 1e-7 at one position."""
+
+    def __init__(self, bias: float):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1).double()
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)
+            self.conv.bias.fill_(bias)
+
+    def forward(self, x):
+        return 1 / self.conv(x)
+
+
+def test_a_float64_fold_behind_a_pole_is_judged_by_the_outputs_conditioning():
+    x = torch.full((1, 1, 2, 2), 3.0, dtype=torch.float64)
+    x[0, 0, 0, 0] = 1 + 1e-7
+    original = Pole(bias=-1.0)
+    rerounded = Pole(bias=-1.0 * (1 + 4 * torch.finfo(torch.float64).eps))  # a few ulps off
+    assert oracle.mismatch(rerounded(x), original(x)) is not None  # beyond 1e-10
+    assert oracle.output_problems(original, rerounded, (x,), seed=0) == []
+    wrong = Pole(bias=-1.0 * (1 + 1e-9))
+    problems = oracle.output_problems(original, wrong, (x,), seed=0)
+    assert [kind for kind, _ in problems] == ["wrong output"]
