@@ -29,15 +29,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ..graph import known_dtype, op_name, static_shape, value_users
+from ..graph import op_name, static_shape, value_users
 from ..ops import AffineOp, affine_op, channelwise_source, linear_op, norm_op
 from .base import FoldContext
 
 MAX_SCALED_VALUES = 64  # a larger region is not a block-local scale: give up early
 _SUMS = {operator.add, operator.sub, torch.add, torch.sub, "add", "sub"}
-# ``s⊙a − s⊙b`` rounds ``s⊙a`` and ``s⊙b`` before a difference that may cancel; ``s⊙(a − b)``
-# after it. In float32 the difference is far below the tolerance; in 16-bit floats it is not.
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -137,11 +134,6 @@ def _sum_operands(
         return f"{op_name(ctx.gm, node)} has an unexpected signature"
     if type(node.kwargs.get("alpha", 1)) not in (int, float):
         return f"{op_name(ctx.gm, node)} has a computed alpha"
-    if known_dtype(node) in _LOW_PRECISION:
-        return (
-            f"{op_name(ctx.gm, node)} in {known_dtype(node)}: scaling its operands instead of "
-            "its result moves the rounding before a cancellation"
-        )
     operands = list(node.args)
     if not all(isinstance(a, fx.Node) and not ctx.consts.is_constant(a) for a in operands):
         return f"{op_name(ctx.gm, node)} adds a constant that is not per-channel"
