@@ -57,7 +57,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
-from repfx.inspect import op_counts
+from repfx.op_kinds import op_counts
 from repfx.tolerances import assert_close, max_errors
 
 MODELS: tuple[str, ...] = (

@@ -107,7 +107,7 @@ def sweep_one(spec: str) -> dict:
     from helpers import batch_norms
 
     import repfx
-    from repfx.inspect import op_counts
+    from repfx.op_kinds import op_counts
     from repfx.verify import float64_inputs, verify
 
     torch.set_num_threads(1)

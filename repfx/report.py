@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
+from .op_kinds import op_counts
+
 if TYPE_CHECKING:
     from .draw import GraphSketch
 
@@ -186,12 +188,10 @@ class GraphStats:
     parameters: int  # numel of parameters
     buffers: int  # numel of buffers
     nodes: int  # compute nodes (calls), excluding placeholders, attributes and output
-    ops: dict[str, int]  # count of recognised op kinds, see repfx.ops.op_kind
+    ops: dict[str, int]  # count of recognised op kinds, see repfx.op_kinds.op_kind
 
     @staticmethod
     def of(gm: fx.GraphModule, module: nn.Module | None = None) -> GraphStats:
-        from .inspect import op_counts  # local: inspect depends on ops, which depends on graph
-
         module = gm if module is None else module
         calls = [n for n in gm.graph.nodes if n.op.startswith("call_")]
         return GraphStats(
@@ -202,7 +202,7 @@ class GraphStats:
         )
 
 
-# Plain words for op kinds (repfx.inspect.op_kind) and rules (pass names).
+# Plain words for op kinds (repfx.op_kinds.op_kind) and rules (pass names).
 OP_WORDS = {
     "conv": "conv",
     "conv_transpose": "transposed conv",

@@ -36,7 +36,7 @@ from repfx.cli import (
     main,
     sigterm_as_interrupt,
 )
-from repfx.inspect import op_counts
+from repfx.op_kinds import op_counts
 from repfx.sources import UnknownModelError
 from repfx.tolerances import assert_close
 

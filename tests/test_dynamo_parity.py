@@ -17,8 +17,8 @@ from torch import fx, nn
 
 import repfx
 from repfx.dynamo import compile_backend
-from repfx.inspect import op_counts
 from repfx.models import create
+from repfx.op_kinds import op_counts
 from repfx.redraw import redraw_foldable_parameters_
 from repfx.tolerances import assert_close
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import repfx
-from repfx.inspect import op_counts
 from repfx.models import create
+from repfx.op_kinds import op_counts
 from repfx.tolerances import assert_close
 
 

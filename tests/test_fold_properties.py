@@ -12,7 +12,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import repfx
-from repfx.inspect import OP_KINDS, op_counts
+from repfx.op_kinds import OP_KINDS, op_counts
 from repfx.tolerances import assert_close
 from repfx.verify import assert_equivalent
 

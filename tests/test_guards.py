@@ -8,7 +8,7 @@ from grammar import randomise_
 from torch import nn
 
 import repfx
-from repfx.inspect import op_counts
+from repfx.op_kinds import op_counts
 from repfx.verify import assert_equivalent
 
 

@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from repfx.capture import capture, copy_model
 from repfx.graph import ConstantFolder, annotate_ranks, is_plain
-from repfx.inspect import op_counts
+from repfx.op_kinds import op_counts
 from repfx.ops import affine_op, batch_norm_reason, identity_input
 from repfx.tolerances import assert_close
 

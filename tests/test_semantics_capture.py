@@ -22,7 +22,7 @@ from torch.nn.utils import parametrizations, parametrize
 import repfx
 from repfx.capture import CaptureError, capture, copy_model, functionalize
 from repfx.graph import MUTATED_KEY, ConstantFolder
-from repfx.inspect import op_counts
+from repfx.op_kinds import op_counts
 from repfx.opaque import child_reason
 from repfx.tolerances import assert_close
 

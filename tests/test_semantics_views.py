@@ -29,7 +29,7 @@ from repfx.graph import (
     is_plain,
     rank_of,
 )
-from repfx.inspect import op_counts
+from repfx.op_kinds import op_counts
 from repfx.ops import affine_op, identity_input, layout_source_axis, linear_op, norm_op
 from repfx.tolerances import assert_close
 

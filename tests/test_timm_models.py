@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repfx.graph import ConstantFolder
-from repfx.inspect import OP_KINDS, op_counts, op_kind
+from repfx.op_kinds import OP_KINDS, op_counts, op_kind
 from repfx.tolerances import assert_close
 
 torch.set_num_threads(1)
@@ -53,7 +53,7 @@ class Spec:
     scales: int  # LayerScale / LayerScale2d / metaformer Scale modules
     scales_left: str  # regex over the module paths of the scales that must stay ("" = none)
     scales_left_count: int  # how many paths that regex names, stated independently
-    ops_after: dict[str, int]  # repfx.inspect.op_counts of the folded graph (missing kinds: 0)
+    ops_after: dict[str, int]  # repfx.op_kinds.op_counts of the folded graph (missing kinds: 0)
     affines_left: dict[str, int] = field(default_factory=dict)  # remaining channel_affine ops,
     # by the type of the innermost module whose forward they come from
 

@@ -22,7 +22,7 @@ spelled (``nn.Conv2d`` module, ``F.conv2d``, a folded ``merged_conv``), needs no
 timm's model (whose reparameterized modules are not all traced the same way as the original),
 and counts what runs: a conv that a graph still calls only so that a rank check can read its
 ``.ndim`` costs as much as any other and is counted. The folded graph's structural
-``repfx.inspect.op_counts`` is shown in failure messages as a cross-check.
+``repfx.op_kinds.op_counts`` is shown in failure messages as a cross-check.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
 from repfx.graph import value_users
-from repfx.inspect import op_counts
+from repfx.op_kinds import op_counts
 from repfx.tolerances import assert_close, max_errors
 
 torch.set_num_threads(1)
@@ -200,7 +200,7 @@ def test_no_more_convs_than_timm(case: Case) -> None:
     dead = shape_only_convs(folded)
     assert ours.conv <= theirs.conv, (
         f"{case.name}: repfx runs {ours.conv} convs, timm's reparameterized model "
-        f"{theirs.conv} (original {original.conv}). repfx.inspect.op_counts of the folded "
+        f"{theirs.conv} (original {original.conv}). repfx.op_kinds.op_counts of the folded "
         f"graph: {dict(op_counts(folded))}. {len(dead)} conv calls of the folded graph are "
         f"read only for their shape (e.g. a rank assert), yet still run: {dead[:4]}"
         f"{' …' if len(dead) > 4 else ''}\n{_explain(folded)}"
