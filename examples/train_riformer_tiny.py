@@ -11,7 +11,7 @@ Steps:
    fixed random one) makes the label-free distillation meaningful: the student never sees a
    label, so its accuracy only comes from what the teacher learnt.
 3. A tiny RIFormer student of the same macro structure is initialised from the teacher (all
-   but the token mixer, :func:`repfx.models.distill.init_student_from_teacher`) and trained with
+   but the token mixer, :func:`repfx.recipes.riformer.init_student_from_teacher`) and trained with
    ``L = L_soft + λ1·L'_in + λ2·L_out + λ3·L_rel`` (:class:`RIFormerDistiller`), label-free.
 4. ``repfx.fold`` turns the student into its deploy form (no token mixer); predictions on the
    eval set are compared (identical) and eager latency is measured, interleaved, median.
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import repfx
 from repfx.models import create
-from repfx.models.distill import LossWeights, RIFormerDistiller, init_student_from_teacher
+from repfx.recipes.riformer import LossWeights, RIFormerDistiller, init_student_from_teacher
 
 NUM_CLASSES = 4
 

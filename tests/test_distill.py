@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from repfx.models import create
-from repfx.models.distill import (
+from repfx.models.metaformer import Affine, Pooling
+from repfx.recipes.riformer import (
     FeatureCapture,
     LossWeights,
     RIFormerDistiller,
@@ -22,7 +23,6 @@ from repfx.models.distill import (
     relation_loss,
     soft_distillation_loss,
 )
-from repfx.models.metaformer import Affine, Pooling
 
 torch.set_num_threads(1)
 DTYPE = torch.float64

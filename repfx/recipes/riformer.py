@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metaformer import MetaFormerBlock
+from ..models.metaformer import MetaFormerBlock
 
 __all__ = [
     "BlockFeatures",
