@@ -36,7 +36,7 @@ from bench_riformer import Summary, machine_lines, measure_interleaved
 import repfx
 from repfx.models import create
 from repfx.redraw import redraw_foldable_parameters_
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 VARIANTS = ("eager", "inductor", "inductor_freezing", "fold_then_compile", "repfx")
 MODELS = (

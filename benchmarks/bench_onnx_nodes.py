@@ -24,7 +24,7 @@ Method:
    change, flagging every op type whose count rises after folding (with the names of its
    nodes in the folded graph).
 4. Run both sessions on a fresh input (another seed) and assert with
-   ``repfx.tolerances.assert_close`` that the folded model's output agrees with the unfolded
+   ``repfx.testing.assert_close`` that the folded model's output agrees with the unfolded
    one's.
 
 Run ``python benchmarks/bench_onnx_nodes.py --help`` for the options.
@@ -53,7 +53,8 @@ from torch import nn
 import repfx
 from repfx.export import onnx_op_counts
 from repfx.redraw import redraw_foldable_parameters_
-from repfx.tolerances import assert_close, max_errors
+from repfx.testing import assert_close
+from repfx.tolerances import max_errors
 
 MODELS: tuple[str, ...] = ("timm:caformer_s18", "tv:mobilenet_v3_small")
 FORMS: tuple[str, ...] = ("unfolded", "folded")

@@ -10,7 +10,7 @@ Method:
 
 1. Build the model, then re-draw every LayerScale and norm affine (and conv bias) at O(1) with
    ``repfx.redraw.redraw_foldable_parameters_`` (the published LayerScale init of 1e-5 would
-   make a wrong fold invisible). Fold it and assert with ``repfx.tolerances.assert_close`` that
+   make a wrong fold invisible). Fold it and assert with ``repfx.testing.assert_close`` that
    the folded form agrees with the unfolded one on the benchmark input.
 2. Count, per variant, the ATen kernels one forward dispatches (a ``TorchDispatchMode`` under
    ``torch.inference_mode()``, as timed): multiplies, group norms, average pools and
@@ -44,7 +44,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import repfx
 import repfx.models
 from repfx.redraw import redraw_foldable_parameters_
-from repfx.tolerances import assert_close, max_errors
+from repfx.testing import assert_close
+from repfx.tolerances import max_errors
 
 # (label, numerator, denominator)
 RATIOS: tuple[tuple[str, str, str], ...] = (("repfx / unfolded", "repfx", "unfolded"),)

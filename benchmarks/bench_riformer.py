@@ -13,7 +13,7 @@ Method:
 
 1. Build the model, then re-draw every LayerScale, norm affine and token-mixer affine at O(1)
    (the published init of 1e-5 would make a wrong fold invisible). Build the four variants
-   from copies of it and assert with ``repfx.tolerances.assert_close`` that their outputs
+   from copies of it and assert with ``repfx.testing.assert_close`` that their outputs
    agree with the training form on the benchmark input.
 2. Under ``torch.inference_mode()`` (models in eval mode), run a few warm-up forwards of each
    variant, then ``--rounds`` rounds. Each round times one forward of every variant with
@@ -48,7 +48,8 @@ from torch import fx, nn
 import repfx
 import repfx.models
 from repfx.models import RIFormer, RIFormerBlock
-from repfx.tolerances import assert_close, max_errors
+from repfx.testing import assert_close
+from repfx.tolerances import max_errors
 
 VARIANTS: tuple[str, ...] = ("training", "paper_deploy", "repfx", "ideal")
 

@@ -14,7 +14,7 @@ Method (as ``bench_riformer.py``):
 1. Build the model, then re-draw every BatchNorm's statistics and affine, conv / linear biases
    and every LayerScale ``gamma`` at O(1) (identity BN statistics and 1e-5 LayerScales would
    make a wrong fold invisible). Check that both folded forms agree with the original
-   (``repfx.tolerances.assert_close``), and count the convolutions and BatchNorms each form
+   (``repfx.testing.assert_close``), and count the convolutions and BatchNorms each form
    actually runs (ATen kernels dispatched in one forward).
 2. Under ``torch.inference_mode()``, a few warm-up forwards of each form, then ``--rounds``
    rounds; each round times one forward of every form (``time.perf_counter``), round-robin,
@@ -58,7 +58,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
 from repfx.op_kinds import op_counts
-from repfx.tolerances import assert_close, max_errors
+from repfx.testing import assert_close
+from repfx.tolerances import max_errors
 
 MODELS: tuple[str, ...] = (
     "repvgg_a0",

@@ -166,24 +166,6 @@ def constants_match(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> boo
     return bool(torch.all((a - b).abs() <= 8 * eps * scale))
 
 
-def assert_close(actual: object, expected: object) -> None:
-    """Assert two output structures agree, each output tensor within the tolerance of its own
-    dtype on its own scale (NaN / Inf at the same positions)."""
-    got, want = output_tensors(actual), output_tensors(expected)
-    assert len(got) == len(want), f"{len(got)} output tensors, expected {len(want)}"
-    for i, (a, e) in enumerate(zip(got, want, strict=True)):
-        assert a.shape == e.shape, f"output {i}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
-        err = tensor_error(a, e)
-        tol = tolerance_for(e.dtype)
-        assert err.nonfinite_mismatches == 0, (
-            f"output {i}: NaN / Inf differ at {err.nonfinite_mismatches} positions"
-        )
-        assert err.rel_error <= tol, (
-            f"output {i}: max abs error {err.abs_error:.3g}, relative {err.rel_error:.3g} "
-            f"> {tol:.1g}"
-        )
-
-
 # The commit point (repfx.validate) evaluates a region and its replacement in float64 on random
 # probes; the only difference a correct rewrite leaves is the rounding of its folded constants
 # to the model's dtype (relative ~eps per constant). A wrong rewrite is off by O(1).

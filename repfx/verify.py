@@ -108,18 +108,6 @@ def verify_redrawn(
     return verify(redrawn, fold_copy(redrawn), inputs, refold, label=REDRAWN)
 
 
-def assert_equivalent(
-    model: nn.Module,
-    folded: nn.Module,
-    inputs: tuple,
-    refold: Refold | None = None,
-) -> Verification:
-    """Raise ``AssertionError`` unless :func:`verify` passes; return its result."""
-    result = verify(model, folded, inputs, refold)
-    assert result.passed, "folded model differs: " + "\n".join(result.lines())
-    return result
-
-
 def float64_inputs(inputs: tuple) -> tuple:
     """``inputs`` with every floating tensor converted to float64 (for ``refold``), also
     inside lists, tuples and dicts (a detector's list of images)."""

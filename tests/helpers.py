@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import repfx
 from repfx.capture import capture, copy_model, propagate_shapes
 from repfx.graph import annotate_ranks
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 
 def traced(model: nn.Module, *example_inputs: torch.Tensor) -> fx.GraphModule:

@@ -23,7 +23,8 @@ from repfx.algebra import (
     fold_affine_into_conv_transpose_output,
     fold_affine_into_norm,
 )
-from repfx.tolerances import assert_close, max_errors
+from repfx.testing import assert_close
+from repfx.tolerances import max_errors
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 FLOAT_DTYPES = st.sampled_from([torch.float64, torch.float32])

@@ -38,7 +38,7 @@ from repfx.cli import (
 )
 from repfx.op_kinds import op_counts
 from repfx.sources import UnknownModelError
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ("--input-shape", "1,3,32,32")  # riformer_tiny's smallest comfortable input

@@ -19,7 +19,7 @@ from repfx.passes import _absorb as absorb_module
 from repfx.passes.base import STRICT_ENV, RewriteRejected, apply_rule
 from repfx.report import Folded
 from repfx.rewrite import GraphSurgeryError, replace_node
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 from repfx.validate import MUTATED_KEY, probe_sizes
 
 

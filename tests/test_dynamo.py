@@ -13,7 +13,7 @@ import repfx
 from repfx.dynamo import DynamoBackend, compile_backend, repfx_backend
 from repfx.models import create
 from repfx.passes.fold_bn import FoldBatchNorm
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 
 @pytest.fixture(autouse=True)

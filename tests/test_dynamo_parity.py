@@ -20,7 +20,7 @@ from repfx.dynamo import compile_backend
 from repfx.models import create
 from repfx.op_kinds import op_counts
 from repfx.redraw import redraw_foldable_parameters_
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 KINDS = ("conv", "batch_norm", "mul", "add")
 

@@ -15,7 +15,7 @@ from torch import nn
 import repfx
 from repfx.models import create
 from repfx.op_kinds import op_counts
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 
 def _randomised(model: nn.Module, seed: int = 0) -> nn.Module:

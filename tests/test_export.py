@@ -14,7 +14,7 @@ import repfx
 from repfx import export
 from repfx.export import ExportError, ExportMismatchError, save_pt2
 from repfx.models import create
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 SCOPES = "pkg.torch.onnx.name_scopes"  # module paths the dynamo exporter records per node
 

@@ -15,7 +15,7 @@ import repfx
 from repfx.graph import ConstantFolder, where
 from repfx.ops import norm_op
 from repfx.redraw import redraw_foldable_parameters_
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 
 def _norm_affines(gm: torch.fx.GraphModule) -> dict[str, bool]:

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 import repfx
 from repfx.op_kinds import OP_KINDS, op_counts
-from repfx.tolerances import assert_close
-from repfx.verify import assert_equivalent
+from repfx.testing import assert_close, assert_equivalent
 
 
 def _assert_unchanged(module: torch.nn.Module, before: dict) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 import repfx
 from repfx.op_kinds import op_counts
-from repfx.verify import assert_equivalent
+from repfx.testing import assert_equivalent
 
 
 def _randomised(module: nn.Module) -> nn.Module:

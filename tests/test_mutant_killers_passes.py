@@ -17,7 +17,7 @@ from torch import fx, nn
 
 import repfx
 from repfx.op_kinds import op_counts
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 C = 4
 

@@ -23,7 +23,7 @@ from repfx.capture import capture, copy_model
 from repfx.graph import ConstantFolder, annotate_ranks, is_plain
 from repfx.op_kinds import op_counts
 from repfx.ops import affine_op, batch_norm_reason, identity_input
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 C = 4
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from repfx.models import BNAndPad
 from repfx.passes import AbsorbPadding, FoldBatchNorm
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 
 def _run(model: nn.Module, x: torch.Tensor):

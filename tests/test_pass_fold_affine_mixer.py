@@ -6,7 +6,7 @@ from helpers import apply, call_targets, traced
 from torch import nn
 
 from repfx.passes import FoldAffineMixer
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 
 class Mixer(nn.Module):

@@ -4,7 +4,7 @@ from helpers import apply, call_targets, traced
 from torch import nn
 
 from repfx.passes import FoldBatchNorm, MergeSequential
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 
 def _random(model: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 import repfx
 from repfx.models import ACBlock, DBBlock, MobileOneBlock, RepVGGBlock, create
 from repfx.op_kinds import op_counts
-from repfx.verify import assert_equivalent
+from repfx.testing import assert_equivalent
 
 
 def _convs(module: nn.Module) -> int:

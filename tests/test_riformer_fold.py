@@ -15,7 +15,7 @@ from torch import fx, nn
 import repfx
 from repfx.models import create
 from repfx.op_kinds import op_counts
-from repfx.verify import assert_equivalent
+from repfx.testing import assert_equivalent
 
 BLOCKS_S12 = 2 + 2 + 6 + 2
 

@@ -24,7 +24,7 @@ from repfx.capture import CaptureError, capture, copy_model, functionalize
 from repfx.graph import MUTATED_KEY, ConstantFolder
 from repfx.op_kinds import op_counts
 from repfx.opaque import child_reason
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 C = 4
 

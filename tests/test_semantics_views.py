@@ -31,7 +31,7 @@ from repfx.graph import (
 )
 from repfx.op_kinds import op_counts
 from repfx.ops import affine_op, identity_input, layout_source_axis, linear_op, norm_op
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 C = 4
 

@@ -33,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from repfx.graph import ConstantFolder
 from repfx.op_kinds import OP_KINDS, op_counts, op_kind
-from repfx.tolerances import assert_close
+from repfx.testing import assert_close
 
 torch.set_num_threads(1)
 

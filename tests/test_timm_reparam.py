@@ -42,7 +42,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import repfx
 from repfx.graph import value_users
 from repfx.op_kinds import op_counts
-from repfx.tolerances import assert_close, max_errors
+from repfx.testing import assert_close
+from repfx.tolerances import max_errors
 
 torch.set_num_threads(1)
 
