@@ -57,16 +57,29 @@ def _is_border_mask(mask: fx.Node, y: fx.Node, pads: tuple[int, ...]) -> bool:
     padded, threshold = mask.args
     if not isinstance(padded, fx.Node) or not isinstance(threshold, (int, float)):
         return False
+    zeros = _padded_above(padded, pads, threshold)
+    return zeros is not None and _is_zeros_like(zeros, y)
+
+
+def _padded_above(padded: fx.Node, pads: tuple[int, ...], threshold: float) -> fx.Node | None:
+    """The tensor that ``padded`` pads by ``pads`` with a fill ``c``, ``0 < threshold < c``."""
     found = _symmetric_pads(padded)
     fill = None if found is None else _pad_value(padded)
     if found is None or found[1] != pads or fill is None or not 0 < threshold < fill:
-        return False
-    zeros = found[0]
+        return None
+    return found[0]
+
+
+def _is_zeros_like(zeros: fx.Node, y: fx.Node) -> bool:
+    """``zeros_like(y)`` or ``zeros_like(y[:1, :1])``."""
     if zeros.op != "call_function" or zeros.target is not torch.zeros_like:
         return False
     source = zeros.args[0]
-    if source is y:
-        return True
+    return source is y or _is_leading_slice_of(source, y)
+
+
+def _is_leading_slice_of(source: object, y: fx.Node) -> bool:
+    """``y[:1, :1]``-style indexing of ``y``'s leading (batch, channel) dims only."""
     return (
         isinstance(source, fx.Node)
         and source.op == "call_function"

@@ -96,6 +96,7 @@ def _branch(
     ctx: FoldContext,
     start: fx.Node,
     join: fx.Node,
+    *,
     past_other_users: bool = False,
     convs_first: bool = False,
 ) -> _Branch:
@@ -105,27 +106,58 @@ def _branch(
     affine, axis, ops = ChannelAffine.of(None, None, 1), None, []
     node, consumer = start, join
     while past_other_users or value_users(node) == [consumer]:
-        is_conv = convs_first and (linear_op(ctx.gm, node, ctx.consts) is not None)
-        op = None if is_conv else affine_op(ctx.gm, node, ctx.consts)
-        if op is not None and not _composes(affine, axis, op):
+        op = _affine_at(ctx, node, convs_first=convs_first)
+        if op is None:
+            affines = _Branch(node, None, affine, axis, ops)
+            conv = _mergeable_op(ctx, node)
+            if conv is None:
+                return affines
+            return _through_conv(ctx, affines, conv, past_other_users=past_other_users)
+        if not _composes(affine, axis, op):
             break  # another axis or channel count: the branch ends here (not a candidate)
-        if op is not None:
-            affine, axis = op.affine.then(affine), merge_axes(axis, op.axis)
-            ops.append(node)
-            node, consumer = op.input, node
-            continue
-        lin = linear_op(ctx.gm, node, ctx.consts) or avg_pool_op(ctx.gm, node)
-        if lin is not None and lin.kind in _MERGEABLE:
-            prefix = [] if past_other_users else _pointwise_prefix(ctx, lin)
-            root = (prefix[-1] if prefix else lin).input
-            ops = [*ops, node, *(p.node for p in prefix)]
-            crop = (0,) * lin.spatial_dims
-            while not past_other_users and (found := _crop(root, lin.spatial_dims)) is not None:
-                ops.append(root)
-                root, crop = found[0], tuple(a + b for a, b in zip(crop, found[1], strict=True))
-            return _Branch(root, lin, affine, axis, ops, prefix, crop)
-        break
+        affine, axis = op.affine.then(affine), merge_axes(axis, op.axis)
+        ops.append(node)
+        node, consumer = op.input, node
     return _Branch(node, None, affine, axis, ops)
+
+
+def _affine_at(ctx: FoldContext, node: fx.Node, *, convs_first: bool) -> AffineOp | None:
+    """The per-channel affine ``node`` computes, if any (``convs_first``: none for a conv, even
+    one that is also a per-channel affine)."""
+    if convs_first and linear_op(ctx.gm, node, ctx.consts) is not None:
+        return None
+    return affine_op(ctx.gm, node, ctx.consts)
+
+
+def _mergeable_op(ctx: FoldContext, node: fx.Node) -> LinearOp | None:
+    """The conv, average pool or linear ``node`` computes, if it is one a merge can absorb."""
+    lin = linear_op(ctx.gm, node, ctx.consts) or avg_pool_op(ctx.gm, node)
+    return lin if lin is not None and lin.kind in _MERGEABLE else None
+
+
+def _through_conv(
+    ctx: FoldContext, affines: _Branch, conv: LinearOp, *, past_other_users: bool
+) -> _Branch:
+    """``affines`` (the affines walked so far, rooted at ``conv``'s node) continued through
+    ``conv``, then (unless ``past_other_users``) through the pointwise convs composing into it
+    and the symmetric crops of its input."""
+    if past_other_users:
+        ops = [*affines.ops, affines.root]
+        return replace(affines, root=conv.input, conv=conv, ops=ops, crop=(0,) * conv.spatial_dims)
+    prefix = _pointwise_prefix(ctx, conv)
+    root, crop, crops = _uncropped((prefix[-1] if prefix else conv).input, conv.spatial_dims)
+    ops = [*affines.ops, affines.root, *(p.node for p in prefix), *crops]
+    return replace(affines, root=root, conv=conv, ops=ops, prefix=prefix, crop=crop)
+
+
+def _uncropped(node: fx.Node, dims: int) -> tuple[fx.Node, tuple[int, ...], list[fx.Node]]:
+    """Walk back from ``node`` through symmetric crops of its spatial dims: (the uncropped
+    tensor, the total crop per spatial dim, the crop nodes walked through)."""
+    crop, crops = (0,) * dims, []
+    while (found := _crop(node, dims)) is not None:
+        crops.append(node)
+        node, crop = found[0], tuple(a + b for a, b in zip(crop, found[1], strict=True))
+    return node, crop, crops
 
 
 def _composes(affine: ChannelAffine, axis: int | bool | None, op: AffineOp) -> bool:
@@ -140,33 +172,43 @@ def _crop(node: fx.Node, dims: int) -> tuple[fx.Node, tuple[int, ...]] | None:
     if node.op != "call_function" or node.target is not operator.getitem or len(node.users) != 1:
         return None
     source, index = node.args
+    full = _full_slices(source, index, dims)
+    if full is None:
+        return None
+    if any(i != slice(None) for i in full[:2]):
+        return None
+    crops = [_symmetric_crop(i) for i in full[2:]]
+    if None in crops:
+        return None
+    return source, tuple(crops)
+
+
+def _full_slices(source: object, index: object, dims: int) -> list[slice] | None:
+    """``index`` as one step-less slice per dim of ``source`` (the dims it leaves out: ``:``),
+    if ``source`` is a tensor with ``dims`` spatial dims and ``index`` is only such slices."""
     rank = rank_of(source)
     if not isinstance(source, fx.Node) or not isinstance(index, tuple) or rank != dims + 2:
         return None
     if len(index) > rank or not all(isinstance(i, slice) and i.step is None for i in index):
         return None
-    full = [*index, *[slice(None)] * (rank - len(index))]
-    if any(i != slice(None) for i in full[:2]):
-        return None
-    crops = []
-    for i in full[2:]:
-        if i == slice(None):
-            crops.append(0)
-        elif isinstance(i.start, int) and i.start > 0 and i.stop == -i.start:
-            crops.append(i.start)
-        else:
-            return None
-    return source, tuple(crops)
+    return [*index, *[slice(None)] * (rank - len(index))]
+
+
+def _symmetric_crop(cut: slice) -> int | None:
+    """How much ``cut`` crops from each side of its dim: ``0`` for ``:``, ``c`` for ``c:-c``;
+    ``None`` for any other slice."""
+    if cut == slice(None):
+        return 0
+    if isinstance(cut.start, int) and cut.start > 0 and cut.stop == -cut.start:
+        return cut.start
+    return None
 
 
 def _is_linear(ctx: FoldContext, node: fx.Node) -> bool:
     """Could ``node`` be part of a merged region (constants count: they are not branch ops)?"""
     if not node.op.startswith("call_") or ctx.consts.is_constant(node):
         return True
-    lin = linear_op(ctx.gm, node, ctx.consts) or avg_pool_op(ctx.gm, node)
-    return (lin is not None and lin.kind in _MERGEABLE) or affine_op(
-        ctx.gm, node, ctx.consts
-    ) is not None
+    return _mergeable_op(ctx, node) is not None or affine_op(ctx.gm, node, ctx.consts) is not None
 
 
 def _conv_kernel(branch: _Branch) -> ConvKernel:
@@ -190,14 +232,37 @@ def _conv_kernel(branch: _Branch) -> ConvKernel:
 
 
 def _check(branches: list[_Branch], summed: bool) -> str | None:
-    """Why the branches cannot be summed (``summed``) or concatenated into one conv."""
-    convs = [b.conv for b in branches if b.conv is not None]
-    reference = convs[0]
+    """Why the branches cannot be summed (``summed``) or concatenated into one conv; checked in
+    this order: the affines' axis, a mix of linears and convs, the convs' padding and spatial
+    dims, each conv branch against the first, an identity branch's channel counts."""
+    conv_branches = [b for b in branches if b.conv is not None]
+    reference = conv_branches[0].conv
+    if (reason := _affine_axis_reason(branches, reference)) is not None:
+        return reason
+    if len({b.conv.kind == "linear" for b in conv_branches}) > 1:
+        return "branches mix linear and conv ops"
+    if (reason := _conv_geometry_reason([b.conv for b in conv_branches])) is not None:
+        return reason
+    if (reason := _conv_branches_reason(conv_branches, summed)) is not None:
+        return reason
+    identity = any(b.conv is None for b in branches)
+    if summed and identity and conv_branches[0].in_channels != reference.out_channels:
+        return "an identity branch needs as many input as output channels"
+    return None
+
+
+def _affine_axis_reason(branches: list[_Branch], reference: LinearOp) -> str | None:
+    """Why a branch's affine cannot be folded into the merged conv's output channels."""
     for b in branches:
         if b.axis is False or b.axis not in (None, reference.channel_axis):
             return "a branch's affine does not act on the conv channels"
-    if len({conv.kind == "linear" for conv in convs}) > 1:
-        return "branches mix linear and conv ops"
+    return None
+
+
+def _conv_geometry_reason(convs: list[LinearOp]) -> str | None:
+    """Why the branch convs' geometries do not fit one conv: padding that is not explicit and
+    symmetric, or not zeros; spatial dims unlike the first conv's."""
+    reference = convs[0]
     for conv in convs:
         g = conv.geometry
         if g is None and conv.kind != "linear":
@@ -206,23 +271,30 @@ def _check(branches: list[_Branch], summed: bool) -> str | None:
             return f"a branch conv pads with {g.padding_mode!r}"
         if conv.spatial_dims != reference.spatial_dims:
             return "branch convs have different spatial dims"
-    conv_branches = [b for b in branches if b.conv is not None]
+    return None
+
+
+def _conv_branches_reason(conv_branches: list[_Branch], summed: bool) -> str | None:
+    """Why a conv branch cannot join the first one (``summed``: in a sum, else in a
+    concatenation): it pads a crop, or differs in channel counts, groups or dtype."""
+    first = conv_branches[0]
     for b in conv_branches:
         if _pads_a_crop(b):
             return "a branch conv zero-pads a cropped input (the cropped border is not zeros)"
-        conv = b.conv
-        if b.in_channels != conv_branches[0].in_channels or (
-            summed and conv.out_channels != reference.out_channels
-        ):
+        if not _same_channel_counts(b, first, summed):
             return "branch convs have different channel counts"
+        conv = b.conv
         if not summed and any(op.groups != 1 for op in [conv, *b.prefix]):
             return "concatenating grouped convs would make them dense"
-        if conv.weight.dtype != reference.weight.dtype:
+        if conv.weight.dtype != first.conv.weight.dtype:
             return "branch convs have different dtypes"
-    identity = any(b.conv is None for b in branches)
-    if summed and identity and conv_branches[0].in_channels != reference.out_channels:
-        return "an identity branch needs as many input as output channels"
     return None
+
+
+def _same_channel_counts(branch: _Branch, first: _Branch, summed: bool) -> bool:
+    """Does ``branch`` read as many channels as ``first`` (and, ``summed``, write as many)?"""
+    same_out = not summed or branch.conv.out_channels == first.conv.out_channels
+    return branch.in_channels == first.in_channels and same_out
 
 
 def _pads_a_crop(branch: _Branch) -> bool:
@@ -318,7 +390,8 @@ class MergeBranches:
     ) -> Folded | Skipped | None:
         left, right = _branch(ctx, u, join), _branch(ctx, v, join)
         if left.root is not right.root:
-            wide_left, wide_right = _branch(ctx, u, join, True), _branch(ctx, v, join, True)
+            wide_left = _branch(ctx, u, join, past_other_users=True)
+            wide_right = _branch(ctx, v, join, past_other_users=True)
             if wide_left.root is wide_right.root and (wide_left.conv or wide_right.conv):
                 reason = "a branch's intermediate result is also used outside the branches"
                 return Skipped(self.name, where(join), reason)
@@ -344,36 +417,37 @@ class MergeBranches:
         join: fx.Node,
         branches: list[_Branch],
         combine: Callable[[list[ConvKernel]], ConvKernel],
+        *,
         summed: bool = True,
     ) -> Folded | Skipped:
+        """Replace ``join`` by one conv whose kernel is ``combine`` of the branch kernels
+        (``summed``: a sum, else a concatenation), or say why not."""
         reason = _check(branches, summed)
-        region = [n for b in branches for n in b.ops]
-        if reason is None and not summed and any(shape_users(n) for n in region):
-            reason = "a branch's shape is read elsewhere"
-        hooked = [n for b in branches for n in b.ops if n.op == "call_module"]
-        if reason is None and any(has_hooks(module_of(ctx.gm, n)) for n in hooked):
-            reason = "a branch module has hooks"
         if reason is None:
-            first = next(b for b in branches if b.conv is not None)
-            conv = first.conv
-            kernels = [
-                _conv_kernel(b)
-                if b.conv is not None
-                else affine_as_kernel(b.affine, first.in_channels, conv.spatial_dims)
-                for b in branches
-            ]
-            reason = _alignment_reason(kernels)
+            reason = _region_reason(ctx.gm, branches, summed)
         if reason is not None:
+            return Skipped(self.name, where(join), reason)
+        kernels = _branch_kernels(branches)
+        if (reason := _alignment_reason(kernels)) is not None:
             return Skipped(self.name, where(join), reason)
         combined = combine(kernels)
         if any(p < 0 for p in combined.padding):
             return Skipped(self.name, where(join), "every branch crops: no padding is left")
-        location, count = where(join), sum(len(b.ops) for b in branches)
+        return self._commit_merge(ctx, join, branches, combined)
+
+    def _commit_merge(
+        self, ctx: FoldContext, join: fx.Node, branches: list[_Branch], combined: ConvKernel
+    ) -> Folded | Skipped:
+        """Commit the swap of the branches' ops and ``join`` for one conv of kernel
+        ``combined``, named after the block that made the join."""
+        region = [n for b in branches for n in b.ops]
+        dtype = next(b.conv for b in branches if b.conv is not None).weight.dtype
+        location, count = where(join), len(region)
         base = _base_path(join)
         root = branches[0].root
 
         def rewrite() -> tuple[list[fx.Node], str]:
-            merged = new_conv(combined, conv.weight.dtype)
+            merged = new_conv(combined, dtype)
             with ctx.gm.graph.inserting_before(join):
                 new = ctx.gm.graph.create_node("call_module", base, (root,))
             new.meta.update(join.meta)
@@ -384,6 +458,30 @@ class MergeBranches:
             return [new], f"merged {count} ops into one conv {new.target}"
 
         return ctx.commit(self.name, location, [join], [root], rewrite)
+
+
+def _region_reason(gm: fx.GraphModule, branches: list[_Branch], summed: bool) -> str | None:
+    """Why the branches' ops may not be replaced: a shape read elsewhere (a concatenation's
+    branches are only checked for that), or a hooked module."""
+    region = [n for b in branches for n in b.ops]
+    if not summed and any(shape_users(n) for n in region):
+        return "a branch's shape is read elsewhere"
+    hooked = [n for n in region if n.op == "call_module"]
+    if any(has_hooks(module_of(gm, n)) for n in hooked):
+        return "a branch module has hooks"
+    return None
+
+
+def _branch_kernels(branches: list[_Branch]) -> list[ConvKernel]:
+    """Each branch as a conv kernel: its conv's (affines folded in), or a delta kernel of its
+    affine over the conv branches' input channels."""
+    first = next(b for b in branches if b.conv is not None)
+    return [
+        _conv_kernel(b)
+        if b.conv is not None
+        else affine_as_kernel(b.affine, first.in_channels, first.conv.spatial_dims)
+        for b in branches
+    ]
 
 
 _CATS = {torch.cat, torch.concat, torch.concatenate}

@@ -68,18 +68,29 @@ def composition_reason(first: LinearOp, second: LinearOp) -> str | None:
         return "first conv is not 1×1 with stride 1"
     if second.kind != "linear" and second.geometry is None:
         return "second conv has no explicit symmetric padding"
-    depthwise = second.groups == second.in_channels == second.out_channels
-    if first.groups != second.groups and not (depthwise and second.in_channels % first.groups == 0):
+    if not _groups_compose(first, second):
         return "convs have different groups"
     if second.zero_padded and has_bias(first):
         return "a bias before a zero-padded conv is not exact"
-    first_pads = first.kind == "conv" and any(first.geometry.padding)
-    second_pads = second.kind != "linear" and any(second.geometry.padding)
-    if first_pads and second_pads and second.geometry.padding_mode != "zeros":
+    if _reflects_padded_border(first, second):
         return "the second conv would pad the first's border by reflection"
     if first.weight.dtype != second.weight.dtype:
         return "convs have different dtypes"
     return None
+
+
+def _groups_compose(first: LinearOp, second: LinearOp) -> bool:
+    """The same groups, or a depthwise second whose channels split evenly into the first's
+    groups."""
+    depthwise = second.groups == second.in_channels == second.out_channels
+    return first.groups == second.groups or (depthwise and second.in_channels % first.groups == 0)
+
+
+def _reflects_padded_border(first: LinearOp, second: LinearOp) -> bool:
+    """Would the second op pad, other than with zeros, the border the first one padded?"""
+    first_pads = first.kind == "conv" and any(first.geometry.padding)
+    second_pads = second.kind != "linear" and any(second.geometry.padding)
+    return first_pads and second_pads and second.geometry.padding_mode != "zeros"
 
 
 def _reason(ctx: FoldContext, first: LinearOp, second: LinearOp) -> str | None:
