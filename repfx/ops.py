@@ -355,17 +355,27 @@ class _AvgPool:
 def avg_pool_settings(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, _AvgPool] | None:
     """The input and settings of an average pool, module or function; ``None`` otherwise."""
     if node.op == "call_module":
-        if len(node.args) != 1 or node.kwargs:
-            return None
-        m = module_of(gm, node)
-        if not is_plain(m, tuple(_AVG_POOLS)):
-            return None
-        dims = _AVG_POOLS[next(t for t in _AVG_POOLS if isinstance(m, t))]
-        values = [getattr(m, a) for a in _AVG_POOL_ARGS]
-        divisor = getattr(m, "divisor_override", None)
-        return node.args[0], _AvgPool(dims, *values, divisor)
-    if node.op != "call_function" or node.target not in _AVG_POOL_FUNCS:
+        return _avg_pool_module_settings(gm, node)
+    if node.op == "call_function" and node.target in _AVG_POOL_FUNCS:
+        return _avg_pool_function_settings(node)
+    return None
+
+
+def _avg_pool_module_settings(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, _AvgPool] | None:
+    """The input and settings of a plain ``nn.AvgPool*d`` called on one argument."""
+    if len(node.args) != 1 or node.kwargs:
         return None
+    m = module_of(gm, node)
+    if not is_plain(m, tuple(_AVG_POOLS)):
+        return None
+    dims = _AVG_POOLS[next(t for t in _AVG_POOLS if isinstance(m, t))]
+    values = [getattr(m, a) for a in _AVG_POOL_ARGS]
+    divisor = getattr(m, "divisor_override", None)
+    return node.args[0], _AvgPool(dims, *values, divisor)
+
+
+def _avg_pool_function_settings(node: fx.Node) -> tuple[Any, _AvgPool] | None:
+    """The input and settings of an ``F.avg_pool*d`` call (``None``: no kernel size given)."""
     dims = _AVG_POOL_FUNCS[node.target]
     defaults = (_ARG, None, 0, False, True)
     pairs = zip(_AVG_POOL_ARGS, defaults, strict=True)
@@ -631,22 +641,21 @@ _ADDCMUL = {torch.addcmul, "addcmul"}
 
 
 def _affine_arith(node: fx.Node, consts: ConstantFolder) -> AffineOp | None:
+    """``x * c``, ``x + c``, ``x - c`` (either operand order; add / sub with ``alpha=``),
+    ``x / c`` and ``addcmul`` — ``c`` a constant — as an affine of the tensor ``x``."""
     target = node.target
     if target in _ADDCMUL:
         return _affine_addcmul(node, consts)
     if not any(target in group for group in (_MUL, _ADD, _SUB, _DIV)):
         return None
-    if len(node.args) != 2 or (node.kwargs and set(node.kwargs) - {"alpha"}):
+    alpha = _arith_alpha(node)
+    if alpha is None:
         return None
-    alpha = node.kwargs.get("alpha", 1)
-    if type(alpha) not in (int, float) or (alpha != 1 and target not in _ADD | _SUB):
+    operands = _tensor_and_constant(node, consts)
+    if operands is None:
         return None
-    a, b = node.args
-    a_const, b_const = _constant_operand(a, consts), _constant_operand(b, consts)
-    if (a_const is None) == (b_const is None):
-        return None  # needs exactly one tensor operand and one constant
-    x, c, const_first = (b, a_const, True) if a_const is not None else (a, b_const, False)
-    if not isinstance(x, fx.Node) or not _keeps_floating_dtype(x, c):
+    x, c, const_first = operands
+    if not _keeps_floating_dtype(x, c):
         return None
     layout = _channel_layout(c, x)
     if layout is None:
@@ -655,9 +664,39 @@ def _affine_arith(node: fx.Node, consts: ConstantFolder) -> AffineOp | None:
     affine = _arith_affine(target, vec, alpha, const_first)
     if affine is None:
         return None
-    const_arg = a if const_first else b
-    dtype = c.dtype if isinstance(const_arg, fx.Node) else None
+    dtype = _arith_constant_dtype(node, c, const_first)
     return AffineOp(node, "arith", x, affine, axis, dtype)
+
+
+def _arith_alpha(node: fx.Node) -> int | float | None:
+    """The ``alpha=`` of a two-operand arithmetic call (1 when not given; only add / sub take
+    another); ``None`` when the call has other arguments or a non-numeric alpha."""
+    if len(node.args) != 2 or (node.kwargs and set(node.kwargs) - {"alpha"}):
+        return None
+    alpha = node.kwargs.get("alpha", 1)
+    if type(alpha) not in (int, float) or (alpha != 1 and node.target not in _ADD | _SUB):
+        return None
+    return alpha
+
+
+def _tensor_and_constant(
+    node: fx.Node, consts: ConstantFolder
+) -> tuple[fx.Node, torch.Tensor, bool] | None:
+    """``(x, c, const_first)``: the tensor operand of a two-operand call, the value of its
+    constant operand, and whether the constant comes first; ``None`` unless exactly one operand
+    is a constant and the other a node."""
+    a, b = node.args
+    a_const, b_const = _constant_operand(a, consts), _constant_operand(b, consts)
+    if (a_const is None) == (b_const is None):
+        return None  # needs exactly one tensor operand and one constant
+    x, c, const_first = (b, a_const, True) if a_const is not None else (a, b_const, False)
+    return (x, c, const_first) if isinstance(x, fx.Node) else None
+
+
+def _arith_constant_dtype(node: fx.Node, c: torch.Tensor, const_first: bool) -> torch.dtype | None:
+    """The dtype of the constant operand ``c``: its tensor's, ``None`` for a Python scalar."""
+    const_arg = node.args[0] if const_first else node.args[1]
+    return c.dtype if isinstance(const_arg, fx.Node) else None
 
 
 def _arith_affine(
@@ -951,29 +990,53 @@ def _holds_sizes(arg: Any) -> bool:
 
 
 def _source_position(node: fx.Node, kind: str, pos: int, r_in: int, r_out: int) -> int | None:
-    args = node.args[1:]
+    """The axis of the input (counted from the left) that output axis ``pos`` of the layout op
+    ``node`` holds whole; ``None`` when it holds no single input axis, or that is unknown."""
     if kind == "permute":
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-        if len(dims) != r_out or type(dims[pos]) is not int:
-            return None
-        return dims[pos] % r_in
+        return _permute_source(node, pos, r_in, r_out)
     if kind == "transpose":
-        d0, d1 = _arg(node, 1, "dim0")[0], _arg(node, 2, "dim1")[0]
-        if type(d0) is not int or type(d1) is not int:
-            return None
-        d0, d1 = d0 % r_in, d1 % r_in
-        return d1 if pos == d0 else d0 if pos == d1 else pos
+        return _transpose_source(node, pos, r_in)
     if kind == "flatten":
-        start, end = _arg(node, 1, "start_dim", 0)[0], _arg(node, 2, "end_dim", -1)[0]
-        if type(start) is not int or type(end) is not int:
-            return None
-        start, end = start % r_in, end % r_in
-        if pos < start:
-            return pos
-        if pos > start:
-            return pos + (end - start)
-        return pos if start == end else None
-    # view / reshape: only with known shapes, and only when every dim from the axis on is kept
+        return _flatten_source(node, pos, r_in)
+    return _reshape_source(node, pos)
+
+
+def _permute_source(node: fx.Node, pos: int, r_in: int, r_out: int) -> int | None:
+    """``x.permute(*dims)`` / ``x.permute(dims)``: output axis ``pos`` is input axis
+    ``dims[pos]``."""
+    args = node.args[1:]
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    if len(dims) != r_out or type(dims[pos]) is not int:
+        return None
+    return dims[pos] % r_in
+
+
+def _transpose_source(node: fx.Node, pos: int, r_in: int) -> int | None:
+    """``x.transpose(dim0, dim1)`` swaps the two axes and keeps the others in place."""
+    d0, d1 = _arg(node, 1, "dim0")[0], _arg(node, 2, "dim1")[0]
+    if type(d0) is not int or type(d1) is not int:
+        return None
+    d0, d1 = d0 % r_in, d1 % r_in
+    return d1 if pos == d0 else d0 if pos == d1 else pos
+
+
+def _flatten_source(node: fx.Node, pos: int, r_in: int) -> int | None:
+    """``x.flatten(start, end)`` keeps the axes outside ``start..end`` whole, and the merged one
+    only when it merges a single axis."""
+    start, end = _arg(node, 1, "start_dim", 0)[0], _arg(node, 2, "end_dim", -1)[0]
+    if type(start) is not int or type(end) is not int:
+        return None
+    start, end = start % r_in, end % r_in
+    if pos < start:
+        return pos
+    if pos > start:
+        return pos + (end - start)
+    return pos if start == end else None
+
+
+def _reshape_source(node: fx.Node, pos: int) -> int | None:
+    """``x.view(sizes)`` / ``x.reshape(sizes)``: only with known shapes, and only when every dim
+    from the axis on is kept."""
     s_in, s_out = static_shape(node.args[0]), static_shape(node)
     if s_in is None or s_out is None:
         return None
@@ -1078,26 +1141,46 @@ def _returns_indices(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _mean_channelwise(gm: fx.GraphModule, node: fx.Node, axis: int | None) -> Channelwise | None:
     """``x.mean(dims)`` / ``torch.mean(x, dims)`` over axes other than the channel axis."""
-    if not (node.op == "call_method" and node.target == "mean") and not (
-        node.op == "call_function" and node.target is torch.mean
-    ):
+    if not _is_mean(node):
         return None
-    x, (dims, _), (keepdim, _) = node.args[0], _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False)
-    if node.kwargs.keys() - {"dim", "keepdim"} or type(keepdim) is not bool:
-        return None
+    x = node.args[0]
     r_in, r_out = rank_of(x), rank_of(node)
-    dims = (dims,) if type(dims) is int else dims
-    if r_in is None or r_out is None or not isinstance(dims, (tuple, list)) or not dims:
+    reduction = _mean_reduction(node, r_in, r_out)
+    if reduction is None:
         return None
-    if not all(type(d) is int for d in dims):
-        return None
-    reduced = {d % r_in for d in dims}
+    reduced, keepdim = reduction
     if axis is None:
         return Channelwise(node, x, None, keeps_constants=True)
     kept = [d for d in range(r_in) if keepdim or d not in reduced]  # input axis of each output
     if not 0 <= axis + r_out < len(kept) or kept[axis + r_out] in reduced:
         return None
     return Channelwise(node, x, kept[axis + r_out] - r_in, keeps_constants=True)
+
+
+def _is_mean(node: fx.Node) -> bool:
+    """``x.mean(...)`` or ``torch.mean(x, ...)``."""
+    return (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean
+    )
+
+
+def _mean_reduction(
+    node: fx.Node, r_in: int | None, r_out: int | None
+) -> tuple[set[int], bool] | None:
+    """The input axes (counted from the left) a mean call reduces, and its ``keepdim``;
+    ``None`` unless both ranks are known and the axes and ``keepdim`` are literals."""
+    (dims, _), (keepdim, _) = _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False)
+    if node.kwargs.keys() - {"dim", "keepdim"} or type(keepdim) is not bool:
+        return None
+    dims = (dims,) if type(dims) is int else dims
+    if r_in is None or r_out is None or not _int_sequence(dims):
+        return None
+    return {d % r_in for d in dims}, keepdim
+
+
+def _int_sequence(value: Any) -> bool:
+    """A non-empty tuple or list of plain ints."""
+    return isinstance(value, (tuple, list)) and bool(value) and all(type(v) is int for v in value)
 
 
 def _relu_channelwise(gm: fx.GraphModule, node: fx.Node, axis: int | None) -> Channelwise | None:

@@ -253,27 +253,47 @@ def erase_dead(node: fx.Node) -> None:
 def delete_unused_attributes(gm: fx.GraphModule) -> None:
     """Drop unused ``get_attr`` nodes (a forward that fetched a tensor it never used), then the
     parameters / buffers / submodules that no node reads any more."""
+    _erase_unused_get_attrs(gm)
+    whole = _modules_run_whole(gm)
+    _delete_unused_submodules(gm, whole)
+    used_ids = _used_tensor_ids(gm, whole)
+    for path, module in list(gm.named_modules()):
+        if path in whole:
+            continue
+        _delete_unused_tensors(module._parameters, used_ids)
+        _delete_unused_tensors(module._buffers, used_ids)
+
+
+def _erase_unused_get_attrs(gm: fx.GraphModule) -> None:
+    """Erase the ``get_attr`` nodes nothing uses."""
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    # modules the graph runs whole: called ones, and ones it fetches (``repfx.frontend``)
+
+
+def _modules_run_whole(gm: fx.GraphModule) -> set[str]:
+    """Paths of the modules the graph runs whole: called ones, and ones it fetches
+    (``repfx.frontend``)."""
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     fetched = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
-    called |= {path for path in fetched if isinstance(_fetch_attr(gm, path), nn.Module)}
-    _delete_unused_submodules(gm, called)
+    return called | {path for path in fetched if isinstance(_fetch_attr(gm, path), nn.Module)}
+
+
+def _used_tensor_ids(gm: fx.GraphModule, whole: set[str]) -> set[int]:
+    """``id``s of the tensors the graph reads: fetched by a ``get_attr`` node, or held by a
+    module at ``whole`` (its parameters and buffers, its submodules' included)."""
     used_ids = {id(_fetch_attr(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
-    for path in called:
+    for path in whole:
         m = gm.get_submodule(path)
         used_ids.update(id(t) for t in [*m.parameters(), *m.buffers()])
-    for path, module in list(gm.named_modules()):
-        if path in called:
-            continue
-        for name, p in list(module._parameters.items()):
-            if p is not None and id(p) not in used_ids:
-                del module._parameters[name]
-        for name, b in list(module._buffers.items()):
-            if b is not None and id(b) not in used_ids:
-                del module._buffers[name]
+    return used_ids
+
+
+def _delete_unused_tensors(tensors: dict[str, torch.Tensor | None], used_ids: set[int]) -> None:
+    """Delete from a module's ``_parameters`` / ``_buffers`` the tensors not in ``used_ids``."""
+    for name, tensor in list(tensors.items()):
+        if tensor is not None and id(tensor) not in used_ids:
+            del tensors[name]
 
 
 def _delete_unused_submodules(gm: fx.GraphModule, whole: set[str]) -> None:
