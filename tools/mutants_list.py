@@ -46,6 +46,7 @@ BASE = "repfx/passes/base.py"
 MIXER = "repfx/passes/fold_affine_mixer.py"
 BRANCHES = "repfx/passes/merge_branches.py"
 SEQUENTIAL = "repfx/passes/merge_sequential.py"
+COMMON = "repfx/passes/_common.py"
 FOLD = "repfx/fold.py"
 
 T_ALGEBRA = "tests/test_algebra.py"
@@ -124,9 +125,9 @@ AUDIT: tuple[Mutant, ...] = (
     _m(
         "absorb-padding-strided-conv",
         PADDING,
-        '        and all(s == 1 for s in g.stride)\n        and g.padding_mode == "zeros"\n',
-        '        and g.padding_mode == "zeros"\n',
-        "absorb_padding: a strided pointwise conv accepted",
+        "        and is_pointwise(op)\n",
+        "",
+        "absorb_padding: a strided (or wider) conv accepted as pointwise",
         T_PADDING,
         T_EXACT,
         K_PASSES,
@@ -134,7 +135,7 @@ AUDIT: tuple[Mutant, ...] = (
     ),
     _m(
         "sequential-strided-first-conv",
-        SEQUENTIAL,
+        COMMON,
         "        and all(s == 1 for s in g.stride)\n        and (g.padding_mode",
         "        and (g.padding_mode",
         "merge_sequential: a strided first conv accepted as pointwise",
@@ -682,8 +683,8 @@ OPS_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "transpose-ignored-by-layout",
         OPS,
-        "        return d1 if pos == d0 else d0 if pos == d1 else pos\n",
-        "        return pos\n",
+        "    return d1 if pos == d0 else d0 if pos == d1 else pos\n",
+        "    return pos\n",
         "_source_position: a transpose seen as keeping every axis in place",
         T_AFFINE,
         T_VIEWS,
@@ -940,10 +941,10 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
     ),
     _m(
         "mixer-alpha-ignored",
-        MIXER,
+        COMMON,
         "    return u, v, sign * alpha\n",
         "    return u, v, sign\n",
-        "fold_affine_mixer.join_operands: alpha= of the join ignored",
+        "_common.join_operands: alpha= of the join ignored",
         T_MIXER,
         T_VIEWS,
         T_BRANCHES,
@@ -1054,7 +1055,7 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
     ),
     _m(
         "sequential-bias-into-padded-conv",
-        SEQUENTIAL,
+        COMMON,
         "    if second.zero_padded and has_bias(first):\n",
         "    if False:\n",
         "merge_sequential: a bias before a zero-padded conv composed",
@@ -1063,7 +1064,7 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
     ),
     _m(
         "sequential-reflect-border",
-        SEQUENTIAL,
+        COMMON,
         '    return first_pads and second_pads and second.geometry.padding_mode != "zeros"\n',
         "    return False\n",
         "merge_sequential: a padded 1×1 composed into a reflect-padded conv",
@@ -1072,7 +1073,7 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
     ),
     _m(
         "sequential-any-groups",
-        SEQUENTIAL,
+        COMMON,
         "    depthwise = second.groups == second.in_channels == second.out_channels\n",
         "    depthwise = True\n",
         "merge_sequential: a grouped first conv composed with a dense second",

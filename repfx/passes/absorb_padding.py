@@ -23,10 +23,10 @@ from ..algebra import ConvKernel
 from ..graph import value_users, where
 from ..ops import PAD_FUNCTIONS, LinearOp, linear_op
 from ..report import Folded, Skipped
-from ..rewrite import replace_node
+from ..rewrite import new_conv, replace_node
 from ..tolerances import constants_match
+from ._common import is_pointwise
 from .base import FoldContext, PassResult, apply_rule
-from .merge_branches import new_conv
 
 
 def _symmetric_pads(pad: fx.Node) -> tuple[fx.Node, tuple[int, ...]] | None:
@@ -95,19 +95,18 @@ def _leading_slices(index: object) -> bool:
 
 
 def _pointwise(op: LinearOp | None) -> bool:
-    g = None if op is None else op.geometry
+    """A 1×…×1 stride-1 conv whose padding, if any, is zeros (its border is its bias)."""
     return (
         op is not None
         and op.kind == "conv"
-        and g is not None
-        and all(k == 1 for k in op.weight.shape[2:])
-        and all(s == 1 for s in g.stride)
-        and g.padding_mode == "zeros"
+        and is_pointwise(op)
+        and op.geometry.padding_mode == "zeros"
     )
 
 
 class AbsorbPadding:
     name = "absorb_padding"
+    words = "padding absorbed"  # one fold, in a report
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         return apply_rule(gm, self._visit)

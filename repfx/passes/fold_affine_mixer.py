@@ -11,10 +11,8 @@ LayerScale and absorbs into the norm: the block ``x + ls·(A(N(x)) − N(x))`` t
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
 from ..algebra import ChannelAffine
@@ -23,16 +21,8 @@ from ..ops import AffineOp, affine_op, merge_axes
 from ..report import Folded, Skipped
 from ..rewrite import hint_for, insert_affine, replace_join
 from ._absorb import affine_dtype
+from ._common import join_operands
 from .base import FoldContext, PassResult, apply_rule
-
-_JOINS = {
-    operator.add: 1.0,
-    torch.add: 1.0,
-    "add": 1.0,
-    operator.sub: -1.0,
-    torch.sub: -1.0,
-    "sub": -1.0,
-}
 
 
 @dataclass
@@ -61,21 +51,9 @@ def _chain(ctx: FoldContext, start: fx.Node, join: fx.Node) -> _Chain:
     return _Chain(node, affine, ops)
 
 
-def join_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
-    sign = _JOINS.get(node.target) if node.op in ("call_function", "call_method") else None
-    if sign is None or len(node.args) != 2 or node.kwargs.keys() - {"alpha"}:
-        return None
-    u, v = node.args
-    alpha = node.kwargs.get("alpha", 1)
-    if not (isinstance(u, fx.Node) and isinstance(v, fx.Node)) or not isinstance(
-        alpha, (int, float)
-    ):
-        return None
-    return u, v, sign * alpha
-
-
 class FoldAffineMixer:
     name = "fold_affine_mixer"
+    words = "affine mixer folded"  # one fold, in a report
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         return apply_rule(gm, self._visit)

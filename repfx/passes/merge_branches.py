@@ -48,9 +48,8 @@ from ..ops import AffineOp, LinearOp, affine_op, avg_pool_op, linear_op, merge_a
 from ..regions import Regions
 from ..report import Folded, Skipped
 from ..rewrite import new_conv, replace_join
+from ._common import composition_reason, has_bias, join_operands, kernel_of
 from .base import FoldContext, PassResult, record, visit_once
-from .fold_affine_mixer import join_operands
-from .merge_sequential import composition_reason, has_bias, kernel_of
 
 _UNEXPLAINED = object()  # a join that is not a merge candidate; may deserve an explanation
 _MERGEABLE = ("conv", "avg_pool", "linear")
@@ -212,17 +211,17 @@ def _is_linear(ctx: FoldContext, node: fx.Node) -> bool:
 
 
 def _conv_kernel(branch: _Branch) -> ConvKernel:
+    """The branch as one kernel: its conv with the affine after it folded in, composed with
+    the pointwise convs before it, its padding less the crop of its input."""
     conv = branch.conv
-    weight = conv.weight.detach().to(torch.float64)
-    bias = None if conv.bias is None else conv.bias.detach().to(torch.float64)
+    plain = kernel_of(conv)
     affine = ChannelAffine(
         branch.affine.scale.expand(conv.out_channels), branch.affine.shift.expand(conv.out_channels)
     )
-    weight, bias = fold_affine_into_conv_output(weight, bias, affine)
+    weight, bias = fold_affine_into_conv_output(plain.weight, plain.bias, affine)
+    kernel = replace(plain, weight=weight, bias=bias)
     if conv.kind == "linear":
-        return ConvKernel(weight, bias, (), (), (), 1)
-    g = conv.geometry
-    kernel = ConvKernel(weight, bias, g.stride, g.padding, g.dilation, conv.groups)
+        return kernel
     for first in branch.prefix:
         kernel = compose_pointwise_then_conv(kernel_of(first), kernel)
     if any(branch.crop):  # reading a cropped input = padding less
@@ -348,6 +347,7 @@ def _is_other_attribute(gm: fx.GraphModule, path: str) -> bool:
 
 class MergeBranches:
     name = "merge_branches"
+    words = "parallel branches merged"  # one fold, in a report
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         result = PassResult(modified=False)

@@ -15,82 +15,15 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import fx
 
-from ..algebra import ConvKernel, compose_pointwise_then_conv
+from ..algebra import compose_pointwise_then_conv
 from ..graph import RANK_KEY, has_hooks, module_of, shape_users, value_users, where
 from ..ops import LinearOp, linear_op
 from ..report import Folded, Skipped
 from ..rewrite import new_conv, replace_node
+from ._common import composition_reason, kernel_of
 from .base import FoldContext, PassResult, apply_rule
-
-
-def kernel_of(op: LinearOp) -> ConvKernel:
-    weight = op.weight.detach().to(torch.float64)
-    bias = (
-        torch.zeros(op.out_channels, dtype=torch.float64)
-        if op.bias is None
-        else op.bias.detach().to(torch.float64)
-    )
-    if op.kind == "linear":
-        return ConvKernel(weight, bias, (), (), (), 1)
-    g = op.geometry
-    return ConvKernel(weight, bias, g.stride, g.padding, g.dilation, op.groups)
-
-
-def _is_pointwise(op: LinearOp) -> bool:
-    """1×…×1, stride 1; padding allowed (zeros: its border is the bias)."""
-    if op.kind == "linear":
-        return True
-    g = op.geometry
-    return (
-        g is not None
-        and all(k == 1 for k in op.weight.shape[2:])
-        and all(s == 1 for s in g.stride)
-        and (g.padding_mode == "zeros" or not any(g.padding))
-    )
-
-
-def has_bias(op: LinearOp) -> bool:
-    """A bias that is not all zeros."""
-    return op.bias is not None and bool(torch.any(op.bias != 0))
-
-
-def composition_reason(first: LinearOp, second: LinearOp) -> str | None:
-    """Why ``second(first(x))`` is not exactly one conv / linear (``None``: it is)."""
-    pairs = {("conv", "conv"), ("linear", "linear"), ("conv", "avg_pool")}
-    if (first.kind, second.kind) not in pairs:
-        return f"{first.kind} then {second.kind} is not composed"
-    if first.spatial_dims != second.spatial_dims:
-        return "convs of different spatial dims"
-    if not _is_pointwise(first):
-        return "first conv is not 1×1 with stride 1"
-    if second.kind != "linear" and second.geometry is None:
-        return "second conv has no explicit symmetric padding"
-    if not _groups_compose(first, second):
-        return "convs have different groups"
-    if second.zero_padded and has_bias(first):
-        return "a bias before a zero-padded conv is not exact"
-    if _reflects_padded_border(first, second):
-        return "the second conv would pad the first's border by reflection"
-    if first.weight.dtype != second.weight.dtype:
-        return "convs have different dtypes"
-    return None
-
-
-def _groups_compose(first: LinearOp, second: LinearOp) -> bool:
-    """The same groups, or a depthwise second whose channels split evenly into the first's
-    groups."""
-    depthwise = second.groups == second.in_channels == second.out_channels
-    return first.groups == second.groups or (depthwise and second.in_channels % first.groups == 0)
-
-
-def _reflects_padded_border(first: LinearOp, second: LinearOp) -> bool:
-    """Would the second op pad, other than with zeros, the border the first one padded?"""
-    first_pads = first.kind == "conv" and any(first.geometry.padding)
-    second_pads = second.kind != "linear" and any(second.geometry.padding)
-    return first_pads and second_pads and second.geometry.padding_mode != "zeros"
 
 
 def _reason(ctx: FoldContext, first: LinearOp, second: LinearOp) -> str | None:
@@ -138,6 +71,7 @@ def _free_path(gm: fx.GraphModule, base: str) -> str:
 
 class MergeSequential:
     name = "merge_sequential"
+    words = "sequential convs merged"  # one fold, in a report
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         return apply_rule(gm, self._visit)
