@@ -35,7 +35,7 @@ from torch import fx
 from .capture import drop_no_op_dtype_guards, functionalize
 from .graph import annotate_ranks
 from .passes import default_pipeline
-from .passes.base import Pass, run_to_fixpoint
+from .passes.base import Pass, rule_words, run_to_fixpoint
 from .report import FoldReport, GraphStats
 from .rewrite import delete_unused_attributes
 
@@ -70,7 +70,9 @@ class DynamoBackend:
             drop_no_op_dtype_guards(gm)
             annotate_ranks(gm)
             report.before = GraphStats.of(gm)
-            report.folded, report.skipped = run_to_fixpoint(gm, self.passes())
+            passes = self.passes()
+            report.folded, report.skipped = run_to_fixpoint(gm, passes)
+            report.rule_words = rule_words(passes)
             delete_unused_attributes(gm)
             gm.recompile()
             report.after = GraphStats.of(gm)

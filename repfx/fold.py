@@ -19,7 +19,7 @@ from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs
 from .graph import annotate_ranks
 from .opaque import child_reason
 from .passes import FoldNormAffine, default_pipeline
-from .passes.base import Pass, run_to_fixpoint
+from .passes.base import Pass, rule_words, run_to_fixpoint
 from .report import Folded, FoldReport, GraphStats, Skipped
 from .rewrite import delete_unused_attributes
 from .verify import float64_inputs
@@ -231,6 +231,7 @@ def _fold_copy(
         report.before = GraphStats.of(gm, work)
         report.before_sketch = GraphSketch.of(gm)
     folded, skipped = run_to_fixpoint(gm, passes)
+    report.rule_words.update(rule_words(passes))
     report.folded += [Folded(f.rule, prefix + f.where, f.detail) for f in folded]
     report.skipped += [Skipped(s.rule, prefix + s.where, s.reason) for s in skipped]
     child_inputs = record_child_inputs(gm, list(opaque), inputs) if opaque and inputs else {}

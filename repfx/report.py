@@ -202,7 +202,7 @@ class GraphStats:
         )
 
 
-# Plain words for op kinds (repfx.op_kinds.op_kind) and rules (pass names).
+# Plain words for op kinds (repfx.op_kinds.op_kind); a rule's are its pass's ``words``.
 OP_WORDS = {
     "conv": "conv",
     "conv_transpose": "transposed conv",
@@ -212,17 +212,6 @@ OP_WORDS = {
     "group_norm": "group norm",
     "channel_affine": "per-channel multiply / add",
     "no_op": "no-op (dropout, identity)",
-}
-RULE_WORDS = {
-    "precompute_constants": "computed once from parameters",
-    "cleanup": "no-op removed",
-    "fold_bn": "batch norm folded",
-    "fold_affine_mixer": "affine mixer folded",
-    "fold_channel_affine": "per-channel affine folded",
-    "merge_branches": "parallel branches merged",
-    "absorb_padding": "padding absorbed",
-    "merge_sequential": "sequential convs merged",
-    "fold_norm_affine": "norm affine moved",
 }
 # Reasons a user can act on (remove a hook, untie a module, call eval(), pass example inputs,
 # convert a dtype, report a bug); every other reason describes how the model is built.
@@ -264,6 +253,8 @@ class FoldReport:
     # the graph as captured and as folded, for draw() (repfx.draw); not part of to_dict()
     before_sketch: GraphSketch | None = field(default=None, repr=False)
     after_sketch: GraphSketch | None = field(default=None, repr=False)
+    # each rule's plain words (its pass's ``words``), for the text; not part of to_dict()
+    rule_words: dict[str, str] = field(default_factory=dict, repr=False)
 
     def draw(self, path: str | os.PathLike, block: str | None = None) -> str:
         """Draw one folded block before and after into ``path`` (SVG, PNG, PDF: by its
@@ -326,7 +317,7 @@ class FoldReport:
             return ["  folded: nothing"]
         lines = ["  folded:"]
         for rule, count in sorted(self.counts().items(), key=lambda kv: -kv[1]):
-            lines.append(f"    {RULE_WORDS.get(rule, rule)} ({rule}): {count}")
+            lines.append(f"    {self.rule_words.get(rule, rule)} ({rule}): {count}")
         records = [(f.rule, f.where, f.detail) for f in self.folded if f.rule != "cleanup"]
         groups = grouped(records)
         for n, _, where, detail in groups[:_SHOWN]:

@@ -80,7 +80,13 @@ class PassResult:
 
 
 class Pass(Protocol):
-    name: str
+    name: str  # the rule's name in reports and records
+    words: str  # what one of its folds does, in plain words ("batch norm folded"); optional
+
+
+def rule_words(passes: Sequence[Pass]) -> dict[str, str]:
+    """Each pass's name → its plain words (its name where it has none)."""
+    return {p.name: getattr(p, "words", p.name) for p in passes}
 
     def __call__(self, gm: fx.GraphModule) -> PassResult: ...
 

@@ -26,6 +26,7 @@ def _batch_norms(ctx: FoldContext, node: fx.Node) -> AffineOp | str | None:
 
 class FoldBatchNorm:
     name = "fold_bn"
+    words = "batch norm folded"  # one fold, in a report
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         return absorb_each(gm, self.name, _batch_norms)

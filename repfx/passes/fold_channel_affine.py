@@ -24,6 +24,7 @@ def _non_bn_affines(ctx: FoldContext, node: fx.Node) -> AffineOp | None:
 
 class FoldChannelAffine:
     name = "fold_channel_affine"
+    words = "per-channel affine folded"  # one fold, in a report
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         return absorb_each(gm, self.name, _non_bn_affines)

@@ -27,6 +27,7 @@ from .base import FoldContext, PassResult, apply_rule
 
 class FoldNormAffine:
     name = "fold_norm_affine"
+    words = "norm affine moved"  # one fold, in a report
     runs_once = True  # see repfx.passes.base.run_to_fixpoint
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:

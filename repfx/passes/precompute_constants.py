@@ -33,6 +33,7 @@ _VIEWS = {
 
 class PrecomputeConstants:
     name = "precompute_constants"
+    words = "computed once from parameters"  # one fold, in a report
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         return apply_rule(gm, self._visit)
