@@ -6,6 +6,7 @@ from .absorb_padding import AbsorbPadding
 from .base import Pass, PassError, PassResult, RewriteRejected, run_to_fixpoint
 from .cleanup import Cleanup
 from .fold_affine_mixer import FoldAffineMixer
+from .fold_affine_through_flatten import FoldAffineThroughFlatten
 from .fold_bn import FoldBatchNorm
 from .fold_channel_affine import FoldChannelAffine
 from .fold_norm_affine import FoldNormAffine
@@ -24,6 +25,7 @@ def default_pipeline(fold_norm_affine: bool = False) -> list[Pass]:
         FoldBatchNorm(),
         FoldAffineMixer(),
         FoldChannelAffine(),
+        FoldAffineThroughFlatten(),
         MergeBranches(),
         AbsorbPadding(),
         MergeSequential(),
@@ -35,6 +37,7 @@ __all__ = [
     "AbsorbPadding",
     "Cleanup",
     "FoldAffineMixer",
+    "FoldAffineThroughFlatten",
     "FoldBatchNorm",
     "FoldChannelAffine",
     "FoldNormAffine",
