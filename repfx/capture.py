@@ -529,28 +529,55 @@ def _is_torch_builtin(target: Any, name: str) -> bool:
 def _alias_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The one input a node's result may alias (views, casts, identities, in-place ops);
     ``None`` when it allocates, or may alias something else too."""
-    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if first is None:
+    first = _first_node_arg(node)
+    if first is None or not _returns_alias_of_first(gm, node):
         return None
-    if node.op == "call_method" and (
+    return first
+
+
+def _first_node_arg(node: fx.Node) -> fx.Node | None:
+    """The node's first positional argument, if it is a node."""
+    return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+
+
+def _returns_alias_of_first(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Is the node's result its first argument, or a view of it (and nothing else)?"""
+    return (
+        _method_aliases_first(node)
+        or _function_aliases_first(node)
+        or (isinstance(node.target, torch._ops.OpOverload) and _overload_aliases_first(node.target))
+        or _returns_input_itself(gm, node)
+        or _module_aliases_first(gm, node)
+    )
+
+
+def _returns_input_itself(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A known function that returns its input as is (an eval-mode stochastic depth)."""
+    return node.op == "call_function" and isinstance(identity_input(gm, node), fx.Node)
+
+
+def _method_aliases_first(node: fx.Node) -> bool:
+    """A view / cast method (``x.view(...)``) or an in-place one (``x.add_(...)``)."""
+    return node.op == "call_method" and (
         node.target in _ALIASING_METHODS or is_inplace_name(str(node.target))
-    ):
-        return first
-    if node.op == "call_function" and (
+    )
+
+
+def _function_aliases_first(node: fx.Node) -> bool:
+    """A view / cast function, or one writing in place to its first argument (not ``out=``)."""
+    return node.op == "call_function" and (
         node.target in _ALIASING_FUNCTIONS or (writes_in_place(node) and "out" not in node.kwargs)
-    ):
-        return first
-    if isinstance(node.target, torch._ops.OpOverload) and _overload_aliases_first(node.target):
-        return first
-    if node.op == "call_function" and isinstance(identity_input(gm, node), fx.Node):
-        return first  # an eval-mode stochastic depth returns its input itself
-    if node.op == "call_module":
-        m = module_of(gm, node)
-        if (is_plain(m, _ALIASING_MODULES) or getattr(m, "inplace", False) is True) and (
-            _torch_module_class(m) and not forward_hooks_of(m)
-        ):
-            return first
-    return None
+    )
+
+
+def _module_aliases_first(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A hook-free torch module that returns a view of its input or works in place."""
+    if node.op != "call_module":
+        return False
+    m = module_of(gm, node)
+    return (is_plain(m, _ALIASING_MODULES) or getattr(m, "inplace", False) is True) and (
+        _torch_module_class(m) and not forward_hooks_of(m)
+    )
 
 
 def _may_alias_inputs(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -609,23 +636,35 @@ def _write_of(gm: fx.GraphModule, node: fx.Node) -> _Write | None:
         return _module_write(gm, node)
     if node.op not in ("call_function", "call_method"):
         return None
-    if node.op == "call_function" and isinstance(identity_input(gm, node), fx.Node):
+    if _returns_input_itself(gm, node):
         return None  # a known function that returns its input as is (eval stochastic depth)
     if node.op == "call_function" and not _known_callable(node.target):
         return _Write(node, _tensor_inputs(node))  # user code may write to its inputs
     if not writes_in_place(node):
         return None
+    return _in_place_write(node)
+
+
+def _in_place_write(node: fx.Node) -> _Write | None:
+    """What a torch call that writes in place (``add_``, ``out=``, ``inplace=True``) writes to;
+    ``None`` when that is a size (ints are immutable)."""
     if "out" in node.kwargs:
         out = node.kwargs["out"]
         return _Write(node, [out] if isinstance(out, fx.Node) else _tensor_inputs(node))
-    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if node.op == "call_function" and inplace_flag(node) is not False:
-        first = _inplace_input(node)
+    first = _written_argument(node)
     if first is None:
         return _Write(node, _tensor_inputs(node))
     if _is_non_tensor(first):
         return None  # n += 1 on a size: ints are immutable
     return _Write(node, [first], *_out_of_place_form(node, first))
+
+
+def _written_argument(node: fx.Node) -> fx.Node | None:
+    """The argument an in-place call writes to: for a function whose ``inplace=`` is not known
+    to be ``False``, its first bound argument; else its first positional argument (if a node)."""
+    if node.op == "call_function" and inplace_flag(node) is not False:
+        return _inplace_input(node)
+    return _first_node_arg(node)
 
 
 def _known_callable(target: Any) -> bool:
@@ -693,7 +732,7 @@ def _module_write(gm: fx.GraphModule, node: fx.Node) -> _Write | None:
         return _Write(node, _tensor_inputs(node))
     if getattr(m, "inplace", False) is not True:
         return None
-    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    first = _first_node_arg(node)
     return _Write(node, [first] if first is not None else _tensor_inputs(node))
 
 

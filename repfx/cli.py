@@ -76,6 +76,7 @@ from .export import (
 from .fold import VerificationError, fold
 from .report import FoldReport
 from .sources import (
+    LoadedModel,
     SourceError,
     SourceUsageError,
     UnknownModelError,
@@ -357,39 +358,14 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.source is None:
         raise UsageError("optimize needs a SOURCE: a model name, timm:NAME, module:factory or file")
     progress = Progress(args.quiet or False)
-    fmt = _output_format(args)
-    out = _check_output_path(args)
-    picture = None if args.graph is None else _writable_target(Path(args.graph), "--graph", args)
-    shapes = [parse_shape(s) for s in args.input_shape or []]
-    if args.benchmark_rounds < 1:
-        raise UsageError("--benchmark-rounds must be at least 1")
+    options = _checked_options(args)
     result: dict = {"repfx": __version__, "source": args.source}
     started = time.perf_counter()
 
-    loaded, seconds = _timed(
-        progress,
-        f"loading {args.source}",
-        lambda: load_source(
-            args.source, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle
-        ),
-    )
+    loaded, model, seconds = _load_model(args, progress)
     result["load_seconds"] = seconds
-    model = loaded.model.eval()
-    if args.dtype:
-        model = model.to(DTYPES[args.dtype])
     dtype = _model_dtype(model)
-    verify = not args.no_verify
-    if not shapes and loaded.default_input_shape:
-        shapes = [loaded.default_input_shape]
-    needs_inputs = verify or fmt in ("pt2", "onnx") or args.benchmark
-    if not shapes and needs_inputs:
-        why = "to verify the fold" if verify else f"for {'--benchmark' if args.benchmark else fmt}"
-        raise UsageError(
-            f"cannot infer the input shape of {loaded.description}; pass --input-shape "
-            f"(e.g. --input-shape 1,3,224,224), which is needed {why}"
-        )
-    if shapes:
-        _check_input_count(model, shapes, loaded.description)
+    shapes = _input_shapes(args, options, loaded, model)
     inputs = _example_inputs(shapes, dtype) if shapes else None
     result.update(
         kind=loaded.kind,
@@ -398,10 +374,112 @@ def _optimize(args: argparse.Namespace) -> int:
         dtype=str(dtype).removeprefix("torch."),
     )
 
+    folded, seconds = _fold_verified(model, inputs, shapes, loaded.description, args, progress)
+    report: FoldReport = folded.meta["repfx_report"]
+    result["fold_seconds"] = seconds
+    result.update(report.to_dict())
+
+    if options.picture is not None:
+        result["graph"] = _draw(report, options.picture, progress)
+    if options.out is not None:
+        target = Target(
+            options.out, options.fmt, force=args.force, static_shapes=args.static_shapes
+        )
+        result["output"] = _write(folded, model, inputs, target, not args.no_verify, progress)
+    if args.benchmark:
+        progress(f"benchmarking eager latency ({args.benchmark_rounds} interleaved rounds) ...")
+        result["benchmark"] = benchmark(model, folded, inputs, args.benchmark_rounds)
+    progress.finish()
+    result["seconds"] = time.perf_counter() - started
+    _print_result(args, report, result)
+    return EXIT_OK
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeOptions:
+    """``optimize``'s options that are checked before any slow work."""
+
+    fmt: str | None  # OUT's format; None without OUT
+    out: Path | None  # OUT, if given (it may be written)
+    picture: Path | None  # --graph's file, if given (it may be written)
+    shapes: list[tuple[int, ...]]  # --input-shape, as given
+
+
+def _checked_options(args: argparse.Namespace) -> OptimizeOptions:
+    """Check the options, in this order, before any slow work: the first wrong one is a
+    usage error."""
+    fmt = _output_format(args)
+    out = _check_output_path(args)
+    picture = None if args.graph is None else _writable_target(Path(args.graph), "--graph", args)
+    shapes = [parse_shape(s) for s in args.input_shape or []]
+    if args.benchmark_rounds < 1:
+        raise UsageError("--benchmark-rounds must be at least 1")
+    return OptimizeOptions(fmt, out, picture, shapes)
+
+
+def _load_model(
+    args: argparse.Namespace, progress: Progress
+) -> tuple[LoadedModel, nn.Module, float]:
+    """SOURCE loaded; its model in eval mode, cast to ``--dtype``; and the seconds it took."""
+    loaded, seconds = _timed(
+        progress,
+        f"loading {args.source}",
+        lambda: load_source(
+            args.source, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle
+        ),
+    )
+    model = loaded.model.eval()
+    if args.dtype:
+        model = model.to(DTYPES[args.dtype])
+    return loaded, model, seconds
+
+
+def _input_shapes(
+    args: argparse.Namespace, options: OptimizeOptions, loaded: LoadedModel, model: nn.Module
+) -> list[tuple[int, ...]]:
+    """The example inputs' shapes: ``--input-shape``, else the model's default, if any. A usage
+    error when there is none but the run needs inputs, or when they do not fit ``forward``."""
+    shapes = options.shapes
+    if not shapes and loaded.default_input_shape:
+        shapes = [loaded.default_input_shape]
+    why = _why_inputs_are_needed(args, options.fmt)
+    if not shapes and why is not None:
+        raise UsageError(
+            f"cannot infer the input shape of {loaded.description}; pass --input-shape "
+            f"(e.g. --input-shape 1,3,224,224), which is needed {why}"
+        )
+    if shapes:
+        _check_input_count(model, shapes, loaded.description)
+    return shapes
+
+
+def _why_inputs_are_needed(args: argparse.Namespace, fmt: str | None) -> str | None:
+    """Why the run needs example inputs (to verify, to benchmark, to export ``.pt2`` /
+    ``.onnx``); ``None`` when it does not."""
+    if not args.no_verify:
+        return "to verify the fold"
+    if args.benchmark:
+        return "for --benchmark"
+    if fmt in ("pt2", "onnx"):
+        return f"for {fmt}"
+    return None
+
+
+def _fold_verified(
+    model: nn.Module,
+    inputs: tuple | None,
+    shapes: list[tuple[int, ...]],
+    description: str,
+    args: argparse.Namespace,
+    progress: Progress,
+) -> tuple[nn.Module, float]:
+    """The folded model (verified on ``inputs`` unless ``--no-verify``) and the seconds it
+    took; wrong inputs are a usage error, a failed verification exits with ``EXIT_VERIFY``."""
+    verify = not args.no_verify
     shape_text = " and ".join("×".join(map(str, s)) for s in shapes) or "no example input"
     step = "tracing and folding" + (f", verifying on {shape_text}" if verify else "")
     try:
-        folded, seconds = _timed(
+        return _timed(
             progress,
             step,
             lambda: fold(
@@ -414,7 +492,7 @@ def _optimize(args: argparse.Namespace) -> int:
         )
     except ExampleInputError as exc:
         given = _shapes_text(shapes)
-        raise UsageError(f"wrong --input-shape {given} for {loaded.description}: {exc}") from exc
+        raise UsageError(f"wrong --input-shape {given} for {description}: {exc}") from exc
     except VerificationError as exc:
         failed = exc.report.failed_verification()
         raise CliError(
@@ -424,26 +502,14 @@ def _optimize(args: argparse.Namespace) -> int:
             EXIT_VERIFY,
             {"report": exc.report.to_dict(), "report_text": str(exc.report)},
         ) from exc
-    report: FoldReport = folded.meta["repfx_report"]
-    result["fold_seconds"] = seconds
-    result.update(report.to_dict())
 
-    if picture is not None:
-        result["graph"] = _draw(report, picture, progress)
-    if out is not None:
-        target = Target(out, fmt, force=args.force, static_shapes=args.static_shapes)
-        result["output"] = _write(folded, model, inputs, target, verify, progress)
-    if args.benchmark:
-        progress(f"benchmarking eager latency ({args.benchmark_rounds} interleaved rounds) ...")
-        result["benchmark"] = benchmark(model, folded, inputs, args.benchmark_rounds)
-    progress.finish()
-    result["seconds"] = time.perf_counter() - started
 
+def _print_result(args: argparse.Namespace, report: FoldReport, result: dict) -> None:
+    """The run's report on stdout: one JSON object with ``--json``, else text."""
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(_human_report(report, result, explain=args.explain, everything=args.all))
-    return EXIT_OK
 
 
 def _draw(report: FoldReport, path: Path, progress: Progress) -> dict:

@@ -72,17 +72,34 @@ def child_reason(parent: nn.Module, name: str) -> str | None:
 
 def _static_reasons(parent: nn.Module, name: str, child: nn.Module) -> Iterator[str]:
     """Reasons that need no code reading: hooks, call machinery, other holders of the child."""
+    yield from _hook_reasons(parent)
+    yield from _call_override_reasons(parent)
+    yield from _other_holder_reasons(parent, name, child)
+
+
+def _hook_reasons(parent: nn.Module) -> Iterator[str]:
+    """Global forward hooks, and hooks of the parent that read the module they are given."""
     if global_forward_hooks():
         yield "global module forward hooks are registered"
     for hook in _hooks_of(parent):
         if _hook_reads_module(hook):
             yield "a forward hook of the parent reads the module it is given"
+
+
+def _call_override_reasons(parent: nn.Module) -> Iterator[str]:
+    """Call machinery (``__call__``, ``__getattr__``, ...) overridden by the parent's class, or
+    a ``forward`` / ``__call__`` replaced on the instance."""
     for attr in _CALL_MACHINERY:
         owner = _defining_class(type(parent), attr)
         if owner is not None and owner not in nn.Module.__mro__:
             yield f"{type(parent).__name__} overrides {attr}"
     if "forward" in vars(parent) or "__call__" in vars(parent):
         yield "the parent's forward is replaced on the instance"
+
+
+def _other_holder_reasons(parent: nn.Module, name: str, child: nn.Module) -> Iterator[str]:
+    """Other paths to the child in the parent's tree, and modules outside the child that hold
+    a reference to the child or the parent."""
     for path, module in parent.named_modules(remove_duplicate=False):
         if module is child and path != name:
             yield f"the child is also reachable as {path or 'the parent'}"
@@ -197,20 +214,12 @@ class _Analysis:
     ) -> str | None:
         ins = instructions[i]
         where = f"{what} of {owner.__name__}"
-        if ins.opname in _SELF_STORES and _names(ins.argval) & selves:
-            return f"{where} rebinds or deletes its instance"
-        if ins.opname == "LOAD_GLOBAL" and ins.argval in _INTROSPECTION_GLOBALS:
-            return f"{where} calls {ins.argval}(), which can reach the instance"
+        reason = _instance_escape(ins, selves, where)
+        if reason is not None:
+            return reason
         if ins.opname == "LOAD_GLOBAL" and ins.argval == "super":
             return self.zero_argument_super(instructions, i, selves, owner, where)
-        if ins.opname in _ATTR_LOADS and ins.argval in _FRAME_ATTRS:
-            return f"{where} inspects frames"
-        loads_self = (ins.opname in _SELF_LOADS and ins.argval in selves) or (
-            ins.opname in _PAIR_LOADS and ins.argval[-1] in selves
-        )
-        if ins.opname in _PAIR_LOADS and ins.argval[0] in selves:
-            return f"{where} passes its instance on"
-        if not loads_self or ins.opname == "LOAD_CLOSURE":
+        if not _loads_self(ins, selves) or ins.opname == "LOAD_CLOSURE":
             return None  # a closure over self: the nested code is read too
         return self.self_use(instructions, i + 1, owner, where)
 
@@ -273,6 +282,27 @@ class _Analysis:
         if found is None or found in nn.Module.__mro__:
             return f"{where} calls super().{attr}, which can reach every child"
         return self.function(found.__dict__[attr], found, attr)
+
+
+def _instance_escape(ins: dis.Instruction, selves: set[str], where: str) -> str | None:
+    """How one instruction, on its own, lets the code reach the instance other than by an
+    attribute access: rebinding it, introspection, frames, passing it on; ``None``: it does not."""
+    if ins.opname in _SELF_STORES and _names(ins.argval) & selves:
+        return f"{where} rebinds or deletes its instance"
+    if ins.opname == "LOAD_GLOBAL" and ins.argval in _INTROSPECTION_GLOBALS:
+        return f"{where} calls {ins.argval}(), which can reach the instance"
+    if ins.opname in _ATTR_LOADS and ins.argval in _FRAME_ATTRS:
+        return f"{where} inspects frames"
+    if ins.opname in _PAIR_LOADS and ins.argval[0] in selves:
+        return f"{where} passes its instance on"
+    return None
+
+
+def _loads_self(ins: dis.Instruction, selves: set[str]) -> bool:
+    """Does the instruction push the instance (alone, or last of a pair of loads)?"""
+    return (ins.opname in _SELF_LOADS and ins.argval in selves) or (
+        ins.opname in _PAIR_LOADS and ins.argval[-1] in selves
+    )
 
 
 def _names(argval: Any) -> set[str]:
