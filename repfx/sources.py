@@ -5,9 +5,10 @@
 
 - a built-in model name from :mod:`repfx.models` (``riformer_s12``);
 - ``timm:NAME`` — ``timm.create_model(NAME)`` with random weights (timm must be installed);
-- ``package.module:factory`` — the user's own code: the module is imported (the current
-  directory is importable, as with ``python -m``) and ``factory`` called without arguments; an
-  ``nn.Module`` instance attribute is used as it is;
+- ``package.module:factory`` — the user's own code: the module is imported and ``factory``
+  called without arguments, with the current directory importable meanwhile (as with
+  ``python -m``; ``sys.path`` is restored afterwards); an ``nn.Module`` instance attribute is
+  used as it is;
 - a file: a state dict (``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` read with
   ``torch.load(weights_only=True)``, or ``.safetensors``) loaded into the model named by
   ``arch`` (any of the three spellings above); or a whole pickled module (``torch.save(model)``),
@@ -22,6 +23,7 @@ wrong and what to do; ``repfx.cli`` maps the classes to exit codes.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import os
@@ -29,8 +31,9 @@ import pickle
 import pickletools
 import re
 import sys
+import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,10 +169,34 @@ def _build_factory(spec: str) -> LoadedModel:
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise SourceUsageError(f"{spec!r}: expected package.module:factory")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own modules import
+    with _current_directory_importable():  # for the import and the call (lazy imports)
+        module = _import_factory_module(module_name, spec)
+        obj = _factory_attribute(module, module_name, attr_path)
+        model = obj if isinstance(obj, nn.Module) else _call_factory(obj, spec)
+    return LoadedModel(model, "factory", spec, _shape_from_cfg(model))
+
+
+@contextlib.contextmanager
+def _current_directory_importable() -> Iterator[None]:
+    """Within the block the current directory is importable, as with ``python -m`` (the
+    user's own modules import); afterwards ``sys.path`` no longer holds the entry added."""
+    cwd = os.getcwd()
+    if "" in sys.path or cwd in sys.path:
+        yield
+        return
+    sys.path.insert(0, cwd)
     try:
-        obj = importlib.import_module(module_name)
+        yield
+    finally:
+        with contextlib.suppress(ValueError):  # the imported code removed it itself
+            sys.path.remove(cwd)
+
+
+def _import_factory_module(module_name: str, spec: str) -> types.ModuleType:
+    """The module of a ``module:factory`` spec; an import failure becomes a
+    :class:`SourceError`."""
+    try:
+        return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise SourceError(
@@ -179,25 +206,35 @@ def _build_factory(spec: str) -> LoadedModel:
         raise SourceError(f"importing {module_name!r} failed: {_one_line(exc)}") from exc
     except (Exception, SystemExit) as exc:  # sys.exit() at import time is a failure too
         raise SourceError(f"importing {module_name!r} failed: {_one_line(exc)}") from exc
+
+
+def _factory_attribute(module: types.ModuleType, module_name: str, attr_path: str) -> object:
+    """``module.<attr_path>`` (a dotted path), or a :class:`SourceError` naming what is missing."""
+    obj: object = module
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise SourceError(f"{module_name!r} has no attribute {attr_path!r}") from None
-    if not isinstance(obj, nn.Module):
-        if not callable(obj):
-            raise SourceError(f"{spec} is a {type(obj).__name__}, not a model factory")
-        try:
-            obj = obj()
-        except SystemExit as exc:  # sys.exit() in the factory: it built no model
-            raise SourceError(
-                f"{spec}() exited (SystemExit({exc.code!r})) instead of returning a model"
-            ) from exc
-        except Exception as exc:
-            raise SourceError(f"{spec}() raised {_one_line(exc)}") from exc
-        if not isinstance(obj, nn.Module):
-            raise SourceError(f"{spec}() returned a {type(obj).__name__}, not an nn.Module")
-    return LoadedModel(obj, "factory", spec, _shape_from_cfg(obj))
+    return obj
+
+
+def _call_factory(factory: object, spec: str) -> nn.Module:
+    """The model ``factory()`` returns; a :class:`SourceError` when ``factory`` is not
+    callable, fails, exits or returns something other than an ``nn.Module``."""
+    if not callable(factory):
+        raise SourceError(f"{spec} is a {type(factory).__name__}, not a model factory")
+    try:
+        model = factory()
+    except SystemExit as exc:  # sys.exit() in the factory: it built no model
+        raise SourceError(
+            f"{spec}() exited (SystemExit({exc.code!r})) instead of returning a model"
+        ) from exc
+    except Exception as exc:
+        raise SourceError(f"{spec}() raised {_one_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise SourceError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def _shape_from_cfg(model: nn.Module) -> tuple[int, ...] | None:
