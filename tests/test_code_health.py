@@ -1,0 +1,56 @@
+"""Code health, stated as tests: what a reader of ``repfx/`` can rely on."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+from radon.complexity import cc_visit
+
+PACKAGE = Path(__file__).resolve().parents[1] / "repfx"
+MAX_COMPLEXITY = 15  # radon's cyclomatic complexity, per function or method
+
+
+def _functions(blocks):
+    for block in blocks:
+        if type(block).__name__ == "Class":
+            yield from _functions(block.methods)
+        else:
+            yield block
+            yield from _functions(getattr(block, "closures", []))
+
+
+def test_no_function_is_above_the_complexity_limit():
+    too_complex = [
+        f"{path.relative_to(PACKAGE.parent)}:{fn.lineno} {fn.fullname} ({fn.complexity})"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for fn in _functions(cc_visit(path.read_text()))
+        if fn.complexity > MAX_COMPLEXITY
+    ]
+    assert too_complex == [], "split these functions:\n" + "\n".join(too_complex)
+
+
+def test_no_module_shadows_the_standard_library():
+    names = {path.stem for path in PACKAGE.rglob("*.py")} | {
+        path.name for path in PACKAGE.rglob("*") if path.is_dir()
+    }
+    assert names & set(sys.stdlib_module_names) == set()
+
+
+def test_no_rule_imports_another_rule():
+    """A rule (a public module of ``repfx/passes``) builds on ``base``, ``_common`` and the
+    private helpers of its family, never on another rule: each one reads on its own."""
+    passes = PACKAGE / "passes"
+    rules = {p.stem for p in passes.glob("*.py") if not p.stem.startswith("_")} - {"base"}
+    imports = {rule: _relative_imports(passes / f"{rule}.py") for rule in rules}
+    assert {rule: found & rules for rule, found in imports.items() if found & rules} == {}
+
+
+def _relative_imports(path: Path) -> set[str]:
+    """The sibling modules ``path`` imports (``from .x import …``, ``from . import x``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {alias.name for alias in node.names}
+    return found
