@@ -65,9 +65,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrizations, parametrize
 
-from .errors import Error
+from .errors import Error, one_line
 from .graph import (
     MUTATED_KEY,
+    VALUE_KEYS,
     _fetch_attr,
     call_signature,
     dtype_on_meta_tensors,
@@ -84,8 +85,6 @@ from .graph import (
 from .ops import identity_input
 
 DTYPE_GUARD_KEY = "repfx_dtype_guard"  # node.meta: a cast added by functionalize (see there)
-# node.meta entries that describe a node's value (shape propagation, dynamo, export)
-VALUE_KEYS = ("tensor_meta", "val", "example_value")
 
 
 class CaptureError(Error, RuntimeError):
@@ -266,7 +265,7 @@ class _FallbackTracer(fx.Tracer):
             self.module_stack.clear()
             self.module_stack.update(stack)
             # (call counts of the failed partial trace stay: they only name metadata keys)
-            self.opaque[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            self.opaque[qualname] = one_line(exc, limit=120)
             return super().call_module(m, forward, args, kwargs)
 
     def _rollback(self, last_node: fx.Node | None) -> None:
@@ -311,8 +310,7 @@ def _trace(
         tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:
         raise CaptureError(
-            f"cannot trace {type(model).__name__}.forward with torch.fx "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"cannot trace {type(model).__name__}.forward with torch.fx ({one_line(exc)})"
         ) from exc
     return tracer
 
@@ -1016,7 +1014,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...
         cause = exc
         raise ExampleInputError(
             f"the model does not run on the example inputs [{shapes}] "
-            f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}); "
+            f"({one_line(cause)}); "
             "pass inputs of the shape and dtype the model expects"
         ) from exc
     finally:

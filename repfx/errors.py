@@ -17,3 +17,13 @@ class Error(Exception):
 class TrainingModeError(Error, ValueError):
     """``fold(..., strict=True)`` of a model in training mode: BatchNorm and dropout in
     training mode compute batch statistics / random masks, which no fold can keep."""
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message`` (cut to ``limit`` characters), or ``Type`` when the
+    message is empty: how repfx quotes an exception inside its own messages."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    first = lines[0] if len(lines[0]) <= limit else lines[0][: limit - 3] + "..."
+    return f"{type(exc).__name__}: {first}"

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .errors import Error
+from .inputs import as_inputs, run
 from .tolerances import max_errors, output_tensors, reference_dtype, tolerance_for
 
 # Above this many bytes of weights, ONNX keeps them in an external ``OUT.onnx.data`` file
@@ -126,7 +127,7 @@ def export_onnx(
     ``dynamic_batch`` (the default) the batch dimension stays symbolic and onnxruntime checks
     two batch sizes; otherwise the shapes of ``example_inputs`` are fixed in the graph.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     path = Path(path)
     if dynamo is None:
         dynamo = _has_onnxscript()
@@ -201,7 +202,7 @@ def onnx_op_counts_of(
         target = Path(tmp) / "model.onnx"
         external = _weight_bytes(module) > ONNX_EXTERNAL_DATA_BYTES
         _torch_onnx_export(
-            module, _as_tuple(example_inputs), target, dynamo=dynamo, opset=None,
+            module, as_inputs(example_inputs), target, dynamo=dynamo, opset=None,
             external=external, dynamic_batch=dynamic_batch,
         )  # fmt: skip
         return onnx_op_counts(target)
@@ -222,11 +223,11 @@ def save_pt(
         torch.save(module, target)
         if example_inputs is None:
             return None
-        inputs = _as_tuple(example_inputs)
+        inputs = as_inputs(example_inputs)
         return _compare(
             module,
             inputs,
-            lambda: _run(torch.load(target, weights_only=False), inputs),
+            lambda: run(torch.load(target, weights_only=False), inputs),
             "torch.load",
         )
 
@@ -244,7 +245,7 @@ def save_pt2(
     atomically; with ``verify`` the file is loaded back (``torch.export.load``) and compared,
     at two batch sizes with ``dynamic_batch``."""
     path = Path(path)
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     shapes = batch_shapes(inputs) if dynamic_batch else None
     try:
         with torch.no_grad():
@@ -260,7 +261,7 @@ def save_pt2(
             return None
         loaded = torch.export.load(target).module()
         return _compare_batches(
-            module, inputs, dynamic_batch, lambda x: _run(loaded, x), "torch.export.load"
+            module, inputs, dynamic_batch, lambda x: run(loaded, x), "torch.export.load"
         )
 
 
@@ -376,7 +377,7 @@ def _run_onnxruntime(path: Path, inputs: tuple) -> list[torch.Tensor]:
 
 def _compare(module: nn.Module, inputs: tuple, run_exported, runner: str) -> OutputCheck:
     """One comparison, at ``inputs``; ``run_exported()`` runs the written file on them."""
-    expected = _run(module, inputs)
+    expected = run(module, inputs)
     actual = run_exported()
     try:
         abs_err, rel_err = max_errors(output_tensors(actual), output_tensors(expected))
@@ -391,12 +392,6 @@ def _compare(module: nn.Module, inputs: tuple, run_exported, runner: str) -> Out
             check,
         )
     return check
-
-
-def _run(module: nn.Module, inputs: tuple) -> object:
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(0)
-        return module(*inputs)
 
 
 @contextlib.contextmanager
@@ -431,12 +426,6 @@ def _check_replaceable(destination: Path, overwrite: bool) -> None:
         raise OutputNotAFileError(destination)
     if not overwrite:
         raise OutputExistsError(destination)
-
-
-def _as_tuple(example_inputs: torch.Tensor | Sequence[object]) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
 
 
 def _weight_bytes(module: nn.Module) -> int:

@@ -14,9 +14,10 @@ from torch.nn.modules.dropout import _DropoutNd
 from .capture import CaptureError, ExampleInputError, copy_model, propagate_shapes
 from .capture_export import export_program
 from .draw import GraphSketch
-from .errors import Error, TrainingModeError
+from .errors import Error, TrainingModeError, one_line
 from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs
-from .graph import annotate_ranks
+from .graph import annotate_ranks, forget_annotations
+from .inputs import as_inputs
 from .opaque import child_reason
 from .passes import FoldNormAffine, default_pipeline
 from .passes.base import Pass, rule_words, run_to_fixpoint
@@ -67,24 +68,6 @@ def _check_mode(model: nn.Module, strict: bool) -> None:
     if strict:
         raise TrainingModeError(message)
     warnings.warn(message, TrainingModeWarning, stacklevel=3)
-
-
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc).splitlines()[0] if exc is not None and str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if exc is not None else "unknown error"
-
-
-def _as_inputs(example_inputs: object) -> tuple | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        "example_inputs must be a tensor or a tuple of the model's positional inputs, "
-        f"not {type(example_inputs).__name__}"
-    )
 
 
 def fold(
@@ -151,7 +134,7 @@ def _fold_program(
     passes: Sequence[Pass] | None,
     strict: bool,
 ) -> torch.export.ExportedProgram:
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     if inputs is None:
         args, kwargs = program.example_inputs or ((), {})
         if kwargs or not args:
@@ -176,7 +159,7 @@ def _fold(
     passes: Sequence[Pass] | None = None,
     capture: str = "auto",
 ) -> fx.GraphModule:
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     passes = default_pipeline() if passes is None else passes
     report = FoldReport()
     gm = _fold_copy(copy_model(model), inputs, passes, report, prefix="", capture=capture)
@@ -197,7 +180,7 @@ def _fold(
                     refold,
                 )
             except ExampleInputError as exc:  # the model ran as given: the re-draw broke it
-                cause = _first_line(exc.__cause__)
+                cause = one_line(exc.__cause__) if exc.__cause__ else "unknown error"
                 report.notes.append(
                     "verified with the parameters as given only: with its per-channel "
                     "parameters re-drawn at O(1) the model no longer runs on the example "
@@ -242,6 +225,7 @@ def _fold_copy(
     delete_unused_attributes(gm)
     gm.recompile()
     if not prefix:
+        forget_annotations(gm)
         report.after = GraphStats.of(gm)
         report.after_sketch = GraphSketch.of(gm)
     return gm

@@ -25,6 +25,7 @@ from torch import fx, nn
 from .capture import CaptureError, ExampleInputError
 from .capture import capture as fx_capture
 from .capture_export import capture_exported
+from .inputs import cloned
 from .report import FoldReport
 
 CAPTURE_MODES = ("auto", "fx", "export")
@@ -130,7 +131,7 @@ def record_child_inputs(
 
     def recorder(path: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            clone = _cloned(args)
+            clone = cloned(args)
             calls.setdefault(path, []).append(clone if not kwargs else None)
 
         return hook
@@ -142,7 +143,7 @@ def record_child_inputs(
     saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
     try:
         with torch.no_grad(), torch.random.fork_rng():
-            gm(*_cloned(inputs))
+            gm(*cloned(inputs))
     except Exception:
         calls.clear()  # (the verification reports a model that does not run)
     finally:
@@ -152,12 +153,3 @@ def record_child_inputs(
             for name, b in gm.named_buffers():
                 b.copy_(saved[name])
     return {path: seen[0] if len(seen) == 1 else None for path, seen in calls.items()}
-
-
-def _cloned(args: tuple) -> tuple:
-    return tuple(
-        torch.utils._pytree.tree_map(
-            lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, a
-        )
-        for a in args
-    )

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import models
-from .errors import Error
+from .errors import Error, one_line
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)  # the built-in models are ImageNet classifiers
@@ -161,7 +161,7 @@ def _build_timm(name: str) -> LoadedModel:
     try:
         model = timm.create_model(name, pretrained=False)
     except Exception as exc:
-        raise SourceError(f"timm could not build {name!r}: {_one_line(exc)}") from exc
+        raise SourceError(f"timm could not build {name!r}: {one_line(exc)}") from exc
     return LoadedModel(model, "timm", f"timm:{name}", _shape_from_cfg(model))
 
 
@@ -203,9 +203,9 @@ def _import_factory_module(module_name: str, spec: str) -> types.ModuleType:
                 f"cannot import {module_name!r} (from {spec!r}): no such module; run repfx "
                 "from the directory that contains it or add it to PYTHONPATH"
             ) from None
-        raise SourceError(f"importing {module_name!r} failed: {_one_line(exc)}") from exc
+        raise SourceError(f"importing {module_name!r} failed: {one_line(exc)}") from exc
     except (Exception, SystemExit) as exc:  # sys.exit() at import time is a failure too
-        raise SourceError(f"importing {module_name!r} failed: {_one_line(exc)}") from exc
+        raise SourceError(f"importing {module_name!r} failed: {one_line(exc)}") from exc
 
 
 def _factory_attribute(module: types.ModuleType, module_name: str, attr_path: str) -> object:
@@ -231,7 +231,7 @@ def _call_factory(factory: object, spec: str) -> nn.Module:
             f"{spec}() exited (SystemExit({exc.code!r})) instead of returning a model"
         ) from exc
     except Exception as exc:
-        raise SourceError(f"{spec}() raised {_one_line(exc)}") from exc
+        raise SourceError(f"{spec}() raised {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise SourceError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
     return model
@@ -296,7 +296,7 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
         raise UnreadableSourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # truncated zip, not a torch file at all, ...
         raise UnreadableSourceError(
-            f"cannot read {path}: not a PyTorch file or it is corrupt ({_one_line(exc)})"
+            f"cannot read {path}: not a PyTorch file or it is corrupt ({one_line(exc)})"
         ) from exc
     return _as_state_dict_or_module(content, path)
 
@@ -349,7 +349,7 @@ def _load_trusted_pickle(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise UnreadableSourceError(
-            f"cannot unpickle {path}: {_one_line(exc)} (are the model's classes importable?)"
+            f"cannot unpickle {path}: {one_line(exc)} (are the model's classes importable?)"
         ) from exc
 
 
@@ -364,7 +364,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as exc:
         raise UnreadableSourceError(
-            f"cannot read {path}: not a safetensors file or it is corrupt ({_one_line(exc)})"
+            f"cannot read {path}: not a safetensors file or it is corrupt ({one_line(exc)})"
         ) from exc
 
 
@@ -425,11 +425,3 @@ def load_weights(
 def _first(items: list[str], n: int = 3) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    if not text:
-        return type(exc).__name__
-    first = text[0] if len(text[0]) <= 160 else text[0][:157] + "..."
-    return f"{type(exc).__name__}: {first}"

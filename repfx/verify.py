@@ -39,6 +39,8 @@ from torch import nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
 from .capture import copy_model
+from .errors import one_line
+from .inputs import run
 from .redraw import VERIFICATION_SEED, redraw_foldable_parameters_
 from .report import (
     AS_GIVEN,
@@ -78,7 +80,7 @@ def verify(
     docstring). ``refold`` (the same fold, applied to a float64 copy of the model) enables the
     float64 re-check of a low-precision model; a float64 model needs none."""
     # neither model is run itself: a forward may mutate its module (training-mode BN statistics)
-    expected, actual = _run(copy_model(model), inputs), _run(copy_model(folded), inputs)
+    expected, actual = run(copy_model(model), inputs), run(copy_model(folded), inputs)
     tolerance = tolerance_for(reference_dtype(expected))
     problem = structure_mismatch(actual, expected)
     if problem is not None:
@@ -205,8 +207,7 @@ class _Float64Recheck:
         try:
             self._run_float64(model, folded, inputs, refold)
         except Exception as exc:  # the user's model may not run in float64
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            self.error = f"{type(exc).__name__}: {first_line}"
+            self.error = one_line(exc)
 
     def _run_float64(
         self, model: nn.Module, folded: nn.Module, inputs: tuple, refold: Refold | None
@@ -216,16 +217,16 @@ class _Float64Recheck:
         )
         self.inputs64 = float64_inputs(inputs)
         self.model64 = copy_model(model).double()
-        self.truth = _leaves_of(_run(self.model64, self.inputs64))
+        self.truth = _leaves_of(run(self.model64, self.inputs64))
         if not self.low_precision:  # a float64 model: the fold is its own float64 fold
             self.fold64, self.weights64 = self.actual, None
             return
-        self.fold64 = _leaves_of(_run(refold(self.model64), self.inputs64))
+        self.fold64 = _leaves_of(run(refold(self.model64), self.inputs64))
         if len(self.fold64) != len(self.truth):
             raise ValueError(f"the float64 fold returns {len(self.fold64)} tensors")
         # the folded weights, as stored in the model's dtype, evaluated in float64: what storing
         # any fold (a hand-written one too) in that dtype costs
-        self.weights64 = _leaves_of(_run(copy_model(folded).double(), self.inputs64))
+        self.weights64 = _leaves_of(run(copy_model(folded).double(), self.inputs64))
 
     def judge(self, i: int, c: OutputComparison) -> OutputComparison:
         """``c`` (output ``i``, which missed its tolerance) re-judged against float64 truth."""
@@ -287,7 +288,7 @@ class _Float64Recheck:
         """Does the float64 original compute the same outputs when run again? (A model with
         state that changes on every call moves under any perturbation — and without one.)"""
         if self._deterministic is None:
-            again = _leaves_of(_run(copy_model(self.model64), self.inputs64))
+            again = _leaves_of(run(copy_model(self.model64), self.inputs64))
             self._deterministic = len(again) == len(self.truth) and all(
                 a.shape == t.shape and bool(((a == t) | (a.isnan() & t.isnan())).all())
                 for a, t in zip(again, self.truth, strict=True)
@@ -327,7 +328,7 @@ def float64_sensitivity(
     worst = [0.0] * len(truth)
     for _ in range(trials):
         perturbed = _perturb_(copy_model(model64), generator)
-        moved = _leaves_of(_run(perturbed, inputs64))
+        moved = _leaves_of(run(perturbed, inputs64))
         for i, (m, t) in enumerate(zip(moved, truth, strict=True)):
             worst[i] = max(worst[i], _rel(m, t))
     return worst
@@ -359,16 +360,6 @@ def _replace(
 
 
 # ------------------------------------------------------------------ running
-
-
-def _run(module: nn.Module, inputs: tuple) -> object:
-    """``module(*inputs)`` on clones of the inputs (a model may write its input: the next run
-    must see the values the caller gave)."""
-    inputs = tuple(tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, x)
-                   for x in inputs)  # fmt: skip
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(0)
-        return module(*inputs)
 
 
 def _leaves_of(outputs: object) -> list[torch.Tensor]:
