@@ -33,7 +33,7 @@ import torch
 from torch import fx
 
 from .capture import drop_no_op_dtype_guards, functionalize
-from .graph import annotate_ranks
+from .graph import annotate_ranks, forget_annotations
 from .passes import default_pipeline
 from .passes.base import Pass, rule_words, run_to_fixpoint
 from .report import FoldReport, GraphStats
@@ -74,6 +74,7 @@ class DynamoBackend:
             report.folded, report.skipped = run_to_fixpoint(gm, passes)
             report.rule_words = rule_words(passes)
             delete_unused_attributes(gm)
+            forget_annotations(gm)
             gm.recompile()
             report.after = GraphStats.of(gm)
         else:

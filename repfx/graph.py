@@ -34,6 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 RANK_KEY = "repfx_rank"
 FLOAT_KEY = "repfx_float"
+# node.meta entries that describe a node's value (shape propagation, dynamo, export)
+VALUE_KEYS = ("tensor_meta", "val", "example_value")
 MUTATED_KEY = "repfx_mutated"  # node.meta: an in-place op may write to this value (capture)
 
 
@@ -473,7 +475,7 @@ def _meta_tensor(node: fx.Node) -> Any:
     meta = node.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype"):
         return meta
-    for key in ("val", "example_value"):
+    for key in VALUE_KEYS[1:]:
         value = node.meta.get(key)
         if isinstance(value, torch.Tensor):
             return value
@@ -671,6 +673,16 @@ def annotate_ranks(gm: fx.GraphModule) -> None:
             rank, is_float = _infer(gm, node)
         node.meta[RANK_KEY] = rank if type(rank) is int else None
         node.meta[FLOAT_KEY] = bool(is_float)
+
+
+def forget_annotations(module: nn.Module) -> None:
+    """Remove what :func:`annotate_ranks` stored from every graph in ``module``'s tree: the
+    annotations serve the passes, and a returned graph's ``node.meta`` holds no repfx keys."""
+    for gm in module.modules():
+        if isinstance(gm, fx.GraphModule):
+            for node in gm.graph.nodes:
+                node.meta.pop(RANK_KEY, None)
+                node.meta.pop(FLOAT_KEY, None)
 
 
 def _infer(gm: fx.GraphModule, node: fx.Node) -> tuple[int | None, bool]:

@@ -12,6 +12,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import repfx
+from repfx.graph import FLOAT_KEY, RANK_KEY
 from repfx.op_kinds import OP_KINDS, op_counts
 from repfx.testing import assert_close, assert_equivalent
 
@@ -77,6 +78,15 @@ def test_fold_does_not_alias_the_original():
     with torch.no_grad():
         model[0].weight.mul_(2)
     assert torch.equal(folded(x), expected)
+
+
+def test_the_folded_graph_keeps_no_working_annotations():
+    """The ranks and float flags the passes read are gone from the returned graph's meta."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    folded = repfx.fold(model, torch.randn(2, 3, 8, 8))
+    keys = {k for n in folded.graph.nodes for k in n.meta}
+    assert keys.isdisjoint({RANK_KEY, FLOAT_KEY})
+    assert "tensor_meta" in keys  # what shape propagation records stays
 
 
 def test_models_strategy_covers_every_block():
