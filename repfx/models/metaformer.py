@@ -54,7 +54,7 @@ __all__ = [
     "Pooling",
     "RIFormer",
     "RIFormerBlock",
-    "fold_affine_into_norm",
+    "deploy_mixer_into_norm",
     "group_norm",
     "poolformer_m36",
     "poolformer_m48",
@@ -223,7 +223,7 @@ def _result_dtype(norm: nn.GroupNorm, like: Tensor) -> torch.dtype:
     return norm.weight.dtype if norm.weight is not None else like.dtype
 
 
-def fold_affine_into_norm(norm: nn.GroupNorm, mixer: Affine) -> nn.GroupNorm:
+def deploy_mixer_into_norm(norm: nn.GroupNorm, mixer: Affine) -> nn.GroupNorm:
     """New GroupNorm ``N'`` with ``N'(x) == mixer(norm(x))``: the paper's RIFormer fold.
 
     ``gamma' = gamma * (s - 1)``, ``beta' = beta * (s - 1) + t``.
@@ -296,7 +296,7 @@ class RIFormerBlock(MetaFormerBlock):
     def _fold_token_mixer(self) -> None:
         if not isinstance(self.token_mixer, Affine):
             raise TypeError(f"cannot fold a {type(self.token_mixer).__name__} token mixer")
-        self.norm1 = fold_affine_into_norm(self.norm1, self.token_mixer)
+        self.norm1 = deploy_mixer_into_norm(self.norm1, self.token_mixer)
         self.token_mixer = None
 
     def _fold_layer_scales(self) -> None:
