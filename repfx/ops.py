@@ -9,6 +9,11 @@ view of a node:
   ``g.view(1,-1,1,1) * x``, ``x.mul(g)``, ``torch.add``/sub/div by constants, ``torch.addcmul``,
   a depthwise 1×1 conv.
 
+A view returns ``None`` for a node that is not one of its kind. Where a near-miss deserves a
+reason — a training-mode dropout (:func:`identity_input`), a batch norm that is no affine
+(:func:`batch_norm_reason`), two affines on different axes (:func:`merge_axes`) — it returns a
+:class:`repfx.match.Fail` instead (see ``repfx.match`` for the convention).
+
 Every view carries :class:`Slot` objects naming where each of its tensors lives (a module
 attribute or a node argument), so a rewrite can replace them without knowing the spelling.
 
@@ -59,6 +64,7 @@ from .graph import (
     rank_of,
     static_shape,
 )
+from .match import Fail
 
 # ----------------------------------------------------------------------------------- slots
 
@@ -526,7 +532,7 @@ def is_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _BATCH_NORM_POSITIONS
 
 
-def batch_norm_reason(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> str | None:
+def batch_norm_reason(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> Fail | None:
     """Why a batch-norm node is not an affine (``None`` when it is one, or not a BN at all)."""
     if node.op == "call_module":
         m = module_of(gm, node)
@@ -536,32 +542,32 @@ def batch_norm_reason(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder)
     return None
 
 
-def _batch_norm_module_reason(m: _BatchNorm) -> str | None:
+def _batch_norm_module_reason(m: _BatchNorm) -> Fail | None:
     if not is_plain(m, _BATCH_NORM_TYPES):
-        return "batch norm subclass that overrides what its forward uses"
+        return Fail("batch norm subclass that overrides what its forward uses")
     if m.training:
-        return "batch norm in training mode (uses batch statistics)"
+        return Fail("batch norm in training mode (uses batch statistics)")
     if m.running_mean is None or m.running_var is None:
-        return "batch norm without running statistics"
+        return Fail("batch norm without running statistics")
     return None
 
 
-def _batch_norm_function_reason(node: fx.Node, consts: ConstantFolder) -> str | None:
+def _batch_norm_function_reason(node: fx.Node, consts: ConstantFolder) -> Fail | None:
     training, _ = _batch_norm_arg(node, "training")
     if training is not False:
-        return "batch norm in training mode (uses batch statistics)"
+        return Fail("batch norm in training mode (uses batch statistics)")
     x, _ = _batch_norm_arg(node, "input")
     eps, _ = _batch_norm_arg(node, "eps")
     if not isinstance(x, fx.Node) or isinstance(eps, fx.Node) or eps is _ARG:
-        return "batch norm call not understood"
+        return Fail("batch norm call not understood")
     for name in ("running_mean", "running_var"):
         stat, _ = _batch_norm_arg(node, name)
         if not isinstance(stat, fx.Node) or consts.value(stat) is None:
-            return "batch norm statistics are not constants"
+            return Fail("batch norm statistics are not constants")
     for name in ("weight", "bias"):
         given, _ = _batch_norm_arg(node, name)
         if given is _ARG or not _optional_constant(given, consts)[0]:
-            return f"batch norm {name} is not a constant"
+            return Fail(f"batch norm {name} is not a constant")
     return None
 
 
@@ -587,7 +593,9 @@ def _affine_module(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) ->
         affine = batch_norm_affine(m.running_mean, m.running_var, m.weight, m.bias, m.eps)
         axis = _batch_norm_axis(m, x)
         dtype = m.running_mean.dtype
-        return None if axis is False else AffineOp(node, "batch_norm", x, affine, axis, dtype)
+        if isinstance(axis, Fail):
+            return None
+        return AffineOp(node, "batch_norm", x, affine, axis, dtype)
     if is_plain(m, _CONV_TYPES) and _is_depthwise_pointwise(m):
         affine = ChannelAffine.of(m.weight.reshape(-1), m.bias, m.out_channels)
         axis = -(_conv_spatial_dims(m) + 1)
@@ -605,14 +613,18 @@ def _is_depthwise_pointwise(m: _ConvNd) -> bool:
     )
 
 
-def _batch_norm_axis(m: _BatchNorm, x: fx.Node) -> int | bool | None:
-    """BN normalises dim 1 of an ``(N, C, *)`` input. ``False``: axis unknown."""
+_UNKNOWN_BATCH_NORM_AXIS = Fail("the batch norm's input rank is unknown")
+
+
+def _batch_norm_axis(m: _BatchNorm, x: fx.Node) -> int | Fail:
+    """BN normalises dim 1 of an ``(N, C, *)`` input: that axis, counted from the right (a
+    :class:`Fail` when the input's rank is unknown)."""
     fixed = {nn.BatchNorm2d: -3, nn.BatchNorm3d: -4}
     for t, axis in fixed.items():
         if isinstance(m, t):
             return axis
     rank = rank_of(x)
-    return False if rank is None or rank < 2 else 1 - rank
+    return _UNKNOWN_BATCH_NORM_AXIS if rank is None or rank < 2 else 1 - rank
 
 
 def _affine_batch_norm_function(
@@ -745,17 +757,21 @@ def _affine_addcmul(node: fx.Node, consts: ConstantFolder) -> AffineOp | None:
     if s_layout is None or t_layout is None:
         return None
     axis = merge_axes(s_layout[1], t_layout[1])
-    if axis is False:
+    if isinstance(axis, Fail):
         return None
     affine = ChannelAffine(value * s_layout[0], t_layout[0] * torch.ones_like(s_layout[0]))
     return AffineOp(node, "addcmul", x, affine, axis, scale.dtype)
 
 
-def merge_axes(a: int | None, b: int | None) -> int | bool | None:
-    """The common axis of two affines (``None`` = uniform), or ``False`` when they clash."""
+# What :func:`merge_axes` returns for two affines on different axes.
+AXES_CLASH = Fail("the affines act on different channel axes")
+
+
+def merge_axes(a: int | None, b: int | None) -> int | Fail | None:
+    """The common axis of two affines (``None`` = uniform), or :data:`AXES_CLASH`."""
     if a is None or b is None or a == b:
         return b if a is None else a
-    return False
+    return AXES_CLASH
 
 
 def _constant_operand(arg: Any, consts: ConstantFolder) -> torch.Tensor | None:
@@ -803,9 +819,9 @@ _DROPOUT_FUNCS: dict[Any, tuple[str, int, Any]] = {
 }
 
 
-def identity_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | str | None:
-    """If ``node`` is a no-op in eval mode, its input; a reason string if it is a training-mode
-    stochastic op; else ``None``."""
+def identity_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | Fail | None:
+    """If ``node`` is a no-op in eval mode, its input; a :class:`Fail` if it is a training-mode
+    stochastic op (or a hooked no-op module); else ``None``."""
     if node.op == "call_module":
         return _identity_module(module_of(gm, node), node)
     if node.op == "call_function" and node.target in _DROPOUT_FUNCS:
@@ -817,13 +833,13 @@ def identity_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | str | None:
     return None
 
 
-def _identity_dropout(node: fx.Node) -> fx.Node | str | None:
+def _identity_dropout(node: fx.Node) -> fx.Node | Fail | None:
     """``F.dropout(x, p)`` defaults to ``training=True`` (kept); only ``training=False`` (a
     literal ``False``: traced from ``self.training`` of an eval module) is the identity."""
     name, index, default = _DROPOUT_FUNCS[node.target]
     training, _ = _arg(node, index, name, default)
     if training is not False:
-        return "dropout in training mode"
+        return Fail("dropout in training mode")
     x, _ = _arg(node, 0, "input")
     return x if isinstance(x, fx.Node) else None
 
@@ -842,7 +858,7 @@ def _qualified_name(target: Any) -> tuple[str, str] | None:
     return (module, name) if isinstance(module, str) and isinstance(name, str) else None
 
 
-def _identity_drop_path(node: fx.Node) -> fx.Node | str | None:
+def _identity_drop_path(node: fx.Node) -> fx.Node | Fail | None:
     (p_index, p_name), (t_index, t_name) = _DROP_PATH_FUNCS[_qualified_name(node.target)]
     rate, _ = _arg(node, p_index, p_name, _ARG)
     training, _ = _arg(node, t_index, t_name, True)
@@ -851,7 +867,7 @@ def _identity_drop_path(node: fx.Node) -> fx.Node | str | None:
         return None
     if training is False or (type(rate) in (int, float) and rate == 0):
         return x
-    return "stochastic depth in training mode"
+    return Fail("stochastic depth in training mode")
 
 
 _DROPOUT_TYPES = (
@@ -881,7 +897,7 @@ def _drop_rate(m: nn.Module) -> Any:
     return _ARG if attr is None else getattr(m, attr, None)
 
 
-def _identity_module(m: nn.Module, node: fx.Node) -> fx.Node | str | None:
+def _identity_module(m: nn.Module, node: fx.Node) -> fx.Node | Fail | None:
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
     x = node.args[0]
@@ -889,9 +905,9 @@ def _identity_module(m: nn.Module, node: fx.Node) -> fx.Node | str | None:
     if not is_plain(m, nn.Identity) and rate is _ARG:
         return None
     if has_hooks(m):
-        return f"{type(m).__name__} has hooks"
+        return Fail(f"{type(m).__name__} has hooks")
     if rate is not _ARG and m.training and not (type(rate) in (int, float) and rate == 0):
-        return f"{type(m).__name__} in training mode"
+        return Fail(f"{type(m).__name__} in training mode")
     return x
 
 

@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from repfx.capture import capture, copy_model
 from repfx.graph import ConstantFolder, annotate_ranks, is_plain
+from repfx.match import Fail
 from repfx.op_kinds import op_counts
 from repfx.ops import affine_op, batch_norm_reason, identity_input
 from repfx.testing import assert_close
@@ -92,7 +93,8 @@ def test_training_mode_functional_batch_norm_is_no_affine(spelling):
     gm = _plain_trace(Functional(TRAINING_BATCH_NORMS[spelling]))
     node = _only(gm, lambda n: n.op == "call_function" and "batch_norm" in str(n.target))
     consts = ConstantFolder(gm)
-    assert "training mode" in batch_norm_reason(gm, node, consts)
+    fail = batch_norm_reason(gm, node, consts)
+    assert isinstance(fail, Fail) and "training mode" in fail.reason
     assert affine_op(gm, node, consts) is None
 
 
@@ -124,7 +126,7 @@ def test_functional_dropout_without_training_false_is_kept(spelling):
     node = graph.call_function(target, (x, *args), kwargs)
     graph.output(node)
     gm = fx.GraphModule(nn.Module().eval(), graph)
-    assert identity_input(gm, node) == "dropout in training mode"
+    assert identity_input(gm, node) == Fail("dropout in training mode")
     node.kwargs = {**kwargs, "training": False}
     assert identity_input(gm, node) is x
 
@@ -157,7 +159,7 @@ def test_drop_path_module_is_the_identity_only_in_eval_mode_or_at_rate_0(name):
         return identity_input(gm, node), node.args[0]
 
     found, _ = view(0.5, training=True)
-    assert found == "DropPath in training mode"
+    assert found == Fail("DropPath in training mode")
     for rate, training in ((0.5, False), (0.0, True)):
         found, x = view(rate, training)
         assert found is x

@@ -79,7 +79,7 @@ AUDIT: tuple[Mutant, ...] = (
         "branches-no-stride-check",
         BRANCHES,
         "        if k.stride != first.stride:\n"
-        '            return "branches have different strides"\n',
+        '            return Fail("branches have different strides")\n',
         "",
         "merge_branches: the stride-alignment check removed",
         T_BRANCHES,
@@ -91,7 +91,8 @@ AUDIT: tuple[Mutant, ...] = (
         "branches-no-centre-check",
         BRANCHES,
         "        if k.centre_offset != first.centre_offset:\n"
-        '            return "branches\' kernels are not centred on the same input position"\n',
+        "            return Fail(\"branches' kernels are not centred on the same input"
+        ' position")\n',
         "",
         "merge_branches: the centre-offset check removed",
         T_BRANCHES,
@@ -237,7 +238,7 @@ AUDIT: tuple[Mutant, ...] = (
         "absorb-no-hook-guard-on-bn",
         ABSORB,
         '    if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):\n'
-        '        return f"{describe(ctx, op.node)} has hooks"\n',
+        '        return Fail(f"{describe(ctx, op.node)} has hooks")\n',
         "",
         "_absorb.absorb: the hook guard on the affine (BN) module itself removed",
         T_GUARDS,
@@ -633,7 +634,7 @@ OPS_MUTANTS: tuple[Mutant, ...] = (
         "merge-axes-never-clash",
         OPS,
         "    if a is None or b is None or a == b:\n        return b if a is None else a\n"
-        "    return False\n",
+        "    return AXES_CLASH\n",
         "    return b if a is None else a\n",
         "merge_axes: affines on different axes never clash",
         T_MIXER,
@@ -643,7 +644,7 @@ OPS_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "identity-module-ignores-hooks",
         OPS,
-        '    if has_hooks(m):\n        return f"{type(m).__name__} has hooks"\n',
+        '    if has_hooks(m):\n        return Fail(f"{type(m).__name__} has hooks")\n',
         "",
         "_identity_module: a hooked Identity / Dropout removed",
         T_VIEWS,
@@ -903,7 +904,7 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
         "consumer-conv-transpose-accepted",
         ABSORB,
         '    if lin.kind == "conv_transpose":\n'
-        '        return Reason("consumer is a transposed conv (input-side fold not supported)")\n',
+        '        return Fail("consumer is a transposed conv (input-side fold not supported)")\n',
         "",
         "_absorb._consumer_rewrite: an input-side fold into a transposed conv",
         T_BN,
@@ -933,7 +934,7 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
         "producer-shared-guard-removed",
         ABSORB,
         "    if (shared := ctx.shared_reason(lin.node, lin.kind)) is not None:\n"
-        '        return Reason(f"producer {shared}")\n',
+        '        return Fail(f"producer {shared.reason}")\n',
         "",
         "_absorb._linear_output_rewrite: a shared producer conv rewritten",
         T_GUARDS,
@@ -963,8 +964,8 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "branches-affine-off-axis",
         BRANCHES,
-        "if b.axis is False or b.axis not in (None, reference.channel_axis):",
-        "if b.axis is False:",
+        "if isinstance(b.axis, Fail) or b.axis not in (None, reference.channel_axis):",
+        "if isinstance(b.axis, Fail):",
         "merge_branches._check: a branch affine on a non-channel axis merged",
         T_BRANCHES,
         K_PASSES,
@@ -1083,7 +1084,7 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "sequential-ignores-hooks",
         SEQUENTIAL,
-        '            return f"{op.kind} module has hooks"\n',
+        '            return Fail(f"{op.kind} module has hooks")\n',
         "            pass\n",
         "merge_sequential._reason: hooked convs composed",
         T_SEQUENTIAL,

@@ -15,8 +15,9 @@
 Never worse: a bias-free linear does not gain a bias (ONNX Runtime then rewrites its
 ``MatMul`` as ``Reshape → Gemm → Reshape``).
 
-Each candidate is checked first (a failed check is a :class:`Reason`); only a candidate that
-passes every check returns a :class:`Plan`, which the commit point proves and applies.
+Each candidate is checked first (a failed check is a :class:`repfx.match.Fail`); only a
+candidate that passes every check returns a :class:`Plan`, which the commit point proves and
+applies.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..algebra import (
     fold_affine_into_norm,
 )
 from ..graph import has_hooks, module_of, op_name, rank_of, value_users, where
+from ..match import Fail
 from ..ops import (
     AffineOp,
     Channelwise,
@@ -53,10 +55,6 @@ from ._scale_region import scaled_region
 from .base import FoldContext, PassResult, Rewrite, apply_rule
 
 
-class Reason(str):
-    """Why a candidate rewrite does not apply."""
-
-
 @dataclass(frozen=True)
 class Plan:
     """A checked candidate: the region it replaces (``outputs`` from ``inputs``) and the
@@ -71,21 +69,29 @@ def describe(ctx: FoldContext, node: fx.Node) -> str:
     return op_name(ctx.gm, node)
 
 
-def absorb(ctx: FoldContext, op: AffineOp, rule: str) -> Folded | str:
+def absorb(ctx: FoldContext, op: AffineOp, rule: str) -> Folded | Fail:
     """Fold ``op`` into a neighbour; returns the record, or why no neighbour can take it."""
     location = where(op.node)
     if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
-        return f"{describe(ctx, op.node)} has hooks"
-    reasons: list[Reason] = []
+        return Fail(f"{describe(ctx, op.node)} has hooks")
+    plan = _first_plan(ctx, op)
+    if isinstance(plan, Fail):
+        return plan
+    outcome = ctx.commit(rule, location, plan.outputs, plan.inputs, plan.rewrite)
+    return outcome if isinstance(outcome, Folded) else Fail(outcome.reason)
+
+
+def _first_plan(ctx: FoldContext, op: AffineOp) -> Plan | Fail:
+    """The plan of the first candidate neighbour that can take ``op`` (producer, consumers,
+    the scaled region), or every candidate's reason, in that order."""
+    reasons: list[str] = []
     for candidate in (_producer_rewrite, _consumer_rewrite, _region_rewrite):
         plan = candidate(ctx, op)
-        if not isinstance(plan, Reason):
-            break
-        reasons.append(plan)
-    else:
-        return "; ".join(r for r in reasons if r)
-    outcome = ctx.commit(rule, location, plan.outputs, plan.inputs, plan.rewrite)
-    return outcome if isinstance(outcome, Folded) else outcome.reason
+        if isinstance(plan, Plan):
+            return plan
+        if plan is not None:
+            reasons.append(plan.reason)
+    return Fail("; ".join(reasons))
 
 
 def _remove(ctx: FoldContext, op: AffineOp) -> fx.Node:
@@ -104,15 +110,17 @@ def _expand(affine: ChannelAffine, channels: int) -> ChannelAffine:
     )
 
 
-def _fits(op: AffineOp, axis: int | None, channels: int, dtype: torch.dtype) -> str | None:
+def _fits(op: AffineOp, axis: int | None, channels: int, dtype: torch.dtype) -> Fail | None:
+    """Why ``op`` does not fit an op with ``channels`` channels on ``axis`` holding its
+    constants in ``dtype`` (``None``: it fits)."""
     if op.dtype is not None and op.dtype != dtype:
-        return f"affine constants are {op.dtype}, the op's are {dtype}"
+        return Fail(f"affine constants are {op.dtype}, the op's are {dtype}")
     if op.axis is not None and axis is None:
-        return "channel axis of the op is unknown (pass example inputs)"
+        return Fail("channel axis of the op is unknown (pass example inputs)")
     if op.axis is not None and op.axis != axis:
-        return f"affine acts on axis {op.axis}, the op's channels are on axis {axis}"
+        return Fail(f"affine acts on axis {op.axis}, the op's channels are on axis {axis}")
     if op.channels not in (1, channels):
-        return f"affine has {op.channels} channels, the op has {channels}"
+        return Fail(f"affine has {op.channels} channels, the op has {channels}")
     return None
 
 
@@ -144,15 +152,15 @@ def _through_layout(op: AffineOp) -> tuple[AffineOp, list[fx.Node]]:
     return replace(op, input=node, axis=axis), walked
 
 
-def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
+def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Fail:
     """Fold ``op`` into the op producing its input; the region is from that op's input to
     ``op``."""
     moved, walked = _through_layout(op)
     p = moved.input
     if len(users := value_users(p)) != 1:
-        return Reason(f"producer {describe(ctx, p)} has {len(users)} users")
+        return Fail(f"producer {describe(ctx, p)} has {len(users)} users")
     rewrite = _into_producer(ctx, moved, p)
-    if isinstance(rewrite, Reason):
+    if isinstance(rewrite, Fail):
         return rewrite
     through = ", ".join(describe(ctx, n) for n in walked)
     suffix = f" (through {through})" if walked else ""
@@ -164,7 +172,7 @@ def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
     return Plan([op.node], _region_inputs(ctx, p), fold_then_remove)
 
 
-def _into_producer(ctx: FoldContext, op: AffineOp, p: fx.Node) -> Callable[[], str] | Reason:
+def _into_producer(ctx: FoldContext, op: AffineOp, p: fx.Node) -> Callable[[], str] | Fail:
     """The rewrite folding ``op`` (re-expressed at ``p``'s output) into ``p``."""
     if (lin := linear_op(ctx.gm, p, ctx.consts)) is not None:
         return _linear_output_rewrite(ctx, op, lin)
@@ -172,7 +180,7 @@ def _into_producer(ctx: FoldContext, op: AffineOp, p: fx.Node) -> Callable[[], s
         return _norm_rewrite(ctx, op, norm)
     if (inner := affine_op(ctx.gm, p, ctx.consts)) is not None:
         return _compose_rewrite(ctx, inner, op)
-    return Reason(f"producer {describe(ctx, p)} is not a conv, linear, norm or affine")
+    return Fail(f"producer {describe(ctx, p)} is not a conv, linear, norm or affine")
 
 
 def _region_inputs(ctx: FoldContext, node: fx.Node) -> list[fx.Node]:
@@ -182,13 +190,13 @@ def _region_inputs(ctx: FoldContext, node: fx.Node) -> list[fx.Node]:
 
 def _linear_output_rewrite(
     ctx: FoldContext, op: AffineOp, lin: LinearOp
-) -> Callable[[], str] | Reason:
+) -> Callable[[], str] | Fail:
     if (bad := _fits(op, lin.channel_axis, lin.out_channels, lin.weight.dtype)) is not None:
-        return Reason(f"producer {lin.kind}: {bad}")
+        return Fail(f"producer {lin.kind}: {bad.reason}")
     if (shared := ctx.shared_reason(lin.node, lin.kind)) is not None:
-        return Reason(f"producer {shared}")
+        return Fail(f"producer {shared.reason}")
     if _would_add_bias(lin, op):
-        return Reason(f"producer {_ADDS_BIAS}")
+        return Fail(f"producer {_ADDS_BIAS}")
 
     def rewrite() -> str:
         affine = _expand(op.affine, lin.out_channels)
@@ -204,11 +212,11 @@ def _linear_output_rewrite(
     return rewrite
 
 
-def _norm_rewrite(ctx: FoldContext, op: AffineOp, norm: NormOp) -> Callable[[], str] | Reason:
+def _norm_rewrite(ctx: FoldContext, op: AffineOp, norm: NormOp) -> Callable[[], str] | Fail:
     if (bad := _fits(op, norm.channel_axis, norm.channels, norm.dtype)) is not None:
-        return Reason(f"producer {norm.kind}: {bad}")
+        return Fail(f"producer {norm.kind}: {bad.reason}")
     if (shared := ctx.shared_reason(norm.node, norm.kind)) is not None:
-        return Reason(f"producer {shared}")
+        return Fail(f"producer {shared.reason}")
 
     def rewrite() -> str:
         affine = _expand(op.affine, norm.channels)
@@ -223,17 +231,17 @@ def _norm_rewrite(ctx: FoldContext, op: AffineOp, norm: NormOp) -> Callable[[], 
 
 def _compose_rewrite(
     ctx: FoldContext, inner: AffineOp, outer: AffineOp
-) -> Callable[[], str] | Reason:
+) -> Callable[[], str] | Fail:
     axis = merge_axes(inner.axis, outer.axis)
-    if axis is False:
-        return Reason("producer affine acts on another channel axis")
+    if isinstance(axis, Fail):
+        return Fail("producer affine acts on another channel axis")
     if len({inner.channels, outer.channels} - {1}) > 1:
-        return Reason("producer affine has a different channel count")
+        return Fail("producer affine has a different channel count")
     if (shared := ctx.shared_reason(inner.node, inner.kind)) is not None:
-        return Reason(f"producer {shared}")  # e.g. a BN with hooks, which would not run
+        return Fail(f"producer {shared.reason}")  # e.g. a BN with hooks, which would not run
     dtype = affine_dtype(outer.node, [inner, outer])
     if dtype is None:
-        return Reason("the affines' dtype is unknown (pass example inputs)")
+        return Fail("the affines' dtype is unknown (pass example inputs)")
 
     def rewrite() -> str:
         combined = inner.affine.then(outer.affine)
@@ -250,7 +258,7 @@ def _compose_rewrite(
 # --------------------------------------------------------------------------- consumer side
 
 
-def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
+def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Fail:
     """Fold ``op`` into its consumers, all of them convs or linears (each takes it on its input
     side: the q, k and v projections reading one norm), reached through single-use channel-wise
     ops that commute with it; the region is from ``op``'s input to the consumers."""
@@ -258,12 +266,12 @@ def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
     end, axis = (walked[-1].node, walked[-1].axis) if walked else (op.node, op.axis)
     users = value_users(end)
     if not users:
-        return Reason("output has no users")
+        return Fail("output has no users")
     consumers = []
     for c in users:
         lin = input_side(ctx, replace(op, axis=axis), c, end)
-        if isinstance(lin, Reason):
-            return lin if len(users) == 1 else Reason(f"output has {len(users)} users; {lin}")
+        if isinstance(lin, Fail):
+            return lin if len(users) == 1 else Fail(f"output has {len(users)} users; {lin.reason}")
         consumers.append(lin)
     through = ", ".join(describe(ctx, w.node) for w in walked)
     suffix = f" (through {through})" if walked else ""
@@ -278,21 +286,21 @@ def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
     return Plan([lin.node for lin in consumers], _region_inputs(ctx, op.node), rewrite)
 
 
-def input_side(ctx: FoldContext, op: AffineOp, c: fx.Node, end: fx.Node) -> LinearOp | Reason:
+def input_side(ctx: FoldContext, op: AffineOp, c: fx.Node, end: fx.Node) -> LinearOp | Fail:
     """``c`` as a conv / linear that can take ``op`` (re-expressed at ``end``) on its input."""
     lin = linear_op(ctx.gm, c, ctx.consts)
     if lin is None or lin.input is not end:
-        return Reason(f"consumer {describe(ctx, c)} is not a conv or linear")
+        return Fail(f"consumer {describe(ctx, c)} is not a conv or linear")
     if lin.kind == "conv_transpose":
-        return Reason("consumer is a transposed conv (input-side fold not supported)")
+        return Fail("consumer is a transposed conv (input-side fold not supported)")
     if (bad := _fits(op, lin.channel_axis, lin.in_channels, lin.weight.dtype)) is not None:
-        return Reason(f"consumer {lin.kind}: {bad}")
+        return Fail(f"consumer {lin.kind}: {bad.reason}")
     if lin.zero_padded and op.affine.has_shift():
-        return Reason("consumer conv zero-pads its input: a shift before it is not exact")
+        return Fail("consumer conv zero-pads its input: a shift before it is not exact")
     if (shared := ctx.shared_reason(c, lin.kind)) is not None:
-        return Reason(f"consumer {shared}")
+        return Fail(f"consumer {shared.reason}")
     if _would_add_bias(lin, op):
-        return Reason(f"consumer {_ADDS_BIAS}")
+        return Fail(f"consumer {_ADDS_BIAS}")
     return lin
 
 
@@ -364,17 +372,18 @@ def _would_add_bias(lin: LinearOp, op: AffineOp) -> bool:
 # --------------------------------------------------------------------------- back through ops
 
 
-def _region_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
-    """Fold a scale into every op computing its input, through sums and channel-wise ops."""
+def _region_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Fail | None:
+    """Fold a scale into every op computing its input, through sums and channel-wise ops
+    (``None``: ``op`` shifts too, and only a scale moves back through a sum)."""
     if op.affine.has_shift():
-        return Reason("")  # only a scale moves back through a sum
+        return None
     region = scaled_region(ctx, op)
-    if isinstance(region, str):
-        return Reason(region)
+    if isinstance(region, Fail):
+        return region
     rewrites, inputs = [], []
     for node, axis in region.terminals:
         rewrite = _into_producer(ctx, replace(op, input=node, axis=axis), node)
-        if isinstance(rewrite, Reason):
+        if isinstance(rewrite, Fail):
             return rewrite
         rewrites.append(rewrite)
         inputs += _region_inputs(ctx, node)
@@ -383,9 +392,9 @@ def _region_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
         lin = linear_op(ctx.gm, node, ctx.consts)
         if (bad := _fits(replace(op, axis=axis), lin.channel_axis, lin.in_channels,
                          lin.weight.dtype)) is not None:  # fmt: skip
-            return Reason(f"{lin.kind} reading the scaled value: {bad}")
+            return Fail(f"{lin.kind} reading the scaled value: {bad.reason}")
         if (shared := ctx.shared_reason(node, lin.kind)) is not None:
-            return Reason(f"{shared} (it reads the scaled value)")
+            return Fail(f"{shared.reason} (it reads the scaled value)")
         undo.append(node)
     inverse = ChannelAffine(1.0 / op.affine.scale, torch.zeros_like(op.affine.shift))
 
@@ -409,19 +418,19 @@ def _region_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Reason:
 # --------------------------------------------------------------------------- the pass loop
 
 
-Selector = Callable[[FoldContext, fx.Node], "AffineOp | str | None"]
+Selector = Callable[[FoldContext, fx.Node], "AffineOp | Fail | None"]
 
 
 def absorb_each(gm: fx.GraphModule, rule: str, select: Selector) -> PassResult:
-    """Try :func:`absorb` on every affine that ``select`` picks (it returns the view, a reason
-    the node is not a candidate worth reporting, or ``None`` to ignore the node)."""
+    """Try :func:`absorb` on every affine that ``select`` picks (it returns the view, a
+    :class:`Fail` for a candidate that is no affine, worth reporting, or ``None`` to ignore
+    the node)."""
 
     def visit(ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
         picked = select(ctx, node)
         if picked is None:
             return None
-        location = where(node)
-        outcome = picked if isinstance(picked, str) else absorb(ctx, picked, rule)
-        return Skipped(rule, location, outcome) if isinstance(outcome, str) else outcome
+        outcome = picked if isinstance(picked, Fail) else absorb(ctx, picked, rule)
+        return Skipped(rule, where(node), outcome.reason) if isinstance(outcome, Fail) else outcome
 
     return apply_rule(gm, visit)

@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from ..algebra import ConvKernel
+from ..match import Fail
 from ..ops import LinearOp
 
 _JOIN_SIGNS = {
@@ -77,25 +78,25 @@ def is_pointwise(op: LinearOp) -> bool:
     )
 
 
-def composition_reason(first: LinearOp, second: LinearOp) -> str | None:
+def composition_reason(first: LinearOp, second: LinearOp) -> Fail | None:
     """Why ``second(first(x))`` is not exactly one conv / linear (``None``: it is)."""
     pairs = {("conv", "conv"), ("linear", "linear"), ("conv", "avg_pool")}
     if (first.kind, second.kind) not in pairs:
-        return f"{first.kind} then {second.kind} is not composed"
+        return Fail(f"{first.kind} then {second.kind} is not composed")
     if first.spatial_dims != second.spatial_dims:
-        return "convs of different spatial dims"
+        return Fail("convs of different spatial dims")
     if not is_pointwise(first):
-        return "first conv is not 1×1 with stride 1"
+        return Fail("first conv is not 1×1 with stride 1")
     if second.kind != "linear" and second.geometry is None:
-        return "second conv has no explicit symmetric padding"
+        return Fail("second conv has no explicit symmetric padding")
     if not _groups_compose(first, second):
-        return "convs have different groups"
+        return Fail("convs have different groups")
     if second.zero_padded and has_bias(first):
-        return "a bias before a zero-padded conv is not exact"
+        return Fail("a bias before a zero-padded conv is not exact")
     if _reflects_padded_border(first, second):
-        return "the second conv would pad the first's border by reflection"
+        return Fail("the second conv would pad the first's border by reflection")
     if first.weight.dtype != second.weight.dtype:
-        return "convs have different dtypes"
+        return Fail("convs have different dtypes")
     return None
 
 

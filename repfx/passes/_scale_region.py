@@ -30,6 +30,7 @@ import torch
 from torch import fx
 
 from ..graph import op_name, static_shape, value_users
+from ..match import Fail
 from ..ops import AffineOp, affine_op, channelwise_source, linear_op, norm_op
 from .base import FoldContext
 
@@ -48,7 +49,7 @@ class ScaledRegion:
     # read a scaled value from outside the region, each with the axis they must undo ``s`` on
 
 
-def scaled_region(ctx: FoldContext, op: AffineOp) -> ScaledRegion | str:
+def scaled_region(ctx: FoldContext, op: AffineOp) -> ScaledRegion | Fail:
     """The region that takes ``op``'s scale in place of ``op``; or why there is none."""
     nonnegative = bool((op.affine.scale >= 0).all())
     axes: dict[fx.Node, int | None] = {}
@@ -58,13 +59,13 @@ def scaled_region(ctx: FoldContext, op: AffineOp) -> ScaledRegion | str:
         node, axis = stack.pop()
         if node in axes:
             if axes[node] != axis:
-                return f"{op_name(ctx.gm, node)} would be scaled along two axes"
+                return Fail(f"{op_name(ctx.gm, node)} would be scaled along two axes")
             continue
         if len(axes) >= MAX_SCALED_VALUES:
-            return f"the scale reaches more than {MAX_SCALED_VALUES} values"
+            return Fail(f"the scale reaches more than {MAX_SCALED_VALUES} values")
         axes[node] = axis
         step = _step(ctx, node, axis, nonnegative)
-        if isinstance(step, str):
+        if isinstance(step, Fail):
             return step
         if step is None:
             region.terminals.append((node, axis))
@@ -78,7 +79,7 @@ def scaled_region(ctx: FoldContext, op: AffineOp) -> ScaledRegion | str:
             if user in readers or user in dict(region.undo):
                 continue
             if not invertible or not _can_undo(ctx, user, node, axis):
-                return (
+                return Fail(
                     f"{op_name(ctx.gm, node)} is also read by {op_name(ctx.gm, user)}, "
                     "which needs it unscaled"
                 )
@@ -99,17 +100,17 @@ def _can_undo(ctx: FoldContext, user: fx.Node, node: fx.Node, axis: int | None) 
 
 def _step(
     ctx: FoldContext, node: fx.Node, axis: int | None, nonnegative: bool
-) -> list[tuple[fx.Node, int | None]] | str | None:
+) -> list[tuple[fx.Node, int | None]] | Fail | None:
     """How the scale crosses ``node``: ``None`` (it stops here: ``node`` takes it), the
     operands it moves to, or why it cannot."""
     if node.op not in ("call_module", "call_function", "call_method"):
-        return f"the scale reaches {node.op} {node.name}, which cannot take it"
+        return Fail(f"the scale reaches {node.op} {node.name}, which cannot take it")
     name = op_name(ctx.gm, node)
     lin = linear_op(ctx.gm, node, ctx.consts)
     if lin is not None and (axis is None or axis == lin.channel_axis):
         return None
     if lin is not None and lin.bias is not None:
-        return (
+        return Fail(
             f"{name} mixes along another axis than the channels and adds a bias: the scale "
             "would have to scale that bias per channel and per position"
         )
@@ -119,30 +120,32 @@ def _step(
         return _sum_operands(ctx, node, axis)
     found = channelwise_source(ctx.gm, node, axis, ctx.consts)
     if found is None:
-        return f"{name} does not commute with a per-channel scale"
+        return Fail(f"{name} does not commute with a per-channel scale")
     if found.nonnegative_only and not nonnegative:
-        return f"{name} commutes only with a non-negative scale"
+        return Fail(f"{name} commutes only with a non-negative scale")
     return [(found.input, found.axis)]
 
 
 def _sum_operands(
     ctx: FoldContext, node: fx.Node, axis: int | None
-) -> list[tuple[fx.Node, int | None]] | str:
+) -> list[tuple[fx.Node, int | None]] | Fail:
     """``a ± b`` (``torch.add(a, b, alpha=k)`` too) of two computed values, neither of them
     broadcast along the channel axis."""
     if len(node.args) != 2 or node.kwargs.keys() - {"alpha"}:
-        return f"{op_name(ctx.gm, node)} has an unexpected signature"
+        return Fail(f"{op_name(ctx.gm, node)} has an unexpected signature")
     if type(node.kwargs.get("alpha", 1)) not in (int, float):
-        return f"{op_name(ctx.gm, node)} has a computed alpha"
+        return Fail(f"{op_name(ctx.gm, node)} has a computed alpha")
     operands = list(node.args)
     if not all(isinstance(a, fx.Node) and not ctx.consts.is_constant(a) for a in operands):
-        return f"{op_name(ctx.gm, node)} adds a constant that is not per-channel"
+        return Fail(f"{op_name(ctx.gm, node)} adds a constant that is not per-channel")
     if axis is not None:
         out = static_shape(node)
         if out is None:
-            return "operand shapes are unknown (pass example inputs)"
+            return Fail("operand shapes are unknown (pass example inputs)")
         for a in operands:
             shape = static_shape(a)
             if shape is None or len(shape) < -axis or shape[axis] != out[axis]:
-                return f"an operand of {op_name(ctx.gm, node)} is broadcast along the channels"
+                return Fail(
+                    f"an operand of {op_name(ctx.gm, node)} is broadcast along the channels"
+                )
     return [(a, axis) for a in operands]

@@ -26,7 +26,7 @@ from ..report import Folded, Skipped
 from ..rewrite import new_conv, replace_node
 from ..tolerances import constants_match
 from ._common import is_pointwise
-from .base import FoldContext, PassResult, apply_rule
+from .base import FoldContext, NodeRule
 
 
 def _symmetric_pads(pad: fx.Node) -> tuple[fx.Node, tuple[int, ...]] | None:
@@ -104,12 +104,9 @@ def _pointwise(op: LinearOp | None) -> bool:
     )
 
 
-class AbsorbPadding:
+class AbsorbPadding(NodeRule):
     name = "absorb_padding"
     words = "padding absorbed"  # one fold, in a report
-
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        return apply_rule(gm, self._visit)
 
     def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
         if node.op == "call_function" and node.target is torch.where and len(node.args) == 3:

@@ -1,5 +1,7 @@
 """Pass infrastructure: a pass maps a graph module to a :class:`PassResult`; the pipeline runs
-an ordered list of passes until none changes the graph.
+an ordered list of passes until none changes the graph. Most passes are a :class:`NodeRule`:
+they visit every node (:func:`apply_rule`) and turn each candidate into a fold, or its
+:class:`repfx.match.Fail` into a :class:`Skipped` record.
 
 Every rewrite goes through one commit point, :meth:`FoldContext.commit`: it evaluates the
 region being replaced on random probes in float64 *before* the graph changes, lets the pass
@@ -35,6 +37,7 @@ from ..graph import (
     module_call_counts,
     tensor_use_counts,
 )
+from ..match import Fail
 from ..report import Folded, Skipped
 from ..rewrite import RewriteRefused, committing
 from ..validate import ValidationFailure, prove_before
@@ -83,12 +86,12 @@ class Pass(Protocol):
     name: str  # the rule's name in reports and records
     words: str  # what one of its folds does, in plain words ("batch norm folded"); optional
 
+    def __call__(self, gm: fx.GraphModule) -> PassResult: ...
+
 
 def rule_words(passes: Sequence[Pass]) -> dict[str, str]:
     """Each pass's name → its plain words (its name where it has none)."""
     return {p.name: getattr(p, "words", p.name) for p in passes}
-
-    def __call__(self, gm: fx.GraphModule) -> PassResult: ...
 
 
 class FoldContext:
@@ -140,32 +143,34 @@ class FoldContext:
             raise RewriteRejected(rule, location, why)
         return Folded(rule, location, detail)
 
-    def shared_reason(self, node: fx.Node, what: str) -> str | None:
+    def shared_reason(self, node: fx.Node, what: str) -> Fail | None:
         """Why ``node``'s module or parameters may not be rewritten (``None``: they may)."""
         if node.op == "call_module":
             calls = self.module_calls[node.target]
             if calls > 1:
-                return f"{what} module is shared by {calls} call sites"
+                return Fail(f"{what} module is shared by {calls} call sites")
             module = self.gm.get_submodule(node.target)
             if has_hooks(module):
-                return f"{what} module has hooks"
+                return Fail(f"{what} module has hooks")
             tensors = [*module.parameters(), *module.buffers()]
         else:
             tensors = attr_tensors_read_by(node, self.consts)
         for t in tensors:
             if self.tensor_uses[id(t)] > 1:
-                return f"{what} parameter is used at {self.tensor_uses[id(t)]} call sites"
+                return Fail(f"{what} parameter is used at {self.tensor_uses[id(t)]} call sites")
         return None
 
 
 Rule = Callable[[FoldContext, fx.Node], "Folded | Skipped | None"]
 
 
-def apply_rule(gm: fx.GraphModule, rule: Rule) -> PassResult:
+def apply_rule(gm: fx.GraphModule, rule: Rule, ctx: FoldContext | None = None) -> PassResult:
     """Visit every live node in order with ``rule``, which rewrites the graph and returns a
-    :class:`Folded`, returns why it did not (:class:`Skipped`), or ``None`` (not a candidate)."""
+    :class:`Folded`, returns why it did not (:class:`Skipped`), or ``None`` (not a candidate).
+    ``ctx``: the context to visit in (a new one by default), for a caller that asks it more
+    afterwards."""
     result = PassResult(modified=False)
-    ctx = FoldContext(gm)
+    ctx = FoldContext(gm) if ctx is None else ctx
     for node in list(gm.graph.nodes):
         if node._erased:
             continue
@@ -190,6 +195,27 @@ def record(result: PassResult, outcome: Folded | Skipped | None) -> None:
         result.modified = True
     elif isinstance(outcome, Skipped):
         result.skipped.append(outcome)
+
+
+class NodeRule:
+    """The usual shape of a rule: visit every live node in order (:func:`apply_rule`).
+
+    A subclass sets ``name`` (the rule's name in reports and records) and ``words`` (one of its
+    folds in plain words), and defines ``_visit(ctx, node)``, which returns what
+    ``ctx.commit`` returned, a :class:`Skipped` (a candidate that does not hold: its
+    :class:`repfx.match.Fail` turned into a record) or ``None`` (not a candidate). ``runs_once``:
+    see :func:`run_to_fixpoint`.
+    """
+
+    name: str
+    words: str
+    runs_once = False
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        return apply_rule(gm, self._visit)
+
+    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+        raise NotImplementedError(f"{type(self).__name__} defines no _visit")
 
 
 def call_node_count(gm: fx.GraphModule) -> int:

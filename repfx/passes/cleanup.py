@@ -10,23 +10,21 @@ from __future__ import annotations
 from torch import fx
 
 from ..graph import where
+from ..match import Fail
 from ..ops import identity_input
 from ..report import Folded, Skipped
 from ..rewrite import replace_node
-from .base import FoldContext, PassResult, apply_rule
+from .base import FoldContext, NodeRule
 
 
-class Cleanup:
+class Cleanup(NodeRule):
     name = "cleanup"
     words = "no-op removed"  # one fold, in a report
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        return apply_rule(gm, self._visit)
-
     def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
         found = identity_input(ctx.gm, node)
-        if isinstance(found, str):
-            return Skipped(self.name, where(node), found)
+        if isinstance(found, Fail):
+            return Skipped(self.name, where(node), found.reason)
         if found is None:
             return None
 

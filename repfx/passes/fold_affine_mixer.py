@@ -17,12 +17,13 @@ from torch import fx
 
 from ..algebra import ChannelAffine
 from ..graph import has_hooks, module_of, value_users, where
+from ..match import Fail
 from ..ops import AffineOp, affine_op, merge_axes
 from ..report import Folded, Skipped
 from ..rewrite import hint_for, insert_affine, replace_join
 from ._absorb import affine_dtype
 from ._common import join_operands
-from .base import FoldContext, PassResult, apply_rule
+from .base import FoldContext, NodeRule
 
 
 @dataclass
@@ -40,7 +41,7 @@ def _chain(ctx: FoldContext, start: fx.Node, join: fx.Node) -> _Chain:
     axis, node, consumer = None, start, join
     while value_users(node) == [consumer]:
         op = affine_op(ctx.gm, node, ctx.consts)
-        if op is None or merge_axes(axis, op.axis) is False:
+        if op is None or isinstance(merge_axes(axis, op.axis), Fail):
             break
         if len({affine.channels, op.channels} - {1}) > 1:
             break
@@ -51,12 +52,9 @@ def _chain(ctx: FoldContext, start: fx.Node, join: fx.Node) -> _Chain:
     return _Chain(node, affine, ops)
 
 
-class FoldAffineMixer:
+class FoldAffineMixer(NodeRule):
     name = "fold_affine_mixer"
     words = "affine mixer folded"  # one fold, in a report
-
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        return apply_rule(gm, self._visit)
 
     def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
         operands = join_operands(node)
@@ -78,7 +76,7 @@ class FoldAffineMixer:
         axis = None
         for op in left.ops + right.ops:
             axis = merge_axes(axis, op.axis)
-            if axis is False:
+            if isinstance(axis, Fail):
                 return Skipped(self.name, where(join), "branches act on different channel axes")
         channels = {op.channels for op in left.ops + right.ops} - {1}
         if len(channels) > 1:

@@ -26,10 +26,11 @@ from torch import fx, nn
 
 from ..algebra import ChannelAffine
 from ..graph import has_hooks, module_of, static_shape, value_users, where
+from ..match import Fail
 from ..ops import AffineOp, LinearOp, affine_op, linear_op
 from ..report import Folded, Skipped
 from ..rewrite import hint_for, replace_node, set_slot
-from .base import FoldContext, PassResult, apply_rule
+from .base import FoldContext, NodeRule
 
 
 def fold_affine_into_flattened_linear(
@@ -65,25 +66,22 @@ def _flattened_from_channels(gm: fx.GraphModule, node: fx.Node) -> fx.Node | Non
     return bound.get("input") if spans and bound.keys() <= set(names) else None
 
 
-def _reason(ctx: FoldContext, op: AffineOp, lin: LinearOp, shape: tuple[int, ...]) -> str | None:
-    """Why ``op``, flattened into ``lin``'s input, cannot fold into ``lin``."""
+def _reason(ctx: FoldContext, op: AffineOp, lin: LinearOp, shape: tuple[int, ...]) -> Fail | None:
+    """Why ``op``, flattened into ``lin``'s input, cannot fold into ``lin`` (``None``: it can)."""
     if op.axis is not None and len(shape) + op.axis != 1:
-        return f"the affine acts on axis {op.axis}, not on the channels the flatten spreads"
+        return Fail(f"the affine acts on axis {op.axis}, not on the channels the flatten spreads")
     if op.channels not in (1, shape[1]) or lin.weight.shape[1] != math.prod(shape[1:]):
-        return "the linear's features are not the flattened channels"
+        return Fail("the linear's features are not the flattened channels")
     if op.dtype is not None and op.dtype != lin.weight.dtype:
-        return f"affine constants are {op.dtype}, the linear's are {lin.weight.dtype}"
+        return Fail(f"affine constants are {op.dtype}, the linear's are {lin.weight.dtype}")
     if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
-        return "the affine's module has hooks"
+        return Fail("the affine's module has hooks")
     return ctx.shared_reason(lin.node, "linear")
 
 
-class FoldAffineThroughFlatten:
+class FoldAffineThroughFlatten(NodeRule):
     name = "fold_affine_through_flatten"
     words = "per-channel affine folded into a linear through a flatten"  # one fold, in a report
-
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        return apply_rule(gm, self._visit)
 
     def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
         lin = linear_op(ctx.gm, node, ctx.consts)
@@ -96,8 +94,8 @@ class FoldAffineThroughFlatten:
         shape = static_shape(op.node)
         if shape is None or len(shape) < 3:
             return Skipped(self.name, where(op.node), "the shape before the flatten is unknown")
-        if (reason := _reason(ctx, op, lin, shape)) is not None:
-            return Skipped(self.name, where(op.node), reason)
+        if (fail := _reason(ctx, op, lin, shape)) is not None:
+            return Skipped(self.name, where(op.node), fail.reason)
         affine = ChannelAffine.of(op.affine.scale, op.affine.shift, shape[1])
         positions = math.prod(shape[2:])
 

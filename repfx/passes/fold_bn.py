@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from torch import fx
 
+from ..match import Fail
 from ..ops import AffineOp, affine_op, batch_norm_reason
 from ._absorb import absorb_each
 from .base import FoldContext, PassResult
 
 
-def _batch_norms(ctx: FoldContext, node: fx.Node) -> AffineOp | str | None:
-    if (reason := batch_norm_reason(ctx.gm, node, ctx.consts)) is not None:
-        return reason
+def _batch_norms(ctx: FoldContext, node: fx.Node) -> AffineOp | Fail | None:
+    """``node`` as a batch norm to fold; why not, for a batch norm that is no affine."""
+    if (fail := batch_norm_reason(ctx.gm, node, ctx.consts)) is not None:
+        return fail
     op = affine_op(ctx.gm, node, ctx.consts)
     return op if op is not None and op.kind == "batch_norm" else None
 

@@ -18,20 +18,18 @@ from torch import fx
 
 from ..algebra import ChannelAffine
 from ..graph import value_users, where
+from ..match import Fail
 from ..ops import AffineOp, norm_op
 from ..report import Folded, Skipped
 from ..rewrite import clear_slot
 from ._absorb import fold_into_input, input_side
-from .base import FoldContext, PassResult, apply_rule
+from .base import FoldContext, NodeRule
 
 
-class FoldNormAffine:
+class FoldNormAffine(NodeRule):
     name = "fold_norm_affine"
     words = "norm affine moved"  # one fold, in a report
     runs_once = True  # see repfx.passes.base.run_to_fixpoint
-
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        return apply_rule(gm, self._visit)
 
     def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
         norm = norm_op(ctx.gm, node, ctx.consts)
@@ -39,14 +37,14 @@ class FoldNormAffine:
             return None
         location = where(node)
         if (shared := ctx.shared_reason(node, norm.kind)) is not None:
-            return Skipped(self.name, location, shared)
+            return Skipped(self.name, location, shared.reason)
         affine = ChannelAffine.of(norm.weight, norm.bias, norm.channels)
         op = AffineOp(node, "norm_affine", node, affine, norm.channel_axis, norm.dtype)
         consumers = []
         for user in value_users(node):
             lin = input_side(ctx, op, user, node)
-            if isinstance(lin, str):
-                return Skipped(self.name, location, lin)
+            if isinstance(lin, Fail):
+                return Skipped(self.name, location, lin.reason)
             consumers.append(lin)
         if not consumers:
             return None

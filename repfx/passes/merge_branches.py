@@ -44,14 +44,14 @@ from ..graph import (
     value_users,
     where,
 )
+from ..match import Fail
 from ..ops import AffineOp, LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
 from ..regions import Regions
 from ..report import Folded, Skipped
 from ..rewrite import new_conv, replace_join
 from ._common import composition_reason, has_bias, join_operands, kernel_of
-from .base import FoldContext, PassResult, record, visit_once
+from .base import FoldContext, NodeRule, PassResult, apply_rule
 
-_UNEXPLAINED = object()  # a join that is not a merge candidate; may deserve an explanation
 _MERGEABLE = ("conv", "avg_pool", "linear")
 
 
@@ -60,7 +60,7 @@ class _Branch:
     root: fx.Node
     conv: LinearOp | None  # the branch's conv, if it has one
     affine: ChannelAffine  # applied after the conv (or to the root)
-    axis: int | bool | None  # the affine's channel axis; False when its ops disagree
+    axis: int | Fail | None  # the affine's channel axis; a Fail when its ops disagree
     ops: list[fx.Node]
     prefix: list[LinearOp] = field(default_factory=list)  # pointwise convs before the conv
     crop: tuple[int, ...] = ()  # symmetric crop of the root before the convs, per spatial dim
@@ -159,9 +159,9 @@ def _uncropped(node: fx.Node, dims: int) -> tuple[fx.Node, tuple[int, ...], list
     return node, crop, crops
 
 
-def _composes(affine: ChannelAffine, axis: int | bool | None, op: AffineOp) -> bool:
+def _composes(affine: ChannelAffine, axis: int | Fail | None, op: AffineOp) -> bool:
     """Can ``op`` be composed with the affine walked so far (one axis, one channel count)?"""
-    same_axis = axis is not False and merge_axes(axis, op.axis) is not False
+    same_axis = not isinstance(axis, Fail) and not isinstance(merge_axes(axis, op.axis), Fail)
     return same_axis and len({affine.channels, op.channels} - {1}) <= 1
 
 
@@ -230,63 +230,63 @@ def _conv_kernel(branch: _Branch) -> ConvKernel:
     return kernel
 
 
-def _check(branches: list[_Branch], summed: bool) -> str | None:
+def _check(branches: list[_Branch], summed: bool) -> Fail | None:
     """Why the branches cannot be summed (``summed``) or concatenated into one conv; checked in
     this order: the affines' axis, a mix of linears and convs, the convs' padding and spatial
     dims, each conv branch against the first, an identity branch's channel counts."""
     conv_branches = [b for b in branches if b.conv is not None]
     reference = conv_branches[0].conv
-    if (reason := _affine_axis_reason(branches, reference)) is not None:
-        return reason
+    if (fail := _affine_axis_reason(branches, reference)) is not None:
+        return fail
     if len({b.conv.kind == "linear" for b in conv_branches}) > 1:
-        return "branches mix linear and conv ops"
-    if (reason := _conv_geometry_reason([b.conv for b in conv_branches])) is not None:
-        return reason
-    if (reason := _conv_branches_reason(conv_branches, summed)) is not None:
-        return reason
+        return Fail("branches mix linear and conv ops")
+    if (fail := _conv_geometry_reason([b.conv for b in conv_branches])) is not None:
+        return fail
+    if (fail := _conv_branches_reason(conv_branches, summed)) is not None:
+        return fail
     identity = any(b.conv is None for b in branches)
     if summed and identity and conv_branches[0].in_channels != reference.out_channels:
-        return "an identity branch needs as many input as output channels"
+        return Fail("an identity branch needs as many input as output channels")
     return None
 
 
-def _affine_axis_reason(branches: list[_Branch], reference: LinearOp) -> str | None:
+def _affine_axis_reason(branches: list[_Branch], reference: LinearOp) -> Fail | None:
     """Why a branch's affine cannot be folded into the merged conv's output channels."""
     for b in branches:
-        if b.axis is False or b.axis not in (None, reference.channel_axis):
-            return "a branch's affine does not act on the conv channels"
+        if isinstance(b.axis, Fail) or b.axis not in (None, reference.channel_axis):
+            return Fail("a branch's affine does not act on the conv channels")
     return None
 
 
-def _conv_geometry_reason(convs: list[LinearOp]) -> str | None:
+def _conv_geometry_reason(convs: list[LinearOp]) -> Fail | None:
     """Why the branch convs' geometries do not fit one conv: padding that is not explicit and
     symmetric, or not zeros; spatial dims unlike the first conv's."""
     reference = convs[0]
     for conv in convs:
         g = conv.geometry
         if g is None and conv.kind != "linear":
-            return "a branch conv has no explicit symmetric padding"
+            return Fail("a branch conv has no explicit symmetric padding")
         if g is not None and g.padding_mode != "zeros" and any(g.padding):
-            return f"a branch conv pads with {g.padding_mode!r}"
+            return Fail(f"a branch conv pads with {g.padding_mode!r}")
         if conv.spatial_dims != reference.spatial_dims:
-            return "branch convs have different spatial dims"
+            return Fail("branch convs have different spatial dims")
     return None
 
 
-def _conv_branches_reason(conv_branches: list[_Branch], summed: bool) -> str | None:
+def _conv_branches_reason(conv_branches: list[_Branch], summed: bool) -> Fail | None:
     """Why a conv branch cannot join the first one (``summed``: in a sum, else in a
     concatenation): it pads a crop, or differs in channel counts, groups or dtype."""
     first = conv_branches[0]
     for b in conv_branches:
         if _pads_a_crop(b):
-            return "a branch conv zero-pads a cropped input (the cropped border is not zeros)"
+            return Fail("a branch conv zero-pads a cropped input (the cropped border is not zeros)")
         if not _same_channel_counts(b, first, summed):
-            return "branch convs have different channel counts"
+            return Fail("branch convs have different channel counts")
         conv = b.conv
         if not summed and any(op.groups != 1 for op in [conv, *b.prefix]):
-            return "concatenating grouped convs would make them dense"
+            return Fail("concatenating grouped convs would make them dense")
         if conv.weight.dtype != first.conv.weight.dtype:
-            return "branch convs have different dtypes"
+            return Fail("branch convs have different dtypes")
     return None
 
 
@@ -305,16 +305,18 @@ def _pads_a_crop(branch: _Branch) -> bool:
     return any(c > 0 and p > 0 for c, p in zip(branch.crop, reader.geometry.padding, strict=False))
 
 
-def _alignment_reason(kernels: list[ConvKernel]) -> str | None:
+def _alignment_reason(kernels: list[ConvKernel]) -> Fail | None:
+    """Why the branch kernels do not read aligned windows: another stride, another centre, or
+    sizes of another parity (no common centre)."""
     first = kernels[0]
     for k in kernels[1:]:
         if k.stride != first.stride:
-            return "branches have different strides"
+            return Fail("branches have different strides")
         if k.centre_offset != first.centre_offset:
-            return "branches' kernels are not centred on the same input position"
+            return Fail("branches' kernels are not centred on the same input position")
     spans = [undilate(k).kernel_size for k in kernels]
     if any(len({s[dim] % 2 for s in spans}) > 1 for dim in range(len(spans[0]))):
-        return "kernel sizes differ by an odd amount: no common centre"
+        return Fail("kernel sizes differ by an odd amount: no common centre")
     return None
 
 
@@ -345,27 +347,42 @@ def _is_other_attribute(gm: fx.GraphModule, path: str) -> bool:
     return hasattr(parent, name) and not isinstance(getattr(parent, name), nn.modules.conv._ConvNd)
 
 
-class MergeBranches:
+def _shares_an_intermediate(ctx: FoldContext, join: fx.Node, u: fx.Node, v: fx.Node) -> bool:
+    """Would the branches of ``join = u ± v`` meet at one root, with a conv, if they could walk
+    through ops whose result is also used outside them? (Then that use is why they do not
+    merge.)"""
+    wide_left = _branch(ctx, u, join, past_other_users=True)
+    wide_right = _branch(ctx, v, join, past_other_users=True)
+    return wide_left.root is wide_right.root and bool(wide_left.conv or wide_right.conv)
+
+
+def _is_other_fork_join(ctx: FoldContext, node: fx.Node) -> bool:
+    """A sum whose two branches do not start at one root, other than because an intermediate
+    result is used outside them: a fork-join region of another shape (a residual
+    ``x + relu(conv(x))``), not a merge candidate, that :meth:`MergeBranches._explain` may
+    explain."""
+    operands = join_operands(node)
+    if operands is None:
+        return False
+    u, v, _ = operands
+    if _branch(ctx, u, node).root is _branch(ctx, v, node).root:
+        return False
+    return not _shares_an_intermediate(ctx, node, u, v)
+
+
+class MergeBranches(NodeRule):
     name = "merge_branches"
     words = "parallel branches merged"  # one fold, in a report
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        result = PassResult(modified=False)
         ctx = FoldContext(gm)
-        unexplained: list[fx.Node] = []  # joins of other shapes, explained once nothing changes
-        for node in list(gm.graph.nodes):
-            if node._erased:
-                continue
-            outcome = visit_once(ctx, self._visit, node)
-            if outcome is _UNEXPLAINED:
-                unexplained.append(node)
-            else:
-                record(result, outcome)
+        result = apply_rule(gm, self._visit, ctx)
         if not result.modified:  # only the final, unchanged round's skips are reported
-            result.skipped += self._explain(ctx, [n for n in unexplained if not n._erased])
+            joins = [n for n in gm.graph.nodes if _is_other_fork_join(ctx, n)]
+            result.skipped += self._explain(ctx, joins)
         return result
 
-    def _visit(self, ctx: FoldContext, node: fx.Node):
+    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
         if (operands := join_operands(node)) is not None:
             return self._merge(ctx, node, *operands)
         if (tensors := _concat_operands(node)) is not None:
@@ -390,19 +407,19 @@ class MergeBranches:
     ) -> Folded | Skipped | None:
         left, right = _branch(ctx, u, join), _branch(ctx, v, join)
         if left.root is not right.root:
-            wide_left = _branch(ctx, u, join, past_other_users=True)
-            wide_right = _branch(ctx, v, join, past_other_users=True)
-            if wide_left.root is wide_right.root and (wide_left.conv or wide_right.conv):
+            if _shares_an_intermediate(ctx, join, u, v):
                 reason = "a branch's intermediate result is also used outside the branches"
                 return Skipped(self.name, where(join), reason)
-            return _UNEXPLAINED  # e.g. a residual x + relu(conv(x)): explained at the end
+            return None  # another fork-join (x + relu(conv(x))): see _is_other_fork_join
         if left.conv is None and right.conv is None:
             return None  # affines only: fold_affine_mixer's job
         return self._rewrite(
             ctx, join, [left, right], lambda ks: sum_kernels([(1.0, ks[0]), (weight, ks[1])])
         )
 
-    def _concat(self, ctx: FoldContext, join: fx.Node, operands: list[fx.Node]):
+    def _concat(
+        self, ctx: FoldContext, join: fx.Node, operands: list[fx.Node]
+    ) -> Folded | Skipped | None:
         branches = [_branch(ctx, u, join, convs_first=True) for u in operands]
         if len({id(b.root) for b in branches}) > 1 or all(b.conv is None for b in branches):
             return None
@@ -422,14 +439,14 @@ class MergeBranches:
     ) -> Folded | Skipped:
         """Replace ``join`` by one conv whose kernel is ``combine`` of the branch kernels
         (``summed``: a sum, else a concatenation), or say why not."""
-        reason = _check(branches, summed)
-        if reason is None:
-            reason = _region_reason(ctx.gm, branches, summed)
-        if reason is not None:
-            return Skipped(self.name, where(join), reason)
+        fail = _check(branches, summed)
+        if fail is None:
+            fail = _region_reason(ctx.gm, branches, summed)
+        if fail is not None:
+            return Skipped(self.name, where(join), fail.reason)
         kernels = _branch_kernels(branches)
-        if (reason := _alignment_reason(kernels)) is not None:
-            return Skipped(self.name, where(join), reason)
+        if (fail := _alignment_reason(kernels)) is not None:
+            return Skipped(self.name, where(join), fail.reason)
         combined = combine(kernels)
         if any(p < 0 for p in combined.padding):
             return Skipped(self.name, where(join), "every branch crops: no padding is left")
@@ -460,15 +477,15 @@ class MergeBranches:
         return ctx.commit(self.name, location, [join], [root], rewrite)
 
 
-def _region_reason(gm: fx.GraphModule, branches: list[_Branch], summed: bool) -> str | None:
+def _region_reason(gm: fx.GraphModule, branches: list[_Branch], summed: bool) -> Fail | None:
     """Why the branches' ops may not be replaced: a shape read elsewhere (a concatenation's
     branches are only checked for that), or a hooked module."""
     region = [n for b in branches for n in b.ops]
     if not summed and any(shape_users(n) for n in region):
-        return "a branch's shape is read elsewhere"
+        return Fail("a branch's shape is read elsewhere")
     hooked = [n for n in region if n.op == "call_module"]
     if any(has_hooks(module_of(gm, n)) for n in hooked):
-        return "a branch module has hooks"
+        return Fail("a branch module has hooks")
     return None
 
 

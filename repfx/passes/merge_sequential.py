@@ -19,23 +19,25 @@ from torch import fx
 
 from ..algebra import compose_pointwise_then_conv
 from ..graph import RANK_KEY, has_hooks, module_of, shape_users, value_users, where
+from ..match import Fail
 from ..ops import LinearOp, linear_op
 from ..report import Folded, Skipped
 from ..rewrite import new_conv, replace_node
 from ._common import composition_reason, kernel_of
-from .base import FoldContext, PassResult, apply_rule
+from .base import FoldContext, NodeRule
 
 
-def _reason(ctx: FoldContext, first: LinearOp, second: LinearOp) -> str | None:
-    if (reason := composition_reason(first, second)) is not None:
-        return reason
+def _reason(ctx: FoldContext, first: LinearOp, second: LinearOp) -> Fail | None:
+    """Why ``second(first(x))`` is not worth composing into one op (``None``: it is)."""
+    if (fail := composition_reason(first, second)) is not None:
+        return fail
     if shape_users(first.node):
-        return "the first op's output shape is read elsewhere"
+        return Fail("the first op's output shape is read elsewhere")
     for op in (first, second):
         if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
-            return f"{op.kind} module has hooks"
+            return Fail(f"{op.kind} module has hooks")
     if _composed_cost(first, second) > _separate_cost(first, second):
-        return "the composed op would cost more multiply-adds than the two ops"
+        return Fail("the composed op would cost more multiply-adds than the two ops")
     return None
 
 
@@ -69,12 +71,9 @@ def _free_path(gm: fx.GraphModule, base: str) -> str:
         path, i = f"{base}_{i}", i + 1
 
 
-class MergeSequential:
+class MergeSequential(NodeRule):
     name = "merge_sequential"
     words = "sequential convs merged"  # one fold, in a report
-
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        return apply_rule(gm, self._visit)
 
     def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
         second = linear_op(ctx.gm, node, ctx.consts)
@@ -83,8 +82,8 @@ class MergeSequential:
         first = linear_op(ctx.gm, second.input, ctx.consts)
         if first is None:
             return None
-        if (reason := _reason(ctx, first, second)) is not None:
-            return Skipped(self.name, where(node), reason)
+        if (fail := _reason(ctx, first, second)) is not None:
+            return Skipped(self.name, where(node), fail.reason)
         return self._compose(ctx, first, second)
 
     def _compose(self, ctx: FoldContext, first: LinearOp, second: LinearOp) -> Folded | Skipped:

@@ -21,7 +21,7 @@ from torch import fx
 from ..graph import where
 from ..report import Folded, Skipped
 from ..rewrite import add_constant, replace_node
-from .base import FoldContext, PassResult, apply_rule
+from .base import FoldContext, NodeRule
 
 # Methods and functions that only re-view (or copy) their input: no computation to save.
 _VIEWS = {
@@ -31,12 +31,9 @@ _VIEWS = {
 }  # fmt: skip
 
 
-class PrecomputeConstants:
+class PrecomputeConstants(NodeRule):
     name = "precompute_constants"
     words = "computed once from parameters"  # one fold, in a report
-
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        return apply_rule(gm, self._visit)
 
     def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
         if node.op not in ("call_function", "call_method") or not _read_by_computed(ctx, node):
