@@ -41,7 +41,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .capture import CaptureError, forward_hooks_of, functionalize, refuse_hooks
-from .export import error_line
+from .errors import one_line
 
 aten = torch.ops.aten
 _GUARDS = "_guards_fn"  # ExportedProgram.module()'s input-shape checks
@@ -74,7 +74,7 @@ def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
     else:
         notes = [
             f"captured by torch.export with static shapes (a dynamic batch failed: "
-            f"{error_line(dynamic_error)}); the folded module accepts inputs of the example "
+            f"{one_line(dynamic_error)}); the folded module accepts inputs of the example "
             "inputs' shapes only"
         ]
     gm = program.module()
@@ -119,7 +119,7 @@ def _export_dynamic_or_static(
         try:
             return _export(model, example_inputs, dynamic=False), dynamic_error
         except Exception as exc:
-            raise CaptureError(f"torch.export cannot capture {what} ({error_line(exc)})") from exc
+            raise CaptureError(f"torch.export cannot capture {what} ({one_line(exc)})") from exc
 
 
 def _shapes_note(program: Any) -> str:

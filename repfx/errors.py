@@ -19,7 +19,7 @@ class TrainingModeError(Error, ValueError):
     training mode compute batch statistics / random masks, which no fold can keep."""
 
 
-def one_line(exc: BaseException, limit: int = 160) -> str:
+def one_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message`` (cut to ``limit`` characters), or ``Type`` when the
     message is empty: how repfx quotes an exception inside its own messages."""
     lines = str(exc).strip().splitlines()

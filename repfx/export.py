@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import Error
+from .errors import Error, one_line
 from .inputs import as_inputs, run
 from .tolerances import max_errors, output_tensors, reference_dtype, tolerance_for
 
@@ -147,7 +147,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(str(target))
         except Exception as exc:
-            message = f"onnx.checker rejected the exported model: {error_line(exc)}"
+            message = f"onnx.checker rejected the exported model: {one_line(exc)}"
             raise ExportError(message) from exc
         proto = onnx.load(str(target), load_external_data=False)
         ops = onnx_op_counts(proto)
@@ -253,7 +253,7 @@ def save_pt2(
                 module, tracing_inputs(inputs, dynamic_batch), dynamic_shapes=shapes
             )
     except Exception as exc:
-        raise ExportError(f"torch.export failed: {error_line(exc)}{_static_hint(shapes)}") from exc
+        raise ExportError(f"torch.export failed: {one_line(exc)}{_static_hint(shapes)}") from exc
     with _atomic_output(path, overwrite) as tmp:
         target = tmp / path.name
         torch.export.save(program, target)
@@ -343,7 +343,7 @@ def _torch_onnx_export(
                 )
     except Exception as exc:
         hint = _static_hint(dynamic_batch or None)
-        raise ExportError(f"torch.onnx.export failed: {error_line(exc)}{hint}") from exc
+        raise ExportError(f"torch.onnx.export failed: {one_line(exc)}{hint}") from exc
     if not target.exists():
         raise ExportError(f"torch.onnx.export wrote nothing to {target}")
 
@@ -371,7 +371,7 @@ def _run_onnxruntime(path: Path, inputs: tuple) -> list[torch.Tensor]:
     except ExportError:
         raise
     except Exception as exc:
-        message = f"onnxruntime could not run the exported model: {error_line(exc)}"
+        message = f"onnxruntime could not run the exported model: {one_line(exc)}"
         raise ExportError(message) from exc
 
 
@@ -439,11 +439,3 @@ def _has_onnxscript() -> bool:
     except ImportError:
         return False
     return True
-
-
-def error_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    if len(first) > 200:
-        first = first[:197] + "..."
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
