@@ -11,14 +11,22 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from .capture import CaptureError, ExampleInputError, copy_model, propagate_shapes
-from .capture_export import export_program
+from .capture import (
+    AS_IS,
+    CAPTURE_MODES,
+    CaptureError,
+    ExampleInputError,
+    capture_model,
+    child_reason,
+    copy_model,
+    export_program,
+    propagate_shapes,
+    record_child_inputs,
+)
 from .draw import GraphSketch
 from .errors import Error, TrainingModeError, one_line
-from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs
 from .graph import annotate_ranks, forget_annotations
 from .inputs import as_inputs
-from .opaque import child_reason
 from .passes import FoldNormAffine, default_pipeline
 from .passes.base import Pass, rule_words, run_to_fixpoint
 from .report import Folded, FoldReport, GraphStats, Skipped
@@ -102,7 +110,7 @@ def fold(
     and the example inputs' other dimensions); ``"auto"`` (default): ``torch.fx``, and
     ``torch.export`` when ``torch.fx`` cannot trace the top-level ``forward`` (or, with example
     inputs, runs a submodule opaque), and, when neither can, the model's children, each
-    captured on its own (``repfx.frontend``).
+    captured on its own (``repfx.capture.frontend``).
 
     ``fold_norm_affine=True`` also moves each LayerNorm's / GroupNorm's own ``γ, β`` into the
     linears or convs that read it, when all of them can take it, leaving affine-free norms
@@ -241,7 +249,7 @@ def _fold_inside(
     capture: str,
 ) -> None:
     """Fold each child of an untraceable module on its own (it runs as a black box), where the
-    parent's code does nothing with the child but call it (``repfx.opaque``). A child is
+    parent's code does nothing with the child but call it (``repfx.capture.opaque``). A child is
     captured with the inputs it received on the example inputs, when it was called once."""
     leaf = gm.get_submodule(path)
     occurrences: dict[int, int] = {}

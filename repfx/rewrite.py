@@ -273,7 +273,7 @@ def _erase_unused_get_attrs(gm: fx.GraphModule) -> None:
 
 def _modules_run_whole(gm: fx.GraphModule) -> set[str]:
     """Paths of the modules the graph runs whole: called ones, and ones it fetches
-    (``repfx.frontend``)."""
+    (``repfx.capture.frontend``)."""
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     fetched = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     return called | {path for path in fetched if isinstance(_fetch_attr(gm, path), nn.Module)}

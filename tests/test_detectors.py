@@ -11,7 +11,7 @@ from helpers import batch_norms
 from torch import nn
 
 import repfx
-from repfx.frontend import AS_IS
+from repfx.capture import AS_IS
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,9 @@ from torch import fx, nn
 from torch.nn.utils import parametrizations, parametrize
 
 import repfx
-from repfx.capture import CaptureError, capture, copy_model, functionalize
+from repfx.capture import CaptureError, capture, child_reason, copy_model, functionalize
 from repfx.graph import MUTATED_KEY, ConstantFolder
 from repfx.op_kinds import op_counts
-from repfx.opaque import child_reason
 from repfx.testing import assert_close
 
 C = 4

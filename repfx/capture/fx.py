@@ -65,8 +65,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrizations, parametrize
 
-from .errors import Error, one_line
-from .graph import (
+from ..errors import Error, one_line
+from ..graph import (
     MUTATED_KEY,
     VALUE_KEYS,
     _fetch_attr,
@@ -82,7 +82,7 @@ from .graph import (
     reads_only_shape,
     writes_in_place,
 )
-from .ops import identity_input
+from ..ops import identity_input
 
 DTYPE_GUARD_KEY = "repfx_dtype_guard"  # node.meta: a cast added by functionalize (see there)
 
@@ -369,7 +369,7 @@ _ALLOCATING_FUNCTIONS = frozenset(
         operator.xor, operator.lshift, operator.rshift, operator.invert, functional_setitem,
         torch.stack, torch.softmax, torch.log_softmax, torch.matmul,
         # composite, but each always returns a new tensor (the bindings torch.export graphs
-        # call: repfx.capture_export)
+        # call: repfx.capture.torch_export)
         torch.batch_norm, torch.layer_norm, torch.group_norm, torch.instance_norm,
     }
 )  # fmt: skip

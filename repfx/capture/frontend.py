@@ -2,9 +2,9 @@
 
 Two front ends (``repfx.fold(..., capture=...)``):
 
-* ``"fx"`` — ``torch.fx`` symbolic tracing (:func:`repfx.capture.capture`). Needs no inputs;
+* ``"fx"`` — ``torch.fx`` symbolic tracing (:func:`repfx.capture.fx.capture`). Needs no inputs;
   a submodule it cannot trace is kept as an opaque leaf, and ``repfx.fold`` folds inside it.
-* ``"export"`` — ``torch.export``, non-strict (:mod:`repfx.capture_export`). Needs example
+* ``"export"`` — ``torch.export``, non-strict (:mod:`repfx.capture.torch_export`). Needs example
   inputs; passes shape checks, ``*args``, loops over lists of images, branches on ``x.dim()``.
 * ``"auto"`` (the default) — ``torch.fx``, then ``torch.export`` when ``torch.fx`` cannot trace
   the top-level ``forward`` or leaves a submodule opaque (with example inputs, for an eval
@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import CaptureError, ExampleInputError
-from .capture import capture as fx_capture
-from .capture_export import capture_exported
-from .inputs import cloned
-from .report import FoldReport
+from ..inputs import cloned
+from ..report import FoldReport
+from .fx import CaptureError, ExampleInputError
+from .fx import capture as fx_capture
+from .torch_export import capture_exported
 
 CAPTURE_MODES = ("auto", "fx", "export")
 AS_IS = "model"  # the submodule of a run_as_is wrapper that holds the model

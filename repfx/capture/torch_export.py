@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .capture import CaptureError, forward_hooks_of, functionalize, refuse_hooks
-from .errors import one_line
+from ..errors import one_line
+from .fx import CaptureError, forward_hooks_of, functionalize, refuse_hooks
 
 aten = torch.ops.aten
 _GUARDS = "_guards_fn"  # ExportedProgram.module()'s input-shape checks
@@ -58,7 +58,7 @@ class ExportCapture:
 def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
     """``torch.export`` ``model`` (repfx's own copy) on ``example_inputs`` (non-strict) and
     return its graph at torch level (:func:`to_torch_level`). Hooks are refused as by
-    :func:`repfx.capture.capture`."""
+    :func:`repfx.capture.fx.capture`."""
     refuse_hooks(model)
     hooked = [path for path, m in model.named_modules() if path and forward_hooks_of(m)]
     if hooked:

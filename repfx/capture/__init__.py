@@ -1,0 +1,41 @@
+"""Capture: a model becomes a ``torch.fx.GraphModule`` of a private copy.
+
+* :mod:`.fx` — ``torch.fx`` symbolic tracing (untraceable submodules stay opaque leaves),
+  functionalization of in-place ops, shape propagation, the deep copy the passes work on;
+* :mod:`.torch_export` — ``torch.export`` (non-strict) as a second front end, its ATen calls
+  rewritten to their torch-level twins;
+* :mod:`.frontend` — which front end captures a model (``capture="auto" | "fx" | "export"``),
+  and the example inputs its opaque children see;
+* :mod:`.opaque` — whether a child left opaque can be folded on its own in place.
+"""
+
+from __future__ import annotations
+
+from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs
+from .fx import (
+    CaptureError,
+    ExampleInputError,
+    capture,
+    copy_model,
+    drop_no_op_dtype_guards,
+    functionalize,
+    propagate_shapes,
+)
+from .opaque import child_reason
+from .torch_export import export_program
+
+__all__ = [
+    "AS_IS",
+    "CAPTURE_MODES",
+    "CaptureError",
+    "ExampleInputError",
+    "capture",
+    "capture_model",
+    "child_reason",
+    "copy_model",
+    "drop_no_op_dtype_guards",
+    "export_program",
+    "functionalize",
+    "propagate_shapes",
+    "record_child_inputs",
+]
