@@ -724,8 +724,8 @@ def _infer_function(
     if target in _ELEMENTWISE_FUNCS:
         return _max_rank(node), in_float or target in _FLOAT_FUNCS
     if target is torch.flatten:
-        start = _get(node, 1, "start_dim", 0)
-        end = _get(node, 2, "end_dim", -1)
+        start = arg_of(node, 1, "start_dim", 0)
+        end = arg_of(node, 2, "end_dim", -1)
         return _flatten_rank(rank_of(first), start, end), in_float
     if target in _REDUCTIONS:
         return _reduced_rank(node, rank_of(first)), in_float
@@ -748,8 +748,8 @@ def _infer_method(node: fx.Node, first: fx.Node | None, in_float: bool) -> tuple
     if target == "transpose":
         return rank_of(first), in_float
     if target == "flatten":
-        start = _get(node, 1, "start_dim", 0)
-        end = _get(node, 2, "end_dim", -1)
+        start = arg_of(node, 1, "start_dim", 0)
+        end = arg_of(node, 2, "end_dim", -1)
         return _flatten_rank(rank_of(first), start, end), in_float
     return None, False
 
@@ -804,8 +804,8 @@ _REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
 
 def _reduced_rank(node: fx.Node, rank: int | None) -> int | None:
     """Rank after ``x.mean(dims, keepdim)`` and friends."""
-    dims = _get(node, 1, "dim", None)
-    keepdim = _get(node, 2, "keepdim", False)
+    dims = arg_of(node, 1, "dim", None)
+    keepdim = arg_of(node, 2, "keepdim", False)
     if type(rank) is not int or not isinstance(keepdim, bool):
         return None
     dims = (dims,) if type(dims) is int else dims
@@ -816,7 +816,8 @@ def _reduced_rank(node: fx.Node, rank: int | None) -> int | None:
     return rank - len({d % rank for d in dims}) if rank > 0 else None
 
 
-def _get(node: fx.Node, index: int, name: str, default: Any) -> Any:
+def arg_of(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    """Argument ``index`` of a call, or its keyword ``name``, or ``default``."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 

@@ -55,6 +55,7 @@ from torch.nn.modules.conv import _ConvNd
 from .algebra import ChannelAffine, batch_norm_affine
 from .graph import (
     ConstantFolder,
+    arg_of,
     dtype_argument,
     has_hooks,
     is_floating,
@@ -256,9 +257,8 @@ _ARG = object()  # marker: argument not given
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = _ARG) -> tuple[Any, Slot]:
-    if len(node.args) > index:
-        return node.args[index], Slot(node, index=index)
-    return node.kwargs.get(name, default), Slot(node, kwarg=name)
+    slot = Slot(node, index=index) if len(node.args) > index else Slot(node, kwarg=name)
+    return arg_of(node, index, name, default), slot
 
 
 def _optional_constant(arg: Any, consts: ConstantFolder) -> tuple[bool, torch.Tensor | None]:

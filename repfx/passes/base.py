@@ -161,11 +161,12 @@ class FoldContext:
         return None
 
 
-Rule = Callable[[FoldContext, fx.Node], "Folded | Skipped | None"]
+# What a rule does at one node: fold it (through a commit), say why not, or pass (None).
+Visit = Callable[[FoldContext, fx.Node], "Folded | Skipped | None"]
 
 
-def apply_rule(gm: fx.GraphModule, rule: Rule, ctx: FoldContext | None = None) -> PassResult:
-    """Visit every live node in order with ``rule``, which rewrites the graph and returns a
+def apply_rule(gm: fx.GraphModule, visit: Visit, ctx: FoldContext | None = None) -> PassResult:
+    """Call ``visit`` on every live node in order; it rewrites the graph and returns a
     :class:`Folded`, returns why it did not (:class:`Skipped`), or ``None`` (not a candidate).
     ``ctx``: the context to visit in (a new one by default), for a caller that asks it more
     afterwards."""
@@ -174,14 +175,14 @@ def apply_rule(gm: fx.GraphModule, rule: Rule, ctx: FoldContext | None = None) -
     for node in list(gm.graph.nodes):
         if node._erased:
             continue
-        record(result, visit_once(ctx, rule, node))
+        record(result, visit_once(ctx, visit, node))
     return result
 
 
-def visit_once(ctx: FoldContext, rule: Rule, node: fx.Node) -> Folded | Skipped | None:
-    """``rule(ctx, node)``, checking that it changed the graph only through a commit."""
+def visit_once(ctx: FoldContext, visit: Visit, node: fx.Node) -> Folded | Skipped | None:
+    """``visit(ctx, node)``, checking that it changed the graph only through a commit."""
     nodes, commits = len(ctx.gm.graph.nodes), ctx.commits
-    outcome = rule(ctx, node)
+    outcome = visit(ctx, node)
     if ctx.commits == commits and len(ctx.gm.graph.nodes) != nodes:
         raise PassError(f"a rule changed the graph at {node.name} without a commit (a repfx bug)")
     if isinstance(outcome, Folded) and ctx.commits == commits:

@@ -203,7 +203,7 @@ def _symmetric_crop(cut: slice) -> int | None:
     return None
 
 
-def _is_linear(ctx: FoldContext, node: fx.Node) -> bool:
+def _may_sit_in_a_merge(ctx: FoldContext, node: fx.Node) -> bool:
     """Could ``node`` be part of a merged region (constants count: they are not branch ops)?"""
     if not node.op.startswith("call_") or ctx.consts.is_constant(node):
         return True
@@ -396,7 +396,7 @@ class MergeBranches(NodeRule):
             return []
         regions, explained = Regions(ctx.gm.graph), []
         for join in joins:
-            blocker = regions.first(join, lambda n: not _is_linear(ctx, n))
+            blocker = regions.first(join, lambda n: not _may_sit_in_a_merge(ctx, n))
             if blocker is not None:
                 reason = f"a branch contains a non-affine op ({op_name(ctx.gm, blocker)})"
                 explained.append(Skipped(self.name, where(join), reason))
