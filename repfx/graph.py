@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .norms import NORM_FUNCTIONS, NORM_MODULES
+
 RANK_KEY = "repfx_rank"
 FLOAT_KEY = "repfx_float"
 # node.meta entries that describe a node's value (shape propagation, dynamo, export)
@@ -578,13 +580,11 @@ _FLOAT_MODULES = (
     nn.BatchNorm2d,
     nn.BatchNorm3d,
     nn.SyncBatchNorm,
-    nn.LayerNorm,
-    nn.GroupNorm,
+    *NORM_MODULES,
 )
 _RANK_PRESERVING_MODULES = (
     nn.Linear,
-    nn.LayerNorm,
-    nn.GroupNorm,
+    *NORM_MODULES,
     nn.BatchNorm1d,
     nn.Identity,
     nn.Dropout,
@@ -625,8 +625,7 @@ _ELEMENTWISE_FUNCS = {
     F.silu,
     F.hardswish,
     F.hardsigmoid,
-    F.layer_norm,
-    F.group_norm,
+    *NORM_FUNCTIONS,
     F.batch_norm,
     F.linear,
     F.dropout,
@@ -638,7 +637,7 @@ _ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "addcmul", "relu", "sigmoid", "tanh", "contiguous", "softmax",
     "clone", "mul_", "add_", "sub_", "div_", "neg",
 }  # fmt: skip
-_FLOAT_FUNCS = {F.gelu, F.layer_norm, F.group_norm, F.batch_norm, F.linear, F.conv1d, F.conv2d}
+_FLOAT_FUNCS = {F.gelu, *NORM_FUNCTIONS, F.batch_norm, F.linear, F.conv1d, F.conv2d}
 _CONV_FUNC_RANKS = {F.conv1d: 3, F.conv2d: 4, F.conv3d: 5}
 
 # Casts keep the rank; the value is floating exactly when the dtype they produce is.

@@ -7,6 +7,7 @@ from collections import Counter
 from torch import fx
 
 from .graph import ConstantFolder
+from .norms import NORMS
 from .ops import affine_op, identity_input, is_batch_norm, linear_op, norm_op
 
 OP_KINDS = (
@@ -14,16 +15,16 @@ OP_KINDS = (
     "conv_transpose",
     "linear",
     "batch_norm",
-    "layer_norm",
-    "group_norm",
+    *(norm.kind for norm in NORMS),
     "channel_affine",
     "no_op",
 )
 
 
 def op_kind(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> str | None:
-    """``conv`` / ``conv_transpose`` / ``linear`` / ``batch_norm`` / ``layer_norm`` /
-    ``group_norm`` / ``channel_affine`` / ``no_op``, or ``None`` for anything else."""
+    """``conv`` / ``conv_transpose`` / ``linear`` / ``batch_norm`` / a norm's kind
+    (``layer_norm``, … from :data:`repfx.norms.NORMS`) / ``channel_affine`` / ``no_op``, or
+    ``None`` for anything else."""
     if not node.op.startswith("call_") or consts.is_constant(node):
         return None
     if (lin := linear_op(gm, node, consts)) is not None:

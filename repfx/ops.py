@@ -4,7 +4,8 @@ Passes never look at ``node.op`` / ``node.target`` themselves; they ask this mod
 view of a node:
 
 * :class:`LinearOp` — conv / conv-transpose / linear: ``y = W ∗ x + b``;
-* :class:`NormOp` — a LayerNorm over the last dim or a GroupNorm, with its per-channel affine;
+* :class:`NormOp` — a norm of :mod:`repfx.norms` (LayerNorm, GroupNorm, RMSNorm), with its
+  per-channel affine;
 * :class:`AffineOp` — a per-channel affine of one tensor: eval BatchNorm, ``x * g``,
   ``g.view(1,-1,1,1) * x``, ``x.mul(g)``, ``torch.add``/sub/div by constants, ``torch.addcmul``,
   a depthwise 1×1 conv.
@@ -66,6 +67,7 @@ from .graph import (
     static_shape,
 )
 from .match import Fail
+from .norms import NORMS, NormKind, norm_kind_of_function
 
 # ----------------------------------------------------------------------------------- slots
 
@@ -133,13 +135,13 @@ class NormOp:
     """A normalisation whose statistics ignore its per-channel affine ``γ ⊙ n + β``."""
 
     node: fx.Node
-    kind: str  # "layer_norm" | "group_norm"
+    kind: str  # a repfx.norms.NormKind's kind: "layer_norm" | "group_norm" | "rms_norm"
     channels: int
     channel_axis: int | None  # None when the input rank is unknown (group norm)
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     weight_slot: Slot
-    bias_slot: Slot
+    bias_slot: Slot | None  # None: the norm has no β (an RMSNorm), a shift cannot go into it
     dtype: torch.dtype
 
 
@@ -421,53 +423,46 @@ def avg_pool_op(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
     )  # fmt: skip
 
 
-_NORM_FUNCS = {
-    F.layer_norm: "layer_norm",
-    F.group_norm: "group_norm",
-    torch.layer_norm: "layer_norm",
-    torch.group_norm: "group_norm",
-}
-
-
 def norm_op(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> NormOp | None:
-    """View ``node`` as a LayerNorm over the last dim or a GroupNorm, or ``None``."""
+    """View ``node`` as one of the norms of :data:`repfx.norms.NORMS` (a LayerNorm or an
+    RMSNorm over the last dim, a GroupNorm), or ``None``."""
     if node.op == "call_module":
         found = _norm_module(gm, node)
-    elif node.op == "call_function" and node.target in _NORM_FUNCS:
+    elif node.op == "call_function" and norm_kind_of_function(node.target) is not None:
         found = _norm_function(node, consts)
     else:
         return None
     if found is None:
         return None
-    kind, channels, weight, bias, w_slot, b_slot, dtype = found
-    if kind == "layer_norm":
+    norm, channels, weight, bias, w_slot, b_slot, dtype = found
+    if norm.channels_last:
         axis = -1
     else:
         rank = rank_of(node)
         axis = None if rank is None else 1 - rank
-    return NormOp(node, kind, channels, axis, weight, bias, w_slot, b_slot, dtype)
+    return NormOp(node, norm.kind, channels, axis, weight, bias, w_slot, b_slot, dtype)
 
 
 def _norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     m = module_of(gm, node)
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
-    if is_plain(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
-        channels, kind = m.normalized_shape[0], "layer_norm"
-    elif is_plain(m, nn.GroupNorm):
-        channels, kind = m.num_channels, "group_norm"
-    else:
+    norm = next((k for k in NORMS if is_plain(m, k.module)), None)
+    channels = None if norm is None else norm.module_channels(m)
+    if channels is None:
         return None
-    w_slot, b_slot = Slot(node, attr="weight"), Slot(node, attr="bias")
+    w_slot = Slot(node, attr="weight")
+    b_slot = Slot(node, attr="bias") if norm.has_bias else None
+    bias = m.bias if norm.has_bias else None
     dtype = _param_dtype(m) if m.weight is not None else _input_dtype(node.args[0])
-    return kind, channels, m.weight, m.bias, w_slot, b_slot, dtype
+    return norm, channels, m.weight, bias, w_slot, b_slot, dtype
 
 
 def _norm_function(node: fx.Node, consts: ConstantFolder) -> tuple | None:
-    kind = _NORM_FUNCS[node.target]
-    second, _ = _arg(node, 1, "normalized_shape" if kind == "layer_norm" else "num_groups")
+    norm = norm_kind_of_function(node.target)
+    second, _ = _arg(node, 1, norm.shape_arg)
     w_node, w_slot = _arg(node, 2, "weight", None)
-    b_node, b_slot = _arg(node, 3, "bias", None)
+    b_node, b_slot = _arg(node, 3, "bias", None) if norm.has_bias else (None, None)
     (has_weight, weight), (has_bias, bias) = (
         _optional_constant(w_node, consts),
         _optional_constant(b_node, consts),
@@ -475,16 +470,22 @@ def _norm_function(node: fx.Node, consts: ConstantFolder) -> tuple | None:
     x, _ = _arg(node, 0, "input")
     if not has_weight or not has_bias or not isinstance(x, fx.Node):
         return None
-    if kind == "layer_norm":
-        if not isinstance(second, (list, tuple)) or len(second) != 1 or type(second[0]) is not int:
-            return None
-        channels = second[0]
-    elif weight is not None and type(second) is int:
-        channels = weight.numel()
-    else:
-        return None  # channel count unknown without an affine
+    channels = _norm_function_channels(norm, second, weight)
+    if channels is None:
+        return None
     dtype = weight.dtype if weight is not None else _input_dtype(x)
-    return kind, channels, weight, bias, w_slot, b_slot, dtype
+    return norm, channels, weight, bias, w_slot, b_slot, dtype
+
+
+def _norm_function_channels(norm: NormKind, second: Any, weight: torch.Tensor | None) -> int | None:
+    """The channels of a functional norm's ``γ, β``: its one normalised dim, or (a group norm)
+    the size of its weight; ``None`` when unknown."""
+    if norm.shape_arg == "normalized_shape":
+        one_int = isinstance(second, (list, tuple)) and len(second) == 1 and type(second[0]) is int
+        return second[0] if one_int else None
+    if weight is not None and type(second) is int:
+        return weight.numel()
+    return None  # channel count unknown without an affine
 
 
 def _input_dtype(x: fx.Node) -> torch.dtype:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
+from .norms import NORMS
 from .op_kinds import op_counts
 
 if TYPE_CHECKING:
@@ -208,8 +209,7 @@ OP_WORDS = {
     "conv_transpose": "transposed conv",
     "linear": "linear",
     "batch_norm": "batch norm",
-    "layer_norm": "layer norm",
-    "group_norm": "group norm",
+    **{norm.kind: norm.words for norm in NORMS},
     "channel_affine": "per-channel multiply / add",
     "no_op": "no-op (dropout, identity)",
 }

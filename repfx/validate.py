@@ -46,6 +46,7 @@ from torch import fx, nn
 from torch.func import functional_call
 
 from .graph import RANK_KEY, ConstantFolder, _fetch_attr, static_shape
+from .norms import NORM_MODULES
 from .ops import avg_pool_settings
 from .tolerances import rewrite_tolerance
 
@@ -271,7 +272,7 @@ def probe_sizes(gm: fx.GraphModule, region: Region) -> tuple[tuple[int, ...], ..
 # Modules whose output at a position depends on the input there (norms: on statistics over
 # positions, whatever their number).
 _POINTWISE_MODULES = (
-    nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Identity,
+    nn.Linear, nn.modules.batchnorm._BatchNorm, *NORM_MODULES, nn.Identity,
     nn.modules.dropout._DropoutNd, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
     nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.Mish, nn.ELU,
 )  # fmt: skip

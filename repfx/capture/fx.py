@@ -82,6 +82,7 @@ from ..graph import (
     reads_only_shape,
     writes_in_place,
 )
+from ..norms import NORM_FUNCTIONS, NORM_MODULES
 from ..ops import identity_input
 
 DTYPE_GUARD_KEY = "repfx_dtype_guard"  # node.meta: a cast added by functionalize (see there)
@@ -370,7 +371,7 @@ _ALLOCATING_FUNCTIONS = frozenset(
         torch.stack, torch.softmax, torch.log_softmax, torch.matmul,
         # composite, but each always returns a new tensor (the bindings torch.export graphs
         # call: repfx.capture.torch_export)
-        torch.batch_norm, torch.layer_norm, torch.group_norm, torch.instance_norm,
+        torch.batch_norm, torch.instance_norm, *NORM_FUNCTIONS,
     }
 )  # fmt: skip
 # torch.nn.functional functions that allocate their result unless called with inplace=True.
@@ -379,15 +380,15 @@ _ALLOCATING_F = frozenset(
         F.relu, F.relu6, F.elu, F.selu, F.celu, F.leaky_relu, F.hardtanh, F.silu, F.mish,
         F.hardswish, F.hardsigmoid, F.threshold, F.gelu, F.sigmoid, F.tanh, F.softmax,
         F.log_softmax, F.softplus, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
-        F.conv_transpose2d, F.conv_transpose3d, F.linear, F.batch_norm, F.layer_norm,
-        F.group_norm, F.instance_norm, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.conv_transpose2d, F.conv_transpose3d, F.linear, F.batch_norm, *NORM_FUNCTIONS,
+        F.instance_norm, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
         F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.normalize,
     }
 )  # fmt: skip
 _ALLOCATING_MODULES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
     nn.ConvTranspose3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.SyncBatchNorm, *NORM_MODULES, nn.InstanceNorm1d, nn.InstanceNorm2d,
     nn.InstanceNorm3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d,
     nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,

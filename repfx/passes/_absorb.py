@@ -217,13 +217,16 @@ def _norm_rewrite(ctx: FoldContext, op: AffineOp, norm: NormOp) -> Callable[[], 
         return Fail(f"producer {norm.kind}: {bad.reason}")
     if (shared := ctx.shared_reason(norm.node, norm.kind)) is not None:
         return Fail(f"producer {shared.reason}")
+    if norm.bias_slot is None and op.affine.has_shift():
+        return Fail(f"producer {norm.kind} has no bias to take the shift")
 
     def rewrite() -> str:
         affine = _expand(op.affine, norm.channels)
         gamma, beta = fold_affine_into_norm(norm.weight, norm.bias, affine, norm.dtype)
         hint = hint_for(norm.node)
         set_slot(ctx.gm, norm.weight_slot, gamma, f"{hint}_weight")
-        set_slot(ctx.gm, norm.bias_slot, beta, f"{hint}_bias")
+        if norm.bias_slot is not None:
+            set_slot(ctx.gm, norm.bias_slot, beta, f"{hint}_bias")
         return f"into {norm.kind} {where(norm.node)}"
 
     return rewrite

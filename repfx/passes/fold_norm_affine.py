@@ -53,7 +53,8 @@ class FoldNormAffine(NodeRule):
             for lin in consumers:
                 fold_into_input(ctx, lin, affine)
             clear_slot(ctx.gm, norm.weight_slot)
-            clear_slot(ctx.gm, norm.bias_slot)
+            if norm.bias_slot is not None:
+                clear_slot(ctx.gm, norm.bias_slot)
             into = ", ".join(f"{lin.kind} {where(lin.node)}" for lin in consumers)
             return [lin.node for lin in consumers], f"{norm.kind} affine into {into}"
 
