@@ -562,6 +562,56 @@ def scaled_residual(draw, state: State):
     return block, state, Counter(conv=2)
 
 
+class LastAxisNorm(nn.Module):
+    """Channels-last: ``permute → norm → s ⊙ n (+ t) → GELU → Linear → permute`` with a
+    LayerNorm or an RMSNorm, with or without its own affine."""
+
+    def __init__(self, channels: int, norm: str, affine: bool, shift: bool):
+        super().__init__()
+        kind = nn.LayerNorm if norm == "layer_norm" else nn.RMSNorm
+        self.norm = kind(channels, elementwise_affine=affine)
+        self.s = nn.Parameter(torch.ones(channels))
+        self.t = nn.Parameter(torch.zeros(channels)) if shift else None
+        self.fc = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x.permute(0, 2, 3, 1)) * self.s
+        y = y if self.t is None else y + self.t
+        return self.fc(F.gelu(y)).permute(0, 3, 1, 2)
+
+
+@st.composite
+def last_axis_norm(draw, state: State):
+    """The affine goes into the norm, but for a shift into an RMSNorm (it has no β)."""
+    norm = draw(st.sampled_from(["layer_norm", "rms_norm"]))
+    shift = draw(st.booleans())
+    block = LastAxisNorm(state.channels, norm, draw(st.booleans()), shift)
+    stays = norm == "rms_norm" and shift
+    return block, state, Counter({norm: 1, "linear": 1, "channel_affine": int(stays)})
+
+
+class FlattenLinear(nn.Module):
+    """``fc(flatten(a(pool(x)), 1)).view(x.shape)``: a per-channel affine ``a`` read only
+    through a flatten by a linear (a VGG-style classifier head, kept the shape of a block)."""
+
+    def __init__(self, channels: int, height: int, width: int, spelling: str):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.scale = Scale(channels, spelling)
+        self.fc = nn.Linear(channels * 4, channels * height * width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.scale(self.pool(x)), 1)).view(x.shape)
+
+
+@st.composite
+def flatten_linear(draw, state: State):
+    """The affine (any spelling, a BN or a depthwise 1×1 conv too) goes into the linear."""
+    spelling = draw(st.sampled_from(SCALE_SPELLINGS))
+    block = FlattenLinear(state.channels, state.height, state.width, spelling)
+    return block, state, Counter(linear=1)
+
+
 BLOCKS = {
     "conv_bn": conv_bn,
     "bn_conv": bn_conv,
@@ -577,6 +627,8 @@ BLOCKS = {
     "pool_mixer": pool_mixer,
     "token_mixer": token_mixer,
     "scaled_residual": scaled_residual,
+    "last_axis_norm": last_axis_norm,
+    "flatten_linear": flatten_linear,
 }
 # Smooth barriers: a ReLU can zero a whole channel, and a GroupNorm over a constant channel
 # amplifies rounding noise by 1/sqrt(eps) — an ill-conditioned model, not a wrong fold.

@@ -105,4 +105,9 @@ def test_models_strategy_covers_every_block():
         "parallel_branches",
         "sequential_convs",
         "concat_branches",
+        "pool_mixer",
+        "token_mixer",
+        "scaled_residual",
+        "last_axis_norm",
+        "flatten_linear",
     }
