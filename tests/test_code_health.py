@@ -54,3 +54,57 @@ def _relative_imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             found |= {node.module} if node.module else {alias.name for alias in node.names}
     return found
+
+
+# The layers of docs/architecture.md, top to bottom: a module imports its own layer or below.
+LAYERS = (
+    ("repfx", "repfx.__main__", "repfx.cli", "repfx.sources", "repfx.testing"),
+    ("repfx.fold", "repfx.dynamo"),
+    ("repfx.verify", "repfx.capture", "repfx.export"),
+    ("repfx.passes",),
+    ("repfx.validate", "repfx.rewrite", "repfx.report", "repfx.draw", "repfx.op_kinds",
+     "repfx.regions"),
+    ("repfx.ops", "repfx.algebra", "repfx.redraw"),
+    ("repfx.graph", "repfx.norms", "repfx.match", "repfx.tolerances", "repfx.errors",
+     "repfx.inputs"),
+)  # fmt: skip
+
+
+def _layer(module: str) -> int | None:
+    """The layer of ``module`` (a package's modules share their package's); ``None`` for the
+    reference models and recipes, which sit beside the compiler."""
+    matches = [
+        (len(name), depth)
+        for depth, names in enumerate(LAYERS)
+        for name in names
+        if module == name or (name != "repfx" and module.startswith(name + "."))
+    ]
+    return max(matches)[1] if matches else None
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(path: Path, module: str) -> set[str]:
+    """The repfx modules ``path`` imports with relative imports, as dotted names."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            found.add(".".join([*base, node.module] if node.module else base))
+    return found
+
+
+def test_every_module_imports_its_own_layer_or_below():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        if (own := _layer(module)) is None:
+            continue
+        for target in _imported_modules(path, module):
+            if (layer := _layer(target)) is not None and layer < own:
+                upward.append(f"{module} imports {target}")
+    assert upward == []
