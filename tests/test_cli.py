@@ -456,7 +456,7 @@ def test_user_errors_are_not_internal_errors(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (args, err)
     # Where the size is not known to exceed the memory, the failed allocation says the same.
-    monkeypatch.setattr("repfx.cli._physical_memory", lambda: None)
+    monkeypatch.setattr("repfx.cli.example_inputs._physical_memory", lambda: None)
     assert main(["optimize", "riformer_tiny", "--input-shape", huge, "-q"]) == 2
     err = capsys.readouterr().err
     assert "the input is too large: 1.2e+06 GB could not be allocated" in err, err
