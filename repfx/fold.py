@@ -169,7 +169,7 @@ def _fold(
 ) -> fx.GraphModule:
     inputs = as_inputs(example_inputs)
     passes = default_pipeline() if passes is None else passes
-    report = FoldReport()
+    report = FoldReport(rule_words=rule_words(passes))
     gm = _fold_copy(copy_model(model), inputs, passes, report, prefix="", capture=capture)
     gm.training = model.training
     if verify and inputs is not None:
@@ -222,7 +222,6 @@ def _fold_copy(
         report.before = GraphStats.of(gm, work)
         report.before_sketch = GraphSketch.of(gm)
     folded, skipped = run_to_fixpoint(gm, passes)
-    report.rule_words.update(rule_words(passes))
     report.folded += [Folded(f.rule, prefix + f.where, f.detail) for f in folded]
     report.skipped += [Skipped(s.rule, prefix + s.where, s.reason) for s in skipped]
     child_inputs = record_child_inputs(gm, list(opaque), inputs) if opaque and inputs else {}

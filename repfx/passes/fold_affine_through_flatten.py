@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..algebra import ChannelAffine
-from ..graph import has_hooks, module_of, static_shape, value_users, where
+from ..graph import arg_of, has_hooks, module_of, static_shape, value_users, where
 from ..match import Fail
 from ..ops import AffineOp, LinearOp, affine_op, linear_op
 from ..report import Folded, Skipped
@@ -60,10 +60,8 @@ def _flattened_from_channels(gm: fx.GraphModule, node: fx.Node) -> fx.Node | Non
         return node.args[0] if spans and len(node.args) == 1 and not node.kwargs else None
     if (node.op, node.target) not in (("call_function", torch.flatten), ("call_method", "flatten")):
         return None
-    names = ("input", "start_dim", "end_dim")
-    bound = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
-    spans = bound.get("start_dim", 0) == 1 and bound.get("end_dim", -1) == -1
-    return bound.get("input") if spans and bound.keys() <= set(names) else None
+    spans = arg_of(node, 1, "start_dim", 0) == 1 and arg_of(node, 2, "end_dim", -1) == -1
+    return arg_of(node, 0, "input", None) if spans else None
 
 
 def _reason(ctx: FoldContext, op: AffineOp, lin: LinearOp, shape: tuple[int, ...]) -> Fail | None:
