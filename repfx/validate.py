@@ -45,6 +45,7 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call
 
+from .errors import one_line
 from .graph import RANK_KEY, ConstantFolder, _fetch_attr, static_shape
 from .norms import NORM_MODULES
 from .ops import avg_pool_settings
@@ -349,6 +350,8 @@ def candidate_shapes(
 def _shrunk(
     shape: tuple[int, ...], channels: list[int], sizes: tuple[int, ...], batch: int
 ) -> tuple:
+    """``shape`` with its batch set and its other dims shrunk to ``sizes``, except the channel
+    counts the region names (an average pool names its own: :func:`_pooled_channels`)."""
     out, k = [], 0
     for i, d in enumerate(shape):
         if i == 0 and len(shape) > 1:
@@ -395,7 +398,7 @@ class Proof:
             to_f64 = _Converted(to_meta=False)
             actuals = [evaluate(gm, new, probe.feeds, to_f64) for probe in self.probes]
         except Exception as exc:  # the replacement does not even run
-            return f"the replacement fails on the probe: {type(exc).__name__}: {exc}"
+            return f"the replacement fails on the probe: {one_line(exc)}"
         for i, (want, got) in enumerate(zip(self.dtypes, dtypes, strict=True)):
             if (reason := _same_dtype(want, got)) is not None:
                 return f"output {i}: {reason}"

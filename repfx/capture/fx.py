@@ -97,7 +97,7 @@ def copy_model(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
     except Exception as exc:  # e.g. a module holding a lock or an open file
         raise CaptureError(
-            f"cannot copy the model ({type(exc).__name__}: {exc}); repfx never folds the "
+            f"cannot copy the model ({one_line(exc)}); repfx never folds the "
             "original in place. Make the model deep-copyable (e.g. drop non-tensor handles)."
         ) from exc
 
