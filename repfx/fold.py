@@ -17,7 +17,6 @@ from .capture import (
     CaptureError,
     ExampleInputError,
     capture_model,
-    child_reason,
     copy_model,
     export_program,
     propagate_shapes,
@@ -25,6 +24,7 @@ from .capture import (
 )
 from .draw import GraphSketch
 from .errors import Error, TrainingModeError, one_line
+from .fold_inside import OpaqueModule, fold_inside
 from .graph import annotate_ranks, forget_annotations
 from .inputs import as_inputs
 from .passes import FoldNormAffine, default_pipeline
@@ -244,35 +244,32 @@ def _fold_inside(
     passes: Sequence[Pass],
     report: FoldReport,
     prefix: str,
-    child_inputs: dict[str, tuple | None],
+    recorded: dict[str, tuple | None],
     capture: str,
 ) -> None:
-    """Fold each child of an untraceable module on its own (it runs as a black box), where the
-    parent's code does nothing with the child but call it (``repfx.capture.opaque``). A child is
-    captured with the inputs it received on the example inputs, when it was called once."""
+    """Fold inside the module at ``path``, which ``gm`` runs as a black box
+    (``repfx.fold_inside``); its children are captured with the inputs they received on the
+    example inputs (``recorded``, by path in ``gm``), when they were called once."""
     leaf = gm.get_submodule(path)
     occurrences: dict[int, int] = {}
     for _, m in gm.named_modules(remove_duplicate=False):
         occurrences[id(m)] = occurrences.get(id(m), 0) + 1
-    for name, child in list(leaf.named_children()):
-        where = f"{prefix}{name}"
-        if occurrences[id(child)] > 1:
-            report.skipped.append(Skipped("capture", where, "module is shared"))
-            continue
-        if (reason := child_reason(leaf, name)) is not None:
-            report.skipped.append(Skipped("capture", where, f"untraced parent: {reason}"))
-            continue
-        try:
-            inputs = child_inputs.get(f"{path}.{name}")
-            # inside a module that a traced graph runs opaque, torch.fx only: torch.export would
-            # fix the child's input sizes, and with them the sizes the whole model accepts;
-            # inside a model no front end captured, any front end
-            mode = capture if path == AS_IS else "fx"
-            folded = _fold_child(child, inputs, passes, report, where, mode)
-        except CaptureError as exc:
-            report.skipped.append(Skipped("capture", where, str(exc).split(" (")[0]))
-            continue
-        setattr(leaf, name, folded)
+    opaque = OpaqueModule(
+        module=leaf,
+        inputs=recorded.get(path),
+        child_inputs={name: recorded.get(f"{path}.{name}") for name, _ in leaf.named_children()},
+        where=prefix,
+        shared=lambda m: occurrences.get(id(m), 0) > 1,
+    )
+    # inside a module that a traced graph runs opaque, torch.fx only: torch.export would fix
+    # the child's input sizes, and with them the sizes the whole model accepts; inside a model
+    # no front end captured, any front end
+    mode = capture if path == AS_IS else "fx"
+
+    def fold_child(child: nn.Module, inputs: tuple | None, into: FoldReport, where: str):
+        return _fold_child(child, inputs, passes, into, where, mode)
+
+    fold_inside(opaque, fold_child, report)
 
 
 def _fold_child(

@@ -59,7 +59,7 @@ def _relative_imports(path: Path) -> set[str]:
 # The layers of docs/architecture.md, top to bottom: a module imports its own layer or below.
 LAYERS = (
     ("repfx", "repfx.__main__", "repfx.cli", "repfx.sources", "repfx.testing"),
-    ("repfx.fold", "repfx.dynamo"),
+    ("repfx.fold", "repfx.fold_inside", "repfx.dynamo"),
     ("repfx.verify", "repfx.capture", "repfx.export"),
     ("repfx.passes",),
     ("repfx.validate", "repfx.rewrite", "repfx.report", "repfx.draw", "repfx.op_kinds",

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs
+from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs, record_inputs
 from .fx import (
     CaptureError,
     ExampleInputError,
@@ -21,7 +21,7 @@ from .fx import (
     functionalize,
     propagate_shapes,
 )
-from .opaque import child_reason
+from .opaque import child_reason, descent_reason
 from .torch_export import export_program
 
 __all__ = [
@@ -33,9 +33,11 @@ __all__ = [
     "capture_model",
     "child_reason",
     "copy_model",
+    "descent_reason",
     "drop_no_op_dtype_guards",
     "export_program",
     "functionalize",
     "propagate_shapes",
     "record_child_inputs",
+    "record_inputs",
 ]

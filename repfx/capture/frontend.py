@@ -123,33 +123,46 @@ def run_as_is(model: nn.Module) -> fx.GraphModule:
 def record_child_inputs(
     gm: fx.GraphModule, parents: list[str], inputs: tuple
 ) -> dict[str, tuple | None]:
-    """The positional inputs each child of the modules at ``parents`` receives when ``gm``
-    runs on ``inputs`` (path → inputs): recorded for a child called exactly once with no
-    keyword arguments, ``None`` for any other child. Buffers are restored afterwards."""
-    calls: dict[str, list[tuple]] = {}
+    """The positional inputs each module at ``parents``, and each of its children, receives
+    when ``gm`` runs on ``inputs`` (path → inputs; see :func:`record_inputs`)."""
+    paths = []
+    for parent in parents:
+        paths.append(parent)
+        paths += [
+            f"{parent}.{name}" if parent else name
+            for name, _ in gm.get_submodule(parent).named_children()
+        ]
+    return record_inputs(gm, inputs, paths)
+
+
+def record_inputs(root: nn.Module, inputs: tuple, paths: list[str]) -> dict[str, tuple | None]:
+    """The positional inputs each submodule of ``root`` at ``paths`` receives when ``root``
+    runs on ``inputs`` (path → inputs): recorded for a module called exactly once with no
+    keyword arguments, ``None`` for any other. Buffers are restored afterwards; a model that
+    fails to run records nothing (the verification reports it)."""
+    calls: dict[str, list[tuple | None]] = {}
     handles = []
 
     def recorder(path: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            clone = cloned(args)
-            calls.setdefault(path, []).append(clone if not kwargs else None)
+            calls.setdefault(path, []).append(cloned(args) if not kwargs else None)
 
         return hook
 
-    for parent in parents:
-        for name, child in gm.get_submodule(parent).named_children():
-            path = f"{parent}.{name}" if parent else name
-            handles.append(child.register_forward_pre_hook(recorder(path), with_kwargs=True))
-    saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    for path in dict.fromkeys(paths):
+        handles.append(
+            root.get_submodule(path).register_forward_pre_hook(recorder(path), with_kwargs=True)
+        )
+    saved = {name: b.detach().clone() for name, b in root.named_buffers()}
     try:
         with torch.no_grad(), torch.random.fork_rng():
-            gm(*cloned(inputs))
+            root(*cloned(inputs))
     except Exception:
-        calls.clear()  # (the verification reports a model that does not run)
+        calls.clear()
     finally:
         for handle in handles:
             handle.remove()
         with torch.no_grad():
-            for name, b in gm.named_buffers():
+            for name, b in root.named_buffers():
                 b.copy_(saved[name])
     return {path: seen[0] if len(seen) == 1 else None for path, seen in calls.items()}

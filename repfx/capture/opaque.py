@@ -70,6 +70,21 @@ def child_reason(parent: nn.Module, name: str) -> str | None:
     return analysis.function(forward_owner.__dict__["forward"], forward_owner, "forward")
 
 
+def descent_reason(parent: nn.Module, name: str) -> str | None:
+    """Why the child ``name`` of ``parent``, which the parent's code reaches other than by
+    calling it (and which therefore stays as it is), may not have the children *its* code only
+    calls replaced, even when re-running the parent checks the replacements: code other than
+    the parent's may reach it (another path to it, a module holding it, global hooks), and a
+    run of the parent would not show what that code does. ``None``: only the parent's code
+    (and its hooks) can reach the child."""
+    child = parent._modules.get(name)
+    if child is None:
+        return f"{name!r} is not a child module of {type(parent).__name__}"
+    if global_forward_hooks():
+        return "global module forward hooks are registered"
+    return next(_other_holder_reasons(parent, name, child), None)
+
+
 def _static_reasons(parent: nn.Module, name: str, child: nn.Module) -> Iterator[str]:
     """Reasons that need no code reading: hooks, call machinery, other holders of the child."""
     yield from _hook_reasons(parent)

@@ -1,0 +1,225 @@
+"""Folding inside a module that runs opaque.
+
+A module no front end captured (a submodule ``torch.fx`` cannot trace, or the whole model when
+neither front end can) runs in the folded graph as it is, a black box. repfx folds what is
+inside it instead and replaces a child by its folded ``GraphModule`` only where that cannot
+change what the opaque module computes:
+
+* **Only called.** When the parent's code reaches the child only by calling it
+  (:func:`repfx.capture.child_reason`, read from the bytecode of its methods), a module that
+  computes the same function leaves the parent computing the same function: the child is
+  replaced, and its own fold's proofs are all there is to prove.
+* **Read as a value**: an ``nn.ModuleList`` the parent iterates over, ``self.blocks[i](x)``,
+  ``m.f`` read on each element (ultralytics' ``C2f`` and model loop). Such a child is *kept*,
+  the same object of the same type with the same attributes, and repfx goes down into it:
+  each of its own children is judged against the kept child's code in the same way (an element
+  of a ``ModuleList``, which has no code of its own, is kept and gone into in turn). The
+  parent's code may still reach what is replaced down there (read a weight of an element's
+  child, test its type), so the replacements under one kept child are proven together before
+  any is made: the parent, its parameters and buffers converted to float64, runs on the inputs
+  it received on the example inputs once as it is and once with the replacements (each folded
+  from its float64 copy), and every output must agree as :func:`repfx.verify.verify` judges a
+  float64 fold. Otherwise they are refused, the reason in the report; without example inputs
+  there is nothing to run the parent on, and they are refused too.
+
+  The check is a run, so it sees the paths the parent's code takes on the example inputs;
+  code that reads inside a kept child only on other inputs is beyond it.
+
+Never replaced, nor gone into: a module shared with another call site or reachable under
+another name, and a kept child that code outside the parent may reach
+(:func:`repfx.capture.descent_reason`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from .capture import (
+    CaptureError,
+    child_reason,
+    copy_model,
+    descent_reason,
+    record_inputs,
+)
+from .errors import one_line
+from .report import FoldReport, Skipped
+from .verify import float64_inputs, verify
+
+# fold a child (a copy it may mutate): (module, the inputs it received or None, report, where
+# its folds are reported) → its folded GraphModule; raises CaptureError when it cannot
+FoldChild = Callable[[nn.Module, "tuple | None", FoldReport, str], fx.GraphModule]
+
+
+@dataclass
+class OpaqueModule:
+    """An opaque module to fold inside, and what folding inside it needs."""
+
+    module: nn.Module
+    inputs: tuple | None  # what it received on the example inputs (None: unknown)
+    child_inputs: dict[str, tuple | None]  # child name → what it received
+    where: str  # its path in the report, with a trailing dot ("" for the model itself)
+    shared: Callable[[nn.Module], bool]  # is a module used at more than one place?
+
+
+def fold_inside(opaque: OpaqueModule, fold_child: FoldChild, report: FoldReport) -> None:
+    """Replace the children of ``opaque.module`` that may be replaced by their folds (see the
+    module docstring); what is not replaced goes to ``report`` with its reason."""
+    plan = _Plan([], [])
+    for name, child in list(opaque.module.named_children()):
+        where = opaque.where + name
+        if opaque.shared(child):
+            report.skipped.append(Skipped("capture", where, "module is shared"))
+        elif (reason := child_reason(opaque.module, name)) is None:
+            _replace(opaque.module, name, fold_child, opaque.child_inputs.get(name), report, where)
+        elif (why_not := descent_reason(opaque.module, name)) is not None:
+            report.skipped.append(
+                Skipped("capture", where, f"untraced parent: {reason}; {why_not}")
+            )
+        else:
+            _keep(opaque, child, name, f"untraced parent: {reason}", plan)
+    report.skipped += plan.skipped
+    if plan.paths:
+        _replace_proven(opaque, plan.paths, fold_child, report)
+
+
+def _replace(
+    parent: nn.Module,
+    name: str,
+    fold_child: FoldChild,
+    inputs: tuple | None,
+    report: FoldReport,
+    where: str,
+) -> None:
+    """Replace ``parent.<name>`` by its fold (a path may be dotted), or say why it cannot be."""
+    holder_path, _, attr = name.rpartition(".")
+    holder = parent.get_submodule(holder_path)
+    try:
+        folded = fold_child(getattr(holder, attr), inputs, report, where)
+    except CaptureError as exc:
+        report.skipped.append(Skipped("capture", where, str(exc).split(" (")[0]))
+        return
+    setattr(holder, attr, folded)
+
+
+# ------------------------------------------------------------------- under a kept child
+
+
+@dataclass
+class _Plan:
+    """What may be replaced under the kept children (paths relative to the opaque module), and
+    what is kept with its reason."""
+
+    paths: list[str]
+    skipped: list[Skipped]
+
+
+def _keep(opaque: OpaqueModule, kept: nn.Module, path: str, reason: str, plan: _Plan) -> None:
+    """Keep the module at ``path`` as it is; collect into ``plan`` the modules under it that
+    the code of their own parent only calls, going down into those it reads as values."""
+    first = len(plan.paths)
+    for name, child in kept.named_children():
+        sub = f"{path}.{name}"
+        if opaque.shared(child):
+            plan.skipped.append(Skipped("capture", opaque.where + sub, "module is shared"))
+        elif (why := child_reason(kept, name)) is None:
+            plan.paths.append(sub)
+        elif (why_not := descent_reason(kept, name)) is not None:
+            plan.skipped.append(Skipped("capture", opaque.where + sub, f"{why}; {why_not}"))
+        else:
+            if why.endswith("has no forward of its own"):  # a container's element
+                why = f"an element of {path}, which is read as a value ({reason})"
+            _keep(opaque, child, sub, why, plan)
+    if len(plan.paths) == first and _has_state(kept):
+        plan.skipped.append(Skipped("capture", opaque.where + path, f"kept as it is: {reason}"))
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+# when the replacements under the kept children fail their proof together, each is proven on
+# its own (when there are at most this many) and those that pass are proven together again
+MAX_SINGLE_PROOFS = 32
+
+
+@dataclass
+class _Proof:
+    """A float64 run of the opaque module with modules inside it replaced by their folds."""
+
+    refusal: str | None = None  # why none may be replaced
+    proven: dict[str, tuple | None] = field(default_factory=dict)  # path → its inputs
+    unfolded: dict[str, str] = field(default_factory=dict)  # path → why it did not fold
+
+
+def _replace_proven(
+    opaque: OpaqueModule, paths: list[str], fold_child: FoldChild, report: FoldReport
+) -> None:
+    """Replace the modules at ``paths`` by their folds where a float64 run of the opaque module
+    shows that together they change nothing; report the others with the reason."""
+    proof, refused = _narrowed(opaque, paths, fold_child)
+    for path in paths:
+        where = opaque.where + path
+        if path in refused:
+            report.skipped.append(Skipped("capture", where, refused[path]))
+        elif path in proof.proven:
+            _replace(opaque.module, path, fold_child, proof.proven[path], report, where)
+        else:
+            report.skipped.append(Skipped("capture", where, proof.unfolded[path]))
+
+
+def _narrowed(
+    opaque: OpaqueModule, paths: list[str], fold_child: FoldChild
+) -> tuple[_Proof, dict[str, str]]:
+    """The proof of the largest set of ``paths`` found to change nothing together (all of
+    them, or those that pass on their own), and the refused paths with their reasons."""
+    proof = _prove(opaque, paths, fold_child)
+    if proof.refusal is None:
+        return proof, {}
+    refused = dict.fromkeys(paths, proof.refusal)
+    if len(paths) == 1 or len(paths) > MAX_SINGLE_PROOFS or opaque.inputs is None:
+        return proof, refused
+    alone = {path: _prove(opaque, [path], fold_child).refusal for path in paths}
+    passing = [path for path, refusal in alone.items() if refusal is None]
+    together = _prove(opaque, passing, fold_child) if passing else proof
+    if together.refusal is not None:
+        return proof, refused
+    return together, {path: refusal for path, refusal in alone.items() if refusal is not None}
+
+
+def _prove(opaque: OpaqueModule, paths: list[str], fold_child: FoldChild) -> _Proof:
+    """Run the opaque module in float64 with and without the modules at ``paths`` replaced by
+    their float64 folds (those that fold), on the inputs it received; compare the outputs."""
+    if opaque.inputs is None:
+        return _Proof(
+            "inside a module its untraced parent reads as a value: replacing it is checked by "
+            "running the parent, which needs example inputs (repfx.fold(model, inputs))"
+        )
+    try:
+        received = record_inputs(opaque.module, opaque.inputs, paths)
+        original = copy_model(opaque.module).double()
+        replaced = copy_model(original)
+        proof = _Proof()
+        for path in paths:
+            inputs = received.get(path)
+            holder_path, _, attr = path.rpartition(".")
+            holder = replaced.get_submodule(holder_path)
+            try:
+                inputs64 = None if inputs is None else float64_inputs(inputs)
+                folded = fold_child(getattr(holder, attr), inputs64, FoldReport(), path)
+            except CaptureError as exc:
+                proof.unfolded[path] = str(exc).split(" (")[0]
+                continue
+            setattr(holder, attr, folded)
+            proof.proven[path] = inputs
+        check = verify(original, replaced, float64_inputs(opaque.inputs))
+    except Exception as exc:  # the parent fails with them replaced: it reads inside them
+        return _Proof(f"the untraced parent fails with this module folded ({one_line(exc)})")
+    if not check.passed:
+        return _Proof(
+            "the untraced parent computes something else with this module folded (it reads "
+            f"inside it): {check.summary()}"
+        )
+    return proof
