@@ -33,6 +33,7 @@ from fuzz_geometry import (
     LAYOUT_KINDS,
     PADDING_KINDS,
 )
+from fuzz_opaque import OPAQUE_KINDS
 from hypothesis import assume
 from hypothesis import strategies as st
 from torch import nn
@@ -48,6 +49,7 @@ BUG_CLASSES: dict[str, dict[str, BlockKind]] = {
     "dtype": DTYPE_KINDS,
     "layout": LAYOUT_KINDS,
     "grammar": GRAMMAR_KINDS,
+    "opaque": OPAQUE_KINDS,
 }
 # blocks that hooks are attached to (``fuzz_blocks.hooked``)
 HOOK_TARGET_KINDS: dict[str, BlockKind] = {
