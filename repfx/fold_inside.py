@@ -10,20 +10,22 @@ change what the opaque module computes:
   computes the same function leaves the parent computing the same function: the child is
   replaced, and its own fold's proofs are all there is to prove.
 * **Read as a value**: an ``nn.ModuleList`` the parent iterates over, ``self.blocks[i](x)``,
-  ``m.f`` read on each element (ultralytics' ``C2f`` and model loop). Such a child is *kept*,
-  the same object of the same type with the same attributes, and repfx goes down into it:
-  each of its own children is judged against the kept child's code in the same way (an element
-  of a ``ModuleList``, which has no code of its own, is kept and gone into in turn). The
-  parent's code may still reach what is replaced down there (read a weight of an element's
-  child, test its type), so the replacements under one kept child are proven together before
-  any is made: the parent, its parameters and buffers converted to float64, runs on the inputs
-  it received on the example inputs once as it is and once with the replacements (each folded
-  from its float64 copy), and every output must agree as :func:`repfx.verify.verify` judges a
-  float64 fold. Otherwise they are refused, the reason in the report; without example inputs
-  there is nothing to run the parent on, and they are refused too.
+  ``m.f`` read on each element (ultralytics' ``C2f``, ``Detect`` and model loop). Such a child
+  is *kept*, the same object of the same type with the same attributes, and repfx tries to
+  replace each of *its* children, whole, instead. The parent's code may still tell those
+  replacements apart (read ``m.f`` on a replaced element, a weight inside it, test its type),
+  so they are proven before any is made: the parent, its parameters and buffers converted to
+  float64, runs on the inputs it received on the example inputs once as it is and once with
+  the replacements (each folded from its float64 copy), and every output must agree as
+  :func:`repfx.verify.verify` judges a float64 fold. When they do not agree together, each is
+  proven on its own and those that pass are proven together again. A child refused is kept in
+  turn and its own children are tried the same way, down to modules without children (a lone
+  conv or BatchNorm gains nothing from being folded on its own), which are kept with the
+  reason in the report. Without example inputs there is nothing to run the parent on: nothing
+  under a kept child is replaced.
 
   The check is a run, so it sees the paths the parent's code takes on the example inputs;
-  code that reads inside a kept child only on other inputs is beyond it.
+  code that reads inside a replaced module only on other inputs is beyond it.
 
 Never replaced, nor gone into: a module shared with another call site or reachable under
 another name, and a kept child that code outside the parent may reach
@@ -65,24 +67,20 @@ class OpaqueModule:
 
 
 def fold_inside(opaque: OpaqueModule, fold_child: FoldChild, report: FoldReport) -> None:
-    """Replace the children of ``opaque.module`` that may be replaced by their folds (see the
-    module docstring); what is not replaced goes to ``report`` with its reason."""
-    plan = _Plan([], [])
+    """Replace the children of ``opaque.module`` that may be replaced by their folds, and
+    modules further down in place of those that may not (see the module docstring); what is
+    not replaced goes to ``report`` with its reason."""
+    candidates = []
     for name, child in list(opaque.module.named_children()):
         where = opaque.where + name
         if opaque.shared(child):
             report.skipped.append(Skipped("capture", where, "module is shared"))
         elif (reason := child_reason(opaque.module, name)) is None:
             _replace(opaque.module, name, fold_child, opaque.child_inputs.get(name), report, where)
-        elif (why_not := descent_reason(opaque.module, name)) is not None:
-            report.skipped.append(
-                Skipped("capture", where, f"untraced parent: {reason}; {why_not}")
-            )
         else:
-            _keep(opaque, child, name, f"untraced parent: {reason}", plan)
-    report.skipped += plan.skipped
-    if plan.paths:
-        _replace_proven(opaque, plan.paths, fold_child, report)
+            candidates += _keep(opaque, name, f"untraced parent: {reason}", report)
+    while candidates:
+        candidates = _replace_proven(opaque, candidates, fold_child, report)
 
 
 def _replace(
@@ -107,41 +105,43 @@ def _replace(
 # ------------------------------------------------------------------- under a kept child
 
 
-@dataclass
-class _Plan:
-    """What may be replaced under the kept children (paths relative to the opaque module), and
-    what is kept with its reason."""
-
-    paths: list[str]
-    skipped: list[Skipped]
-
-
-def _keep(opaque: OpaqueModule, kept: nn.Module, path: str, reason: str, plan: _Plan) -> None:
-    """Keep the module at ``path`` as it is; collect into ``plan`` the modules under it that
-    the code of their own parent only calls, going down into those it reads as values."""
-    first = len(plan.paths)
-    for name, child in kept.named_children():
-        sub = f"{path}.{name}"
+def _keep(opaque: OpaqueModule, path: str, reason: str, report: FoldReport) -> list[str]:
+    """Keep the module at ``path`` (in the opaque module) as it is, for ``reason``; the paths
+    of its children to try replacing instead (those with children of their own)."""
+    kept = opaque.module.get_submodule(path)
+    holder_path, _, name = path.rpartition(".")
+    why_not = descent_reason(opaque.module.get_submodule(holder_path), name)
+    if opaque.inputs is None:
+        why_not = (
+            "replacing what is inside it is checked by running its untraced parent, which "
+            "needs example inputs (repfx.fold(model, inputs))"
+        )
+    if why_not is not None or not any(True for _ in kept.children()):
+        because = reason if why_not is None else f"{reason}; {why_not}"
+        if _has_state(kept):
+            report.skipped.append(Skipped("capture", opaque.where + path, f"kept: {because}"))
+        return []
+    tried = []
+    for child_name, child in kept.named_children():
+        sub = f"{path}.{child_name}"
         if opaque.shared(child):
-            plan.skipped.append(Skipped("capture", opaque.where + sub, "module is shared"))
-        elif (why := child_reason(kept, name)) is None:
-            plan.paths.append(sub)
-        elif (why_not := descent_reason(kept, name)) is not None:
-            plan.skipped.append(Skipped("capture", opaque.where + sub, f"{why}; {why_not}"))
-        else:
-            if why.endswith("has no forward of its own"):  # a container's element
-                why = f"an element of {path}, which is read as a value ({reason})"
-            _keep(opaque, child, sub, why, plan)
-    if len(plan.paths) == first and _has_state(kept):
-        plan.skipped.append(Skipped("capture", opaque.where + path, f"kept as it is: {reason}"))
+            report.skipped.append(Skipped("capture", opaque.where + sub, "module is shared"))
+        elif type(child).forward is nn.Module.forward:  # a ModuleList / ModuleDict
+            tried += _keep(opaque, sub, f"an element of {path} ({reason})", report)
+        elif any(True for _ in child.children()):
+            tried.append(sub)
+        elif _has_state(child):
+            inside = f"kept, inside {path} ({reason})"
+            report.skipped.append(Skipped("capture", opaque.where + sub, inside))
+    return tried
 
 
 def _has_state(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
-# when the replacements under the kept children fail their proof together, each is proven on
-# its own (when there are at most this many) and those that pass are proven together again
+# when replacements under kept children fail their proof together, each is proven on its own
+# (when there are at most this many) and those that pass are proven together again
 MAX_SINGLE_PROOFS = 32
 
 
@@ -156,18 +156,21 @@ class _Proof:
 
 def _replace_proven(
     opaque: OpaqueModule, paths: list[str], fold_child: FoldChild, report: FoldReport
-) -> None:
+) -> list[str]:
     """Replace the modules at ``paths`` by their folds where a float64 run of the opaque module
-    shows that together they change nothing; report the others with the reason."""
+    shows that together they change nothing; keep the others, and return the paths of their
+    children to try next."""
     proof, refused = _narrowed(opaque, paths, fold_child)
+    tried_next = []
     for path in paths:
         where = opaque.where + path
         if path in refused:
-            report.skipped.append(Skipped("capture", where, refused[path]))
+            tried_next += _keep(opaque, path, refused[path], report)
         elif path in proof.proven:
             _replace(opaque.module, path, fold_child, proof.proven[path], report, where)
-        else:
-            report.skipped.append(Skipped("capture", where, proof.unfolded[path]))
+        else:  # it does not fold whole
+            tried_next += _keep(opaque, path, proof.unfolded[path], report)
+    return tried_next
 
 
 def _narrowed(
@@ -179,7 +182,7 @@ def _narrowed(
     if proof.refusal is None:
         return proof, {}
     refused = dict.fromkeys(paths, proof.refusal)
-    if len(paths) == 1 or len(paths) > MAX_SINGLE_PROOFS or opaque.inputs is None:
+    if len(paths) == 1 or len(paths) > MAX_SINGLE_PROOFS:
         return proof, refused
     alone = {path: _prove(opaque, [path], fold_child).refusal for path in paths}
     passing = [path for path, refusal in alone.items() if refusal is None]
@@ -191,12 +194,9 @@ def _narrowed(
 
 def _prove(opaque: OpaqueModule, paths: list[str], fold_child: FoldChild) -> _Proof:
     """Run the opaque module in float64 with and without the modules at ``paths`` replaced by
-    their float64 folds (those that fold), on the inputs it received; compare the outputs."""
-    if opaque.inputs is None:
-        return _Proof(
-            "inside a module its untraced parent reads as a value: replacing it is checked by "
-            "running the parent, which needs example inputs (repfx.fold(model, inputs))"
-        )
+    their float64 folds (those that fold), on the inputs it received (``_keep`` tries nothing
+    without them); compare the outputs."""
+    assert opaque.inputs is not None
     try:
         received = record_inputs(opaque.module, opaque.inputs, paths)
         original = copy_model(opaque.module).double()

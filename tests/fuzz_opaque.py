@@ -5,9 +5,9 @@ value (iterates it, indexes it, reads an attribute of each element), and sometim
 The parent's ``forward`` branches on a tensor's value, which stops ``torch.fx`` and
 ``torch.export`` alike, so repfx keeps it as it is and folds inside it. Its elements are
 ``Unit`` s (a block of the well-behaved grammar as ``body``, only called by the unit); repfx
-must keep each unit and container as they are, and may replace a body only where a run of the
-parent shows nothing changes. The traps (``PEEKS``) read a body's parameters, test its type, or
-read an attribute only the original body has.
+must keep the container as it is, and may replace a unit, or a body inside a kept unit, only
+where a run of the parent shows nothing changes. The traps (``PEEKS``) read a body's
+parameters, test its type, or read an attribute only the original body has.
 """
 
 from __future__ import annotations

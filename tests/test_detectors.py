@@ -42,6 +42,35 @@ def test_ultralytics_yolo_folds_every_batch_norm_exactly(config):
         assert_same_leaves(folded(fresh), model(fresh))
 
 
+class _PredictOnce(nn.Module):
+    """ultralytics' model loop as a plain ``forward(x)``: torch.fx traces the loop, and the
+    ``C2f`` / ``C3k2`` / ``Detect`` layers run opaque (they read their ``ModuleList`` s as
+    values)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model._predict_once(x)
+
+
+@pytest.mark.parametrize("config", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_ultralytics_layers_fx_runs_opaque_are_folded_inside(config):
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = _PredictOnce(float64_model(DetectionModel(config, verbose=False)))
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    folded = repfx.fold(model, x, capture="fx")
+    opaque = folded.meta["repfx_report"].opaque_modules
+    assert opaque and all(batch_norms(folded.get_submodule(path)) == 0 for path in opaque)
+    g = torch.Generator().manual_seed(1)
+    fresh = torch.rand(3, 3, 96, 96, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        assert_same_leaves(folded(fresh), model(fresh))
+
+
 def _torchvision_detector(name: str) -> nn.Module:
     from torchvision.models import detection
 
