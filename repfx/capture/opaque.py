@@ -72,11 +72,11 @@ def child_reason(parent: nn.Module, name: str) -> str | None:
 
 def descent_reason(parent: nn.Module, name: str) -> str | None:
     """Why the child ``name`` of ``parent``, which the parent's code reaches other than by
-    calling it (and which therefore stays as it is), may not have the children *its* code only
-    calls replaced, even when re-running the parent checks the replacements: code other than
-    the parent's may reach it (another path to it, a module holding it, global hooks), and a
-    run of the parent would not show what that code does. ``None``: only the parent's code
-    (and its hooks) can reach the child."""
+    calling it (and which therefore stays as it is), may not have its own children replaced
+    even where a run of the parent shows the replacements change nothing (``repfx.fold_inside``):
+    code other than the parent's may reach it (another path to it, a module holding it, global
+    hooks), and a run of the parent would not show what that code does. ``None``: only the
+    parent's code (and its hooks) can reach the child."""
     child = parent._modules.get(name)
     if child is None:
         return f"{name!r} is not a child module of {type(parent).__name__}"
