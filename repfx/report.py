@@ -226,11 +226,21 @@ def actionable(skip: Skipped) -> bool:
     return skip.rule == "capture" or any(marker in skip.reason for marker in _ACTIONABLE)
 
 
+_DECIMAL = re.compile(r"[(\[]?[-+]?\d+\.\d+(?:[eE][-+]?\d+)?[),;:]*")
+
+
 def pattern(text: str) -> str:
     """``text`` with block indices and node counters wildcarded, so that repeated blocks read
-    as one: ``stages.2.blocks.11.norm1:mul_23`` → ``stages.*.blocks.*.norm1:mul``."""
-    text = re.sub(r"(?<=[.\[])\d+(?=[.\]:]|$| )", "*", text)
-    return re.sub(r"(?<=[A-Za-z])_\d+\b", "", text)
+    as one: ``stages.2.blocks.11.norm1:mul_23`` → ``stages.*.blocks.*.norm1:mul``; decimal
+    numbers (``max rel 1.0``) are left as they are."""
+    return re.sub(r"\S+", lambda m: _wildcard(m.group()), text)
+
+
+def _wildcard(word: str) -> str:
+    if _DECIMAL.fullmatch(word):
+        return word
+    word = re.sub(r"(?<=[.\[])\d+(?=[.\]:]|$)", "*", word)
+    return re.sub(r"(?<=[A-Za-z])_\d+\b", "", word)
 
 
 def grouped(records: list[tuple[str, str, str]]) -> list[tuple[int, str, str, str]]:

@@ -78,6 +78,9 @@ def test_patterns_wildcard_indices_and_node_counters_only():
     assert pattern("stages.2.blocks.11.norm1:mul_23") == "stages.*.blocks.*.norm1:mul"
     assert pattern("into conv features.3.block.0.0") == "into conv features.*.block.*.*"
     assert pattern("conv2d_1x1") == "conv2d_1x1"
+    assert pattern("at m.0 max rel 1.0 (tolerance 1.5e-05), 0.25)") == (
+        "at m.* max rel 1.0 (tolerance 1.5e-05), 0.25)"
+    )
 
 
 def test_actionable_reasons_are_those_a_user_can_change():
