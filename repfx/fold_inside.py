@@ -184,12 +184,14 @@ def _narrowed(
     refused = dict.fromkeys(paths, proof.refusal)
     if len(paths) == 1 or len(paths) > MAX_SINGLE_PROOFS:
         return proof, refused
-    alone = {path: _prove(opaque, [path], fold_child).refusal for path in paths}
-    passing = [path for path, refusal in alone.items() if refusal is None]
-    together = _prove(opaque, passing, fold_child) if passing else proof
+    alone = {path: _prove(opaque, [path], fold_child) for path in paths}
+    passing = [path for path, single in alone.items() if single.refusal is None]
+    if not passing or len(passing) == len(paths):  # (all of them together failed above)
+        return proof, refused
+    together = alone[passing[0]] if len(passing) == 1 else _prove(opaque, passing, fold_child)
     if together.refusal is not None:
         return proof, refused
-    return together, {path: refusal for path, refusal in alone.items() if refusal is not None}
+    return together, {path: single.refusal for path, single in alone.items() if single.refusal}
 
 
 def _prove(opaque: OpaqueModule, paths: list[str], fold_child: FoldChild) -> _Proof:
