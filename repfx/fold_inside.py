@@ -92,14 +92,24 @@ def _replace(
     where: str,
 ) -> None:
     """Replace ``parent.<name>`` by its fold (a path may be dotted), or say why it cannot be."""
-    holder_path, _, attr = name.rpartition(".")
-    holder = parent.get_submodule(holder_path)
+    holder, attr = _holder(parent, name)
     try:
         folded = fold_child(getattr(holder, attr), inputs, report, where)
     except CaptureError as exc:
-        report.skipped.append(Skipped("capture", where, str(exc).split(" (")[0]))
+        report.skipped.append(Skipped("capture", where, _capture_reason(exc)))
         return
     setattr(holder, attr, folded)
+
+
+def _holder(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding the submodule at the dotted ``path`` of ``root``, and its name there."""
+    holder_path, _, name = path.rpartition(".")
+    return root.get_submodule(holder_path), name
+
+
+def _capture_reason(exc: CaptureError) -> str:
+    """A capture error's reason, without its advice in parentheses."""
+    return str(exc).split(" (")[0]
 
 
 # ------------------------------------------------------------------- under a kept child
@@ -109,8 +119,7 @@ def _keep(opaque: OpaqueModule, path: str, reason: str, report: FoldReport) -> l
     """Keep the module at ``path`` (in the opaque module) as it is, for ``reason``; the paths
     of its children to try replacing instead (those with children of their own)."""
     kept = opaque.module.get_submodule(path)
-    holder_path, _, name = path.rpartition(".")
-    why_not = descent_reason(opaque.module.get_submodule(holder_path), name)
+    why_not = descent_reason(*_holder(opaque.module, path))
     if opaque.inputs is None:
         why_not = (
             "replacing what is inside it is checked by running its untraced parent, which "
@@ -178,41 +187,48 @@ def _narrowed(
 ) -> tuple[_Proof, dict[str, str]]:
     """The proof of the largest set of ``paths`` found to change nothing together (all of
     them, or those that pass on their own), and the refused paths with their reasons."""
-    proof = _prove(opaque, paths, fold_child)
+    assert opaque.inputs is not None  # (_keep tries nothing without them)
+    received = record_inputs(opaque.module, opaque.inputs, paths)
+    proof = _prove(opaque, paths, received, fold_child)
     if proof.refusal is None:
         return proof, {}
     refused = dict.fromkeys(paths, proof.refusal)
     if len(paths) == 1 or len(paths) > MAX_SINGLE_PROOFS:
         return proof, refused
-    alone = {path: _prove(opaque, [path], fold_child) for path in paths}
+    alone = {path: _prove(opaque, [path], received, fold_child) for path in paths}
     passing = [path for path, single in alone.items() if single.refusal is None]
     if not passing or len(passing) == len(paths):  # (all of them together failed above)
         return proof, refused
-    together = alone[passing[0]] if len(passing) == 1 else _prove(opaque, passing, fold_child)
+    if len(passing) == 1:
+        together = alone[passing[0]]
+    else:
+        together = _prove(opaque, passing, received, fold_child)
     if together.refusal is not None:
         return proof, refused
     return together, {path: single.refusal for path, single in alone.items() if single.refusal}
 
 
-def _prove(opaque: OpaqueModule, paths: list[str], fold_child: FoldChild) -> _Proof:
+def _prove(
+    opaque: OpaqueModule,
+    paths: list[str],
+    received: dict[str, tuple | None],
+    fold_child: FoldChild,
+) -> _Proof:
     """Run the opaque module in float64 with and without the modules at ``paths`` replaced by
-    their float64 folds (those that fold), on the inputs it received (``_keep`` tries nothing
-    without them); compare the outputs."""
-    assert opaque.inputs is not None
+    their float64 folds (those that fold; ``received``: the inputs each was called with), on
+    the inputs it received; compare the outputs."""
     try:
-        received = record_inputs(opaque.module, opaque.inputs, paths)
         original = copy_model(opaque.module).double()
         replaced = copy_model(original)
         proof = _Proof()
         for path in paths:
             inputs = received.get(path)
-            holder_path, _, attr = path.rpartition(".")
-            holder = replaced.get_submodule(holder_path)
+            holder, attr = _holder(replaced, path)
             try:
                 inputs64 = None if inputs is None else float64_inputs(inputs)
                 folded = fold_child(getattr(holder, attr), inputs64, FoldReport(), path)
             except CaptureError as exc:
-                proof.unfolded[path] = str(exc).split(" (")[0]
+                proof.unfolded[path] = _capture_reason(exc)
                 continue
             setattr(holder, attr, folded)
             proof.proven[path] = inputs
