@@ -44,6 +44,7 @@ from .capture import (
     child_reason,
     copy_model,
     descent_reason,
+    has_own_forward,
     record_inputs,
 )
 from .errors import one_line
@@ -135,7 +136,7 @@ def _keep(opaque: OpaqueModule, path: str, reason: str, report: FoldReport) -> l
         sub = f"{path}.{child_name}"
         if opaque.shared(child):
             report.skipped.append(Skipped("capture", opaque.where + sub, "module is shared"))
-        elif type(child).forward is nn.Module.forward:  # a ModuleList / ModuleDict
+        elif not has_own_forward(child):  # a ModuleList / ModuleDict
             tried += _keep(opaque, sub, f"an element of {path} ({reason})", report)
         elif any(True for _ in child.children()):
             tried.append(sub)

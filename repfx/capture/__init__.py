@@ -21,7 +21,7 @@ from .fx import (
     functionalize,
     propagate_shapes,
 )
-from .opaque import child_reason, descent_reason
+from .opaque import child_reason, descent_reason, has_own_forward
 from .torch_export import export_program
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "drop_no_op_dtype_guards",
     "export_program",
     "functionalize",
+    "has_own_forward",
     "propagate_shapes",
     "record_child_inputs",
     "record_inputs",

@@ -64,10 +64,16 @@ def child_reason(parent: nn.Module, name: str) -> str | None:
         return reason
     holders = _attributes_holding(parent, child) | {"_modules", "_parameters", "_buffers"}
     analysis = _Analysis(type(parent), name, holders)
-    forward_owner = _defining_class(type(parent), "forward")
-    if forward_owner is None or forward_owner in nn.Module.__mro__:
+    if not has_own_forward(parent):
         return f"{type(parent).__name__} has no forward of its own"
+    forward_owner = _defining_class(type(parent), "forward")
     return analysis.function(forward_owner.__dict__["forward"], forward_owner, "forward")
+
+
+def has_own_forward(module: nn.Module) -> bool:
+    """Does ``module``'s class define a ``forward`` (``nn.ModuleList`` / ``ModuleDict`` do not)?"""
+    owner = _defining_class(type(module), "forward")
+    return owner is not None and owner not in nn.Module.__mro__
 
 
 def descent_reason(parent: nn.Module, name: str) -> str | None:
