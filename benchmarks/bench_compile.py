@@ -4,7 +4,7 @@ with ``freezing=True``, ``torch.compile(repfx.fold(model))`` (with freezing) and
 
 Models (``--models``; ``timm:NAME`` or ``repfx:NAME``): RepVGG-A0, MobileOne-S0, FastViT-T8 and
 ResNet-50 from timm, RIFormer-S12 from ``repfx.models``; each from one set of random weights
-with every foldable parameter re-drawn at O(1) (``repfx.redraw``: BN statistics, affines,
+with every foldable parameter re-drawn at O(1) (``repfx.proof.redraw``: BN statistics, affines,
 LayerScales), and checked: every variant must agree with eager before it is timed. Every variant
 is its own deep copy, so dynamo compiles each with its own backend; compilation happens during
 the warm-up. Rounds are interleaved with a rotating start; ratios are per round ("paired").
@@ -35,7 +35,7 @@ from bench_riformer import Summary, machine_lines, measure_interleaved
 
 import repfx
 from repfx.models import create
-from repfx.redraw import redraw_foldable_parameters_
+from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.testing import assert_close
 
 VARIANTS = ("eager", "inductor", "inductor_freezing", "fold_then_compile", "repfx")

@@ -5,7 +5,7 @@ For each model in ``--models`` (default: timm ``caformer_s18`` and torchvision
 
 - ``unfolded``  the model, random init, eval mode, its foldable parameters (norm statistics and
                 affines, biases, LayerScales) re-drawn at O(1) with
-                ``repfx.redraw.redraw_foldable_parameters_``;
+                ``repfx.proof.redraw.redraw_foldable_parameters_``;
 - ``folded``    ``repfx.fold(unfolded, (x,))`` with verification on.
 
 Method:
@@ -52,9 +52,9 @@ from torch import nn
 
 import repfx
 from repfx.export import onnx_op_counts
-from repfx.redraw import redraw_foldable_parameters_
+from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.testing import assert_close
-from repfx.tolerances import max_errors
+from repfx.proof.tolerances import max_errors
 
 MODELS: tuple[str, ...] = ("timm:caformer_s18", "tv:mobilenet_v3_small")
 FORMS: tuple[str, ...] = ("unfolded", "folded")

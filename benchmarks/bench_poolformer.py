@@ -9,7 +9,7 @@ Variants, both from ONE set of random weights (so they compute the same function
 Method:
 
 1. Build the model, then re-draw every LayerScale and norm affine (and conv bias) at O(1) with
-   ``repfx.redraw.redraw_foldable_parameters_`` (the published LayerScale init of 1e-5 would
+   ``repfx.proof.redraw.redraw_foldable_parameters_`` (the published LayerScale init of 1e-5 would
    make a wrong fold invisible). Fold it and assert with ``repfx.testing.assert_close`` that
    the folded form agrees with the unfolded one on the benchmark input.
 2. Count, per variant, the ATen kernels one forward dispatches (a ``TorchDispatchMode`` under
@@ -43,9 +43,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
 import repfx.models
-from repfx.redraw import redraw_foldable_parameters_
+from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.testing import assert_close
-from repfx.tolerances import max_errors
+from repfx.proof.tolerances import max_errors
 
 # (label, numerator, denominator)
 RATIOS: tuple[tuple[str, str, str], ...] = (("repfx / unfolded", "repfx", "unfolded"),)

@@ -49,7 +49,7 @@ import repfx
 import repfx.models
 from repfx.models import RIFormer, RIFormerBlock
 from repfx.testing import assert_close
-from repfx.tolerances import max_errors
+from repfx.proof.tolerances import max_errors
 
 VARIANTS: tuple[str, ...] = ("training", "paper_deploy", "repfx", "ideal")
 

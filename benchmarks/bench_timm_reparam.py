@@ -57,9 +57,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
-from repfx.op_kinds import op_counts
+from repfx.ir.op_kinds import op_counts
 from repfx.testing import assert_close
-from repfx.tolerances import max_errors
+from repfx.proof.tolerances import max_errors
 
 MODELS: tuple[str, ...] = (
     "repvgg_a0",

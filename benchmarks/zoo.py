@@ -10,7 +10,7 @@ a memory blow-up costs that model only; ``--timeout`` seconds each) and is:
 2. folded on a batch of 2 at its default input size (``pretrained_cfg``; 224×224 for
    torchvision classifiers, two 160×160 images for detectors), verified as given;
 3. compared with the original on a fresh batch of 3 (detectors: of 2 other images), per
-   output, as repfx's verifier compares (``repfx.verify.verify``: an output that misses its
+   output, as repfx's verifier compares (``repfx.proof.verify.verify``: an output that misses its
    tolerance is re-checked against float64 truth with the float64 fold; outputs after NMS are
    "not verifiable" where the original itself jumps).
 
@@ -107,8 +107,8 @@ def sweep_one(spec: str) -> dict:
     from helpers import batch_norms
 
     import repfx
-    from repfx.op_kinds import op_counts
-    from repfx.verify import float64_inputs, verify
+    from repfx.ir.op_kinds import op_counts
+    from repfx.proof.verify import float64_inputs, verify
 
     torch.set_num_threads(1)
     row: dict = {"model": spec}

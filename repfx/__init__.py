@@ -7,13 +7,22 @@ into the convs, linears and norms next to it, returning an equivalent ``GraphMod
 
 from __future__ import annotations
 
-from .capture import CaptureError, ExampleInputError
-from .draw import DrawError
+import sys
+
 from .dynamo import compile_backend
-from .errors import Error, TrainingModeError
+from .errors import CaptureError, Error, ExampleInputError, TrainingModeError
 from .export import ExportError, export_onnx
 from .fold import REPORT_KEY, TrainingModeWarning, VerificationError, fold
+from .ir import match, op_kinds
+from .proof import redraw, tolerances, verify
 from .report import FoldReport
+from .report.draw import DrawError
+
+# Where earlier releases documented these modules: ``from repfx.tolerances import max_errors``
+# and its kin keep working (the modules themselves moved into their layers' packages).
+for _moved in (match, op_kinds, redraw, tolerances, verify):
+    sys.modules[f"{__name__}.{_moved.__name__.rpartition('.')[2]}"] = _moved
+del _moved
 
 __version__ = "0.1.0"
 

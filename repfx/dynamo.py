@@ -33,11 +33,11 @@ import torch
 from torch import fx
 
 from .capture import drop_no_op_dtype_guards, functionalize
-from .graph import annotate_ranks, forget_annotations
+from .ir.graph import annotate_ranks, forget_annotations
 from .passes import default_pipeline
 from .passes.base import Pass, rule_words, run_to_fixpoint
-from .report import FoldReport, GraphStats
-from .rewrite import delete_unused_attributes
+from .passes.rewrite import delete_unused_attributes
+from .report.fold_report import FoldReport, GraphStats
 
 log = logging.getLogger("repfx.dynamo")
 
@@ -49,7 +49,8 @@ _SOURCE = re.compile(r"\._(parameters|buffers)\['([^']+)'\]")
 @dataclass
 class DynamoBackend:
     """A dynamo backend (``torch.compile(model, backend=DynamoBackend())``); ``reports`` has one
-    :class:`~repfx.report.FoldReport` per graph it compiled, the last ``max_reports`` of them."""
+    :class:`~repfx.report.FoldReport` per graph it compiled, the last ``max_reports`` of
+    them."""
 
     inner: str | Callable = "inductor"
     passes: Callable[[], Sequence[Pass]] = default_pipeline

@@ -19,6 +19,14 @@ class TrainingModeError(Error, ValueError):
     training mode compute batch statistics / random masks, which no fold can keep."""
 
 
+class CaptureError(Error, RuntimeError):
+    """The model could not be captured; the message says why and what to do."""
+
+
+class ExampleInputError(Error, ValueError):
+    """The model does not run on the example inputs it was given."""
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message`` (cut to ``limit`` characters), or ``Type`` when the
     message is empty: how repfx quotes an exception inside its own messages."""

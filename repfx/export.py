@@ -15,7 +15,7 @@ and never a half-written file. Each file renamed into place (the destination, an
 files such as ONNX's external ``OUT.onnx.data``) replaces only a regular file or a symbolic
 link (the link itself, never its target), and with ``overwrite=False`` nothing that exists.
 With example inputs, every writer loads what it wrote back with the loader of its format, runs
-it on them and compares the outputs with the module's own, within ``repfx.tolerances``; a
+it on them and compares the outputs with the module's own, within ``repfx.proof.tolerances``; a
 difference raises :class:`ExportMismatchError`.
 
 ``.pt2`` and ``.onnx`` files take a dynamic batch by default (``dynamic_batch=True``): the first
@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from .errors import Error, one_line
-from .inputs import as_inputs, run
-from .tolerances import max_errors, output_tensors, reference_dtype, tolerance_for
+from .proof.inputs import as_inputs, run
+from .proof.tolerances import max_errors, output_tensors, reference_dtype, tolerance_for
 
 # Above this many bytes of weights, ONNX keeps them in an external ``OUT.onnx.data`` file
 # (protobuf cannot serialise a message over 2 GiB).
@@ -120,7 +120,7 @@ def export_onnx(
 
     The graph is checked with ``onnx.checker``; with ``verify`` (the default) onnxruntime runs
     it on ``example_inputs`` and its outputs must match ``folded``'s within
-    ``repfx.tolerances`` (:class:`ExportMismatchError` otherwise). Nothing is written unless
+    ``repfx.proof.tolerances`` (:class:`ExportMismatchError` otherwise). Nothing is written unless
     every check passes; an existing file at ``path`` (or external data next to it) is replaced
     unless ``overwrite=False`` (:class:`OutputExistsError`). ``dynamo=None`` uses the
     torch.export-based exporter when onnxscript is installed, else the TorchScript one. With

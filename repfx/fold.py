@@ -17,23 +17,22 @@ from .capture import (
     CaptureError,
     ExampleInputError,
     capture_model,
-    copy_model,
     export_program,
     propagate_shapes,
     record_child_inputs,
 )
-from .draw import GraphSketch
 from .errors import Error, TrainingModeError, one_line
 from .fold_inside import OpaqueModule, fold_inside
-from .graph import annotate_ranks, forget_annotations
-from .inputs import as_inputs
+from .ir.graph import annotate_ranks, forget_annotations
 from .passes import FoldNormAffine, default_pipeline
 from .passes.base import Pass, rule_words, run_to_fixpoint
-from .report import Folded, FoldReport, GraphStats, Skipped
-from .rewrite import delete_unused_attributes
-from .verify import float64_inputs
-from .verify import verify as run_verification
-from .verify import verify_redrawn as run_redrawn_verification
+from .passes.rewrite import delete_unused_attributes
+from .proof.inputs import as_inputs, copy_model
+from .proof.verify import float64_inputs
+from .proof.verify import verify as run_verification
+from .proof.verify import verify_redrawn as run_redrawn_verification
+from .report.draw import GraphSketch
+from .report.fold_report import Folded, FoldReport, GraphStats, Skipped
 
 REPORT_KEY = "repfx_report"
 
@@ -94,9 +93,9 @@ def fold(
     ``model`` is never modified. With ``example_inputs`` (a tensor or a tuple of positional
     inputs) shapes are propagated, enabling folds whose exactness depends on ranks, and with
     ``verify=True`` the result is checked against the original on those inputs
-    (:class:`VerificationError` if it differs beyond ``repfx.tolerances``); with
+    (:class:`VerificationError` if it differs beyond ``repfx.proof.tolerances``); with
     ``verify_redrawn`` too, a copy whose foldable parameters are re-drawn at O(1)
-    (``repfx.redraw``) is folded the same way and checked as well. Without them,
+    (``repfx.proof.redraw``) is folded the same way and checked as well. Without them,
     repfx assumes conv / batch-norm inputs are batched. The report is at
     ``folded.meta["repfx_report"]``.
 

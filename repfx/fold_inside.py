@@ -17,7 +17,7 @@ change what the opaque module computes:
   so they are proven before any is made: the parent, its parameters and buffers converted to
   float64, runs on the inputs it received on the example inputs once as it is and once with
   the replacements (each folded from its float64 copy), and every output must agree as
-  :func:`repfx.verify.verify` judges a float64 fold. When they do not agree together, each is
+  :func:`repfx.proof.verify.verify` judges a float64 fold. When they do not agree together, each is
   proven on its own and those that pass are proven together again. A child refused is kept in
   turn and its own children are tried the same way, down to modules without children (a lone
   conv or BatchNorm gains nothing from being folded on its own), which are kept with the
@@ -42,14 +42,14 @@ from torch import fx, nn
 from .capture import (
     CaptureError,
     child_reason,
-    copy_model,
     descent_reason,
     has_own_forward,
     record_inputs,
 )
 from .errors import one_line
-from .report import FoldReport, Skipped
-from .verify import float64_inputs, verify
+from .proof.inputs import copy_model
+from .proof.verify import float64_inputs, verify
+from .report.fold_report import FoldReport, Skipped
 
 # fold a child (a copy it may mutate): (module, the inputs it received or None, report, where
 # its folds are reported) → its folded GraphModule; raises CaptureError when it cannot

@@ -3,7 +3,7 @@
 ``assert_equivalent(model, folded, inputs)`` runs repfx's verification (each output on its own
 scale, a float64 re-check where an output misses its tolerance) and raises ``AssertionError``
 with the per-output lines when it fails. ``assert_close(actual, expected)`` compares two
-output structures with the tolerances of :mod:`repfx.tolerances`, nothing more: no re-check.
+output structures with the tolerances of :mod:`repfx.proof.tolerances`, nothing more: no re-check.
 
 repfx itself never calls these; its verifier returns results and raises
 :class:`repfx.VerificationError`.
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .tolerances import output_tensors, tensor_error, tolerance_for
-from .verify import Refold, Verification, verify
+from .proof.tolerances import output_tensors, tensor_error, tolerance_for
+from .proof.verify import Refold, Verification, verify
 
 
 def assert_close(actual: object, expected: object) -> None:
@@ -41,7 +41,8 @@ def assert_equivalent(
     inputs: tuple,
     refold: Refold | None = None,
 ) -> Verification:
-    """Raise ``AssertionError`` unless :func:`repfx.verify.verify` passes; return its result."""
+    """Raise ``AssertionError`` unless :func:`repfx.proof.verify.verify` passes; return its
+    result."""
     result = verify(model, folded, inputs, refold)
     assert result.passed, "folded model differs: " + "\n".join(result.lines())
     return result

@@ -12,7 +12,7 @@ Failures, all checked here independently of repfx's own verifier:
 * the folded model raising where the original runs, or computing something else on a *fresh*
   input (another batch size, other values). Each output tensor is compared against its own
   scale (a ``1e6·a`` output must not hide an error in ``b``): equal shape and dtype, NaN and
-  ±inf in the same places, and relative error within ``repfx.tolerances`` for its dtype — or,
+  ±inf in the same places, and relative error within ``repfx.proof.tolerances`` for its dtype — or,
   in a low precision, within what rounding explains: the folded model (its weights evaluated
   in float64, or, where its graph runs only in its own precision, run in it) must be within
   ``ROUNDING_SLACK`` × the original's own rounding error of float64 truth, or
@@ -21,7 +21,7 @@ Failures, all checked here independently of repfx's own verifier:
   low-precision model whose output passes a threshold or a pole is judged in float64 only
   (``ill_conditioned``); a random model's float64 runs replay its draws (``RandomDraws``);
 * the float64 copy of the model folding to anything but the same function (float64
-  tolerance; behind a pole, within ``repfx.tolerances.float64_criterion`` of the output's
+  tolerance; behind a pole, within ``repfx.proof.tolerances.float64_criterion`` of the output's
   conditioning measured here, never above ``FLOAT64_CRITERION_CEILING``): folds must be
   exact in exact arithmetic;
 * the folded model mutating an input that the original leaves alone, or mutating it
@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import repfx
-from repfx.tolerances import (
+from repfx.proof.tolerances import (
     ROUNDING_SLACK,
     SENSITIVITY_PERTURBATION,
     float64_criterion,

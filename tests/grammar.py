@@ -3,7 +3,7 @@ fold to.
 
 A model is a stem conv followed by blocks separated by activations (which stop folds from
 crossing block boundaries, so each block's outcome is independent). Each block states the op
-counts (``repfx.op_kinds.op_kind``) it must have after folding; the model's expectation is
+counts (``repfx.ir.op_kinds.op_kind``) it must have after folding; the model's expectation is
 their sum. All parameters — BN statistics, affine values, LayerScale — are drawn at O(1): a
 near-identity BN or a 1e-5 LayerScale would hide a wrong fold.
 """

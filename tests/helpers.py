@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
 from repfx.capture import capture, copy_model, propagate_shapes
-from repfx.graph import annotate_ranks
+from repfx.ir.graph import annotate_ranks
 from repfx.testing import assert_close
 
 

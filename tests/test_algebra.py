@@ -3,7 +3,7 @@
 Every fold is verified by building the eager chain (conv → BN, BN → conv, norm → affine, ...)
 from real ``torch.nn`` modules with O(1) random parameters, loading the folded tensors into a
 fresh module and comparing outputs on random inputs: float64 within 1e-10 of the output scale,
-float32 within ``repfx.tolerances``.
+float32 within ``repfx.proof.tolerances``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from repfx.algebra import (
     fold_affine_into_conv_transpose_output,
     fold_affine_into_norm,
 )
+from repfx.proof.tolerances import max_errors
 from repfx.testing import assert_close
-from repfx.tolerances import max_errors
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 FLOAT_DTYPES = st.sampled_from([torch.float64, torch.float32])

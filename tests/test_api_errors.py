@@ -11,7 +11,7 @@ from torch import nn
 import repfx
 from repfx.capture import CaptureError, ExampleInputError
 from repfx.passes.base import PassError, RewriteRejected
-from repfx.rewrite import GraphSurgeryError
+from repfx.passes.rewrite import GraphSurgeryError
 from repfx.sources import SourceError
 
 

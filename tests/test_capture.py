@@ -10,7 +10,7 @@ from grammar import BatchNormAct, randomise_
 from torch import nn
 
 import repfx
-from repfx.op_kinds import op_counts
+from repfx.ir.op_kinds import op_counts
 from repfx.testing import assert_equivalent
 
 
@@ -209,8 +209,8 @@ def test_a_write_through_eval_stochastic_depth_into_a_fresh_result_is_made_out_o
 def test_stochastic_depth_in_training_mode_is_not_an_identity():
     from torchvision.ops import StochasticDepth
 
-    from repfx.match import Fail
-    from repfx.ops import identity_input
+    from repfx.ir.match import Fail
+    from repfx.ir.ops import identity_input
 
     gm = torch.fx.symbolic_trace(nn.Sequential(StochasticDepth(0.5, "row")).train())
     node = next(n for n in gm.graph.nodes if "stochastic_depth" in str(n.target))

@@ -33,7 +33,7 @@ from torch import nn
 
 import repfx
 from repfx.models import metaformer
-from repfx.redraw import redraw_foldable_parameters_
+from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.testing import assert_close
 
 pytestmark = pytest.mark.slow

@@ -36,7 +36,7 @@ from repfx.cli import (
     main,
     sigterm_as_interrupt,
 )
-from repfx.op_kinds import op_counts
+from repfx.ir.op_kinds import op_counts
 from repfx.sources import UnknownModelError
 from repfx.testing import assert_close
 

@@ -17,10 +17,10 @@ from repfx import algebra
 from repfx.passes import FoldBatchNorm, PassError, default_pipeline
 from repfx.passes import _absorb as absorb_module
 from repfx.passes.base import STRICT_ENV, RewriteRejected, apply_rule
-from repfx.report import Folded
-from repfx.rewrite import GraphSurgeryError, replace_node
+from repfx.passes.rewrite import GraphSurgeryError, replace_node
+from repfx.proof.validate import MUTATED_KEY, probe_sizes
+from repfx.report.fold_report import Folded
 from repfx.testing import assert_close
-from repfx.validate import MUTATED_KEY, probe_sizes
 
 
 def _randomised(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -165,8 +165,8 @@ def test_fold_that_overflows_the_dtype_is_refused_not_a_bug(monkeypatch):
 def test_probe_sizes_cover_the_widest_window_and_both_parities():
     model = nn.Sequential(nn.Conv2d(2, 2, 5, stride=3, padding=2), nn.BatchNorm2d(2)).eval()
     gm = traced(model)
-    from repfx.graph import ConstantFolder
-    from repfx.validate import collect_region
+    from repfx.ir.graph import ConstantFolder
+    from repfx.proof.validate import collect_region
 
     nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
     region = collect_region([nodes[1]], [nodes[0].args[0]], ConstantFolder(gm))

@@ -17,9 +17,9 @@ from torch import fx, nn
 
 import repfx
 from repfx.dynamo import compile_backend
+from repfx.ir.op_kinds import op_counts
 from repfx.models import create
-from repfx.op_kinds import op_counts
-from repfx.redraw import redraw_foldable_parameters_
+from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.testing import assert_close
 
 KINDS = ("conv", "batch_norm", "mul", "add")

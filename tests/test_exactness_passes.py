@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import repfx
+from repfx.ir.op_kinds import op_counts
 from repfx.models import create
-from repfx.op_kinds import op_counts
 from repfx.testing import assert_close
 
 

@@ -43,7 +43,7 @@ def test_onnx_of_folded_riformer_has_no_token_mixer_and_runs(tmp_path, riformer)
     assert result.nodes == sum(result.ops.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folded.onnx"]  # one file, no temps
 
-    # onnxruntime against the *original* model, within repfx.tolerances.
+    # onnxruntime against the *original* model, within repfx.proof.tolerances.
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():

@@ -10,7 +10,7 @@ from helpers import batch_norms, fresh_input
 from torch import nn
 
 import repfx
-from repfx.report import Skipped
+from repfx.report.fold_report import Skipped
 from repfx.testing import assert_close
 
 C = 4

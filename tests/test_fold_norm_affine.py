@@ -12,9 +12,9 @@ from helpers import fold_matches, fresh_input, stored_multiplies
 from torch import nn
 
 import repfx
-from repfx.graph import ConstantFolder, where
-from repfx.ops import norm_op
-from repfx.redraw import redraw_foldable_parameters_
+from repfx.ir.graph import ConstantFolder, where
+from repfx.ir.ops import norm_op
+from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.testing import assert_close
 
 

@@ -12,8 +12,8 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import repfx
-from repfx.graph import FLOAT_KEY, RANK_KEY
-from repfx.op_kinds import OP_KINDS, op_counts
+from repfx.ir.graph import FLOAT_KEY, RANK_KEY
+from repfx.ir.op_kinds import OP_KINDS, op_counts
 from repfx.testing import assert_close, assert_equivalent
 
 

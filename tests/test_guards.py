@@ -8,7 +8,7 @@ from grammar import randomise_
 from torch import nn
 
 import repfx
-from repfx.op_kinds import op_counts
+from repfx.ir.op_kinds import op_counts
 from repfx.testing import assert_equivalent
 
 

@@ -25,8 +25,8 @@ from repfx.models import (
     RepVGG,
     RepVGGBlock,
 )
+from repfx.proof.tolerances import max_errors
 from repfx.testing import assert_close
-from repfx.tolerances import max_errors
 
 REP_SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
 TINY = {"repvgg_tiny": RepVGG, "acnet_tiny": ACNet, "dbb_tiny": DBNet, "mobileone_tiny": MobileOne}

@@ -19,8 +19,8 @@ from helpers import traced
 from torch import fx, nn
 
 from repfx.passes.base import FoldContext, RewriteRejected, apply_rule
-from repfx.report import Folded
-from repfx.rewrite import replace_node
+from repfx.passes.rewrite import replace_node
+from repfx.report.fold_report import Folded
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -16,7 +16,7 @@ from helpers import fold_matches, fresh_input
 from torch import fx, nn
 
 import repfx
-from repfx.op_kinds import op_counts
+from repfx.ir.op_kinds import op_counts
 from repfx.testing import assert_close
 
 C = 4

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from repfx.tolerances import (
+from repfx.proof.tolerances import (
     FLOAT64_CRITERION_CEILING,
     FLOAT64_SENSITIVITY_MULTIPLE,
     RELATIVE_TOLERANCE,
@@ -19,7 +19,7 @@ from repfx.tolerances import (
     reference_dtype,
     tolerance_for,
 )
-from repfx.verify import verify
+from repfx.proof.verify import verify
 
 
 @pytest.mark.parametrize("wrong_first", [True, False])

@@ -20,10 +20,10 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from repfx.capture import capture, copy_model
-from repfx.graph import ConstantFolder, annotate_ranks, is_plain
-from repfx.match import Fail
-from repfx.op_kinds import op_counts
-from repfx.ops import affine_op, batch_norm_reason, identity_input
+from repfx.ir.graph import ConstantFolder, annotate_ranks, is_plain
+from repfx.ir.match import Fail
+from repfx.ir.op_kinds import op_counts
+from repfx.ir.ops import affine_op, batch_norm_reason, identity_input
 from repfx.testing import assert_close
 
 C = 4

@@ -1,4 +1,4 @@
-"""The norm registry (repfx.norms): every declared norm is viewed, counted and folded into, and
+"""The norm registry (repfx.ir.norms): every declared norm is viewed, counted and folded into, and
 the RMSNorm — declared there once — behaves like the others where it can (a scale goes into
 its γ) and refuses where it cannot (it has no β for a shift)."""
 
@@ -12,10 +12,10 @@ from helpers import fold_matches, fresh_input, stored_multiplies
 from torch import fx, nn
 
 import repfx
-from repfx.graph import ConstantFolder, annotate_ranks, rank_of
-from repfx.norms import NORMS
-from repfx.op_kinds import OP_KINDS, op_counts
-from repfx.ops import norm_op
+from repfx.ir.graph import ConstantFolder, annotate_ranks, rank_of
+from repfx.ir.norms import NORMS
+from repfx.ir.op_kinds import OP_KINDS, op_counts
+from repfx.ir.ops import norm_op
 
 
 def _random(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -55,7 +55,7 @@ def _assert_scale_gone(model: nn.Module, folded: nn.Module) -> None:
 
 
 def test_every_declared_norm_is_an_op_kind_with_words():
-    from repfx.report import OP_WORDS
+    from repfx.report.fold_report import OP_WORDS
 
     for norm in NORMS:
         assert norm.kind in OP_KINDS

@@ -13,7 +13,7 @@ from torch import nn
 
 import repfx
 from repfx.algebra import ChannelAffine
-from repfx.op_kinds import op_counts
+from repfx.ir.op_kinds import op_counts
 from repfx.passes.fold_affine_through_flatten import fold_affine_into_flattened_linear
 
 RULE = "fold_affine_through_flatten"

@@ -11,7 +11,7 @@ from timm.layers import ScaledStdConv2d, StdConv2d
 from torch import nn
 
 import repfx
-from repfx.op_kinds import op_counts
+from repfx.ir.op_kinds import op_counts
 
 C = 6
 

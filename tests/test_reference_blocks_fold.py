@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import repfx
+from repfx.ir.op_kinds import op_counts
 from repfx.models import ACBlock, DBBlock, MobileOneBlock, RepVGGBlock, create
-from repfx.op_kinds import op_counts
 from repfx.testing import assert_equivalent
 
 

@@ -16,7 +16,7 @@ from torch import nn
 import repfx
 from repfx.cli import main
 from repfx.models import metaformer
-from repfx.report import Skipped, actionable, pattern
+from repfx.report.fold_report import Skipped, actionable, pattern
 
 
 class Blocks(nn.Module):

@@ -13,8 +13,8 @@ from grammar import randomise_
 from torch import fx, nn
 
 import repfx
+from repfx.ir.op_kinds import op_counts
 from repfx.models import create
-from repfx.op_kinds import op_counts
 from repfx.testing import assert_equivalent
 
 BLOCKS_S12 = 2 + 2 + 6 + 2

@@ -16,7 +16,7 @@ from helpers import fold_matches, fresh_input, stored_multiplies
 from torch import nn
 
 import repfx
-from repfx.tolerances import ROUNDING_SLACK
+from repfx.proof.tolerances import ROUNDING_SLACK
 
 
 def _random(model: nn.Module, seed: int = 3) -> nn.Module:

@@ -21,8 +21,8 @@ from torch.nn.utils import parametrizations, parametrize
 
 import repfx
 from repfx.capture import CaptureError, capture, child_reason, copy_model, functionalize
-from repfx.graph import MUTATED_KEY, ConstantFolder
-from repfx.op_kinds import op_counts
+from repfx.ir.graph import MUTATED_KEY, ConstantFolder
+from repfx.ir.op_kinds import op_counts
 from repfx.testing import assert_close
 
 C = 4

@@ -20,7 +20,7 @@ from helpers import traced
 from torch import fx, nn
 
 import repfx
-from repfx.graph import (
+from repfx.ir.graph import (
     FLOAT_KEY,
     RANK_KEY,
     ConstantFolder,
@@ -29,8 +29,8 @@ from repfx.graph import (
     is_plain,
     rank_of,
 )
-from repfx.op_kinds import op_counts
-from repfx.ops import affine_op, identity_input, layout_source_axis, linear_op, norm_op
+from repfx.ir.op_kinds import op_counts
+from repfx.ir.ops import affine_op, identity_input, layout_source_axis, linear_op, norm_op
 from repfx.testing import assert_close
 
 C = 4

@@ -13,7 +13,7 @@ from helpers import batch_norms
 from timm_weights import redraw_foldable_parameters_
 
 import repfx
-from repfx.verify import verify
+from repfx.proof.verify import verify
 
 torch.set_num_threads(1)
 

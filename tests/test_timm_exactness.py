@@ -14,7 +14,7 @@ import torch
 from timm_weights import redraw_foldable_parameters_
 
 import repfx
-from repfx.verify import verify
+from repfx.proof.verify import verify
 
 torch.set_num_threads(1)
 
@@ -40,7 +40,7 @@ def test_timm_model_folds_exactly_on_a_fresh_input(name, size):
     assert report.verification.passed and report.redrawn_verification.passed
     assert not [s for s in report.skipped if "rejected" in s.reason]
     # on a fresh input, per output; where float32 misses its tolerance only because the model
-    # is ill-conditioned, the float64 fold of the float64 model decides (repfx.verify)
+    # is ill-conditioned, the float64 fold of the float64 model decides (repfx.proof.verify)
     refold = lambda m: repfx.fold(m, (example.double(),), verify=False)  # noqa: E731
     fresh_check = verify(model, folded, (fresh,), refold)
     assert fresh_check.passed, "\n".join(fresh_check.lines())

@@ -4,7 +4,7 @@ For each model: random weights (no downloads), every BatchNorm / LayerScale / Sc
 norm / bias parameter re-drawn at O(1) with a fixed seed (identity BN statistics or a 1e-5
 LayerScale would make a wrong fold invisible), then ``repfx.fold(model, (x,))`` must
 
-* not raise, and match the model's output within ``repfx.tolerances``;
+* not raise, and match the model's output within ``repfx.proof.tolerances``;
 * leave the model's ``state_dict`` untouched, and share no tensor storage with it;
 * reach the structure stated in ``SPECS`` below.
 
@@ -31,8 +31,8 @@ from timm_weights import redraw_foldable_parameters_
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repfx.graph import ConstantFolder
-from repfx.op_kinds import OP_KINDS, op_counts, op_kind
+from repfx.ir.graph import ConstantFolder
+from repfx.ir.op_kinds import OP_KINDS, op_counts, op_kind
 from repfx.testing import assert_close
 
 torch.set_num_threads(1)
@@ -53,7 +53,7 @@ class Spec:
     scales: int  # LayerScale / LayerScale2d / metaformer Scale modules
     scales_left: str  # regex over the module paths of the scales that must stay ("" = none)
     scales_left_count: int  # how many paths that regex names, stated independently
-    ops_after: dict[str, int]  # repfx.op_kinds.op_counts of the folded graph (missing kinds: 0)
+    ops_after: dict[str, int]  # repfx.ir.op_kinds.op_counts of the folded graph (missing kinds: 0)
     affines_left: dict[str, int] = field(default_factory=dict)  # remaining channel_affine ops,
     # by the type of the innermost module whose forward they come from
 

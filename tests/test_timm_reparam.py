@@ -22,7 +22,7 @@ spelled (``nn.Conv2d`` module, ``F.conv2d``, a folded ``merged_conv``), needs no
 timm's model (whose reparameterized modules are not all traced the same way as the original),
 and counts what runs: a conv that a graph still calls only so that a rank check can read its
 ``.ndim`` costs as much as any other and is counted. The folded graph's structural
-``repfx.op_kinds.op_counts`` is shown in failure messages as a cross-check.
+``repfx.ir.op_kinds.op_counts`` is shown in failure messages as a cross-check.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
-from repfx.graph import value_users
-from repfx.op_kinds import op_counts
+from repfx.ir.graph import value_users
+from repfx.ir.op_kinds import op_counts
+from repfx.proof.tolerances import max_errors
 from repfx.testing import assert_close
-from repfx.tolerances import max_errors
 
 torch.set_num_threads(1)
 
@@ -69,7 +69,7 @@ MODELS: tuple[tuple[str, int, int], ...] = (  # (name, image size, batch)
 ROUNDING_SLACK = 2.0
 # "At the float32 floor": no more than this many times the original float32 model's own error.
 FLOOR_FACTOR = 16.0
-# Float64 fold error relative to the output's scale (repfx.tolerances' float64 tolerance).
+# Float64 fold error relative to the output's scale (repfx.proof.tolerances' float64 tolerance).
 FLOAT64_EXACT = 1e-10
 
 # ATen names a conv reaches a dispatch mode under: ``convolution`` under no_grad (used here),
@@ -201,7 +201,7 @@ def test_no_more_convs_than_timm(case: Case) -> None:
     dead = shape_only_convs(folded)
     assert ours.conv <= theirs.conv, (
         f"{case.name}: repfx runs {ours.conv} convs, timm's reparameterized model "
-        f"{theirs.conv} (original {original.conv}). repfx.op_kinds.op_counts of the folded "
+        f"{theirs.conv} (original {original.conv}). repfx.ir.op_kinds.op_counts of the folded "
         f"graph: {dict(op_counts(folded))}. {len(dead)} conv calls of the folded graph are "
         f"read only for their shape (e.g. a rank assert), yet still run: {dead[:4]}"
         f"{' …' if len(dead) > 4 else ''}\n{_explain(folded)}"

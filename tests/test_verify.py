@@ -17,10 +17,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import repfx
 from repfx.passes.base import PassResult
-from repfx.redraw import redraw_foldable_parameters_
-from repfx.report import AS_GIVEN, DISCONTINUOUS, FAILED, ILL_CONDITIONED, OK, REDRAWN, Folded
-from repfx.tolerances import RELATIVE_TOLERANCE, max_errors, tolerance_for
-from repfx.verify import verify
+from repfx.proof.redraw import redraw_foldable_parameters_
+from repfx.proof.tolerances import RELATIVE_TOLERANCE, max_errors, tolerance_for
+from repfx.proof.verify import verify
+from repfx.report.fold_report import (
+    AS_GIVEN,
+    DISCONTINUOUS,
+    FAILED,
+    ILL_CONDITIONED,
+    OK,
+    REDRAWN,
+    Folded,
+)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -3,6 +3,6 @@ a wrong fold invisible. Shared by the timm tests and benchmarks/bench_timm_repar
 
 from __future__ import annotations
 
-from repfx.redraw import redraw_foldable_parameters_
+from repfx.proof.redraw import redraw_foldable_parameters_
 
 __all__ = ["redraw_foldable_parameters_"]

@@ -35,11 +35,11 @@ class Mutant:
 
 
 ALGEBRA = "repfx/algebra.py"
-OPS = "repfx/ops.py"
-GRAPH = "repfx/graph.py"
-VALIDATE = "repfx/validate.py"
-VERIFY = "repfx/verify.py"
-TOLERANCES = "repfx/tolerances.py"
+OPS = "repfx/ir/ops.py"
+GRAPH = "repfx/ir/graph.py"
+VALIDATE = "repfx/proof/validate.py"
+VERIFY = "repfx/proof/verify.py"
+TOLERANCES = "repfx/proof/tolerances.py"
 ABSORB = "repfx/passes/_absorb.py"
 PADDING = "repfx/passes/absorb_padding.py"
 BASE = "repfx/passes/base.py"

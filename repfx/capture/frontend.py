@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..inputs import cloned
-from ..report import FoldReport
-from .fx import CaptureError, ExampleInputError
+from ..errors import CaptureError, ExampleInputError
+from ..proof.inputs import cloned
+from ..report.fold_report import FoldReport
 from .fx import capture as fx_capture
 from .torch_export import capture_exported
 

@@ -41,7 +41,7 @@ What capture decides, and why (each is exact, or refuses):
   random in-place op, or by code that is not known (an opaque leaf, a user function, a hook
   whose code does more than compute out of place may write to its inputs) — stays, and the
   written tensor, the writing node and every node that may alias them are marked
-  ``node.meta[repfx.graph.MUTATED_KEY] = True``: such nodes are never constants, and the
+  ``node.meta[repfx.ir.graph.MUTATED_KEY] = True``: such nodes are never constants, and the
   commit point refuses rewrites that touch them. The folded model therefore writes to the
   caller's inputs exactly where the original does. Out of place, ``a + b`` may promote the
   dtype where ``a += b`` keeps ``a``'s: such a rewrite is followed by ``.type_as(a)``, which
@@ -52,7 +52,6 @@ What capture decides, and why (each is exact, or refuses):
 
 from __future__ import annotations
 
-import copy
 import dis
 import functools
 import operator
@@ -65,8 +64,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrizations, parametrize
 
-from ..errors import Error, one_line
-from ..graph import (
+from ..errors import CaptureError, ExampleInputError, one_line
+from ..ir.graph import (
     MUTATED_KEY,
     VALUE_KEYS,
     _fetch_attr,
@@ -82,28 +81,10 @@ from ..graph import (
     reads_only_shape,
     writes_in_place,
 )
-from ..norms import NORM_FUNCTIONS, NORM_MODULES
-from ..ops import identity_input
+from ..ir.norms import NORM_FUNCTIONS, NORM_MODULES
+from ..ir.ops import identity_input
 
 DTYPE_GUARD_KEY = "repfx_dtype_guard"  # node.meta: a cast added by functionalize (see there)
-
-
-class CaptureError(Error, RuntimeError):
-    """The model could not be captured; the message says why and what to do."""
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    try:
-        return copy.deepcopy(model)
-    except Exception as exc:  # e.g. a module holding a lock or an open file
-        raise CaptureError(
-            f"cannot copy the model ({one_line(exc)}); repfx never folds the "
-            "original in place. Make the model deep-copyable (e.g. drop non-tensor handles)."
-        ) from exc
-
-
-class ExampleInputError(Error, ValueError):
-    """The model does not run on the example inputs it was given."""
 
 
 # ---------------------------------------------------------------------------------- hooks
@@ -819,7 +800,7 @@ def _has_tensor_operand(node: fx.Node, target: fx.Node) -> bool:
 
 def functionalize(gm: fx.GraphModule) -> None:
     """Rewrite in-place writes to private tensors out of place; mark every other write
-    (:data:`repfx.graph.MUTATED_KEY`) with what it may reach. See the module docstring."""
+    (:data:`repfx.ir.graph.MUTATED_KEY`) with what it may reach. See the module docstring."""
     module_sites: dict[int, list[tuple[fx.Node, bool]]] = {}
     for node in list(gm.graph.nodes):
         write = _write_of(gm, node)

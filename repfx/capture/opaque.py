@@ -39,7 +39,7 @@ from typing import Any
 
 from torch import nn
 
-from ..graph import global_forward_hooks
+from ..ir.graph import global_forward_hooks
 
 _SELF_LOADS = {"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_DEREF", "LOAD_CLOSURE"}
 _PAIR_LOADS = {"LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW_LOAD_FAST_BORROW"}

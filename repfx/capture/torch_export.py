@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from ..errors import one_line
-from .fx import CaptureError, forward_hooks_of, functionalize, refuse_hooks
+from ..errors import CaptureError, one_line
+from .fx import forward_hooks_of, functionalize, refuse_hooks
 
 aten = torch.ops.aten
 _GUARDS = "_guards_fn"  # ExportedProgram.module()'s input-shape checks

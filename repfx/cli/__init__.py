@@ -11,7 +11,7 @@ Exit codes:
 ==  =====================================================================================
 0   success
 1   verification failed: the folded model, or the file written, differs from the original
-    beyond ``repfx.tolerances``; nothing was written
+    beyond ``repfx.proof.tolerances``; nothing was written
 2   usage: bad option, unknown model name, wrong ``--input-shape`` (not integers, too large
     to allocate, not one per input of ``forward``, or the model does not run on it), OUT
     exists without ``--force``, OUT is SOURCE, OUT cannot be written (its directory is

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..capture import CaptureError, ExampleInputError
+from ..errors import CaptureError, ExampleInputError
 from ..export import ExportError, ExportMismatchError
 from ..sources import SourceError, SourceUsageError, UnknownModelError, UntrustedPickleError
 

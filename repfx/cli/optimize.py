@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from .. import __version__, models
-from ..capture import ExampleInputError
-from ..draw import DrawError
+from ..errors import ExampleInputError
 from ..fold import VerificationError, fold
-from ..report import FoldReport
+from ..report.draw import DrawError
+from ..report.fold_report import FoldReport
 from ..sources import LoadedModel, load_source
 from .errors import EXIT_OK, EXIT_VERIFY, CliError, UsageError
 from .example_inputs import (

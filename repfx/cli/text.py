@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..report import FoldReport
+from ..report.fold_report import FoldReport
 
 
 def _human_report(report: FoldReport, result: dict, explain: bool, everything: bool) -> str:

@@ -15,7 +15,7 @@
 Never worse: a bias-free linear does not gain a bias (ONNX Runtime then rewrites its
 ``MatMul`` as ``Reshape → Gemm → Reshape``).
 
-Each candidate is checked first (a failed check is a :class:`repfx.match.Fail`); only a
+Each candidate is checked first (a failed check is a :class:`repfx.ir.match.Fail`); only a
 candidate that passes every check returns a :class:`Plan`, which the commit point proves and
 applies.
 """
@@ -35,9 +35,9 @@ from ..algebra import (
     fold_affine_into_conv_transpose_output,
     fold_affine_into_norm,
 )
-from ..graph import has_hooks, module_of, op_name, rank_of, value_users, where
-from ..match import Fail
-from ..ops import (
+from ..ir.graph import has_hooks, module_of, op_name, rank_of, value_users, where
+from ..ir.match import Fail
+from ..ir.ops import (
     AffineOp,
     Channelwise,
     LinearOp,
@@ -49,10 +49,10 @@ from ..ops import (
     merge_axes,
     norm_op,
 )
-from ..report import Folded, Skipped
-from ..rewrite import erase_dead, hint_for, insert_affine, set_slot
+from ..report.fold_report import Folded, Skipped
 from ._scale_region import scaled_region
 from .base import FoldContext, PassResult, Rewrite, apply_rule
+from .rewrite import erase_dead, hint_for, insert_affine, set_slot
 
 
 @dataclass(frozen=True)

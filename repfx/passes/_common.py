@@ -18,8 +18,8 @@ import torch
 from torch import fx
 
 from ..algebra import ConvKernel
-from ..match import Fail
-from ..ops import LinearOp
+from ..ir.match import Fail
+from ..ir.ops import LinearOp
 
 _JOIN_SIGNS = {
     operator.add: 1.0,

@@ -6,7 +6,7 @@ For ``y = s ⊙ u`` (a scale, no shift) the *scaled region* is a set of values t
 multiplied by ``s`` at once, so that ``u`` itself becomes ``s ⊙ u`` and the multiply goes:
 
 * a sum or difference passes the scale to both operands: ``s ⊙ (a ± b) = s ⊙ a ± s ⊙ b``;
-* a channel-wise op (``repfx.ops.channelwise_source``: average / adaptive pools, means over
+* a channel-wise op (``repfx.ir.ops.channelwise_source``: average / adaptive pools, means over
   other axes, layout ops, eval dropout, bias-free token-mixing linears; relu and max pools
   when ``s ≥ 0``) passes it to its input: ``f(s ⊙ x) = s ⊙ f(x)``;
 * a conv, linear, norm or affine *takes* it: ``s ⊙_out W``, ``s·γ, s·β``, or a composition.
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ..graph import op_name, static_shape, value_users
-from ..match import Fail
-from ..ops import AffineOp, affine_op, channelwise_source, linear_op, norm_op
+from ..ir.graph import op_name, static_shape, value_users
+from ..ir.match import Fail
+from ..ir.ops import AffineOp, affine_op, channelwise_source, linear_op, norm_op
 from .base import FoldContext
 
 MAX_SCALED_VALUES = 64  # a larger region is not a block-local scale: give up early

@@ -20,13 +20,13 @@ import torch
 from torch import fx
 
 from ..algebra import ConvKernel
-from ..graph import value_users, where
-from ..ops import PAD_FUNCTIONS, LinearOp, linear_op
-from ..report import Folded, Skipped
-from ..rewrite import new_conv, replace_node
-from ..tolerances import constants_match
+from ..ir.graph import value_users, where
+from ..ir.ops import PAD_FUNCTIONS, LinearOp, linear_op
+from ..proof.tolerances import constants_match
+from ..report.fold_report import Folded, Skipped
 from ._common import is_pointwise
 from .base import FoldContext, NodeRule
+from .rewrite import new_conv, replace_node
 
 
 def _symmetric_pads(pad: fx.Node) -> tuple[fx.Node, tuple[int, ...]] | None:

@@ -1,12 +1,12 @@
 """Pass infrastructure: a pass maps a graph module to a :class:`PassResult`; the pipeline runs
 an ordered list of passes until none changes the graph. Most passes are a :class:`NodeRule`:
 they visit every node (:func:`apply_rule`) and turn each candidate into a fold, or its
-:class:`repfx.match.Fail` into a :class:`Skipped` record.
+:class:`repfx.ir.match.Fail` into a :class:`Skipped` record.
 
 Every rewrite goes through one commit point, :meth:`FoldContext.commit`: it evaluates the
 region being replaced on random probes in float64 *before* the graph changes, lets the pass
 rewrite, evaluates the replacement on the same probes, and accepts the rewrite only if both
-agree (``repfx.validate``). A rewrite that cannot be proven (no probe shape runs the region)
+agree (``repfx.proof.validate``). A rewrite that cannot be proven (no probe shape runs the region)
 is not made. A rewrite whose replacement differs is a repfx bug: with ``REPFX_STRICT=1`` (the
 test suite sets it) it raises :class:`RewriteRejected`; otherwise the pipeline starts again from
 the graph as it was, with that rewrite denied, and reports it. A pass that changes the graph
@@ -30,17 +30,17 @@ from typing import Protocol
 from torch import fx, nn
 
 from ..errors import Error
-from ..graph import (
+from ..ir.graph import (
     ConstantFolder,
     attr_tensors_read_by,
     has_hooks,
     module_call_counts,
     tensor_use_counts,
 )
-from ..match import Fail
-from ..report import Folded, Skipped
-from ..rewrite import RewriteRefused, committing
-from ..validate import ValidationFailure, prove_before
+from ..ir.match import Fail
+from ..proof.validate import ValidationFailure, prove_before
+from ..report.fold_report import Folded, Skipped
+from .rewrite import RewriteRefused, committing
 
 STRICT_ENV = "REPFX_STRICT"  # "1": a rejected rewrite raises instead of being denied and retried
 DENIED_KEY = "repfx_denied"  # gm.meta: (rule, location) of rewrites rejected in this fold
@@ -100,7 +100,7 @@ class FoldContext:
     Use counts are taken once, when the pass starts: rewrites only remove call sites of
     existing modules and tensors (so their counts can only be too high, which is safe) and
     create tensors with a single use. The tensors counted are pinned, so that no new tensor
-    can inherit a counted one's ``id``. Constants: see ``repfx.graph.ConstantFolder``.
+    can inherit a counted one's ``id``. Constants: see ``repfx.ir.graph.ConstantFolder``.
     """
 
     def __init__(self, gm: fx.GraphModule):
@@ -204,7 +204,7 @@ class NodeRule:
     A subclass sets ``name`` (the rule's name in reports and records) and ``words`` (one of its
     folds in plain words), and defines ``_visit(ctx, node)``, which returns what
     ``ctx.commit`` returned, a :class:`Skipped` (a candidate that does not hold: its
-    :class:`repfx.match.Fail` turned into a record) or ``None`` (not a candidate). ``runs_once``:
+    :class:`repfx.ir.match.Fail` turned into a record) or ``None`` (not a candidate). ``runs_once``:
     see :func:`run_to_fixpoint`.
     """
 

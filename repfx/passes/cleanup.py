@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..graph import where
-from ..match import Fail
-from ..ops import identity_input
-from ..report import Folded, Skipped
-from ..rewrite import replace_node
+from ..ir.graph import where
+from ..ir.match import Fail
+from ..ir.ops import identity_input
+from ..report.fold_report import Folded, Skipped
 from .base import FoldContext, NodeRule
+from .rewrite import replace_node
 
 
 class Cleanup(NodeRule):

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from torch import fx
 
 from ..algebra import ChannelAffine
-from ..graph import has_hooks, module_of, value_users, where
-from ..match import Fail
-from ..ops import AffineOp, affine_op, merge_axes
-from ..report import Folded, Skipped
-from ..rewrite import hint_for, insert_affine, replace_join
+from ..ir.graph import has_hooks, module_of, value_users, where
+from ..ir.match import Fail
+from ..ir.ops import AffineOp, affine_op, merge_axes
+from ..report.fold_report import Folded, Skipped
 from ._absorb import affine_dtype
 from ._common import join_operands
 from .base import FoldContext, NodeRule
+from .rewrite import hint_for, insert_affine, replace_join
 
 
 @dataclass

@@ -25,12 +25,12 @@ import torch
 from torch import fx, nn
 
 from ..algebra import ChannelAffine
-from ..graph import arg_of, has_hooks, module_of, static_shape, value_users, where
-from ..match import Fail
-from ..ops import AffineOp, LinearOp, affine_op, linear_op
-from ..report import Folded, Skipped
-from ..rewrite import hint_for, replace_node, set_slot
+from ..ir.graph import arg_of, has_hooks, module_of, static_shape, value_users, where
+from ..ir.match import Fail
+from ..ir.ops import AffineOp, LinearOp, affine_op, linear_op
+from ..report.fold_report import Folded, Skipped
 from .base import FoldContext, NodeRule
+from .rewrite import hint_for, replace_node, set_slot
 
 
 def fold_affine_into_flattened_linear(

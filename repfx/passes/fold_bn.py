@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..match import Fail
-from ..ops import AffineOp, affine_op, batch_norm_reason
+from ..ir.match import Fail
+from ..ir.ops import AffineOp, affine_op, batch_norm_reason
 from ._absorb import absorb_each
 from .base import FoldContext, PassResult
 

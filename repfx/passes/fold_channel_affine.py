@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..ops import AffineOp, affine_op
+from ..ir.ops import AffineOp, affine_op
 from ._absorb import absorb_each
 from .base import FoldContext, PassResult
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 from torch import fx
 
 from ..algebra import ChannelAffine
-from ..graph import value_users, where
-from ..match import Fail
-from ..ops import AffineOp, norm_op
-from ..report import Folded, Skipped
-from ..rewrite import clear_slot
+from ..ir.graph import value_users, where
+from ..ir.match import Fail
+from ..ir.ops import AffineOp, norm_op
+from ..report.fold_report import Folded, Skipped
 from ._absorb import fold_into_input, input_side
 from .base import FoldContext, NodeRule
+from .rewrite import clear_slot
 
 
 class FoldNormAffine(NodeRule):

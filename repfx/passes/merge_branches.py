@@ -34,7 +34,7 @@ from ..algebra import (
     sum_kernels,
     undilate,
 )
-from ..graph import (
+from ..ir.graph import (
     RANK_KEY,
     has_hooks,
     module_of,
@@ -44,13 +44,13 @@ from ..graph import (
     value_users,
     where,
 )
-from ..match import Fail
-from ..ops import AffineOp, LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
-from ..regions import Regions
-from ..report import Folded, Skipped
-from ..rewrite import new_conv, replace_join
+from ..ir.match import Fail
+from ..ir.ops import AffineOp, LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
+from ..ir.regions import Regions
+from ..report.fold_report import Folded, Skipped
 from ._common import composition_reason, has_bias, join_operands, kernel_of
 from .base import FoldContext, NodeRule, PassResult, apply_rule
+from .rewrite import new_conv, replace_join
 
 _MERGEABLE = ("conv", "avg_pool", "linear")
 

@@ -18,13 +18,13 @@ import math
 from torch import fx
 
 from ..algebra import compose_pointwise_then_conv
-from ..graph import RANK_KEY, has_hooks, module_of, shape_users, value_users, where
-from ..match import Fail
-from ..ops import LinearOp, linear_op
-from ..report import Folded, Skipped
-from ..rewrite import new_conv, replace_node
+from ..ir.graph import RANK_KEY, has_hooks, module_of, shape_users, value_users, where
+from ..ir.match import Fail
+from ..ir.ops import LinearOp, linear_op
+from ..report.fold_report import Folded, Skipped
 from ._common import composition_reason, kernel_of
 from .base import FoldContext, NodeRule
+from .rewrite import new_conv, replace_node
 
 
 def _reason(ctx: FoldContext, first: LinearOp, second: LinearOp) -> Fail | None:

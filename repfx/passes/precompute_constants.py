@@ -4,7 +4,7 @@ A value that deterministic torch ops compute from module tensors alone is the sa
 weight standardisation (``F.batch_norm(w.reshape(1, O, -1), None, None, training=True)`` on a
 conv's own weight, as timm's ``StdConv2d`` / ``ScaledStdConv2d`` do every forward), a gain times
 a weight, a masked kernel. Storing the result and reading it instead is exact: the same ops run
-once, in the same dtype, on the same device. ``repfx.graph.ConstantFolder`` decides what is
+once, in the same dtype, on the same device. ``repfx.ir.graph.ConstantFolder`` decides what is
 constant (no random op, no write, no input).
 
 The frontier of such a sub-graph — a constant value read by an op that is not constant — becomes
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..graph import where
-from ..report import Folded, Skipped
-from ..rewrite import add_constant, replace_node
+from ..ir.graph import where
+from ..report.fold_report import Folded, Skipped
 from .base import FoldContext, NodeRule
+from .rewrite import add_constant, replace_node
 
 # Methods and functions that only re-view (or copy) their input: no computation to save.
 _VIEWS = {

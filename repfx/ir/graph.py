@@ -188,8 +188,8 @@ class ConstantFolder:
 
     Results are memoised, except a ``get_attr``'s own value, which is always re-read: passes
     overwrite an attribute in place only when its single reader is the op being rewritten
-    (``repfx.rewrite.set_slot``), so no memoised derived value can go stale, and whether a node
-    is constant never changes. One folder serves a pass from start to end.
+    (``repfx.passes.rewrite.set_slot``), so no memoised derived value can go stale, and whether
+    a node is constant never changes. One folder serves a pass from start to end.
     """
 
     def __init__(self, gm: fx.GraphModule):

@@ -23,7 +23,7 @@ OP_KINDS = (
 
 def op_kind(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> str | None:
     """``conv`` / ``conv_transpose`` / ``linear`` / ``batch_norm`` / a norm's kind
-    (``layer_norm``, … from :data:`repfx.norms.NORMS`) / ``channel_affine`` / ``no_op``, or
+    (``layer_norm``, … from :data:`repfx.ir.norms.NORMS`) / ``channel_affine`` / ``no_op``, or
     ``None`` for anything else."""
     if not node.op.startswith("call_") or consts.is_constant(node):
         return None

@@ -22,7 +22,7 @@ module, in three steps:
    new region (walked back from the replacement values to the same inputs and operands) after
    it. Per output: equal shapes, the same NaN / Inf positions, the dtype the original would
    produce (the smaller probe run in the model's own dtypes), and a maximum difference within
-   ``repfx.tolerances.rewrite_tolerance`` of the output's scale. A wrong fold is off by O(1);
+   ``repfx.proof.tolerances.rewrite_tolerance`` of the output's scale. A wrong fold is off by O(1);
    a correct one only by the rounding of its folded constants to the model's dtype.
 
 Why this is sound enough: every fold repfx makes is affine in its inputs and operands (or the
@@ -45,10 +45,10 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call
 
-from .errors import one_line
-from .graph import RANK_KEY, ConstantFolder, _fetch_attr, static_shape
-from .norms import NORM_MODULES
-from .ops import avg_pool_settings
+from ..errors import one_line
+from ..ir.graph import RANK_KEY, ConstantFolder, _fetch_attr, static_shape
+from ..ir.norms import NORM_MODULES
+from ..ir.ops import avg_pool_settings
 from .tolerances import rewrite_tolerance
 
 _CONV_FUNCTIONS = {

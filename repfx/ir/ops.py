@@ -4,7 +4,7 @@ Passes never look at ``node.op`` / ``node.target`` themselves; they ask this mod
 view of a node:
 
 * :class:`LinearOp` — conv / conv-transpose / linear: ``y = W ∗ x + b``;
-* :class:`NormOp` — a norm of :mod:`repfx.norms` (LayerNorm, GroupNorm, RMSNorm), with its
+* :class:`NormOp` — a norm of :mod:`repfx.ir.norms` (LayerNorm, GroupNorm, RMSNorm), with its
   per-channel affine;
 * :class:`AffineOp` — a per-channel affine of one tensor: eval BatchNorm, ``x * g``,
   ``g.view(1,-1,1,1) * x``, ``x.mul(g)``, ``torch.add``/sub/div by constants, ``torch.addcmul``,
@@ -13,7 +13,7 @@ view of a node:
 A view returns ``None`` for a node that is not one of its kind. Where a near-miss deserves a
 reason — a training-mode dropout (:func:`identity_input`), a batch norm that is no affine
 (:func:`batch_norm_reason`), two affines on different axes (:func:`merge_axes`) — it returns a
-:class:`repfx.match.Fail` instead (see ``repfx.match`` for the convention).
+:class:`repfx.ir.match.Fail` instead (see ``repfx.ir.match`` for the convention).
 
 Every view carries :class:`Slot` objects naming where each of its tensors lives (a module
 attribute or a node argument), so a rewrite can replace them without knowing the spelling.
@@ -23,10 +23,10 @@ the batch dimension is present; ``None`` means "uniform over all channels" (a sc
 
 Soundness: a view is returned only when the node provably computes it.
 
-* Modules must be *plain* (``repfx.graph.is_plain``): a subclass that overrides anything
+* Modules must be *plain* (``repfx.ir.graph.is_plain``): a subclass that overrides anything
   ``forward`` uses (``_conv_forward``, ``_check_input_dim``, a ``weight`` property) is not the
   base op.
-* Every tensor operand of a view is a constant (``repfx.graph.ConstantFolder``). An optional
+* Every tensor operand of a view is a constant (``repfx.ir.graph.ConstantFolder``). An optional
   operand (a norm's or batch norm's weight / bias, a linear's bias) that is *given* but not a
   constant — computed from an activation (conditional BN), or a graph placeholder — makes the
   node no view at all; only an operand that is absent (not passed, or passed as ``None``) means
@@ -53,7 +53,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .algebra import ChannelAffine, batch_norm_affine
+from ..algebra import ChannelAffine, batch_norm_affine
 from .graph import (
     ConstantFolder,
     arg_of,
@@ -135,7 +135,7 @@ class NormOp:
     """A normalisation whose statistics ignore its per-channel affine ``γ ⊙ n + β``."""
 
     node: fx.Node
-    kind: str  # a repfx.norms.NormKind's kind: "layer_norm" | "group_norm" | "rms_norm"
+    kind: str  # a repfx.ir.norms.NormKind's kind: "layer_norm" | "group_norm" | "rms_norm"
     channels: int
     channel_axis: int | None  # None when the input rank is unknown (group norm)
     weight: torch.Tensor | None
@@ -424,7 +424,7 @@ def avg_pool_op(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
 
 
 def norm_op(gm: fx.GraphModule, node: fx.Node, consts: ConstantFolder) -> NormOp | None:
-    """View ``node`` as one of the norms of :data:`repfx.norms.NORMS` (a LayerNorm or an
+    """View ``node`` as one of the norms of :data:`repfx.ir.norms.NORMS` (a LayerNorm or an
     RMSNorm over the last dim, a GroupNorm), or ``None``."""
     if node.op == "call_module":
         found = _norm_module(gm, node)

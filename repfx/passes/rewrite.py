@@ -2,7 +2,7 @@
 
 The graph module being rewritten is always repfx's own copy of the user's model, so its
 modules may be updated in place — but only after the pass has checked that the module or
-tensor has a single call site (see ``repfx.graph.tensor_use_counts``).
+tensor has a single call site (see ``repfx.ir.graph.tensor_use_counts``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,18 @@ from contextlib import contextmanager
 import torch
 from torch import fx, nn
 
-from .algebra import ChannelAffine, ConvKernel
-from .errors import Error
-from .graph import FLOAT_KEY, RANK_KEY, _fetch_attr, module_of, owner_and_name, shape_users, where
-from .ops import Slot
+from ..algebra import ChannelAffine, ConvKernel
+from ..errors import Error
+from ..ir.graph import (
+    FLOAT_KEY,
+    RANK_KEY,
+    _fetch_attr,
+    module_of,
+    owner_and_name,
+    shape_users,
+    where,
+)
+from ..ir.ops import Slot
 
 _COMMIT_KEY = "repfx_commit_open"  # gm.meta: a commit is applying its rewrite now
 

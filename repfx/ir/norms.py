@@ -4,9 +4,9 @@ A norm here computes ``γ ⊙ n(x) + β`` with statistics ``n`` that do not depe
 a per-channel affine after it folds into ``γ, β`` (``algebra.fold_affine_into_norm``). Each
 :class:`NormKind` says how the norm is spelled (its module class and functions), where its
 channels are, whether it has a ``β``, and its name in counts and reports. The rank inference
-(``repfx.graph``), the op views (``repfx.ops.norm_op``), capture's tables of ops that allocate
-(``repfx.capture.fx``), the commit point's probe sizes (``repfx.validate``), the op counts
-(``repfx.op_kinds``) and the report read this table: a new norm is one entry here.
+(``repfx.ir.graph``), the op views (``repfx.ir.ops.norm_op``), capture's tables of ops that allocate
+(``repfx.capture.fx``), the commit point's probe sizes (``repfx.proof.validate``), the op counts
+(``repfx.ir.op_kinds``) and the report read this table: a new norm is one entry here.
 """
 
 from __future__ import annotations

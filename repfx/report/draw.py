@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 import networkx as nx
 from torch import fx
 
-from .errors import Error
-from .graph import op_name
+from ..errors import Error
+from ..ir.graph import op_name
 
 if TYPE_CHECKING:
-    from .report import FoldReport
+    from .fold_report import FoldReport
 
 MIN_BLOCK_OPS = 6  # widen the drawn block to its parent module until it has this many ops
 MAX_BLOCK_OPS = 80  # ... but not past this many: the picture would be unreadable

@@ -1,16 +1,21 @@
-"""Example inputs: the forms users pass them in, and running a model on them.
+"""Example inputs and private copies: the forms users pass inputs in, and running a model on them.
 
 ``as_inputs`` turns a tensor, a tuple or a list into the tuple of positional inputs;
 ``cloned`` copies every tensor (also inside lists, tuples and dicts) so that a model writing its
 input cannot change what the caller, or the next run, sees; ``run`` calls a model on clones,
-seeded and without grad, as every comparison in repfx does.
+seeded and without grad, as every comparison in repfx does; ``copy_model`` is the private deep
+copy that every fold, capture and comparison works on, so the user's model is never touched.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
+
+from ..errors import CaptureError, one_line
 
 
 def as_inputs(example_inputs: object) -> tuple | None:
@@ -43,3 +48,14 @@ def run(module: nn.Module, inputs: tuple) -> object:
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
         return module(*args)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (:class:`CaptureError` naming why if it cannot be copied)."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # e.g. a module holding a lock or an open file
+        raise CaptureError(
+            f"cannot copy the model ({one_line(exc)}); repfx never folds the "
+            "original in place. Make the model deep-copyable (e.g. drop non-tensor handles)."
+        ) from exc

@@ -7,7 +7,7 @@ positions in both, ±Inf at the same positions with the same sign; non-floating 
 equal. Fold arithmetic is float64, so the only differences left are the rounding of the model's
 own dtype in a different order of operations (``RELATIVE_TOLERANCE``).
 
-When an output misses its tolerance, ``repfx.verify`` re-checks it against float64 truth; the
+When an output misses its tolerance, ``repfx.proof.verify`` re-checks it against float64 truth; the
 constants of that re-check are below, each with its reason.
 """
 
@@ -29,7 +29,7 @@ RELATIVE_TOLERANCE: dict[torch.dtype, float] = {
 
 # Low precision, float64 re-check, part 2: the folded weights, stored in the low precision and
 # evaluated exactly, may be off float64 truth by at most this many times the original's own
-# low-precision error against that truth (see repfx.verify). A wrong fold is off by O(1), far
+# low-precision error against that truth (see repfx.proof.verify). A wrong fold is off by O(1), far
 # beyond this on a well-conditioned model; on a chaotic one part 1 (the float64 fold) decides.
 ROUNDING_SLACK = 16.0
 
@@ -166,9 +166,9 @@ def constants_match(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> boo
     return bool(torch.all((a - b).abs() <= 8 * eps * scale))
 
 
-# The commit point (repfx.validate) evaluates a region and its replacement in float64 on random
-# probes; the only difference a correct rewrite leaves is the rounding of its folded constants
-# to the model's dtype (relative ~eps per constant). A wrong rewrite is off by O(1).
+# The commit point (repfx.proof.validate) evaluates a region and its replacement in float64 on
+# random probes; the only difference a correct rewrite leaves is the rounding of its folded
+# constants to the model's dtype (relative ~eps per constant). A wrong rewrite is off by O(1).
 REWRITE_TOLERANCE: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
     torch.float32: 1e-5,  # ~84 eps

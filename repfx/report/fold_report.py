@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
-from .norms import NORMS
-from .op_kinds import op_counts
+from ..ir.norms import NORMS
+from ..ir.op_kinds import op_counts
 
 if TYPE_CHECKING:
     from .draw import GraphSketch
@@ -56,20 +56,20 @@ REDRAWN = "re-drawn parameters"
 
 @dataclass(frozen=True)
 class Float64Recheck:
-    """One output that missed its tolerance, checked against float64 truth (``repfx.verify``).
+    """One output that missed its tolerance, checked against float64 truth (``repfx.proof.verify``).
 
     Relative errors, on the output's own scale. ``sensitivity`` is measured only when
     ``fold_error`` exceeds the float64 floor; ``original_rounding`` … ``rounding_criterion`` only
     for a low-precision output."""
 
     fold_error: float  # the float64 fold vs the float64 original
-    criterion: float  # fold_error must be ≤ this (repfx.tolerances.float64_criterion)
+    criterion: float  # fold_error must be ≤ this (repfx.proof.tolerances.float64_criterion)
     sensitivity: float | None = None  # the float64 original's move under a 1-ulp perturbation
     original_rounding: float | None = None  # the low-precision original vs float64 truth
     folded_rounding: float | None = None  # the low-precision fold vs float64 truth (not judged)
     weight_rounding: float | None = None  # the fold's rounded weights, run in float64, vs truth
     rounding_criterion: float | None = None  # weight_rounding must be ≤ this
-    discontinuous: bool = False  # sensitivity ≥ repfx.tolerances.DISCONTINUITY
+    discontinuous: bool = False  # sensitivity ≥ repfx.proof.tolerances.DISCONTINUITY
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class GraphStats:
     parameters: int  # numel of parameters
     buffers: int  # numel of buffers
     nodes: int  # compute nodes (calls), excluding placeholders, attributes and output
-    ops: dict[str, int]  # count of recognised op kinds, see repfx.op_kinds.op_kind
+    ops: dict[str, int]  # count of recognised op kinds, see repfx.ir.op_kinds.op_kind
 
     @staticmethod
     def of(gm: fx.GraphModule, module: nn.Module | None = None) -> GraphStats:
@@ -203,7 +203,7 @@ class GraphStats:
         )
 
 
-# Plain words for op kinds (repfx.op_kinds.op_kind); a rule's are its pass's ``words``.
+# Plain words for op kinds (repfx.ir.op_kinds.op_kind); a rule's are its pass's ``words``.
 OP_WORDS = {
     "conv": "conv",
     "conv_transpose": "transposed conv",
@@ -260,7 +260,7 @@ class FoldReport:
     redrawn_verification: Verification | None = None  # a copy with re-drawn parameters (REDRAWN)
     opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why not traced
     notes: list[str] = field(default_factory=list)
-    # the graph as captured and as folded, for draw() (repfx.draw); not part of to_dict()
+    # the graph as captured and as folded, for draw() (repfx.report.draw); not part of to_dict()
     before_sketch: GraphSketch | None = field(default=None, repr=False)
     after_sketch: GraphSketch | None = field(default=None, repr=False)
     # each rule's plain words (its pass's ``words``), for the text; not part of to_dict()
@@ -268,7 +268,7 @@ class FoldReport:
 
     def draw(self, path: str | os.PathLike, block: str | None = None) -> str:
         """Draw one folded block before and after into ``path`` (SVG, PNG, PDF: by its
-        suffix); returns the module path drawn. See ``repfx.draw``."""
+        suffix); returns the module path drawn. See ``repfx.report.draw``."""
         from .draw import draw  # local: matplotlib is optional, and imported only to draw
 
         return draw(self, path, block)

@@ -1,6 +1,6 @@
 """Verification: does a folded model compute what the original computes?
 
-Both are run on the example inputs and compared output by output (``repfx.tolerances``):
+Both are run on the example inputs and compared output by output (``repfx.proof.tolerances``):
 
 1. Structure. The outputs' pytree structure must match, non-tensor leaves must be equal, and
    each output tensor must have the original's shape and dtype; otherwise the verification
@@ -27,7 +27,7 @@ Both are run on the example inputs and compared output by output (``repfx.tolera
    chaotically, is reported, not judged.
 
 :func:`verify_redrawn` repeats all of this on a copy whose foldable parameters are re-drawn at
-O(1) (``repfx.redraw``): identity BN statistics and zero biases hide wrong folds.
+O(1) (``repfx.proof.redraw``): identity BN statistics and zero biases hide wrong folds.
 """
 
 from __future__ import annotations
@@ -38,11 +38,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
-from .capture import copy_model
-from .errors import one_line
-from .inputs import run
-from .redraw import VERIFICATION_SEED, redraw_foldable_parameters_
-from .report import (
+from ..errors import one_line
+from ..report.fold_report import (
     AS_GIVEN,
     DISCONTINUOUS,
     FAILED,
@@ -53,6 +50,8 @@ from .report import (
     OutputComparison,
     Verification,
 )
+from .inputs import copy_model, run
+from .redraw import VERIFICATION_SEED, redraw_foldable_parameters_
 from .tolerances import (
     EXACT_SENSITIVITY_TRIALS,
     SENSITIVITY_PERTURBATION,
@@ -104,7 +103,7 @@ def verify_redrawn(
     refold: Refold | None = None,
     seed: int = VERIFICATION_SEED,
 ) -> Verification:
-    """Re-draw the foldable parameters of a copy of ``model`` (``repfx.redraw``), fold it with
+    """Re-draw the foldable parameters of a copy of ``model`` (``repfx.proof.redraw``), fold it with
     ``fold_copy`` (the same fold, without verification) and verify that fold against the copy."""
     redrawn = redraw_foldable_parameters_(copy_model(model), seed)
     return verify(redrawn, fold_copy(redrawn), inputs, refold, label=REDRAWN)

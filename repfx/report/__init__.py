@@ -1,0 +1,5 @@
+"""What a fold did, for people: ``FoldReport`` (``fold_report``) and its picture (``draw``)."""
+
+from .fold_report import Folded, FoldReport, Skipped
+
+__all__ = ["FoldReport", "Folded", "Skipped"]
