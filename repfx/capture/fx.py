@@ -68,9 +68,9 @@ from ..errors import CaptureError, ExampleInputError, one_line
 from ..ir.graph import (
     MUTATED_KEY,
     VALUE_KEYS,
-    _fetch_attr,
     call_signature,
     dtype_on_meta_tensors,
+    fetch_attr,
     global_forward_hooks,
     inplace_flag,
     is_inplace_name,
@@ -913,11 +913,11 @@ def mark_mutated(gm: fx.GraphModule, seeds: Iterable[Any]) -> None:
 
 
 def _same_tensor_reads(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
-    value = _fetch_attr(gm, node.target)
+    value = fetch_attr(gm, node.target)
     return [
         n
         for n in gm.graph.nodes
-        if n.op == "get_attr" and n is not node and _fetch_attr(gm, n.target) is value
+        if n.op == "get_attr" and n is not node and fetch_attr(gm, n.target) is value
     ]
 
 
@@ -947,7 +947,7 @@ def _mark_batch_norm_statistics(gm: fx.GraphModule) -> None:
 
 
 def _storage_of(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    value = _fetch_attr(gm, node.target)
+    value = fetch_attr(gm, node.target)
     return value.untyped_storage().data_ptr() if isinstance(value, torch.Tensor) else None
 
 
@@ -1013,7 +1013,7 @@ def _written_parameters(gm: fx.GraphModule) -> list[tuple[torch.Tensor, torch.Te
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.meta.get(MUTATED_KEY):
-            value = _fetch_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor) and id(value) not in seen:
                 seen[id(value)] = (value, value.detach().clone())
     return list(seen.values())

@@ -229,7 +229,7 @@ class ConstantFolder:
         if node.meta.get(MUTATED_KEY):
             return None
         if node.op == "get_attr":
-            value = _fetch_attr(self.gm, node.target)
+            value = fetch_attr(self.gm, node.target)
             return value if isinstance(value, torch.Tensor) else None
         inputs = node.all_input_nodes
         if not inputs or node.op not in ("call_function", "call_method"):
@@ -390,7 +390,7 @@ def may_evaluate(node: fx.Node) -> bool:
     return node.op == "call_method" or is_torch_callable(node.target)
 
 
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -418,7 +418,7 @@ def tensor_use_counts(gm: fx.GraphModule, consts: ConstantFolder) -> Counter[int
             for t in _module_tensors(module_of(gm, node)):
                 uses[id(t)] += 1
         elif node.op == "get_attr":
-            value = _fetch_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 uses[id(value)] += max(1, len(consumers_through_constants(node, consts)))
     return uses
@@ -445,7 +445,7 @@ def attr_tensors_read_by(node: fx.Node, consts: ConstantFolder) -> list[torch.Te
     while stack:
         n = stack.pop()
         if n.op == "get_attr":
-            out.append(_fetch_attr(consts.gm, n.target))
+            out.append(fetch_attr(consts.gm, n.target))
         else:
             stack.extend(n.all_input_nodes)
     return out
@@ -688,7 +688,7 @@ def _infer(gm: fx.GraphModule, node: fx.Node) -> tuple[int | None, bool]:
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     in_float = any(n.meta.get(FLOAT_KEY, False) for n in node.all_input_nodes)
     if node.op == "get_attr":
-        value = _fetch_attr(gm, node.target)
+        value = fetch_attr(gm, node.target)
         if isinstance(value, torch.Tensor):
             return value.dim(), value.is_floating_point()
         return None, False

@@ -19,7 +19,7 @@ from ..errors import Error
 from ..ir.graph import (
     FLOAT_KEY,
     RANK_KEY,
-    _fetch_attr,
+    fetch_attr,
     module_of,
     owner_and_name,
     shape_users,
@@ -169,9 +169,9 @@ def clear_slot(gm: fx.GraphModule, slot: Slot) -> None:
 
 def _single_get_attr(gm: fx.GraphModule, node: fx.Node) -> bool:
     """No other ``get_attr`` node reads the same tensor."""
-    value = _fetch_attr(gm, node.target)
+    value = fetch_attr(gm, node.target)
     return not any(
-        other is not node and other.op == "get_attr" and _fetch_attr(gm, other.target) is value
+        other is not node and other.op == "get_attr" and fetch_attr(gm, other.target) is value
         for other in gm.graph.nodes
     )
 
@@ -284,13 +284,13 @@ def _modules_run_whole(gm: fx.GraphModule) -> set[str]:
     (``repfx.capture.frontend``)."""
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     fetched = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
-    return called | {path for path in fetched if isinstance(_fetch_attr(gm, path), nn.Module)}
+    return called | {path for path in fetched if isinstance(fetch_attr(gm, path), nn.Module)}
 
 
 def _used_tensor_ids(gm: fx.GraphModule, whole: set[str]) -> set[int]:
     """``id``s of the tensors the graph reads: fetched by a ``get_attr`` node, or held by a
     module at ``whole`` (its parameters and buffers, its submodules' included)."""
-    used_ids = {id(_fetch_attr(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    used_ids = {id(fetch_attr(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
     for path in whole:
         m = gm.get_submodule(path)
         used_ids.update(id(t) for t in [*m.parameters(), *m.buffers()])

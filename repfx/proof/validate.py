@@ -46,7 +46,7 @@ from torch import fx, nn
 from torch.func import functional_call
 
 from ..errors import one_line
-from ..ir.graph import RANK_KEY, ConstantFolder, _fetch_attr, static_shape
+from ..ir.graph import RANK_KEY, ConstantFolder, fetch_attr, static_shape
 from ..ir.norms import NORM_MODULES
 from ..ir.ops import avg_pool_settings
 from .tolerances import rewrite_tolerance
@@ -105,7 +105,7 @@ def collect_region(
             constants[node] = value
             continue
         if node.op in ("placeholder", "output") or (
-            node.op == "get_attr" and not isinstance(_fetch_attr(consts.gm, node.target), nn.Module)
+            node.op == "get_attr" and not isinstance(fetch_attr(consts.gm, node.target), nn.Module)
         ):
             inputs.append(node)  # an operand: a graph input, or a non-tensor attribute
             continue
@@ -169,7 +169,7 @@ def evaluate(
             elif node.op == "call_method":
                 env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
             elif node.op == "get_attr":
-                env[node] = _fetch_attr(gm, node.target)
+                env[node] = fetch_attr(gm, node.target)
             else:
                 raise ValidationFailure(f"cannot evaluate a {node.op} node")
     return [env[o] for o in region.outputs]
