@@ -121,15 +121,26 @@ def make_scratch(parent: Path, index: int) -> Path:
     return scratch
 
 
-def occurrences(scratch: Path, mutant: Mutant) -> int:
-    path = scratch / mutant.file
-    return path.read_text().count(mutant.original) if path.is_file() else 0
+def places(root: Path, mutant: Mutant) -> list[Path]:
+    """The files holding ``mutant``'s snippet, one entry per occurrence. ``mutant.file`` names
+    a file or a package (a folder, or a module that may become one: ``repfx/ir/ops`` means
+    ``repfx/ir/ops.py`` or every ``.py`` file under ``repfx/ir/ops/``), so that a catalogue
+    entry survives code moving between the modules of one package."""
+    target = root / mutant.file
+    if target.is_dir():
+        files = sorted(target.rglob("*.py"))
+    else:
+        files = [f for f in (target, target.with_name(target.name + ".py")) if f.is_file()][:1]
+    return [f for f in files for _ in range(f.read_text().count(mutant.original))]
+
+
+def occurrences(root: Path, mutant: Mutant) -> int:
+    return len(places(root, mutant))
 
 
 def run_pytest(scratch: Path, args: Sequence[str], timeout: float) -> PytestRun:
     """``python -m pytest ARGS`` in ``scratch``, importing repfx from the scratch copy."""
     env = dict(os.environ)
-    env.pop("REPFX_STRICT", None)  # tests/conftest.py sets it
     env["PYTHONPATH"] = str(scratch)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # a mutated and a restored file may share an mtime
     proc = subprocess.Popen(
@@ -175,7 +186,7 @@ def run_mutant(
     found = occurrences(scratch, mutant)
     if found != 1:
         return Outcome(mutant, INVALID, f"snippet found {found} times in {mutant.file}")
-    path = scratch / mutant.file
+    [path] = places(scratch, mutant)
     original = path.read_text()
     started = time.monotonic()
     try:

@@ -34,9 +34,9 @@ class Mutant:
     equivalent: str = ""  # why no test can kill it (an equivalent mutant), if it is one
 
 
-ALGEBRA = "repfx/algebra.py"
-OPS = "repfx/ir/ops.py"
-GRAPH = "repfx/ir/graph.py"
+ALGEBRA = "repfx/algebra"
+OPS = "repfx/ir/ops"  # a module or a package: see tools/mutants.py, places()
+GRAPH = "repfx/ir/graph"
 VALIDATE = "repfx/proof/validate.py"
 VERIFY = "repfx/proof/verify.py"
 TOLERANCES = "repfx/proof/tolerances.py"
