@@ -53,8 +53,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ..algebra import ChannelAffine, batch_norm_affine
-from .graph import (
+from ...algebra import ChannelAffine, batch_norm_affine
+from ..graph import (
     ConstantFolder,
     arg_of,
     dtype_argument,
@@ -66,8 +66,8 @@ from .graph import (
     rank_of,
     static_shape,
 )
-from .match import Fail
-from .norms import NORMS, NormKind, norm_kind_of_function
+from ..match import Fail
+from ..norms import NORMS, NormKind, norm_kind_of_function
 
 # ----------------------------------------------------------------------------------- slots
 
