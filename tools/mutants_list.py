@@ -159,8 +159,8 @@ AUDIT: tuple[Mutant, ...] = (
     _m(
         "zero-minus-x-is-a-no-op",
         OPS,
-        "for _t in _SUB:\n    _NOOP_SCALARS[_t] = (0.0, False)",
-        "for _t in _SUB:\n    _NOOP_SCALARS[_t] = (0.0, True)",
+        "for _t in SUB:\n    _NOOP_SCALARS[_t] = (0.0, False)",
+        "for _t in SUB:\n    _NOOP_SCALARS[_t] = (0.0, True)",
         "ops._identity_arith (cleanup's no-op view): 0 − x treated as x",
         T_VIEWS,
         T_CLEANUP,
@@ -192,7 +192,7 @@ AUDIT: tuple[Mutant, ...] = (
     _m(
         "functional-bn-training-ignored",
         OPS,
-        '    training, _ = _batch_norm_arg(node, "training")\n    if training is not False:',
+        '    training = _batch_norm_arg(node, "training")\n    if training is not False:',
         "    training = False\n    if training is not False:",
         "ops._batch_norm_function_reason: training-mode F.batch_norm treated as eval",
         T_VIEWS,
@@ -214,8 +214,8 @@ AUDIT: tuple[Mutant, ...] = (
     _m(
         "drop-path-rate-not-read",
         OPS,
-        "return _ARG if attr is None else getattr(m, attr, None)",
-        "return _ARG if attr is None else 0.0",
+        "return MISSING if attr is None else getattr(m, attr, None)",
+        "return MISSING if attr is None else 0.0",
         "ops._drop_rate: DropPath's drop_prob not read (taken as 0)",
         T_VIEWS,
         T_GUARDS,
@@ -544,8 +544,8 @@ OPS_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "depthwise-1x1-stride-ignored",
         OPS,
-        "        and all(s == 1 for s in m.stride)\n        and not _has_zero_padding",
-        "        and not _has_zero_padding",
+        "        and all(s == 1 for s in m.stride)\n        and not has_zero_padding",
+        "        and not has_zero_padding",
         "_is_depthwise_pointwise: a strided depthwise 1×1 conv seen as an affine",
         T_VIEWS,
         T_AFFINE,
@@ -665,8 +665,8 @@ OPS_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "one-over-x-is-a-no-op",
         OPS,
-        "for _t in _DIV:\n    _NOOP_SCALARS[_t] = (1.0, False)",
-        "for _t in _DIV:\n    _NOOP_SCALARS[_t] = (1.0, True)",
+        "for _t in DIV:\n    _NOOP_SCALARS[_t] = (1.0, False)",
+        "for _t in DIV:\n    _NOOP_SCALARS[_t] = (1.0, True)",
         "_identity_arith: 1 / x treated as x",
         T_VIEWS,
         T_CLEANUP,

@@ -1,0 +1,136 @@
+"""Layout views: ops that only move data, and where a channel axis goes through them.
+
+:func:`layout_source_axis` recognises ``flatten``, ``permute``, ``transpose``, ``view``,
+``reshape`` (methods, and the ``torch.`` functions) and ``contiguous``, and maps the channel
+axis of the output back to the axis of the input that holds it whole (counted from the right);
+a per-channel affine then commutes with the op: ``a(layout(x)) = layout(a'(x))``. Layout ops
+only move data: ``x.view(dtype)`` (a bitcast, which reinterprets the bits) and casts are not
+layout ops, and a ``view`` / ``reshape`` is read only where the shapes are known.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..graph import arg_of, dtype_argument, known_dtype, rank_of, static_shape
+from .operands import MISSING
+
+_LAYOUT_METHODS = {"flatten", "permute", "transpose", "contiguous", "view", "reshape"}
+_LAYOUT_FUNCS = {
+    torch.flatten: "flatten",
+    torch.permute: "permute",
+    torch.transpose: "transpose",
+    torch.reshape: "reshape",
+}
+_SIZE_METHODS = {"size"}  # a node that certainly holds sizes (not a dtype)
+
+
+def layout_source_axis(
+    node: fx.Node, axis: int | None
+) -> fx.Node | tuple[fx.Node, int | None] | None:
+    """If ``node`` only moves data (flatten / permute / transpose / view / reshape /
+    contiguous) and keeps the channel ``axis`` of its output intact, return ``(input, axis)``
+    with the axis in the input's coordinates (counted from the right). ``None`` otherwise —
+    in particular for ``x.view(dtype)`` (a bitcast: it reinterprets the bits) and for casts.
+
+    A per-channel affine then commutes with ``node``: ``a(layout(x)) = layout(a'(x))``.
+    """
+    if node.op == "call_method" and node.target in _LAYOUT_METHODS:
+        kind = node.target
+    elif node.op == "call_function" and node.target in _LAYOUT_FUNCS:
+        kind = _LAYOUT_FUNCS[node.target]
+    else:
+        return None
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node) or not _moves_data_only(node, kind, x):
+        return None
+    if axis is None or kind == "contiguous":
+        return x, axis
+    r_in, r_out = rank_of(x), rank_of(node)
+    if r_in is None or r_out is None or not 0 <= axis + r_out < r_out or r_in == 0:
+        return None
+    pos = axis + r_out  # positive axis in the output
+    source = _source_position(node, kind, pos, r_in, r_out)
+    return None if source is None else (x, source - r_in)
+
+
+def _moves_data_only(node: fx.Node, kind: str, x: fx.Node) -> bool:
+    """Not a bitcast: no dtype argument (or a node that may be one), and the same dtype out as
+    in where both are known."""
+    in_dtype, out_dtype = known_dtype(x), known_dtype(node)
+    if in_dtype is not None and out_dtype is not None and in_dtype != out_dtype:
+        return False
+    if kind == "view" and dtype_argument(node) is not None:
+        args = node.args[1:]
+        single_size = len(args) == 1 and _holds_sizes(args[0])
+        return single_size and "dtype" not in node.kwargs
+    return True
+
+
+def _holds_sizes(arg: Any) -> bool:
+    """Is ``arg`` a node that certainly evaluates to sizes (``x.shape``, ``x.size()``)?"""
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op == "call_function" and arg.target is getattr:
+        return arg.args[1:] == ("shape",)
+    return arg.op == "call_method" and arg.target in _SIZE_METHODS and len(arg.args) == 1
+
+
+def _source_position(node: fx.Node, kind: str, pos: int, r_in: int, r_out: int) -> int | None:
+    """The axis of the input (counted from the left) that output axis ``pos`` of the layout op
+    ``node`` holds whole; ``None`` when it holds no single input axis, or that is unknown."""
+    if kind == "permute":
+        return _permute_source(node, pos, r_in, r_out)
+    if kind == "transpose":
+        return _transpose_source(node, pos, r_in)
+    if kind == "flatten":
+        return _flatten_source(node, pos, r_in)
+    return _reshape_source(node, pos)
+
+
+def _permute_source(node: fx.Node, pos: int, r_in: int, r_out: int) -> int | None:
+    """``x.permute(*dims)`` / ``x.permute(dims)``: output axis ``pos`` is input axis
+    ``dims[pos]``."""
+    args = node.args[1:]
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    if len(dims) != r_out or type(dims[pos]) is not int:
+        return None
+    return dims[pos] % r_in
+
+
+def _transpose_source(node: fx.Node, pos: int, r_in: int) -> int | None:
+    """``x.transpose(dim0, dim1)`` swaps the two axes and keeps the others in place."""
+    d0, d1 = arg_of(node, 1, "dim0", MISSING), arg_of(node, 2, "dim1", MISSING)
+    if type(d0) is not int or type(d1) is not int:
+        return None
+    d0, d1 = d0 % r_in, d1 % r_in
+    return d1 if pos == d0 else d0 if pos == d1 else pos
+
+
+def _flatten_source(node: fx.Node, pos: int, r_in: int) -> int | None:
+    """``x.flatten(start, end)`` keeps the axes outside ``start..end`` whole, and the merged one
+    only when it merges a single axis."""
+    start, end = arg_of(node, 1, "start_dim", 0), arg_of(node, 2, "end_dim", -1)
+    if type(start) is not int or type(end) is not int:
+        return None
+    start, end = start % r_in, end % r_in
+    if pos < start:
+        return pos
+    if pos > start:
+        return pos + (end - start)
+    return pos if start == end else None
+
+
+def _reshape_source(node: fx.Node, pos: int) -> int | None:
+    """``x.view(sizes)`` / ``x.reshape(sizes)``: only with known shapes, and only when every dim
+    from the axis on is kept."""
+    s_in, s_out = static_shape(node.args[0]), static_shape(node)
+    if s_in is None or s_out is None:
+        return None
+    suffix = len(s_out) - pos
+    if suffix > len(s_in):
+        return None
+    return len(s_in) - suffix if tuple(s_in[-suffix:]) == tuple(s_out[-suffix:]) else None
