@@ -535,7 +535,7 @@ OPS_MUTANTS: tuple[Mutant, ...] = (
         OPS,
         "    return any(p != 0 for p in padding)\n",
         "    return all(p != 0 for p in padding)\n",
-        "_has_zero_padding: padding (1, 0) seen as no padding",
+        "has_zero_padding: padding (1, 0) seen as no padding",
         T_VIEWS,
         T_BN,
         K_VIEWS,
