@@ -47,6 +47,7 @@ from torch.func import functional_call
 
 from ..errors import one_line
 from ..ir.graph import RANK_KEY, ConstantFolder, fetch_attr, static_shape
+from ..ir.match import Fail
 from ..ir.norms import NORM_MODULES
 from ..ir.ops import avg_pool_settings
 from .tolerances import rewrite_tolerance
@@ -382,30 +383,30 @@ class Proof:
     expected: list[list[Any]]  # per probe, per output (float64)
     dtypes: list[torch.dtype | None]  # per output, in the model's own dtypes (None: no tensor)
 
-    def check(self, gm: fx.GraphModule, replacements: Sequence[fx.Node]) -> str | None:
+    def check(self, gm: fx.GraphModule, replacements: Sequence[fx.Node]) -> Fail | None:
         """Why the replacement differs from the old region (``None``: it does not)."""
         consts = ConstantFolder(gm)
         stops = [n for n in self.region.inputs if not n._erased]
         try:
             new = collect_region(list(replacements), stops, consts)
         except ValidationFailure as exc:
-            return str(exc)
+            return Fail(str(exc))
         unknown = [n for n in new.inputs if n not in self.probes[0].feeds]
         if unknown:
-            return f"the replacement reads {unknown[0].name}, which the region did not"
+            return Fail(f"the replacement reads {unknown[0].name}, which the region did not")
         try:
             dtypes = dtypes_of(gm, new, self.probes[-1])
             to_f64 = _Converted(to_meta=False)
             actuals = [evaluate(gm, new, probe.feeds, to_f64) for probe in self.probes]
         except Exception as exc:  # the replacement does not even run
-            return f"the replacement fails on the probe: {one_line(exc)}"
+            return Fail(f"the replacement fails on the probe: {one_line(exc)}")
         for i, (want, got) in enumerate(zip(self.dtypes, dtypes, strict=True)):
-            if (reason := _same_dtype(want, got)) is not None:
-                return f"output {i}: {reason}"
+            if (fail := _same_dtype(want, got)) is not None:
+                return Fail(f"output {i}: {fail.reason}")
         for expected, actual in zip(self.expected, actuals, strict=True):
             for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
-                if (reason := _same_values(want, got, self.dtypes[i])) is not None:
-                    return f"output {i}: {reason}"
+                if (fail := _same_values(want, got, self.dtypes[i])) is not None:
+                    return Fail(f"output {i}: {fail.reason}")
         return None
 
 
@@ -530,25 +531,28 @@ def _draw(
     return value.to(device)
 
 
-def _same_dtype(want: torch.dtype | None, got: torch.dtype | None) -> str | None:
+def _same_dtype(want: torch.dtype | None, got: torch.dtype | None) -> Fail | None:
+    """Why an output's dtype differs from the original's (``None``: it does not)."""
     if (want is None) != (got is None):
-        return f"produces {'a tensor' if got else 'no tensor'}, expected the opposite"
+        return Fail(f"produces {'a tensor' if got else 'no tensor'}, expected the opposite")
     if got != want:
-        return f"dtype {got}, expected {want}"
+        return Fail(f"dtype {got}, expected {want}")
     return None
 
 
-def _same_values(want: Any, got: Any, dtype: torch.dtype | None) -> str | None:
+def _same_values(want: Any, got: Any, dtype: torch.dtype | None) -> Fail | None:
+    """Why an output's values differ from the original's beyond the commit point's tolerance
+    (``None``: they do not)."""
     if not isinstance(want, torch.Tensor):
-        return None if want == got else f"value {got!r}, expected {want!r}"
+        return None if want == got else Fail(f"value {got!r}, expected {want!r}")
     if want.shape != got.shape:
-        return f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        return Fail(f"shape {tuple(got.shape)}, expected {tuple(want.shape)}")
     if not want.is_floating_point():
-        return None if torch.equal(want, got) else "integer values differ"
+        return None if torch.equal(want, got) else Fail("integer values differ")
     want, got = want.double(), got.double()
     bad_want, bad_got = ~torch.isfinite(want), ~torch.isfinite(got)
     if not torch.equal(bad_want, bad_got):
-        return "non-finite values (NaN / Inf) where the original has none, or vice versa"
+        return Fail("non-finite values (NaN / Inf) where the original has none, or vice versa")
     finite = ~bad_want
     if not bool(finite.any()):
         return None
@@ -557,5 +561,5 @@ def _same_values(want: Any, got: Any, dtype: torch.dtype | None) -> str | None:
     tol = rewrite_tolerance(dtype or torch.float64)
     rel = diff / scale if scale > 0 else diff
     if rel > tol or math.isnan(rel):
-        return f"differs by {rel:.3g} of the output's scale (tolerance {tol:.1g})"
+        return Fail(f"differs by {rel:.3g} of the output's scale (tolerance {tol:.1g})")
     return None
