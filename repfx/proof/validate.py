@@ -143,12 +143,41 @@ class _Converted:
         return out
 
 
-def _run_module(module: nn.Module, convert: Any, args: tuple, kwargs: dict) -> Any:
-    state = {
-        name: convert(t)
-        for name, t in itertools.chain(module.named_parameters(), module.named_buffers())
-    }
-    return functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
+class RegionInterpreter(fx.Interpreter):
+    """``torch.fx.Interpreter`` over one region of a graph, not the whole graph: the region's
+    inputs and operands are fed (probe values), never read from placeholders; its constants are
+    taken as collected; every constant and module tensor is converted with ``convert``
+    (float64 promotion, meta tensors, or the identity for the model's own dtypes)."""
+
+    _EVALUATED = ("call_module", "call_function", "call_method", "get_attr")
+
+    def __init__(self, gm: fx.GraphModule, convert: Any):
+        super().__init__(gm, garbage_collect_values=False)
+        self.convert = convert
+
+    def run_region(self, region: Region, feeds: dict[fx.Node, Any]) -> list[Any]:
+        """Run ``region`` on ``feeds`` (values of its inputs); returns its outputs."""
+        self.env = dict(feeds)
+        for node, value in region.constants.items():
+            self.env[node] = self.convert(value)
+        with torch.no_grad():
+            for node in region.ops:
+                self.env[node] = self.run_node(node)
+        return [self.env[o] for o in region.outputs]
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op not in self._EVALUATED:
+            raise ValidationFailure(f"cannot evaluate a {n.op} node")
+        return super().run_node(n)
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        """The module run on its converted parameters and buffers (the module is untouched)."""
+        module = self.fetch_attr(target)
+        state = {
+            name: self.convert(t)
+            for name, t in itertools.chain(module.named_parameters(), module.named_buffers())
+        }
+        return functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
 
 
 def evaluate(
@@ -156,24 +185,7 @@ def evaluate(
 ) -> list[Any]:
     """Run ``region`` on ``feeds`` (values of its inputs), converting every constant and module
     tensor with ``convert`` (float64 promotion, or meta tensors). Returns the outputs."""
-    env: dict[fx.Node, Any] = dict(feeds)
-    for node, value in region.constants.items():
-        env[node] = convert(value)
-    with torch.no_grad():
-        for node in region.ops:
-            args = fx.node.map_arg(node.args, env.__getitem__)
-            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            if node.op == "call_module":
-                env[node] = _run_module(gm.get_submodule(node.target), convert, args, kwargs)
-            elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            elif node.op == "get_attr":
-                env[node] = fetch_attr(gm, node.target)
-            else:
-                raise ValidationFailure(f"cannot evaluate a {node.op} node")
-    return [env[o] for o in region.outputs]
+    return RegionInterpreter(gm, convert).run_region(region, feeds)
 
 
 # ----------------------------------------------------------------------------- probe shapes
