@@ -275,9 +275,6 @@ class FoldReport:
         """Number of folds per rule."""
         return dict(Counter(f.rule for f in self.folded))
 
-    def skip_reasons(self) -> dict[str, int]:
-        return dict(Counter(s.reason for s in self.skipped))
-
     # ------------------------------------------------------------------ reading
 
     def summary(self) -> str:
