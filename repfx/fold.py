@@ -31,8 +31,8 @@ from .proof.inputs import as_inputs, copy_model
 from .proof.verify import float64_inputs
 from .proof.verify import verify as run_verification
 from .proof.verify import verify_redrawn as run_redrawn_verification
-from .report.draw import GraphSketch
 from .report.fold_report import Folded, FoldReport, GraphStats, Skipped
+from .report.sketch import GraphSketch
 
 REPORT_KEY = "repfx_report"
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ast
 import sys
+from functools import cache
 from pathlib import Path
 
+import networkx as nx
 from radon.complexity import cc_visit
 
 PACKAGE = Path(__file__).resolve().parents[1] / "repfx"
@@ -91,14 +93,30 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@cache
+def _all_modules() -> frozenset[str]:
+    return frozenset(_module_name(path) for path in PACKAGE.rglob("*.py"))
+
+
 def _imported_modules(path: Path, module: str) -> set[str]:
-    """The repfx modules ``path`` imports with relative imports, as dotted names."""
+    """The repfx modules ``path`` imports, as dotted names: relative and absolute imports,
+    anywhere in the file (at module level, inside a function, under ``if TYPE_CHECKING``).
+    ``from .x import y`` names ``x.y`` where ``y`` is a module, else ``x``; importing a module
+    does not count as importing the packages above it."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package.split(".")[: len(package.split(".")) - node.level + 1]
-            found.add(".".join([*base, node.module] if node.module else base))
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "repfx"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, node.module] if node.module else parts)
+            else:
+                base = node.module or ""
+            if base.split(".")[0] == "repfx":
+                names = (f"{base}.{alias.name}" for alias in node.names)
+                found |= {name if name in _all_modules() else base for name in names}
     return found
 
 
@@ -112,3 +130,21 @@ def test_every_module_imports_its_own_layer_or_below():
             if (layer := _layer(target)) is not None and layer < own:
                 upward.append(f"{module} imports {target}")
     assert upward == []
+
+
+def test_no_two_modules_import_each_other():
+    """The import graph of ``repfx/`` has no cycle, counting every import of
+    :func:`_imported_modules` (a function-level import or one made only for type annotations
+    ties two modules together as much as any other): each module reads without the ones
+    that read it."""
+    graph = nx.DiGraph()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        graph.add_node(module)
+        graph.add_edges_from((module, t) for t in _imported_modules(path, module) if t != module)
+    tangles = [group for group in nx.strongly_connected_components(graph) if len(group) > 1]
+    cycles = []
+    for group in tangles:
+        edges = nx.find_cycle(graph.subgraph(group))
+        cycles.append(" → ".join([a for a, _ in edges] + [edges[0][0]]))
+    assert cycles == [], "import cycles (one per tangle):\n" + "\n".join(sorted(cycles))

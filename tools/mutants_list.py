@@ -1157,7 +1157,7 @@ CHECK_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "commit-ignores-dtype",
         VALIDATE,
-        "            if (reason := _same_dtype(want, got)) is not None:\n",
+        "            if (fail := _same_dtype(want, got)) is not None:\n",
         "            if False:\n",
         "Proof.check: the replacement's output dtype not compared",
         T_COMMIT,

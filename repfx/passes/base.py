@@ -138,9 +138,8 @@ class FoldContext:
                 replacements, detail = rewrite()
         except RewriteRefused as exc:  # the graph is half-changed: the pipeline undoes it
             raise RewriteRejected(rule, location, exc.reason, bug=False) from exc
-        why = proof.check(self.gm, replacements)
-        if why is not None:
-            raise RewriteRejected(rule, location, why)
+        if (fail := proof.check(self.gm, replacements)) is not None:
+            raise RewriteRejected(rule, location, fail.reason)
         return Folded(rule, location, detail)
 
     def shared_reason(self, node: fx.Node, what: str) -> Fail | None:

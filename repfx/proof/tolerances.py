@@ -153,11 +153,6 @@ def rounding_criterion(original_rounding: float, dtype: torch.dtype) -> float:
     return max(tolerance_for(dtype), ROUNDING_SLACK * original_rounding)
 
 
-def rounding_explains(folded_err: float, rounding_err: float, dtype: torch.dtype) -> bool:
-    """Is a low-precision fold's error (vs float64 truth) explained by ``rounding_err``?"""
-    return folded_err <= rounding_criterion(rounding_err, dtype)
-
-
 def constants_match(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
     """Are two constants the same value, up to the rounding of ``dtype`` (a constant computed
     in float64 by a fold vs the same constant computed by the model in ``dtype``)?"""

@@ -47,6 +47,7 @@ from torch.func import functional_call
 
 from ..errors import one_line
 from ..ir.graph import RANK_KEY, ConstantFolder, fetch_attr, static_shape
+from ..ir.match import Fail
 from ..ir.norms import NORM_MODULES
 from ..ir.ops import avg_pool_settings
 from .tolerances import rewrite_tolerance
@@ -142,12 +143,41 @@ class _Converted:
         return out
 
 
-def _run_module(module: nn.Module, convert: Any, args: tuple, kwargs: dict) -> Any:
-    state = {
-        name: convert(t)
-        for name, t in itertools.chain(module.named_parameters(), module.named_buffers())
-    }
-    return functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
+class RegionInterpreter(fx.Interpreter):
+    """``torch.fx.Interpreter`` over one region of a graph, not the whole graph: the region's
+    inputs and operands are fed (probe values), never read from placeholders; its constants are
+    taken as collected; every constant and module tensor is converted with ``convert``
+    (float64 promotion, meta tensors, or the identity for the model's own dtypes)."""
+
+    _EVALUATED = ("call_module", "call_function", "call_method", "get_attr")
+
+    def __init__(self, gm: fx.GraphModule, convert: Any):
+        super().__init__(gm, garbage_collect_values=False)
+        self.convert = convert
+
+    def run_region(self, region: Region, feeds: dict[fx.Node, Any]) -> list[Any]:
+        """Run ``region`` on ``feeds`` (values of its inputs); returns its outputs."""
+        self.env = dict(feeds)
+        for node, value in region.constants.items():
+            self.env[node] = self.convert(value)
+        with torch.no_grad():
+            for node in region.ops:
+                self.env[node] = self.run_node(node)
+        return [self.env[o] for o in region.outputs]
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op not in self._EVALUATED:
+            raise ValidationFailure(f"cannot evaluate a {n.op} node")
+        return super().run_node(n)
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        """The module run on its converted parameters and buffers (the module is untouched)."""
+        module = self.fetch_attr(target)
+        state = {
+            name: self.convert(t)
+            for name, t in itertools.chain(module.named_parameters(), module.named_buffers())
+        }
+        return functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
 
 
 def evaluate(
@@ -155,24 +185,7 @@ def evaluate(
 ) -> list[Any]:
     """Run ``region`` on ``feeds`` (values of its inputs), converting every constant and module
     tensor with ``convert`` (float64 promotion, or meta tensors). Returns the outputs."""
-    env: dict[fx.Node, Any] = dict(feeds)
-    for node, value in region.constants.items():
-        env[node] = convert(value)
-    with torch.no_grad():
-        for node in region.ops:
-            args = fx.node.map_arg(node.args, env.__getitem__)
-            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            if node.op == "call_module":
-                env[node] = _run_module(gm.get_submodule(node.target), convert, args, kwargs)
-            elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            elif node.op == "get_attr":
-                env[node] = fetch_attr(gm, node.target)
-            else:
-                raise ValidationFailure(f"cannot evaluate a {node.op} node")
-    return [env[o] for o in region.outputs]
+    return RegionInterpreter(gm, convert).run_region(region, feeds)
 
 
 # ----------------------------------------------------------------------------- probe shapes
@@ -382,30 +395,30 @@ class Proof:
     expected: list[list[Any]]  # per probe, per output (float64)
     dtypes: list[torch.dtype | None]  # per output, in the model's own dtypes (None: no tensor)
 
-    def check(self, gm: fx.GraphModule, replacements: Sequence[fx.Node]) -> str | None:
+    def check(self, gm: fx.GraphModule, replacements: Sequence[fx.Node]) -> Fail | None:
         """Why the replacement differs from the old region (``None``: it does not)."""
         consts = ConstantFolder(gm)
         stops = [n for n in self.region.inputs if not n._erased]
         try:
             new = collect_region(list(replacements), stops, consts)
         except ValidationFailure as exc:
-            return str(exc)
+            return Fail(str(exc))
         unknown = [n for n in new.inputs if n not in self.probes[0].feeds]
         if unknown:
-            return f"the replacement reads {unknown[0].name}, which the region did not"
+            return Fail(f"the replacement reads {unknown[0].name}, which the region did not")
         try:
             dtypes = dtypes_of(gm, new, self.probes[-1])
             to_f64 = _Converted(to_meta=False)
             actuals = [evaluate(gm, new, probe.feeds, to_f64) for probe in self.probes]
         except Exception as exc:  # the replacement does not even run
-            return f"the replacement fails on the probe: {one_line(exc)}"
+            return Fail(f"the replacement fails on the probe: {one_line(exc)}")
         for i, (want, got) in enumerate(zip(self.dtypes, dtypes, strict=True)):
-            if (reason := _same_dtype(want, got)) is not None:
-                return f"output {i}: {reason}"
+            if (fail := _same_dtype(want, got)) is not None:
+                return Fail(f"output {i}: {fail.reason}")
         for expected, actual in zip(self.expected, actuals, strict=True):
             for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
-                if (reason := _same_values(want, got, self.dtypes[i])) is not None:
-                    return f"output {i}: {reason}"
+                if (fail := _same_values(want, got, self.dtypes[i])) is not None:
+                    return Fail(f"output {i}: {fail.reason}")
         return None
 
 
@@ -530,25 +543,28 @@ def _draw(
     return value.to(device)
 
 
-def _same_dtype(want: torch.dtype | None, got: torch.dtype | None) -> str | None:
+def _same_dtype(want: torch.dtype | None, got: torch.dtype | None) -> Fail | None:
+    """Why an output's dtype differs from the original's (``None``: it does not)."""
     if (want is None) != (got is None):
-        return f"produces {'a tensor' if got else 'no tensor'}, expected the opposite"
+        return Fail(f"produces {'a tensor' if got else 'no tensor'}, expected the opposite")
     if got != want:
-        return f"dtype {got}, expected {want}"
+        return Fail(f"dtype {got}, expected {want}")
     return None
 
 
-def _same_values(want: Any, got: Any, dtype: torch.dtype | None) -> str | None:
+def _same_values(want: Any, got: Any, dtype: torch.dtype | None) -> Fail | None:
+    """Why an output's values differ from the original's beyond the commit point's tolerance
+    (``None``: they do not)."""
     if not isinstance(want, torch.Tensor):
-        return None if want == got else f"value {got!r}, expected {want!r}"
+        return None if want == got else Fail(f"value {got!r}, expected {want!r}")
     if want.shape != got.shape:
-        return f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        return Fail(f"shape {tuple(got.shape)}, expected {tuple(want.shape)}")
     if not want.is_floating_point():
-        return None if torch.equal(want, got) else "integer values differ"
+        return None if torch.equal(want, got) else Fail("integer values differ")
     want, got = want.double(), got.double()
     bad_want, bad_got = ~torch.isfinite(want), ~torch.isfinite(got)
     if not torch.equal(bad_want, bad_got):
-        return "non-finite values (NaN / Inf) where the original has none, or vice versa"
+        return Fail("non-finite values (NaN / Inf) where the original has none, or vice versa")
     finite = ~bad_want
     if not bool(finite.any()):
         return None
@@ -557,5 +573,5 @@ def _same_values(want: Any, got: Any, dtype: torch.dtype | None) -> str | None:
     tol = rewrite_tolerance(dtype or torch.float64)
     rel = diff / scale if scale > 0 else diff
     if rel > tol or math.isnan(rel):
-        return f"differs by {rel:.3g} of the output's scale (tolerance {tol:.1g})"
+        return Fail(f"differs by {rel:.3g} of the output's scale (tolerance {tol:.1g})")
     return None

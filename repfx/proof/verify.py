@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
 from ..errors import one_line
+from ..ir.match import Fail
 from ..report.fold_report import (
     AS_GIVEN,
     DISCONTINUOUS,
@@ -81,9 +82,9 @@ def verify(
     # neither model is run itself: a forward may mutate its module (training-mode BN statistics)
     expected, actual = run(copy_model(model), inputs), run(copy_model(folded), inputs)
     tolerance = tolerance_for(reference_dtype(expected))
-    problem = structure_mismatch(actual, expected)
-    if problem is not None:
-        return Verification.of(label, (), tolerance, problem)
+    mismatch = structure_mismatch(actual, expected)
+    if mismatch is not None:
+        return Verification.of(label, (), tolerance, mismatch.reason)
     paths, got, want = _tensor_leaves(actual, expected)
     comparisons = [compare_output(p, a, e) for p, a, e in zip(paths, got, want, strict=True)]
     if any(_recheckable(c) for c in comparisons):
@@ -118,19 +119,19 @@ def float64_inputs(inputs: tuple) -> tuple:
 # ------------------------------------------------------------------ structure and outputs
 
 
-def structure_mismatch(actual: object, expected: object) -> str | None:
+def structure_mismatch(actual: object, expected: object) -> Fail | None:
     """Why two output structures cannot be compared tensor by tensor (``None``: they can)."""
     got, got_spec = tree_flatten(actual)
     want, want_spec = tree_flatten(expected)
     if len(got) != len(want):
-        return f"the fold returns {len(got)} output leaves, the original {len(want)}"
+        return Fail(f"the fold returns {len(got)} output leaves, the original {len(want)}")
     if got_spec != want_spec:
-        return f"output structure {got_spec} differs from the original's {want_spec}"
+        return Fail(f"output structure {got_spec} differs from the original's {want_spec}")
     for (path, e), a in zip(tree_flatten_with_path(expected)[0], got, strict=True):
         if isinstance(a, torch.Tensor) != isinstance(e, torch.Tensor):
-            return f"output {_name(path)} is {type(a).__name__}, expected {type(e).__name__}"
+            return Fail(f"output {_name(path)} is {type(a).__name__}, expected {type(e).__name__}")
         if not isinstance(e, torch.Tensor) and not _same_value(a, e):
-            return f"output {_name(path)} is {a!r}, expected {e!r}"
+            return Fail(f"output {_name(path)} is {a!r}, expected {e!r}")
     return None
 
 
@@ -245,9 +246,10 @@ class _Float64Recheck:
         recheck = Float64Recheck(fold_error, criterion, sensitivity)
         if self.weights64 is not None:
             recheck = self._rounding(i, recheck)
-        why = _recheck_failure(recheck)
-        problem = f"{c.problem}; {why}" if why else c.problem
-        return _replace(c, FAILED if why else ILL_CONDITIONED, problem, recheck)
+        fail = _recheck_failure(recheck)
+        if fail is None:
+            return _replace(c, ILL_CONDITIONED, c.problem, recheck)
+        return _replace(c, FAILED, f"{c.problem}; {fail.reason}", recheck)
 
     def _judge_exact(self, i: int, c: OutputComparison) -> OutputComparison:
         """An integer / boolean output (labels, indices, a mask) that differs: not verifiable
@@ -300,17 +302,19 @@ class _Float64Recheck:
         return self._sensitivity
 
 
-def _recheck_failure(r: Float64Recheck) -> str:
-    """Why a float64 re-check fails ("" when it passes)."""
+def _recheck_failure(r: Float64Recheck) -> Fail | None:
+    """Why a float64 re-check fails (``None``: it passes)."""
     if not r.fold_error <= r.criterion:
-        return f"the float64 fold is off by {r.fold_error:.3g} > {r.criterion:.3g}: not a fold"
+        return Fail(
+            f"the float64 fold is off by {r.fold_error:.3g} > {r.criterion:.3g}: not a fold"
+        )
     if r.weight_rounding is not None and not r.weight_rounding <= r.rounding_criterion:
-        return (
+        return Fail(
             f"its stored weights, run in float64, are off float64 truth by "
             f"{r.weight_rounding:.3g} > {r.rounding_criterion:.3g} (the original's own rounding "
             f"{r.original_rounding:.3g} does not explain it)"
         )
-    return ""
+    return None
 
 
 def float64_sensitivity(

@@ -1,7 +1,7 @@
 """A picture of one folded block, before and after: ``report.draw("fold.svg")``, CLI ``--graph``.
 
-The report keeps a *sketch* of the graph as captured and as folded (:class:`GraphSketch`: each
-call's name, what it computes, the module it belongs to, the calls it reads). :func:`draw`
+The report keeps a *sketch* of the graph as captured and as folded (``repfx.report.sketch``:
+each call's name, what it computes, the module it belongs to, the calls it reads). :func:`draw`
 picks one block — by default the module that holds the first fold, widened to its enclosing
 module until it holds a handful of ops (a RIFormer block, a RepVGG block) — and draws its ops
 in both graphs side by side, layered in topological order: ops the fold removed in red, ops
@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import networkx as nx
-from torch import fx
 
 from ..errors import Error
-from ..ir.graph import op_name
-
-if TYPE_CHECKING:
-    from .fold_report import FoldReport
+from .sketch import GraphSketch, SketchNode, in_module
 
 MIN_BLOCK_OPS = 6  # widen the drawn block to its parent module until it has this many ops
 MAX_BLOCK_OPS = 80  # ... but not past this many: the picture would be unreadable
@@ -38,73 +33,16 @@ class DrawError(Error, RuntimeError):
     """The picture cannot be drawn (matplotlib missing, nothing folded, an unknown block)."""
 
 
-@dataclass(frozen=True)
-class SketchNode:
-    name: str
-    label: str  # what it computes: a module's class, or a function / method name
-    path: str  # the module it belongs to ("" at the top level)
-    inputs: tuple[str, ...]  # the calls it reads
-    is_module: bool = False  # a module call: ``path`` is that module's own
+class Drawable(Protocol):
+    """What :func:`draw` reads of a report: a ``repfx.report.fold_report.FoldReport``, which
+    imports this module to draw itself, so this module does not import it back."""
+
+    folded: list  # its Folded records (rule, where, detail)
+    before_sketch: GraphSketch | None
+    after_sketch: GraphSketch | None
 
 
-@dataclass(frozen=True)
-class GraphSketch:
-    """The call nodes of a graph: enough to draw any block of it, nothing heavy."""
-
-    nodes: tuple[SketchNode, ...]
-
-    @staticmethod
-    def of(gm: fx.GraphModule) -> GraphSketch:
-        calls = _computed_calls(gm)
-        paths = _module_paths(calls)
-        nodes = tuple(
-            SketchNode(
-                n.name,
-                op_name(gm, n),
-                paths[n],
-                tuple(i.name for i in n.all_input_nodes if i in paths),
-                n.op == "call_module",
-            )
-            for n in calls
-        )
-        return GraphSketch(nodes)
-
-    def block(self, prefix: str) -> list[SketchNode]:
-        return [n for n in self.nodes if _inside(n.path, prefix)]
-
-
-def _computed_calls(gm: fx.GraphModule) -> list[fx.Node]:
-    """The calls whose value depends on an input (not views of parameters), in order."""
-    computed: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(i in computed for i in n.all_input_nodes):
-            computed.add(n)
-    return [n for n in gm.graph.nodes if n.op.startswith("call_") and n in computed]
-
-
-def _module_paths(calls: list[fx.Node]) -> dict[fx.Node, str]:
-    """The module each call belongs to; a call a pass created has none of its own and takes a
-    reader's (else an input's)."""
-    own = {n: _own_path(n) for n in calls}
-    paths = {}
-    for n in calls:
-        near = [m for m in [*n.users, *n.all_input_nodes] if own.get(m)]
-        paths[n] = own[n] if own[n] is not None else (own[near[0]] if near else "")
-    return paths
-
-
-def _own_path(node: fx.Node) -> str | None:
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    return next(reversed(stack.values()))[0] if stack else None
-
-
-def _inside(path: str, prefix: str) -> bool:
-    return not prefix or path == prefix or path.startswith(prefix + ".")
-
-
-def representative_block(report: FoldReport) -> str:
+def representative_block(report: Drawable) -> str:
     """The module holding the first fold (other than a removed no-op), widened to its parent
     until it holds :data:`MIN_BLOCK_OPS` ops of the captured graph (not past
     :data:`MAX_BLOCK_OPS`)."""
@@ -120,7 +58,7 @@ def representative_block(report: FoldReport) -> str:
     return ".".join(parts)
 
 
-def draw(report: FoldReport, path: str | os.PathLike, block: str | None = None) -> str:
+def draw(report: Drawable, path: str | os.PathLike, block: str | None = None) -> str:
     """Draw ``block`` (a module path; default :func:`representative_block`) before and after
     folding into ``path``, written atomically; returns the block drawn."""
     try:
@@ -155,16 +93,16 @@ def draw(report: FoldReport, path: str | os.PathLike, block: str | None = None) 
     return block
 
 
-def _sketches(report: FoldReport) -> tuple[GraphSketch, GraphSketch]:
+def _sketches(report: Drawable) -> tuple[GraphSketch, GraphSketch]:
     if report.before_sketch is None or report.after_sketch is None:
         raise DrawError("this report holds no graph sketch (a fold inside untraced modules)")
     return report.before_sketch, report.after_sketch
 
 
-def _changed_paths(report: FoldReport, block: str) -> set[str]:
+def _changed_paths(report: Drawable, block: str) -> set[str]:
     """Modules in ``block`` that a fold names as taking something (``into conv a.b``)."""
     words = (word for f in report.folded for word in f.detail.replace(",", " ").split())
-    return {w for w in words if "." in w and _inside(w, block)}
+    return {w for w in words if "." in w and in_module(w, block)}
 
 
 def _graph(nodes: list[SketchNode]) -> nx.DiGraph:

@@ -13,15 +13,12 @@ import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
 from ..ir.norms import NORMS
 from ..ir.op_kinds import op_counts
-
-if TYPE_CHECKING:
-    from .draw import GraphSketch
+from .sketch import GraphSketch
 
 
 @dataclass(frozen=True)
@@ -260,7 +257,8 @@ class FoldReport:
     redrawn_verification: Verification | None = None  # a copy with re-drawn parameters (REDRAWN)
     opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why not traced
     notes: list[str] = field(default_factory=list)
-    # the graph as captured and as folded, for draw() (repfx.report.draw); not part of to_dict()
+    # the graph as captured and as folded (repfx.report.sketch), for draw() (repfx.report.draw);
+    # not part of to_dict()
     before_sketch: GraphSketch | None = field(default=None, repr=False)
     after_sketch: GraphSketch | None = field(default=None, repr=False)
     # each rule's plain words (its pass's ``words``), for the text; not part of to_dict()
@@ -276,9 +274,6 @@ class FoldReport:
     def counts(self) -> dict[str, int]:
         """Number of folds per rule."""
         return dict(Counter(f.rule for f in self.folded))
-
-    def skip_reasons(self) -> dict[str, int]:
-        return dict(Counter(s.reason for s in self.skipped))
 
     # ------------------------------------------------------------------ reading
 
