@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .norms import NORM_FUNCTIONS, NORM_MODULES
+from ..norms import NORM_FUNCTIONS, NORM_MODULES
 
 RANK_KEY = "repfx_rank"
 FLOAT_KEY = "repfx_float"
