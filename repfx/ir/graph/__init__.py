@@ -48,6 +48,7 @@ from .ranks import (
     static_shape,
 )
 from .uses import (
+    TensorUses,
     attr_tensors_read_by,
     module_call_counts,
     reads_only_shape,
@@ -62,6 +63,7 @@ __all__ = [
     "RANK_KEY",
     "VALUE_KEYS",
     "ConstantFolder",
+    "TensorUses",
     "annotate_ranks",
     "arg_of",
     "attr_tensors_read_by",

@@ -2,8 +2,8 @@
 they read.
 
 A rewrite may change a module or a tensor in place only when nothing else reads it: a pass
-counts the call sites once, when it starts (:func:`tensor_use_counts`,
-:func:`module_call_counts`). :func:`value_users` and
+counts the call sites once, when it starts (:func:`tensor_use_counts`, a :class:`TensorUses`
+keyed by the tensors themselves; :func:`module_call_counts`). :func:`value_users` and
 :func:`shape_users` split a node's users into those that read its values and those that read
 only its shape, a use that survives any rewrite keeping the shape.
 """
@@ -19,22 +19,39 @@ from .constants import ConstantFolder
 from .modules import fetch_attr, module_of
 
 
-def tensor_use_counts(gm: fx.GraphModule, consts: ConstantFolder) -> Counter[int]:
-    """How many call sites read each parameter / buffer (keyed by ``id(tensor)``).
+class TensorUses:
+    """Call sites per parameter / buffer, keyed by the tensor itself (its identity, not its
+    value); a tensor never counted has none. The tensors counted are held here, so that no
+    tensor created while the counts are in use can take a counted one's ``id``."""
+
+    def __init__(self) -> None:
+        self._counts: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def add(self, tensor: torch.Tensor, uses: int = 1) -> None:
+        _, before = self._counts.get(id(tensor), (tensor, 0))
+        self._counts[id(tensor)] = (tensor, before + uses)
+
+    def __getitem__(self, tensor: torch.Tensor) -> int:
+        held, uses = self._counts.get(id(tensor), (None, 0))
+        return uses if held is tensor else 0
+
+
+def tensor_use_counts(gm: fx.GraphModule, consts: ConstantFolder) -> TensorUses:
+    """How many call sites read each parameter / buffer.
 
     A module called twice counts each of its tensors twice; a ``get_attr`` counts once per
     non-constant op that consumes it, directly or through constant expressions such as
     ``gamma.view(1, -1, 1, 1)``.
     """
-    uses: Counter[int] = Counter()
+    uses = TensorUses()
     for node in gm.graph.nodes:
         if node.op == "call_module":
             for t in _module_tensors(module_of(gm, node)):
-                uses[id(t)] += 1
+                uses.add(t)
         elif node.op == "get_attr":
             value = fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
-                uses[id(value)] += max(1, len(consumers_through_constants(node, consts)))
+                uses.add(value, max(1, len(consumers_through_constants(node, consts))))
     return uses
 
 
