@@ -8,6 +8,7 @@ from grammar import randomise_
 from torch import nn
 
 import repfx
+from repfx.ir.graph import ConstantFolder, tensor_use_counts
 from repfx.ir.op_kinds import op_counts
 from repfx.testing import assert_equivalent
 
@@ -83,6 +84,15 @@ def test_tensor_used_twice_is_not_rewritten():
     assert report.folded == []
     assert op_counts(folded)["channel_affine"] == 1
     assert "parameter is used at 2 call sites" in _reasons(report)
+
+
+def test_tensor_use_counts_are_keyed_by_the_tensor_itself():
+    model = TiedWeight().eval()
+    gm = torch.fx.symbolic_trace(model)
+    uses = tensor_use_counts(gm, ConstantFolder(gm))
+    assert (uses[model.weight], uses[model.gamma]) == (2, 1)
+    assert uses[model.weight.detach().clone()] == 0  # equal values, another tensor: not counted
+    assert uses[torch.zeros(1)] == 0
 
 
 def test_shift_before_zero_padded_conv_is_not_folded():

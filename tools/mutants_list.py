@@ -822,8 +822,8 @@ GRAPH_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "get-attr-counted-once",
         GRAPH,
-        "uses[id(value)] += max(1, len(consumers_through_constants(node, consts)))",
-        "uses[id(value)] += 1",
+        "uses.add(value, max(1, len(consumers_through_constants(node, consts))))",
+        "uses.add(value, 1)",
         "tensor_use_counts: a get_attr read by two ops counted once",
         T_GUARDS,
         T_VIEWS,
@@ -854,8 +854,8 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "shared-tensor-guard-2",
         BASE,
-        "            if self.tensor_uses[id(t)] > 1:\n",
-        "            if self.tensor_uses[id(t)] > 2:\n",
+        "            if self.tensor_uses[t] > 1:\n",
+        "            if self.tensor_uses[t] > 2:\n",
         "FoldContext.shared_reason: tensor use-count guard > 1 → > 2",
         T_GUARDS,
         K_PASSES,

@@ -108,7 +108,6 @@ class FoldContext:
         self.consts = ConstantFolder(gm)
         self.tensor_uses = tensor_use_counts(gm, self.consts)
         self.module_calls = module_call_counts(gm)
-        self._pinned = list(gm.state_dict(keep_vars=True).values())
         self.denied: frozenset[tuple[str, str]] = frozenset(gm.meta.get(DENIED_KEY, ()))
         self.commits = 0
 
@@ -155,8 +154,8 @@ class FoldContext:
         else:
             tensors = attr_tensors_read_by(node, self.consts)
         for t in tensors:
-            if self.tensor_uses[id(t)] > 1:
-                return Fail(f"{what} parameter is used at {self.tensor_uses[id(t)]} call sites")
+            if self.tensor_uses[t] > 1:
+                return Fail(f"{what} parameter is used at {self.tensor_uses[t]} call sites")
         return None
 
 
