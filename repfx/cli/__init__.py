@@ -91,6 +91,9 @@ __all__ = [
 ]
 
 
+_LIST_HELP = "list built-in models and exit"  # --list, before or after the command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repfx",
@@ -100,13 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"repfx {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--list", action="store_true", help="list built-in models and exit")
+    parser.add_argument("--list", action="store_true", help=_LIST_HELP)
     sub = parser.add_subparsers(dest="command")
     opt = sub.add_parser(
         "optimize",
         help="fold a model, print the report, write OUT",
         description="Fold SOURCE, verify it, print the report and (with -o) write OUT.",
     )
+    _add_optimize_arguments(opt)
+    opt.set_defaults(run=_optimize)
+    sub.add_parser("models", help="list built-in models").set_defaults(run=_list_models)
+    return parser
+
+
+def _add_optimize_arguments(opt: argparse.ArgumentParser) -> None:
+    """``optimize``'s arguments, in the order ``--help`` lists them."""
+
+    def switch(name: str, help_text: str) -> None:
+        opt.add_argument(name, action="store_true", help=help_text)
+
     opt.add_argument(
         "source",
         nargs="?",
@@ -121,20 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(FORMAT_LOADERS),
         help="output format (default: from OUT's suffix: .pt, .pt2, .onnx)",
     )
-    opt.add_argument("--force", action="store_true", help="overwrite an existing OUT")
-    opt.add_argument(
+    switch("--force", "overwrite an existing OUT")
+    switch(
         "--static-shapes",
-        action="store_true",
-        help="fix the example inputs' shapes in a .pt2 / .onnx OUT (default: dynamic batch)",
+        "fix the example inputs' shapes in a .pt2 / .onnx OUT (default: dynamic batch)",
     )
     opt.add_argument(
         "--arch", help="the model a state-dict SOURCE is loaded into (name, timm:NAME, module:fn)"
     )
     opt.add_argument("--weights", metavar="FILE", help="state dict to load into a named model")
-    opt.add_argument(
+    switch(
         "--trust-pickle",
-        action="store_true",
-        help="allow SOURCE to be a pickled module (loading it runs code from the file)",
+        "allow SOURCE to be a pickled module (loading it runs code from the file)",
     )
     opt.add_argument(
         "--input-shape",
@@ -157,34 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw one folded block before and after into PICTURE (.svg, .png or .pdf; needs "
         "matplotlib: pip install 'repfx[draw]')",
     )
-    opt.add_argument(
+    switch(
         "--fold-norm-affine",
-        action="store_true",
-        help="also move each norm's own weight and bias into the linears / convs that read it "
+        "also move each norm's own weight and bias into the linears / convs that read it "
         "(affine-free norms, as rotation-based quantization wants; linears may gain a bias)",
     )
-    opt.add_argument("--no-verify", action="store_true", help="skip the equivalence checks")
-    opt.add_argument(
+    switch("--no-verify", "skip the equivalence checks")
+    switch(
         "--explain",
-        action="store_true",
-        help="list the candidates not folded that you could change (with --all: every one)",
+        "list the candidates not folded that you could change (with --all: every one)",
     )
-    opt.add_argument(
-        "--all", action="store_true", help="with --explain: every candidate not folded"
-    )
-    opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    opt.add_argument(
-        "--benchmark", action="store_true", help="time eager inference before -> after"
-    )
+    switch("--all", "with --explain: every candidate not folded")
+    switch("--json", "print the report as JSON on stdout")
+    switch("--benchmark", "time eager inference before -> after")
     opt.add_argument("--benchmark-rounds", type=int, default=30, metavar="N")
     opt.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     opt.add_argument(  # also accepted after the command; SUPPRESS keeps a leading --debug
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
-    opt.add_argument("--list", action="store_true", help="list built-in models and exit")
-    opt.set_defaults(run=_optimize)
-    sub.add_parser("models", help="list built-in models").set_defaults(run=_list_models)
-    return parser
+    switch("--list", _LIST_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:

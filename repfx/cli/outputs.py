@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -15,6 +17,7 @@ from torch import nn
 from ..export import (
     ExportError,
     ExportMismatchError,
+    OnnxExport,
     OutputExistsError,
     OutputNotAFileError,
     export_onnx,
@@ -122,11 +125,48 @@ def _write(
     verify: bool,
     progress: Progress,
 ) -> dict:
-    """Write ``folded`` to ``target`` (checking the file with ``verify``); the writer's
-    refusals and the file system's errors become CLI errors."""
-    out = target.path
+    """Write ``folded`` to ``target`` with the writer of ``target.fmt`` (checking the file with
+    ``verify``): the output's info. The writer's refusals and the file system's errors become
+    CLI errors."""
+    out, fmt, overwrite = target.path, target.fmt, target.force
+    dynamic = not target.static_shapes
+    info: dict = {"path": str(out), "format": fmt, "loader": FORMAT_LOADERS[fmt]}
+    with _writing_errors_as_cli_errors(out):
+        if fmt == "pt":
+            check, _ = _timed(
+                progress,
+                f"writing {out}",
+                lambda: save_pt(folded, out, inputs if verify else None, overwrite=overwrite),
+            )
+        elif fmt == "pt2":
+            check, _ = _timed(
+                progress,
+                f"exporting with torch.export to {out}",
+                lambda: save_pt2(
+                    folded, inputs, out, verify=verify, overwrite=overwrite, dynamic_batch=dynamic
+                ),
+            )
+        else:
+            exported, _ = _timed(
+                progress,
+                f"exporting to ONNX, checking{' and running with onnxruntime' if verify else ''}",
+                lambda: export_onnx(
+                    folded, inputs, out, verify=verify, overwrite=overwrite, dynamic_batch=dynamic
+                ),
+            )
+            check = exported.check
+            info["onnx"] = _onnx_info(exported, model, inputs, dynamic, progress)
+    info["bytes"] = out.stat().st_size
+    info["check"] = dataclasses.asdict(check) if check else None
+    return info
+
+
+@contextlib.contextmanager
+def _writing_errors_as_cli_errors(out: Path) -> Iterator[None]:
+    """The writer's refusals and the file system's errors while writing ``out``, as CLI
+    errors."""
     try:
-        info, check = _write_format(folded, model, inputs, target, verify, progress)
+        yield
     except ExportMismatchError as exc:
         raise CliError(
             f"verification failed: {exc}; nothing written", EXIT_VERIFY, {"check": exc.check}
@@ -138,47 +178,14 @@ def _write(
         raise UsageError(message) from exc
     except OSError as exc:
         raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    info["bytes"] = out.stat().st_size
-    info["check"] = dataclasses.asdict(check) if check else None
-    return info
 
 
-def _write_format(
-    folded: nn.Module,
-    model: nn.Module,
-    inputs: tuple | None,
-    target: Target,
-    verify: bool,
-    progress: Progress,
-) -> tuple[dict, object]:
-    """Write with the writer of ``target.fmt``: the output's info and its check."""
-    out, fmt, overwrite = target.path, target.fmt, target.force
-    dynamic = not target.static_shapes
-    info: dict = {"path": str(out), "format": fmt, "loader": FORMAT_LOADERS[fmt]}
-    if fmt == "pt":
-        check, _ = _timed(
-            progress,
-            f"writing {out}",
-            lambda: save_pt(folded, out, inputs if verify else None, overwrite=overwrite),
-        )
-        return info, check
-    if fmt == "pt2":
-        check, _ = _timed(
-            progress,
-            f"exporting with torch.export to {out}",
-            lambda: save_pt2(
-                folded, inputs, out, verify=verify, overwrite=overwrite, dynamic_batch=dynamic
-            ),
-        )
-        return info, check
-    exported, _ = _timed(
-        progress,
-        f"exporting to ONNX, checking{' and running with onnxruntime' if verify else ''}",
-        lambda: export_onnx(
-            folded, inputs, out, verify=verify, overwrite=overwrite, dynamic_batch=dynamic
-        ),
-    )
-    info["onnx"] = {
+def _onnx_info(
+    exported: OnnxExport, model: nn.Module, inputs: tuple | None, dynamic: bool, progress: Progress
+) -> dict:
+    """The ONNX file's info, with the node counts of the unfolded model exported for comparison
+    (or why it could not be)."""
+    info = {
         "exporter": exported.exporter,
         "opset": exported.opset,
         "nodes": exported.nodes,
@@ -188,8 +195,8 @@ def _write_format(
     progress("exporting the unfolded model to ONNX for comparison ...")
     try:
         before = onnx_op_counts_of(model, inputs, dynamic_batch=dynamic)
-        info["onnx"]["unfolded_nodes"] = sum(before.values())
-        info["onnx"]["unfolded_ops"] = dict(sorted(before.items()))
+        info["unfolded_nodes"] = sum(before.values())
+        info["unfolded_ops"] = dict(sorted(before.items()))
     except ExportError as exc:
-        info["onnx"]["unfolded_error"] = str(exc)
-    return info, exported.check
+        info["unfolded_error"] = str(exc)
+    return info

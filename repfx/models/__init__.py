@@ -1,4 +1,5 @@
-"""Reference models (PoolFormer, RIFormer) and a small name -> factory registry.
+"""Reference models (PoolFormer, RIFormer; RepVGG, ACNet, DBB, MobileOne) and a small
+name -> factory registry.
 
 ``create("riformer_s12", num_classes=10)`` builds a model; ``names()`` lists what is known;
 ``register("name")`` adds a factory to the default registry. A :class:`Registry` can also be
@@ -32,32 +33,19 @@ from .metaformer import (
 from .mobileone import MobileOne, MobileOneBlock
 from .repvgg import RepVGG, RepVGGBlock
 
-__all__ = [
-    "ACBlock",
-    "ACNet",
-    "Affine",
-    "BNAndPad",
-    "DBBlock",
-    "DBNet",
-    "DropPath",
-    "MetaFormer",
-    "MetaFormerBlock",
-    "Mlp",
-    "MobileOne",
-    "MobileOneBlock",
-    "PatchEmbed",
-    "PoolFormer",
-    "PoolFormerBlock",
-    "Pooling",
-    "RIFormer",
-    "RIFormerBlock",
-    "Registry",
-    "RepVGG",
-    "RepVGGBlock",
-    "create",
-    "names",
-    "register",
-]
+# The classes the package re-exports, family by family; with the registry's API, its __all__.
+_EXPORTED_CLASSES = (
+    (MetaFormer, PoolFormer, RIFormer, MetaFormerBlock, PoolFormerBlock, RIFormerBlock),
+    (Affine, DropPath, Mlp, PatchEmbed, Pooling),
+    (RepVGG, RepVGGBlock),
+    (ACNet, ACBlock),
+    (DBNet, DBBlock, BNAndPad),
+    (MobileOne, MobileOneBlock),
+)
+__all__ = sorted(
+    [cls.__name__ for family in _EXPORTED_CLASSES for cls in family]
+    + ["Registry", "create", "names", "register"]
+)
 
 Factory = Callable[..., nn.Module]
 F = TypeVar("F", bound=Factory)

@@ -13,7 +13,7 @@ padded by ``p - k // 2`` rows and ``p`` columns (and the kx1 conv the transpose)
     W = fuse(Wsq, BNsq) + centre_row(fuse(Wh, BNh)) + centre_col(fuse(Wv, BNv))
 
 Fold arithmetic is float64 and independent of :mod:`repfx.algebra` (helpers in
-:mod:`repfx.models.repvgg`).
+:mod:`repfx.models.reparam`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .repvgg import PlainNet, fuse_bn, make_conv, pad_to_centre
+from .reparam import OddKernelBlock, PlainNet, centred, fuse_bn, sum_branches
 
 __all__ = ["ACBlock", "ACNet", "Crop", "acnet_tiny"]
 
@@ -47,7 +47,7 @@ class Crop(nn.Module):
         return f"rows={self.rows}, cols={self.cols}"
 
 
-class ACBlock(nn.Module):
+class ACBlock(OddKernelBlock):
     """Asymmetric convolution block: square + horizontal + vertical conv-BN branches, summed.
 
     Attributes (training form): ``square_conv``/``square_bn`` (k x k), ``hor_conv``/``hor_bn``
@@ -56,24 +56,29 @@ class ACBlock(nn.Module):
     conv); every branch attribute becomes ``None``. No activation inside the block.
     """
 
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        kernel: int = 3,
-        stride: int = 1,
-        padding: int = 1,
-        groups: int = 1,
-    ) -> None:
-        super().__init__()
+    merged_name = "fused_conv"
+    branch_names = (
+        "square_conv",
+        "hor_conv",
+        "ver_conv",
+        "square_bn",
+        "hor_bn",
+        "ver_bn",
+        "hor_crop",
+        "ver_crop",
+    )
+    like_name = "square_conv.weight"
+
+    @classmethod
+    def _check_kernel(cls, kernel: int, padding: int) -> None:
         if kernel % 2 == 0:
             raise ValueError(f"ACBlock needs an odd kernel, got {kernel}")
-        if in_ch % groups or out_ch % groups:
-            raise ValueError(f"channels {in_ch} -> {out_ch} do not split into {groups} groups")
+
+    def _add_branches(self) -> None:
+        in_ch, out_ch, kernel = self.in_ch, self.out_ch, self.kernel
+        stride, padding, groups = self.stride, self.padding, self.groups
         if padding < 0:
             raise ValueError(f"padding must be non-negative, got {padding}")
-        self.in_ch, self.out_ch, self.kernel = in_ch, out_ch, kernel
-        self.stride, self.padding, self.groups = stride, padding, groups
         offset = padding - kernel // 2  # centre-row padding of the 1xk conv (negative: crop)
         along = max(offset, 0)
 
@@ -89,10 +94,6 @@ class ACBlock(nn.Module):
         self.ver_conv: nn.Conv2d | None = conv((kernel, 1), (padding, along))
         self.ver_bn: nn.BatchNorm2d | None = nn.BatchNorm2d(out_ch)
         self.fused_conv: nn.Conv2d | None = None
-
-    @property
-    def is_deployed(self) -> bool:
-        return self.fused_conv is not None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused_conv is not None:
@@ -110,35 +111,12 @@ class ACBlock(nn.Module):
         assert self.square_conv is not None and self.square_bn is not None
         assert self.hor_conv is not None and self.hor_bn is not None
         assert self.ver_conv is not None and self.ver_bn is not None
-        k, b = fuse_bn(self.square_conv.weight, self.square_bn)
-        kh, bh = fuse_bn(self.hor_conv.weight, self.hor_bn)
-        kv, bv = fuse_bn(self.ver_conv.weight, self.ver_bn)
-        k = k + pad_to_centre(kh, self.kernel) + pad_to_centre(kv, self.kernel)
-        return k, b + bh + bv
-
-    def switch_to_deploy(self) -> ACBlock:
-        """Merge the three branches into ``fused_conv``, in place; idempotent."""
-        if self.fused_conv is not None:
-            return self
-        assert self.square_conv is not None
-        k, b = self.equivalent_kernel_bias()
-        self.fused_conv = make_conv(
-            k,
-            b,
-            stride=self.stride,
-            padding=self.padding,
-            groups=self.groups,
-            like=self.square_conv.weight,
-        )
-        self.square_conv = self.hor_conv = self.ver_conv = None
-        self.square_bn = self.hor_bn = self.ver_bn = None
-        self.hor_crop = self.ver_crop = None
-        return self
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_ch}, {self.out_ch}, kernel={self.kernel}, stride={self.stride}, "
-            f"padding={self.padding}, groups={self.groups}"
+        return sum_branches(
+            [
+                fuse_bn(self.square_conv.weight, self.square_bn),
+                centred(fuse_bn(self.hor_conv.weight, self.hor_bn), self.kernel),
+                centred(fuse_bn(self.ver_conv.weight, self.ver_bn), self.kernel),
+            ]
         )
 
 

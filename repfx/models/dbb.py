@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .repvgg import PlainNet, conv_bn, fuse_bn, make_conv, pad_to_centre
+from .reparam import OddKernelBlock, PlainNet, conv_bn, fuse_bn, fuse_conv_bn_branches, sum_branches
 
 __all__ = ["BNAndPad", "DBBlock", "DBNet", "avg_kernel", "compose_1x1_kxk", "dbb_tiny"]
 
@@ -101,7 +101,7 @@ def compose_1x1_kxk(
     return kernel, bias + b2
 
 
-class DBBlock(nn.Module):
+class DBBlock(OddKernelBlock):
     """Diverse Branch Block (training form), reparameterizable to one KxK conv.
 
     Attributes (training form):
@@ -117,24 +117,20 @@ class DBBlock(nn.Module):
     activation inside the block.
     """
 
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        kernel: int = 3,
-        stride: int = 1,
-        padding: int = 1,
-        groups: int = 1,
-    ) -> None:
-        super().__init__()
+    merged_name = "dbb_reparam"
+    branch_names = ("dbb_origin", "dbb_1x1", "dbb_avg", "dbb_1x1_kxk")
+    like_name = "dbb_origin.conv.weight"
+
+    @classmethod
+    def _check_kernel(cls, kernel: int, padding: int) -> None:
         if kernel % 2 == 0 or padding != kernel // 2:
             raise ValueError(
                 f"DBBlock needs an odd kernel and padding kernel // 2, got {kernel}, {padding}"
             )
-        if in_ch % groups or out_ch % groups:
-            raise ValueError(f"channels {in_ch} -> {out_ch} do not split into {groups} groups")
-        self.in_ch, self.out_ch, self.kernel = in_ch, out_ch, kernel
-        self.stride, self.padding, self.groups = stride, padding, groups
+
+    def _add_branches(self) -> None:
+        in_ch, out_ch, kernel = self.in_ch, self.out_ch, self.kernel
+        stride, padding, groups = self.stride, self.padding, self.groups
         depthwise = groups == in_ch == out_ch
         self.dbb_origin: nn.Sequential | None = conv_bn(
             in_ch, out_ch, kernel, stride, padding, groups
@@ -164,10 +160,6 @@ class DBBlock(nn.Module):
         self.dbb_1x1_kxk: nn.Sequential | None = seq
         self.dbb_reparam: nn.Conv2d | None = None
 
-    @property
-    def is_deployed(self) -> bool:
-        return self.dbb_reparam is not None
-
     def forward(self, x: Tensor) -> Tensor:
         if self.dbb_reparam is not None:
             return self.dbb_reparam(x)
@@ -182,41 +174,26 @@ class DBBlock(nn.Module):
         """The merged KxK kernel and bias, float64."""
         assert self.dbb_origin is not None and self.dbb_avg is not None
         assert self.dbb_1x1_kxk is not None
-        g, size = self.groups, self.kernel
-        like = self.dbb_origin.conv.weight
-        k, b = fuse_bn(like, self.dbb_origin.bn)
-        if self.dbb_1x1 is not None:
-            k1, b1 = fuse_bn(self.dbb_1x1.conv.weight, self.dbb_1x1.bn)
-            k, b = k + pad_to_centre(k1, size), b + b1
+        conv_bns = [branch for branch in (self.dbb_origin, self.dbb_1x1) if branch is not None]
+        convs = fuse_conv_bn_branches(conv_bns, None, self.kernel, self.groups)
+        return sum_branches([convs, self._avg_kernel_bias(), self._1x1_kxk_kernel_bias()])
+
+    def _avg_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """``dbb_avg``: the pool as a kernel, after its 1x1 conv where it has one."""
         avg = self.dbb_avg
-        ka, ba = fuse_bn(avg_kernel(self.out_ch, g, size, like), avg.avgbn)
+        like = self.dbb_origin.conv.weight
+        ka, ba = fuse_bn(avg_kernel(self.out_ch, self.groups, self.kernel, like), avg.avgbn)
         if hasattr(avg, "conv"):
             kc, bc = fuse_bn(avg.conv.weight, avg.bn.bn)
-            ka, ba = compose_1x1_kxk(kc, bc, ka, ba, g)
+            ka, ba = compose_1x1_kxk(kc, bc, ka, ba, self.groups)
+        return ka, ba
+
+    def _1x1_kxk_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """``dbb_1x1_kxk``: its 1x1 conv then its KxK conv, composed."""
         seq = self.dbb_1x1_kxk
         kf, bf = fuse_bn(seq.conv1.weight, seq.bn1.bn)
         ks, bs = fuse_bn(seq.conv2.weight, seq.bn2)
-        kx, bx = compose_1x1_kxk(kf, bf, ks, bs, g)
-        return k + ka + kx, b + ba + bx
-
-    def switch_to_deploy(self) -> DBBlock:
-        """Merge the four branches into ``dbb_reparam``, in place; idempotent."""
-        if self.dbb_reparam is not None:
-            return self
-        assert self.dbb_origin is not None
-        like = self.dbb_origin.conv.weight
-        k, b = self.equivalent_kernel_bias()
-        self.dbb_reparam = make_conv(
-            k, b, stride=self.stride, padding=self.padding, groups=self.groups, like=like
-        )
-        self.dbb_origin = self.dbb_1x1 = self.dbb_avg = self.dbb_1x1_kxk = None
-        return self
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_ch}, {self.out_ch}, kernel={self.kernel}, stride={self.stride}, "
-            f"padding={self.padding}, groups={self.groups}"
-        )
+        return compose_1x1_kxk(kf, bf, ks, bs, self.groups)
 
 
 # --------------------------------------------------------------------------- network

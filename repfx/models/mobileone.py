@@ -8,7 +8,7 @@ Block (training form), every conv without bias, every BN in eval mode, K odd, pa
 BN only when ``in_ch == out_ch`` and ``stride == 1``. Deploy form: one biased K x K conv
 ``reparam_conv`` (sum of the fused kernels, 1x1 centred, identity as a delta kernel), the
 activation kept outside the merged region. Fold arithmetic is float64 and independent of
-:mod:`repfx.algebra` (helpers in :mod:`repfx.models.repvgg`).
+:mod:`repfx.algebra` (helpers in :mod:`repfx.models.reparam`).
 
 The network follows MobileOne-S0: a stride-2 3x3 stem block, then stages of (depthwise K x K
 block, pointwise 1x1 block) pairs, the first pair of each stage with stride 2.
@@ -22,19 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .repvgg import (
-    ReparamNet,
-    conv_bn,
-    fuse_bn,
-    identity_kernel,
-    make_conv,
-    pad_to_centre,
-)
+from .reparam import ReparamBlock, ReparamNet, conv_bn, fuse_conv_bn_branches
 
 __all__ = ["MobileOne", "MobileOneBlock", "mobileone_tiny"]
 
 
-class MobileOneBlock(nn.Module):
+class MobileOneBlock(ReparamBlock):
     """MobileOne block: ``act(sum of k conv-BN branches + 1x1 conv-BN + BN(x))``.
 
     Attributes (training form): ``rbr_conv`` (``ModuleList`` of ``num_conv_branches`` x
@@ -43,6 +36,10 @@ class MobileOneBlock(nn.Module):
     Identity with ``act=False``). Deploy form: ``reparam_conv`` (one biased K x K conv); the
     branches become ``None``.
     """
+
+    merged_name = "reparam_conv"
+    branch_names = ("rbr_conv", "rbr_scale", "rbr_skip")
+    like_name = "rbr_conv.0.conv.weight"
 
     def __init__(
         self,
@@ -55,18 +52,14 @@ class MobileOneBlock(nn.Module):
         num_conv_branches: int = 1,
         act: bool = True,
     ) -> None:
-        super().__init__()
         padding = kernel // 2 if padding is None else padding
         if kernel % 2 == 0 or padding != kernel // 2:
             raise ValueError(
                 f"need an odd kernel and padding = kernel // 2, got {kernel}, {padding}"
             )
-        if in_ch % groups or out_ch % groups:
-            raise ValueError(f"channels {in_ch} -> {out_ch} do not split into {groups} groups")
+        super().__init__(in_ch, out_ch, kernel, stride, padding, groups)
         if num_conv_branches < 1:
             raise ValueError(f"need at least one conv branch, got {num_conv_branches}")
-        self.in_ch, self.out_ch, self.kernel = in_ch, out_ch, kernel
-        self.stride, self.padding, self.groups = stride, padding, groups
         self.num_conv_branches = num_conv_branches
         self.activation = nn.ReLU() if act else nn.Identity()
         self.rbr_skip: nn.BatchNorm2d | None = (
@@ -80,10 +73,6 @@ class MobileOneBlock(nn.Module):
             conv_bn(in_ch, out_ch, 1, stride, 0, groups) if kernel > 1 else None
         )
         self.reparam_conv: nn.Conv2d | None = None
-
-    @property
-    def is_deployed(self) -> bool:
-        return self.reparam_conv is not None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reparam_conv is not None:
@@ -101,31 +90,10 @@ class MobileOneBlock(nn.Module):
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
         """The merged K x K kernel and bias, float64."""
         assert self.rbr_conv is not None
-        k, b = fuse_bn(self.rbr_conv[0].conv.weight, self.rbr_conv[0].bn)
-        for branch in self.rbr_conv[1:]:
-            kb, bb = fuse_bn(branch.conv.weight, branch.bn)
-            k, b = k + kb, b + bb
+        branches = list(self.rbr_conv)  # K x K, then the 1x1 scale branch
         if self.rbr_scale is not None:
-            ks, bs = fuse_bn(self.rbr_scale.conv.weight, self.rbr_scale.bn)
-            k, b = k + pad_to_centre(ks, self.kernel), b + bs
-        if self.rbr_skip is not None:
-            kid = identity_kernel(self.in_ch, self.groups, self.kernel, k)
-            kid, bid = fuse_bn(kid, self.rbr_skip)
-            k, b = k + kid, b + bid
-        return k, b
-
-    def switch_to_deploy(self) -> MobileOneBlock:
-        """Merge every branch into ``reparam_conv``, in place; idempotent."""
-        if self.reparam_conv is not None:
-            return self
-        assert self.rbr_conv is not None
-        like = self.rbr_conv[0].conv.weight
-        k, b = self.equivalent_kernel_bias()
-        self.reparam_conv = make_conv(
-            k, b, stride=self.stride, padding=self.padding, groups=self.groups, like=like
-        )
-        self.rbr_conv = self.rbr_scale = self.rbr_skip = None
-        return self
+            branches.append(self.rbr_scale)
+        return fuse_conv_bn_branches(branches, self.rbr_skip, self.kernel, self.groups)
 
     def extra_repr(self) -> str:
         return (
@@ -141,17 +109,12 @@ class MobileOne(ReparamNet):
     block_type = MobileOneBlock
 
     def __init__(
-        self,
-        num_blocks: Sequence[int],
-        widths: Sequence[int],
-        stem_width: int,
-        num_conv_branches: int = 4,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-    ) -> None:
-        super().__init__()
+        self, num_blocks: Sequence[int], widths: Sequence[int], stem_width: int,
+        num_conv_branches: int = 4, num_classes: int = 1000, in_chans: int = 3,
+    ) -> None:  # fmt: skip
         if len(num_blocks) != len(widths) or not num_blocks:
             raise ValueError(f"blocks {num_blocks} and widths {widths} must match in length")
+        super().__init__()
         self.num_classes = num_classes
         self.stage0 = MobileOneBlock(in_chans, stem_width, 3, stride=2, padding=1)
         in_ch = stem_width

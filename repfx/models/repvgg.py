@@ -14,10 +14,11 @@ Everything inside the ``relu`` is affine in ``x``, so the deploy form is one bia
 where ``delta`` is the identity written as a (grouped) 3x3 kernel: 1 at the centre tap of each
 channel's own input slot. The ReLU stays outside the merged region.
 
-The fold helpers here (:func:`fuse_bn`, :func:`pad_to_centre`, :func:`identity_kernel`,
-:func:`make_conv`) are the hand-written oracle shared by the RepVGG, ACNet, DBB and MobileOne
-reference blocks; they deliberately share no code with :mod:`repfx.algebra`. All fold arithmetic
-is float64, cast back to the parameters' dtype at the end.
+The fold helpers (:func:`~repfx.models.reparam.fuse_bn`, ``pad_to_centre``,
+``identity_kernel``, ``make_conv``) and the deploy switch live in :mod:`repfx.models.reparam`,
+the hand-written oracle shared by the RepVGG, ACNet, DBB and MobileOne reference blocks; they
+deliberately share no code with :mod:`repfx.algebra`. All fold arithmetic is float64, cast back
+to the parameters' dtype at the end.
 """
 
 from __future__ import annotations
@@ -28,152 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "RepVGG",
-    "RepVGGBlock",
-    "conv_bn",
-    "fuse_bn",
-    "identity_kernel",
-    "make_conv",
-    "pad_to_centre",
-    "repvgg_a0",
-    "repvgg_tiny",
-    "switch_all_to_deploy",
-]
+from .reparam import ReparamBlock, ReparamNet, conv_bn, fuse_conv_bn_branches
 
-
-# --------------------------------------------------------------------------- oracle helpers
-
-
-def conv_bn(
-    in_ch: int,
-    out_ch: int,
-    kernel: int | tuple[int, int],
-    stride: int = 1,
-    padding: int | tuple[int, int] = 0,
-    groups: int = 1,
-) -> nn.Sequential:
-    """``Sequential(conv=Conv2d(bias=False), bn=BatchNorm2d)``: RepVGG's ``conv_bn`` layout."""
-    seq = nn.Sequential()
-    seq.add_module(
-        "conv",
-        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, groups=groups, bias=False),
-    )
-    seq.add_module("bn", nn.BatchNorm2d(out_ch))
-    return seq
-
-
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """``(g / s, beta - mu * g / s)`` of an eval-mode BN, in float64."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics")
-    mean = bn.running_mean.detach().double()
-    std = torch.sqrt(bn.running_var.detach().double() + bn.eps)
-    if bn.weight is not None and bn.bias is not None:
-        gamma, beta = bn.weight.detach().double(), bn.bias.detach().double()
-    else:
-        gamma, beta = torch.ones_like(mean), torch.zeros_like(mean)
-    scale = gamma / std
-    return scale, beta - mean * scale
-
-
-def fuse_bn(
-    kernel: Tensor, bn: nn.BatchNorm2d, bias: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """``(W', b')`` in float64 with ``BN(conv(x; W, bias)) == conv(x; W', b')`` (eval-mode BN)."""
-    scale, shift = _bn_scale_shift(bn)
-    k = kernel.detach().double() * scale.reshape(-1, 1, 1, 1)
-    b = shift if bias is None else shift + bias.detach().double() * scale
-    return k, b
-
-
-def pad_to_centre(kernel: Tensor, size: int) -> Tensor:
-    """Zero-pad a ``(O, I, kh, kw)`` kernel (odd sides) to ``size x size``, centred."""
-    kh, kw = kernel.shape[-2:]
-    if kh % 2 == 0 or kw % 2 == 0 or size % 2 == 0 or kh > size or kw > size:
-        raise ValueError(f"cannot centre a {kh}x{kw} kernel in {size}x{size}")
-    ph, pw = (size - kh) // 2, (size - kw) // 2
-    return torch.nn.functional.pad(kernel, [pw, pw, ph, ph])
-
-
-def identity_kernel(channels: int, groups: int, size: int, like: Tensor) -> Tensor:
-    """The identity as a float64 ``(C, C // groups, size, size)`` grouped-conv kernel."""
-    if channels % groups:
-        raise ValueError(f"{channels} channels do not split into {groups} groups")
-    per_group = channels // groups
-    k = torch.zeros(channels, per_group, size, size, dtype=torch.float64, device=like.device)
-    idx = torch.arange(channels, device=like.device)
-    k[idx, idx % per_group, size // 2, size // 2] = 1.0
-    return k
-
-
-def make_conv(
-    weight: Tensor,
-    bias: Tensor,
-    *,
-    stride: int | tuple[int, int],
-    padding: int | tuple[int, int],
-    groups: int,
-    like: Tensor,
-) -> nn.Conv2d:
-    """A biased ``nn.Conv2d`` holding ``weight`` / ``bias`` cast to ``like``'s dtype and device."""
-    out_ch, in_per_group, kh, kw = weight.shape
-    conv = nn.Conv2d(
-        in_per_group * groups,
-        out_ch,
-        (kh, kw),
-        stride=stride,
-        padding=padding,
-        groups=groups,
-        bias=True,
-        device=like.device,
-        dtype=like.dtype,
-    )
-    with torch.no_grad():
-        conv.weight.copy_(weight.to(like.dtype))
-        conv.bias.copy_(bias.to(like.dtype))
-    return conv
-
-
-def switch_all_to_deploy(model: nn.Module) -> None:
-    """Call ``switch_to_deploy()`` on every sub-module of ``model`` (not ``model`` itself)."""
-    blocks = [m for m in model.modules() if m is not model and hasattr(m, "switch_to_deploy")]
-    for block in blocks:
-        block.switch_to_deploy()
-
-
-class ReparamNet(nn.Module):
-    """A net of reparameterizable blocks (of type ``block_type``), with the conversions."""
-
-    block_type: type[nn.Module]
-
-    def blocks(self) -> list[nn.Module]:
-        return [m for m in self.modules() if isinstance(m, self.block_type)]
-
-    def switch_to_deploy(self) -> ReparamNet:
-        """Convert every block to its deploy form, in place; idempotent."""
-        switch_all_to_deploy(self)
-        return self
-
-
-class PlainNet(ReparamNet):
-    """``block → ReLU`` layers, global average pool, linear head (``num_classes == 0``: none)."""
-
-    def __init__(self, layers: list[nn.Module], width: int, num_classes: int) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.features = nn.Sequential(*[m for block in layers for m in (block, nn.ReLU())])
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.flatten(self.gap(self.features(x)), 1))
+__all__ = ["RepVGG", "RepVGGBlock", "repvgg_a0", "repvgg_tiny"]
 
 
 # --------------------------------------------------------------------------- block
 
 
-class RepVGGBlock(nn.Module):
+class RepVGGBlock(ReparamBlock):
     """RepVGG block: ``relu(BN(conv3x3) + BN(conv1x1) + BN(x))``; reparameterizable.
 
     Attributes (training form): ``rbr_dense`` (``.conv`` 3x3, ``.bn``), ``rbr_1x1`` (``.conv``
@@ -181,11 +45,12 @@ class RepVGGBlock(nn.Module):
     Deploy form: ``rbr_reparam`` (one biased 3x3 conv); the branches become ``None``.
     """
 
+    merged_name = "rbr_reparam"
+    branch_names = ("rbr_dense", "rbr_1x1", "rbr_identity")
+    like_name = "rbr_dense.conv.weight"
+
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> None:
-        super().__init__()
-        if in_ch % groups or out_ch % groups:
-            raise ValueError(f"channels {in_ch} -> {out_ch} do not split into {groups} groups")
-        self.in_ch, self.out_ch, self.stride, self.groups = in_ch, out_ch, stride, groups
+        super().__init__(in_ch, out_ch, 3, stride, 1, groups)
         self.nonlinearity = nn.ReLU()
         self.rbr_identity: nn.BatchNorm2d | None = (
             nn.BatchNorm2d(in_ch) if in_ch == out_ch and stride == 1 else None
@@ -193,10 +58,6 @@ class RepVGGBlock(nn.Module):
         self.rbr_dense: nn.Sequential | None = conv_bn(in_ch, out_ch, 3, stride, 1, groups)
         self.rbr_1x1: nn.Sequential | None = conv_bn(in_ch, out_ch, 1, stride, 0, groups)
         self.rbr_reparam: nn.Conv2d | None = None
-
-    @property
-    def is_deployed(self) -> bool:
-        return self.rbr_reparam is not None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rbr_reparam is not None:
@@ -210,27 +71,8 @@ class RepVGGBlock(nn.Module):
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
         """The merged 3x3 kernel and bias, float64."""
         assert self.rbr_dense is not None and self.rbr_1x1 is not None
-        k, b = fuse_bn(self.rbr_dense.conv.weight, self.rbr_dense.bn)
-        k1, b1 = fuse_bn(self.rbr_1x1.conv.weight, self.rbr_1x1.bn)
-        k, b = k + pad_to_centre(k1, 3), b + b1
-        if self.rbr_identity is not None:
-            kid = identity_kernel(self.in_ch, self.groups, 3, k)
-            kid, bid = fuse_bn(kid, self.rbr_identity)
-            k, b = k + kid, b + bid
-        return k, b
-
-    def switch_to_deploy(self) -> RepVGGBlock:
-        """Merge the three branches into ``rbr_reparam``, in place; idempotent."""
-        if self.rbr_reparam is not None:
-            return self
-        assert self.rbr_dense is not None
-        like = self.rbr_dense.conv.weight
-        k, b = self.equivalent_kernel_bias()
-        self.rbr_reparam = make_conv(
-            k, b, stride=self.stride, padding=1, groups=self.groups, like=like
-        )
-        self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None
-        return self
+        branches = [self.rbr_dense, self.rbr_1x1]
+        return fuse_conv_bn_branches(branches, self.rbr_identity, 3, self.groups)
 
     def extra_repr(self) -> str:
         return f"{self.in_ch}, {self.out_ch}, stride={self.stride}, groups={self.groups}"
@@ -258,9 +100,9 @@ class RepVGG(ReparamNet):
         in_chans: int = 3,
         groups_map: Mapping[int, int] | None = None,
     ) -> None:
-        super().__init__()
         if len(num_blocks) != 4 or len(widths) != 4:
             raise ValueError(f"need four stages, got blocks {num_blocks} and widths {widths}")
+        super().__init__()
         groups_map = dict(groups_map or {})
         self.num_classes = num_classes
         self.stage0 = RepVGGBlock(in_chans, stem_width, stride=2)
