@@ -14,6 +14,7 @@ from .errors import CaptureError, Error, ExampleInputError, TrainingModeError
 from .export import ExportError, export_onnx
 from .fold import REPORT_KEY, TrainingModeWarning, VerificationError, fold
 from .ir import match, op_kinds
+from .passes import RewriteRejectedWarning
 from .proof import redraw, tolerances, verify
 from .report import FoldReport
 from .report.draw import DrawError
@@ -34,6 +35,7 @@ __all__ = [
     "ExampleInputError",
     "ExportError",
     "FoldReport",
+    "RewriteRejectedWarning",
     "TrainingModeError",
     "TrainingModeWarning",
     "VerificationError",

@@ -34,8 +34,8 @@ from torch import fx
 
 from .capture import drop_no_op_dtype_guards, functionalize
 from .ir.graph import annotate_ranks, forget_annotations
-from .passes import default_pipeline
-from .passes.base import Pass, rule_words, run_to_fixpoint
+from .passes import default_pipeline, run_to_fixpoint
+from .passes.base import Pass, rule_words
 from .passes.rewrite import delete_unused_attributes
 from .report.fold_report import FoldReport, GraphStats
 
@@ -72,7 +72,9 @@ class DynamoBackend:
             annotate_ranks(gm)
             report.before = GraphStats.of(gm)
             passes = self.passes()
-            report.folded, report.skipped = run_to_fixpoint(gm, passes)
+            fixpoint = run_to_fixpoint(gm, passes)
+            report.folded, report.skipped = fixpoint.folded, fixpoint.skipped
+            report.add_pass_seconds(fixpoint.seconds)
             report.rule_words = rule_words(passes)
             delete_unused_attributes(gm)
             forget_annotations(gm)

@@ -24,8 +24,8 @@ from .capture import (
 from .errors import Error, TrainingModeError, one_line
 from .fold_inside import OpaqueModule, fold_inside
 from .ir.graph import annotate_ranks, forget_annotations
-from .passes import FoldNormAffine, default_pipeline
-from .passes.base import Pass, rule_words, run_to_fixpoint
+from .passes import FoldNormAffine, default_pipeline, run_to_fixpoint
+from .passes.base import Pass, rule_words
 from .passes.rewrite import delete_unused_attributes
 from .proof.inputs import as_inputs, copy_model
 from .proof.verify import float64_inputs
@@ -220,9 +220,10 @@ def _fold_copy(
     if not prefix:
         report.before = GraphStats.of(gm, work)
         report.before_sketch = GraphSketch.of(gm)
-    folded, skipped = run_to_fixpoint(gm, passes)
-    report.folded += [Folded(f.rule, prefix + f.where, f.detail) for f in folded]
-    report.skipped += [Skipped(s.rule, prefix + s.where, s.reason) for s in skipped]
+    fixpoint = run_to_fixpoint(gm, passes)
+    report.folded += [Folded(f.rule, prefix + f.where, f.detail) for f in fixpoint.folded]
+    report.skipped += [Skipped(s.rule, prefix + s.where, s.reason) for s in fixpoint.skipped]
+    report.add_pass_seconds(fixpoint.seconds)
     child_inputs = record_child_inputs(gm, list(opaque), inputs) if opaque and inputs else {}
     for path, why in opaque.items():
         label = "" if path == AS_IS else f"{path}."

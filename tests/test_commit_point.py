@@ -1,11 +1,14 @@
 """The commit point: every rewrite is proven on probes before it is kept.
 
 A wrong rewrite is injected into a pass (its fold arithmetic is made wrong); the commit point
-must reject it — raising under strict mode, and otherwise undoing it, reporting it and folding
-everything else. Graph surgery outside a commit is itself reported as a bug.
+must reject it — raising under strict mode, and otherwise undoing it, reporting it, warning
+(``RewriteRejectedWarning``) and folding everything else. Graph surgery outside a commit is
+itself reported as a bug.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -14,9 +17,15 @@ from torch import fx, nn
 
 import repfx
 from repfx import algebra
-from repfx.passes import FoldBatchNorm, PassError, default_pipeline
+from repfx.passes import (
+    FoldBatchNorm,
+    PassError,
+    RewriteRejectedWarning,
+    default_pipeline,
+    run_to_fixpoint,
+)
 from repfx.passes import _absorb as absorb_module
-from repfx.passes.base import STRICT_ENV, RewriteRejected, apply_rule
+from repfx.passes.base import RewriteRejected, apply_rule
 from repfx.passes.rewrite import GraphSurgeryError, replace_node
 from repfx.proof.validate import MUTATED_KEY, probe_sizes
 from repfx.report.fold_report import Folded
@@ -54,17 +63,18 @@ def _wrong_output_fold(weight, bias, affine):
 
 
 def test_injected_wrong_rewrite_raises_under_strict_mode(monkeypatch):
-    monkeypatch.setenv(STRICT_ENV, "1")
     monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _wrong_output_fold)
     with pytest.raises(RewriteRejected, match="rejected by local validation"):
-        repfx.fold(_conv_bn_net(), verify=False)
+        run_to_fixpoint(traced(_conv_bn_net()), default_pipeline(), strict=True)
 
 
-def test_injected_wrong_rewrite_is_undone_and_reported(monkeypatch):
-    monkeypatch.setenv(STRICT_ENV, "0")
+def test_injected_wrong_rewrite_is_undone_reported_and_warned_about(monkeypatch):
     monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _wrong_output_fold)
     model = _conv_bn_net()
-    folded = repfx.fold(model, verify=False)  # no example inputs: nothing else would catch it
+    with pytest.warns(RewriteRejectedWarning, match=r"fold_bn at [14]: .* a repfx bug") as warned:
+        folded = repfx.fold(model, verify=False)  # no example inputs: nothing else catches it
+    rejected = [w for w in warned if issubclass(w.category, RewriteRejectedWarning)]
+    assert {str(w.message).split(":")[0] for w in rejected} == {"fold_bn at 1", "fold_bn at 4"}
     report = folded.meta[repfx.REPORT_KEY]
     rejected = [s for s in report.skipped if "rejected by local validation" in s.reason]
     assert {s.where for s in rejected} == {"1", "4"}
@@ -76,7 +86,6 @@ def test_injected_wrong_rewrite_is_undone_and_reported(monkeypatch):
 
 def test_only_the_wrong_rewrites_are_denied(monkeypatch):
     """Wrong only for the 3×3 conv's BN: the pointwise conv's BN still folds."""
-    monkeypatch.setenv(STRICT_ENV, "0")
 
     def wrong_for_3x3(weight, bias, affine):
         w, b = algebra.fold_affine_into_conv_output(weight, bias, affine)
@@ -85,7 +94,8 @@ def test_only_the_wrong_rewrites_are_denied(monkeypatch):
     monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", wrong_for_3x3)
     model = _conv_bn_net()
     x = torch.randn(2, 3, 9, 8)
-    folded = repfx.fold(model, (x,))
+    with pytest.warns(RewriteRejectedWarning, match="fold_bn at 1"):
+        folded = repfx.fold(model, (x,))
     report = folded.meta[repfx.REPORT_KEY]
     assert [f.where for f in report.folded if f.rule == "fold_bn"] == ["4"]
     assert any(s.where == "1" and "rejected" in s.reason for s in report.skipped)
@@ -96,10 +106,10 @@ def test_only_the_wrong_rewrites_are_denied(monkeypatch):
 
 def test_wrong_rewrite_with_shapes_known_is_rejected(monkeypatch):
     """Shapes propagated: the probes use the recorded channel layout."""
-    monkeypatch.setenv(STRICT_ENV, "1")
     monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _wrong_output_fold)
+    gm = traced(_conv_bn_net(), torch.randn(1, 3, 16, 16))
     with pytest.raises(RewriteRejected):
-        repfx.fold(_conv_bn_net(), (torch.randn(1, 3, 16, 16),), verify=False)
+        run_to_fixpoint(gm, default_pipeline(), strict=True)
 
 
 def test_a_rule_that_edits_the_graph_without_a_commit_is_reported():
@@ -137,10 +147,9 @@ def test_a_region_touching_a_mutated_tensor_is_not_rewritten():
     assert any(s.where == "1" and "mutated in place" in s.reason for s in result.skipped)
 
 
-def test_fold_that_overflows_the_dtype_is_refused_not_a_bug(monkeypatch):
+def test_fold_that_overflows_the_dtype_is_refused_not_a_bug():
     """float16 conv weights near the top of the range, doubled by a scale: the folded weight
-    would be inf. The rewrite is refused (a plain skip, even under strict mode)."""
-    monkeypatch.setenv(STRICT_ENV, "1")
+    would be inf. The rewrite is refused (a plain skip, even under strict mode: no warning)."""
 
     class Doubled(nn.Module):
         def __init__(self):
@@ -155,7 +164,12 @@ def test_fold_that_overflows_the_dtype_is_refused_not_a_bug(monkeypatch):
 
     model = Doubled().eval()
     x = torch.full((1, 2, 3, 3), 1e-4, dtype=torch.float16)
-    folded = repfx.fold(model, (x,), verify=False)
+    gm = traced(model, x)
+    fixpoint = run_to_fixpoint(gm, default_pipeline(), strict=True)
+    assert any("overflows torch.float16" in s.reason for s in fixpoint.skipped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RewriteRejectedWarning)
+        folded = repfx.fold(model, (x,), verify=False)
     report = folded.meta[repfx.REPORT_KEY]
     assert any("overflows torch.float16" in s.reason for s in report.skipped)
     with torch.no_grad():

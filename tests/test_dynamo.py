@@ -126,7 +126,9 @@ def test_the_backend_runs_the_shared_passes(monkeypatch):
     calls = []
     original = FoldBatchNorm.__call__
     monkeypatch.setattr(
-        FoldBatchNorm, "__call__", lambda self, gm: calls.append(gm) or original(self, gm)
+        FoldBatchNorm,
+        "__call__",
+        lambda self, gm, state=None: calls.append(gm) or original(self, gm, state),
     )
     model = _random(ResNetLike())
     with torch.no_grad():

@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repfx
-from repfx.passes.base import PassResult
+from repfx.passes.base import Pass, PassResult, PipelineState
 from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.proof.tolerances import RELATIVE_TOLERANCE, max_errors, tolerance_for
 from repfx.proof.verify import verify
@@ -89,12 +89,12 @@ class Pair(nn.Module):
         return self.first(x), self.second(x)
 
 
-class DropBatchNorm:
+class DropBatchNorm(Pass):
     """A wrong "fold": deletes every BatchNorm call (exact only on identity statistics)."""
 
     name = "drop_batch_norm"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, state: PipelineState | None = None) -> PassResult:
         dropped = []
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm):
@@ -105,12 +105,12 @@ class DropBatchNorm:
         return PassResult(modified=bool(dropped), folded=dropped)
 
 
-class DropLastModule:
+class DropLastModule(Pass):
     """A wrong "fold" that changes the output's shape: the last module call is skipped."""
 
     name = "drop_last_module"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, state: PipelineState | None = None) -> PassResult:
         calls = [n for n in gm.graph.nodes if n.op == "call_module"]
         if len(calls) < 2:
             return PassResult(modified=False)

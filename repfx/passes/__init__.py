@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .absorb_padding import AbsorbPadding
-from .base import Pass, PassError, PassResult, RewriteRejected, run_to_fixpoint
+from .base import Pass, PassError, PassResult, PipelineState, RewriteRejected
 from .cleanup import Cleanup
 from .fold_affine_mixer import FoldAffineMixer
 from .fold_affine_through_flatten import FoldAffineThroughFlatten
@@ -12,6 +12,7 @@ from .fold_channel_affine import FoldChannelAffine
 from .fold_norm_affine import FoldNormAffine
 from .merge_branches import MergeBranches
 from .merge_sequential import MergeSequential
+from .pipeline import FixpointResult, RewriteRejectedWarning, run_to_fixpoint
 from .precompute_constants import PrecomputeConstants
 
 
@@ -36,6 +37,7 @@ def default_pipeline(fold_norm_affine: bool = False) -> list[Pass]:
 __all__ = [
     "AbsorbPadding",
     "Cleanup",
+    "FixpointResult",
     "FoldAffineMixer",
     "FoldAffineThroughFlatten",
     "FoldBatchNorm",
@@ -46,8 +48,10 @@ __all__ = [
     "Pass",
     "PassError",
     "PassResult",
+    "PipelineState",
     "PrecomputeConstants",
     "RewriteRejected",
+    "RewriteRejectedWarning",
     "default_pipeline",
     "run_to_fixpoint",
 ]

@@ -15,9 +15,11 @@
 Never worse: a bias-free linear does not gain a bias (ONNX Runtime then rewrites its
 ``MatMul`` as ``Reshape → Gemm → Reshape``).
 
-Each candidate is checked first (a failed check is a :class:`repfx.ir.match.Fail`); only a
-candidate that passes every check returns a :class:`Plan`, which the commit point proves and
-applies.
+:class:`AbsorbRule` is the rule: its ``match`` (each rule's own) picks the affine, its ``check``
+refuses a hooked one, and its ``plan`` tries the neighbours in that order. Each neighbour is
+checked first (a failed check is a :class:`repfx.ir.match.Fail`); only one that passes every
+check gives a :class:`~repfx.passes.base.Plan` (the region and the rewrite), which the commit
+point proves and applies.
 """
 
 from __future__ import annotations
@@ -49,49 +51,44 @@ from ..ir.ops import (
     merge_axes,
     norm_op,
 )
-from ..report.fold_report import Folded, Skipped
 from ._scale_region import scaled_region
-from .base import FoldContext, PassResult, Rewrite, apply_rule
+from .base import FoldContext, NodeRule, Plan, Region
 from .rewrite import erase_dead, hint_for, insert_affine, set_slot
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A checked candidate: the region it replaces (``outputs`` from ``inputs``) and the
-    rewrite, which changes the graph and returns the new output nodes and a description."""
+class AbsorbRule(NodeRule):
+    """A rule that absorbs each per-channel affine its ``match`` picks (an :class:`AffineOp`, a
+    :class:`Fail` for a candidate that is no affine, worth reporting, or ``None``) into a
+    neighbour."""
 
-    outputs: list[fx.Node]
-    inputs: list[fx.Node]
-    rewrite: Rewrite
+    def match(self, ctx: FoldContext, node: fx.Node) -> AffineOp | Fail | None:
+        raise NotImplementedError(f"{type(self).__name__} defines no match")
+
+    def check(self, ctx: FoldContext, op: AffineOp) -> Fail | None:
+        return unhooked(ctx, op)
+
+    def plan(self, ctx: FoldContext, op: AffineOp) -> Plan | Fail:
+        """The plan of the first candidate neighbour that can take ``op`` (producer, consumers,
+        the scaled region), or every candidate's reason, in that order."""
+        reasons: list[str] = []
+        for neighbour in (_producer_plan, _consumer_plan, _scaled_region_plan):
+            plan = neighbour(ctx, op)
+            if isinstance(plan, Plan):
+                return plan
+            if plan is not None:
+                reasons.append(plan.reason)
+        return Fail("; ".join(reasons))
 
 
 def describe(ctx: FoldContext, node: fx.Node) -> str:
     return op_name(ctx.gm, node)
 
 
-def absorb(ctx: FoldContext, op: AffineOp, rule: str) -> Folded | Fail:
-    """Fold ``op`` into a neighbour; returns the record, or why no neighbour can take it."""
-    location = where(op.node)
+def unhooked(ctx: FoldContext, op: AffineOp) -> Fail | None:
+    """Why ``op`` may not move: its module has hooks, which would no longer run."""
     if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
         return Fail(f"{describe(ctx, op.node)} has hooks")
-    plan = _first_plan(ctx, op)
-    if isinstance(plan, Fail):
-        return plan
-    outcome = ctx.commit(rule, location, plan.outputs, plan.inputs, plan.rewrite)
-    return outcome if isinstance(outcome, Folded) else Fail(outcome.reason)
-
-
-def _first_plan(ctx: FoldContext, op: AffineOp) -> Plan | Fail:
-    """The plan of the first candidate neighbour that can take ``op`` (producer, consumers,
-    the scaled region), or every candidate's reason, in that order."""
-    reasons: list[str] = []
-    for candidate in (_producer_rewrite, _consumer_rewrite, _region_rewrite):
-        plan = candidate(ctx, op)
-        if isinstance(plan, Plan):
-            return plan
-        if plan is not None:
-            reasons.append(plan.reason)
-    return Fail("; ".join(reasons))
+    return None
 
 
 def _remove(ctx: FoldContext, op: AffineOp) -> fx.Node:
@@ -152,7 +149,7 @@ def _through_layout(op: AffineOp) -> tuple[AffineOp, list[fx.Node]]:
     return replace(op, input=node, axis=axis), walked
 
 
-def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Fail:
+def _producer_plan(ctx: FoldContext, op: AffineOp) -> Plan | Fail:
     """Fold ``op`` into the op producing its input; the region is from that op's input to
     ``op``."""
     moved, walked = _through_layout(op)
@@ -169,7 +166,7 @@ def _producer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Fail:
         detail = rewrite()
         return [_remove(ctx, op)], detail + suffix
 
-    return Plan([op.node], _region_inputs(ctx, p), fold_then_remove)
+    return Plan(Region([op.node], _region_inputs(ctx, p)), fold_then_remove)
 
 
 def _into_producer(ctx: FoldContext, op: AffineOp, p: fx.Node) -> Callable[[], str] | Fail:
@@ -261,7 +258,7 @@ def _compose_rewrite(
 # --------------------------------------------------------------------------- consumer side
 
 
-def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Fail:
+def _consumer_plan(ctx: FoldContext, op: AffineOp) -> Plan | Fail:
     """Fold ``op`` into its consumers, all of them convs or linears (each takes it on its input
     side: the q, k and v projections reading one norm), reached through single-use channel-wise
     ops that commute with it; the region is from ``op``'s input to the consumers."""
@@ -286,7 +283,8 @@ def _consumer_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Fail:
         into = ", ".join(f"{lin.kind} {where(lin.node)}" for lin in consumers)
         return [lin.node for lin in consumers], f"into the input of {into}{suffix}"
 
-    return Plan([lin.node for lin in consumers], _region_inputs(ctx, op.node), rewrite)
+    region = Region([lin.node for lin in consumers], _region_inputs(ctx, op.node))
+    return Plan(region, rewrite)
 
 
 def input_side(ctx: FoldContext, op: AffineOp, c: fx.Node, end: fx.Node) -> LinearOp | Fail:
@@ -375,7 +373,7 @@ def _would_add_bias(lin: LinearOp, op: AffineOp) -> bool:
 # --------------------------------------------------------------------------- back through ops
 
 
-def _region_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Fail | None:
+def _scaled_region_plan(ctx: FoldContext, op: AffineOp) -> Plan | Fail | None:
     """Fold a scale into every op computing its input, through sums and channel-wise ops
     (``None``: ``op`` shifts too, and only a scale moves back through a sum)."""
     if op.affine.has_shift():
@@ -415,25 +413,4 @@ def _region_rewrite(ctx: FoldContext, op: AffineOp) -> Plan | Fail | None:
     preserved = [n for n in undo if n not in dict(region.terminals)]
     inside = {*dict(region.terminals), *region.through}  # (a conv may read a scaled value)
     inputs = [n for n in dict.fromkeys(inputs) if n not in inside]
-    return Plan([op.node, *preserved], inputs, fold_all_then_remove)
-
-
-# --------------------------------------------------------------------------- the pass loop
-
-
-Selector = Callable[[FoldContext, fx.Node], "AffineOp | Fail | None"]
-
-
-def absorb_each(gm: fx.GraphModule, rule: str, select: Selector) -> PassResult:
-    """Try :func:`absorb` on every affine that ``select`` picks (it returns the view, a
-    :class:`Fail` for a candidate that is no affine, worth reporting, or ``None`` to ignore
-    the node)."""
-
-    def visit(ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
-        picked = select(ctx, node)
-        if picked is None:
-            return None
-        outcome = picked if isinstance(picked, Fail) else absorb(ctx, picked, rule)
-        return Skipped(rule, where(node), outcome.reason) if isinstance(outcome, Fail) else outcome
-
-    return apply_rule(gm, visit)
+    return Plan(Region([op.node, *preserved], inputs), fold_all_then_remove)

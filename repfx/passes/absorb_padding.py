@@ -15,17 +15,18 @@ The conv then feeds the next op directly, where ``merge_sequential`` can compose
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from ..algebra import ConvKernel
-from ..ir.graph import value_users, where
+from ..ir.graph import value_users
+from ..ir.match import Fail
 from ..ir.ops import PAD_FUNCTIONS, LinearOp, linear_op
 from ..proof.tolerances import constants_match
-from ..report.fold_report import Folded, Skipped
 from ._common import is_pointwise
-from .base import FoldContext, NodeRule
+from .base import FoldContext, NodeRule, Region
 from .rewrite import new_conv, replace_node
 
 
@@ -104,66 +105,96 @@ def _pointwise(op: LinearOp | None) -> bool:
     )
 
 
+@dataclass
+class _Padded:
+    """``node`` pads ``conv``'s output by ``pads`` (per spatial dim, outermost first) with the
+    value ``constant`` (``None``: zeros); ``padded`` is the pad itself (``node``, or the
+    ``F.pad`` inside DBB's ``where``)."""
+
+    node: fx.Node
+    padded: fx.Node
+    pads: tuple[int, ...]
+    constant: torch.Tensor | None
+    conv: LinearOp
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """The conv's bias in float64 (zeros if it has none)."""
+        if self.conv.bias is None:
+            return torch.zeros(self.conv.out_channels, dtype=torch.float64)
+        return self.conv.bias.detach().double()
+
+
 class AbsorbPadding(NodeRule):
     name = "absorb_padding"
     words = "padding absorbed"  # one fold, in a report
 
-    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+    def match(self, ctx: FoldContext, node: fx.Node) -> _Padded | None:
+        """A constant pad of a pointwise conv's output: ``F.pad(y, pads)``, or DBB's
+        ``torch.where(border, v, F.pad(y, pads))``."""
         if node.op == "call_function" and node.target is torch.where and len(node.args) == 3:
             mask, value, padded = node.args
             found = _symmetric_pads(padded) if isinstance(padded, fx.Node) else None
             if found is None or not _is_border_mask(mask, found[0], found[1]):
                 return None
-            constant = ctx.consts.value(value)
-            return self._absorb(ctx, node, padded, found, constant)
+            return _of_pointwise_conv(ctx, node, padded, found, ctx.consts.value(value))
         found = _symmetric_pads(node)
         if found is None or _pad_value(node) != 0.0:
             return None
-        return self._absorb(ctx, node, node, found, None)
+        return _of_pointwise_conv(ctx, node, node, found, None)
 
-    def _absorb(
-        self,
-        ctx: FoldContext,
-        node: fx.Node,
-        padded: fx.Node,
-        found: tuple[fx.Node, tuple[int, ...]],
-        constant: torch.Tensor | None,
-    ) -> Folded | Skipped | None:
-        """Replace ``node`` (``padded``, or a ``where`` around it) by the conv producing the
-        padded tensor with ``found``'s pads added, if the border value is that conv's bias."""
-        y, pads = found
-        conv = linear_op(ctx.gm, y, ctx.consts)
-        if not _pointwise(conv) or len(pads) != conv.spatial_dims:
-            return None
+    def check(self, ctx: FoldContext, pad: _Padded) -> Fail | None:
+        """The conv's output is read only padded, and the border value is the conv's bias."""
+        conv, bias = pad.conv, pad.bias
+        y = conv.node
         # the BNAndPad spelling also reads y's shape for its border mask; a plain pad may not
         # leave y alive (the conv would then run twice)
-        mask_ok = constant is not None
-        if [u for u in value_users(y) if u is not padded and not (mask_ok and _mask_reader(u))]:
-            return Skipped(self.name, where(node), "the conv's output is also used unpadded")
-        bias = torch.zeros(conv.out_channels, dtype=torch.float64)
-        if conv.bias is not None:
-            bias = conv.bias.detach().double()
-        border = torch.zeros_like(bias) if constant is None else constant.double().reshape(-1)
+        mask_ok = pad.constant is not None
+        if [u for u in value_users(y) if u is not pad.padded and not (mask_ok and _mask_reader(u))]:
+            return Fail("the conv's output is also used unpadded")
+        border = (
+            torch.zeros_like(bias) if pad.constant is None else pad.constant.double().reshape(-1)
+        )
         if border.numel() not in (1, bias.numel()) or not constants_match(
             border.expand_as(bias), bias, conv.weight.dtype
         ):
-            return Skipped(self.name, where(node), "the padding value is not the conv's bias")
-        g = conv.geometry
+            return Fail("the padding value is not the conv's bias")
+        return None
+
+    def region(self, ctx: FoldContext, pad: _Padded) -> Region:
+        return Region([pad.node], [pad.conv.input])
+
+    def rewrite(self, ctx: FoldContext, pad: _Padded) -> tuple[list[fx.Node], str]:
+        """The conv with the pads added to its own padding, in place of the pad."""
+        conv, node, pads = pad.conv, pad.node, pad.pads
+        g, y = conv.geometry, conv.node
         padding = tuple(p + q for p, q in zip(g.padding, pads, strict=True))
         kernel = ConvKernel(
-            conv.weight.detach().double(), bias, g.stride, padding, g.dilation, conv.groups
+            conv.weight.detach().double(), pad.bias, g.stride, padding, g.dilation, conv.groups
         )
         path = f"{y.target}_padded" if y.op == "call_module" else f"{y.name}_padded"
+        ctx.gm.add_submodule(path, new_conv(kernel, conv.weight.dtype))
+        with ctx.gm.graph.inserting_before(node):
+            new = ctx.gm.graph.call_module(path, (conv.input,))
+        new.meta.update(node.meta)
+        replace_node(node, new)
+        return [new], f"padding moved into {path}"
 
-        def rewrite() -> tuple[list[fx.Node], str]:
-            ctx.gm.add_submodule(path, new_conv(kernel, conv.weight.dtype))
-            with ctx.gm.graph.inserting_before(node):
-                new = ctx.gm.graph.call_module(path, (conv.input,))
-            new.meta.update(node.meta)
-            replace_node(node, new)
-            return [new], f"padding moved into {path}"
 
-        return ctx.commit(self.name, where(node), [node], [conv.input], rewrite)
+def _of_pointwise_conv(
+    ctx: FoldContext,
+    node: fx.Node,
+    padded: fx.Node,
+    found: tuple[fx.Node, tuple[int, ...]],
+    constant: torch.Tensor | None,
+) -> _Padded | None:
+    """``node`` (``padded``, or a ``where`` around it) as a candidate, if the tensor ``found``
+    pads is the output of a pointwise conv with as many spatial dims as there are pads."""
+    y, pads = found
+    conv = linear_op(ctx.gm, y, ctx.consts)
+    if not _pointwise(conv) or len(pads) != conv.spatial_dims:
+        return None
+    return _Padded(node, padded, pads, constant, conv)
 
 
 def _mask_reader(user: fx.Node) -> bool:

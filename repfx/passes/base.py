@@ -1,33 +1,35 @@
-"""Pass infrastructure: a pass maps a graph module to a :class:`PassResult`; the pipeline runs
-an ordered list of passes until none changes the graph. Most passes are a :class:`NodeRule`:
-they visit every node (:func:`apply_rule`) and turn each candidate into a fold, or its
-:class:`repfx.ir.match.Fail` into a :class:`Skipped` record.
+"""What a pass is, and the one way a pass changes the graph.
 
-Every rewrite goes through one commit point, :meth:`FoldContext.commit`: it evaluates the
+A pass (:class:`Pass`) maps a graph module to a :class:`PassResult`; the pipeline
+(``repfx.passes.pipeline``) runs an ordered list of them until none changes the graph. Most
+passes are a :class:`NodeRule`, which visits every node (:func:`apply_rule`) in four steps:
+its *pattern* (``match``: is this node a candidate?), its *checks* (``check``: is folding it
+exact?), the *region* it replaces (``region``) and the *rewrite* replacing it (``rewrite``). A
+candidate that fails a check, or a pattern that says why not, becomes a :class:`Skipped` record
+(its :class:`repfx.ir.match.Fail`'s reason); a candidate that passes is handed to the commit
+point.
+
+Every rewrite goes through that one commit point, :meth:`FoldContext.commit`: it evaluates the
 region being replaced on random probes in float64 *before* the graph changes, lets the pass
 rewrite, evaluates the replacement on the same probes, and accepts the rewrite only if both
 agree (``repfx.proof.validate``). A rewrite that cannot be proven (no probe shape runs the region)
-is not made. A rewrite whose replacement differs is a repfx bug: with ``REPFX_STRICT=1`` (the
-test suite sets it) it raises :class:`RewriteRejected`; otherwise the pipeline starts again from
-the graph as it was, with that rewrite denied, and reports it. A pass that changes the graph
-outside a commit is a bug the pipeline reports (:class:`PassError`).
+is not made. A rewrite whose replacement differs raises :class:`RewriteRejected`: the pipeline
+undoes it and starts again with it denied (:class:`PipelineState`), or, in strict mode, lets it
+propagate. A pass that changes the graph outside a commit is a bug the pass runner reports
+(:class:`PassError`).
 
-Termination is by construction, not by a round cap: every modifying pass must strictly reduce
-the number of call nodes, and the pipeline raises (naming the pass) when one does not. A pass
-that moves constants without removing an op (``runs_once = True``, e.g. the opt-in
-``fold_norm_affine``) runs once, after the others reach their fixpoint, and they run again
-after it.
+Commits are logged on the ``repfx.passes`` logger at DEBUG level (rule, place, proven or why
+not).
 """
 
 from __future__ import annotations
 
-import copy
-import os
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from torch import fx, nn
+from torch import fx
 
 from ..errors import Error
 from ..ir.graph import (
@@ -36,14 +38,15 @@ from ..ir.graph import (
     has_hooks,
     module_call_counts,
     tensor_use_counts,
+    where,
 )
 from ..ir.match import Fail
 from ..proof.validate import ValidationFailure, prove_before
 from ..report.fold_report import Folded, Skipped
 from .rewrite import RewriteRefused, committing
 
-STRICT_ENV = "REPFX_STRICT"  # "1": a rejected rewrite raises instead of being denied and retried
-DENIED_KEY = "repfx_denied"  # gm.meta: (rule, location) of rewrites rejected in this fold
+log = logging.getLogger("repfx.passes")
+
 REJECTED = "rejected by local validation — a repfx bug, please report it"
 DENIED = "denied after an earlier attempt was undone"
 
@@ -71,8 +74,37 @@ class RewriteRejected(PassError):
 Rewrite = Callable[[], "tuple[list[fx.Node], str]"]
 
 
-def strict() -> bool:
-    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+@dataclass(frozen=True)
+class Region:
+    """The part of the graph a rewrite replaces, as the commit point proves it: ``outputs``,
+    the values the rewrite must preserve (in order), computed from ``inputs``, the values it
+    reads and leaves alone."""
+
+    outputs: Sequence[fx.Node]
+    inputs: Sequence[fx.Node]
+
+
+class Candidate(Protocol):
+    """What a rule's pattern matched: any value with the ``node`` whose location names the
+    rule's records (the node it folds away, usually the one visited)."""
+
+    node: fx.Node
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked candidate's region and the rewrite replacing it."""
+
+    region: Region
+    rewrite: Rewrite
+
+
+@dataclass(frozen=True)
+class PipelineState:
+    """What the pipeline hands each pass it runs: ``denied``, the (rule, location) of the
+    rewrites undone earlier in this fold, which the commit point now refuses."""
+
+    denied: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass
@@ -82,16 +114,30 @@ class PassResult:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-class Pass(Protocol):
-    name: str  # the rule's name in reports and records
-    words: str  # what one of its folds does, in plain words ("batch norm folded"); optional
+class Pass:
+    """A step of the pipeline: ``pass_(gm, state)`` folds what it can in ``gm`` and returns a
+    :class:`PassResult`.
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult: ...
+    ``name``: the rule's name in reports and records. ``words``: what one of its folds does, in
+    plain words ("batch norm folded"); its name unless the pass says. ``runs_once``: a pass
+    that moves constants without removing an op runs once, after the others reach their
+    fixpoint (see ``repfx.passes.pipeline.run_to_fixpoint``).
+    """
+
+    name: str
+    runs_once: bool = False
+
+    @property
+    def words(self) -> str:
+        return self.name
+
+    def __call__(self, gm: fx.GraphModule, state: PipelineState | None = None) -> PassResult:
+        raise NotImplementedError(f"{type(self).__name__} does not define __call__")
 
 
 def rule_words(passes: Sequence[Pass]) -> dict[str, str]:
-    """Each pass's name → its plain words (its name where it has none)."""
-    return {p.name: getattr(p, "words", p.name) for p in passes}
+    """Each pass's name → its plain words."""
+    return {p.name: p.words for p in passes}
 
 
 class FoldContext:
@@ -99,16 +145,17 @@ class FoldContext:
 
     Use counts are taken once, when the pass starts: rewrites only remove call sites of
     existing modules and tensors (so their counts can only be too high, which is safe) and
-    create tensors with a single use. The tensors counted are pinned, so that no new tensor
-    can inherit a counted one's ``id``. Constants: see ``repfx.ir.graph.ConstantFolder``.
+    create tensors with a single use (``repfx.ir.graph.TensorUses`` holds the tensors it
+    counts). Constants: see ``repfx.ir.graph.ConstantFolder``.
+    ``state``: what the pipeline said (the rewrites it denies); none for a pass run alone.
     """
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, state: PipelineState | None = None):
         self.gm = gm
         self.consts = ConstantFolder(gm)
         self.tensor_uses = tensor_use_counts(gm, self.consts)
         self.module_calls = module_call_counts(gm)
-        self.denied: frozenset[tuple[str, str]] = frozenset(gm.meta.get(DENIED_KEY, ()))
+        self.denied = state.denied if state is not None else frozenset()
         self.commits = 0
 
     def commit(
@@ -125,10 +172,24 @@ class FoldContext:
         leaves alone (everything between them is the region it replaces); ``rewrite`` returns
         the nodes computing the outputs afterwards. See the module docstring.
         """
+        try:
+            outcome = self._prove_and_apply(rule, location, Region(outputs, inputs), rewrite)
+        except RewriteRejected as exc:
+            log.debug("commit %s at %s: %s", rule, location, exc.reason)  # the pipeline undoes it
+            raise
+        if isinstance(outcome, Folded):
+            log.debug("commit %s at %s: proven", rule, location)
+        else:
+            log.debug("commit %s at %s: not made: %s", rule, location, outcome.reason)
+        return outcome
+
+    def _prove_and_apply(
+        self, rule: str, location: str, region: Region, rewrite: Rewrite
+    ) -> Folded | Skipped:
         if (rule, location) in self.denied:
             return Skipped(rule, location, DENIED)
         try:
-            proof = prove_before(self.gm, outputs, inputs, self.consts)
+            proof = prove_before(self.gm, region.outputs, region.inputs, self.consts)
         except ValidationFailure as exc:
             return Skipped(rule, location, f"cannot be validated: {exc}")
         self.commits += 1
@@ -196,112 +257,56 @@ def record(result: PassResult, outcome: Folded | Skipped | None) -> None:
         result.skipped.append(outcome)
 
 
-class NodeRule:
-    """The usual shape of a rule: visit every live node in order (:func:`apply_rule`).
+class NodeRule(Pass):
+    """The usual shape of a rule: at every live node in order (:func:`apply_rule`),
 
-    A subclass sets ``name`` (the rule's name in reports and records) and ``words`` (one of its
-    folds in plain words), and defines ``_visit(ctx, node)``, which returns what
-    ``ctx.commit`` returned, a :class:`Skipped` (a candidate that does not hold: its
-    :class:`repfx.ir.match.Fail` turned into a record) or ``None`` (not a candidate). ``runs_once``:
-    see :func:`run_to_fixpoint`.
+    1. ``match(ctx, node)``, its pattern: the candidate at ``node``; ``None`` when ``node`` is
+       not one (nothing to report); a :class:`Fail` for a candidate that does not hold;
+    2. ``check(ctx, candidate)``, its checks: each condition for exactness in turn, the first
+       that does not hold as a :class:`Fail` (``None``: they all hold);
+    3. ``region(ctx, candidate)``: the :class:`Region` the rewrite replaces;
+    4. ``rewrite(ctx, candidate)``: changes the graph, and returns the nodes now computing the
+       region's outputs and a description. It runs inside the commit point, never directly.
+
+    :meth:`visit` strings them together, once for every rule: a :class:`Fail` becomes a
+    :class:`Skipped` record at the candidate's location, a candidate that passes its checks
+    goes to ``ctx.commit``. A rule that chooses among several rewrites of one candidate
+    overrides :meth:`plan` instead of ``region`` and ``rewrite`` (``repfx.passes._absorb``).
+
+    A subclass sets ``name``, ``words`` and (rarely) ``runs_once``: see :class:`Pass`.
     """
 
-    name: str
-    words: str
-    runs_once = False
+    def __call__(self, gm: fx.GraphModule, state: PipelineState | None = None) -> PassResult:
+        return apply_rule(gm, self.visit, FoldContext(gm, state))
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        return apply_rule(gm, self._visit)
+    def visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+        """Pattern → checks → region and rewrite → commit, at ``node``."""
+        candidate = self.match(ctx, node)
+        if candidate is None:
+            return None
+        if isinstance(candidate, Fail):
+            return Skipped(self.name, where(node), candidate.reason)
+        location = where(candidate.node)
+        if (fail := self.check(ctx, candidate)) is not None:
+            return Skipped(self.name, location, fail.reason)
+        plan = self.plan(ctx, candidate)
+        if isinstance(plan, Fail):
+            return Skipped(self.name, location, plan.reason)
+        region = plan.region
+        return ctx.commit(self.name, location, region.outputs, region.inputs, plan.rewrite)
 
-    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
-        raise NotImplementedError(f"{type(self).__name__} defines no _visit")
+    def match(self, ctx: FoldContext, node: fx.Node) -> Candidate | Fail | None:
+        raise NotImplementedError(f"{type(self).__name__} defines no match")
 
+    def check(self, ctx: FoldContext, candidate: Candidate) -> Fail | None:
+        return None  # a rule whose pattern says it all
 
-def call_node_count(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op.startswith("call_"))
+    def region(self, ctx: FoldContext, candidate: Candidate) -> Region:
+        raise NotImplementedError(f"{type(self).__name__} defines no region")
 
+    def rewrite(self, ctx: FoldContext, candidate: Candidate) -> tuple[list[fx.Node], str]:
+        raise NotImplementedError(f"{type(self).__name__} defines no rewrite")
 
-def run_to_fixpoint(
-    gm: fx.GraphModule, passes: Sequence[Pass]
-) -> tuple[list[Folded], list[Skipped]]:
-    """Run ``passes`` in order, repeatedly, until a full round changes nothing.
-
-    Returns every fold made, and the skips of the final (unchanged) round, which describe the
-    graph as it is returned. A rejected rewrite (outside strict mode) restores ``gm`` to its
-    state on entry and starts again with that rewrite denied; denied rewrites are reported.
-    """
-    pristine = _Snapshot.of(gm)
-    denied: list[RewriteRejected] = []
-    while True:
-        gm.meta[DENIED_KEY] = frozenset((r.rule, r.where) for r in denied)
-        try:
-            folded, skipped = _rounds(gm, passes)
-        except RewriteRejected as exc:
-            if (strict() and exc.bug) or (exc.rule, exc.where) in gm.meta[DENIED_KEY]:
-                raise
-            denied.append(exc)
-            pristine.restore(gm)
-            continue
-        finally:
-            gm.meta.pop(DENIED_KEY, None)
-        skipped = [s for s in skipped if s.reason != DENIED]
-        return folded, skipped + [Skipped(r.rule, r.where, r.reason) for r in denied]
-
-
-@dataclass
-class _Snapshot:
-    """What the passes change, kept cheaply: the graph, and every module's dicts of parameters,
-    buffers and children. Passes never change a tensor in place (they swap in new ones), so the
-    dicts, copied shallowly, restore the module tree."""
-
-    graph: fx.Graph
-    modules: list[tuple[nn.Module, dict, dict, dict]]
-
-    @staticmethod
-    def of(gm: fx.GraphModule) -> _Snapshot:
-        modules = [
-            (m, dict(m._parameters), dict(m._buffers), dict(m._modules))
-            for _, m in gm.named_modules(remove_duplicate=False)
-        ]
-        return _Snapshot(copy.deepcopy(gm.graph), modules)
-
-    def restore(self, gm: fx.GraphModule) -> None:
-        for module, parameters, buffers, children in self.modules:
-            module._parameters, module._buffers = dict(parameters), dict(buffers)
-            module._modules = dict(children)
-        gm.graph = copy.deepcopy(self.graph)  # (the setter recompiles)
-
-
-def _rounds(gm: fx.GraphModule, passes: Sequence[Pass]) -> tuple[list[Folded], list[Skipped]]:
-    repeated = [p for p in passes if not getattr(p, "runs_once", False)]
-    once = [p for p in passes if getattr(p, "runs_once", False)]
-    folded, skipped = _fixpoint(gm, repeated)
-    if not once:
-        return folded, skipped
-    once_skipped: list[Skipped] = []
-    for p in once:
-        result = p(gm)
-        folded.extend(result.folded)
-        once_skipped.extend(result.skipped)
-        gm.graph.lint()
-    more, skipped = _fixpoint(gm, repeated)
-    return folded + more, skipped + once_skipped
-
-
-def _fixpoint(gm: fx.GraphModule, passes: Sequence[Pass]) -> tuple[list[Folded], list[Skipped]]:
-    folded: list[Folded] = []
-    while True:
-        skipped: list[Skipped] = []
-        changed = False
-        for p in passes:
-            before = call_node_count(gm)
-            result = p(gm)
-            folded.extend(result.folded)
-            skipped.extend(result.skipped)
-            if result.modified:
-                changed = True
-                if call_node_count(gm) >= before:
-                    raise PassError(f"pass {p.name!r} reported a change but removed no node")
-                gm.graph.lint()
-        if not changed:
-            return folded, skipped
+    def plan(self, ctx: FoldContext, candidate: Candidate) -> Plan | Fail:
+        """The region to replace and the rewrite replacing it (or why there is none)."""
+        return Plan(self.region(ctx, candidate), lambda: self.rewrite(ctx, candidate))

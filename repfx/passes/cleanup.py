@@ -7,29 +7,37 @@ floating tensor: ``f(x) = x``, so every use of ``f(x)`` becomes a use of ``x``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import fx
 
-from ..ir.graph import where
 from ..ir.match import Fail
 from ..ir.ops import identity_input
-from ..report.fold_report import Folded, Skipped
-from .base import FoldContext, NodeRule
+from .base import FoldContext, NodeRule, Region
 from .rewrite import replace_node
+
+
+@dataclass
+class _NoOp:
+    node: fx.Node  # f(x)
+    input: fx.Node  # x
 
 
 class Cleanup(NodeRule):
     name = "cleanup"
     words = "no-op removed"  # one fold, in a report
 
-    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+    def match(self, ctx: FoldContext, node: fx.Node) -> _NoOp | Fail | None:
+        """An op that is the identity in eval mode; why not, for one that looks like it (a
+        dropout in training mode)."""
         found = identity_input(ctx.gm, node)
-        if isinstance(found, Fail):
-            return Skipped(self.name, where(node), found.reason)
-        if found is None:
-            return None
+        return found if found is None or isinstance(found, Fail) else _NoOp(node, found)
 
-        def rewrite() -> tuple[list[fx.Node], str]:
-            replace_node(node, found)
-            return [found], "removed no-op"
+    # no checks: the pattern is the identity
 
-        return ctx.commit(self.name, where(node), [node], [found], rewrite)
+    def region(self, ctx: FoldContext, no_op: _NoOp) -> Region:
+        return Region([no_op.node], [no_op.input])
+
+    def rewrite(self, ctx: FoldContext, no_op: _NoOp) -> tuple[list[fx.Node], str]:
+        replace_node(no_op.node, no_op.input)
+        return [no_op.input], "removed no-op"

@@ -12,17 +12,18 @@ LayerScale and absorbs into the norm: the block ``x + ls·(A(N(x)) − N(x))`` t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
+import torch
 from torch import fx
 
 from ..algebra import ChannelAffine
-from ..ir.graph import has_hooks, module_of, value_users, where
+from ..ir.graph import has_hooks, module_of, value_users
 from ..ir.match import Fail
 from ..ir.ops import AffineOp, affine_op, merge_axes
-from ..report.fold_report import Folded, Skipped
 from ._absorb import affine_dtype
 from ._common import join_operands
-from .base import FoldContext, NodeRule
+from .base import FoldContext, NodeRule, Region
 from .rewrite import hint_for, insert_affine, replace_join
 
 
@@ -52,47 +53,74 @@ def _chain(ctx: FoldContext, start: fx.Node, join: fx.Node) -> _Chain:
     return _Chain(node, affine, ops)
 
 
+@dataclass
+class _Mixer:
+    """``node = left ± weight·right``, two affine chains of one root."""
+
+    node: fx.Node  # the join
+    left: _Chain
+    right: _Chain
+    weight: float
+
+    @property
+    def ops(self) -> list[AffineOp]:
+        return self.left.ops + self.right.ops
+
+    @cached_property
+    def axis(self) -> int | Fail | None:
+        """The channel axis every op acts on (``None``: any), or a :class:`Fail`."""
+        axis = None
+        for op in self.ops:
+            axis = merge_axes(axis, op.axis)
+            if isinstance(axis, Fail):
+                return axis
+        return axis
+
+    @cached_property
+    def dtype(self) -> torch.dtype | None:
+        return affine_dtype(self.node, self.ops)
+
+
 class FoldAffineMixer(NodeRule):
     name = "fold_affine_mixer"
     words = "affine mixer folded"  # one fold, in a report
 
-    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+    def match(self, ctx: FoldContext, node: fx.Node) -> _Mixer | None:
+        """``u ± α·v`` with ``u``, ``v`` chains of affines (one may be empty) of one root."""
         operands = join_operands(node)
-        return None if operands is None else self._collapse(ctx, node, *operands)
-
-    def _collapse(
-        self, ctx: FoldContext, join: fx.Node, u: fx.Node, v: fx.Node, weight: float
-    ) -> Folded | Skipped | None:
+        if operands is None:
+            return None
+        u, v, weight = operands
         if u is v:
             return None  # x ± x: nothing to remove
-        left, right = _chain(ctx, u, join), _chain(ctx, v, join)
+        left, right = _chain(ctx, u, node), _chain(ctx, v, node)
         if left.root is not right.root or not (left.ops or right.ops):
             return None  # not a fork-join of one tensor: e.g. a residual x + f(x)
+        return _Mixer(node, left, right, weight)
+
+    def check(self, ctx: FoldContext, mixer: _Mixer) -> Fail | None:
         if any(
             op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node))
-            for op in left.ops + right.ops
+            for op in mixer.ops
         ):
-            return Skipped(self.name, where(join), "a branch module has hooks")
-        axis = None
-        for op in left.ops + right.ops:
-            axis = merge_axes(axis, op.axis)
-            if isinstance(axis, Fail):
-                return Skipped(self.name, where(join), "branches act on different channel axes")
-        channels = {op.channels for op in left.ops + right.ops} - {1}
-        if len(channels) > 1:
-            return Skipped(self.name, where(join), "branches have different channel counts")
-        combined = left.affine.plus(right.affine, weight)
-        dtype = affine_dtype(join, left.ops + right.ops)
-        if dtype is None:
-            return Skipped(
-                self.name, where(join), "the affines' dtype is unknown (pass example inputs)"
-            )
+            return Fail("a branch module has hooks")
+        if isinstance(mixer.axis, Fail):
+            return Fail("branches act on different channel axes")
+        if len({op.channels for op in mixer.ops} - {1}) > 1:
+            return Fail("branches have different channel counts")
+        if mixer.dtype is None:
+            return Fail("the affines' dtype is unknown (pass example inputs)")
+        return None
+
+    def region(self, ctx: FoldContext, mixer: _Mixer) -> Region:
+        """From the root to the join."""
+        return Region([mixer.node], [mixer.left.root])
+
+    def rewrite(self, ctx: FoldContext, mixer: _Mixer) -> tuple[list[fx.Node], str]:
+        left, right, join = mixer.left, mixer.right, mixer.node
+        combined = left.affine.plus(right.affine, mixer.weight)
         hint = hint_for((left.ops or right.ops)[-1].node)
-        kinds = ", ".join(op.kind for op in left.ops + right.ops)
-
-        def rewrite() -> tuple[list[fx.Node], str]:
-            new = insert_affine(ctx.gm, left.root, combined, axis, dtype, join, hint)
-            replace_join(join, new, [op.node for op in left.ops + right.ops])
-            return [new], f"merged branches ({kinds}) into one affine"
-
-        return ctx.commit(self.name, where(join), [join], [left.root], rewrite)
+        new = insert_affine(ctx.gm, left.root, combined, mixer.axis, mixer.dtype, join, hint)
+        replace_join(join, new, [op.node for op in mixer.ops])
+        kinds = ", ".join(op.kind for op in mixer.ops)
+        return [new], f"merged branches ({kinds}) into one affine"

@@ -20,6 +20,7 @@ is not shared or hooked, nor the affine's module hooked; the dtypes agree.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -28,8 +29,7 @@ from ..algebra import ChannelAffine
 from ..ir.graph import arg_of, has_hooks, module_of, static_shape, value_users, where
 from ..ir.match import Fail
 from ..ir.ops import AffineOp, LinearOp, affine_op, linear_op
-from ..report.fold_report import Folded, Skipped
-from .base import FoldContext, NodeRule
+from .base import FoldContext, NodeRule, Region
 from .rewrite import hint_for, replace_node, set_slot
 
 
@@ -64,24 +64,27 @@ def _flattened_from_channels(gm: fx.GraphModule, node: fx.Node) -> fx.Node | Non
     return arg_of(node, 0, "input", None) if spans else None
 
 
-def _reason(ctx: FoldContext, op: AffineOp, lin: LinearOp, shape: tuple[int, ...]) -> Fail | None:
-    """Why ``op``, flattened into ``lin``'s input, cannot fold into ``lin`` (``None``: it can)."""
-    if op.axis is not None and len(shape) + op.axis != 1:
-        return Fail(f"the affine acts on axis {op.axis}, not on the channels the flatten spreads")
-    if op.channels not in (1, shape[1]) or lin.weight.shape[1] != math.prod(shape[1:]):
-        return Fail("the linear's features are not the flattened channels")
-    if op.dtype is not None and op.dtype != lin.weight.dtype:
-        return Fail(f"affine constants are {op.dtype}, the linear's are {lin.weight.dtype}")
-    if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
-        return Fail("the affine's module has hooks")
-    return ctx.shared_reason(lin.node, "linear")
+@dataclass
+class _Flattened:
+    """``linear(flatten(affine(x), 1))``."""
+
+    node: fx.Node  # the affine, which the fold removes
+    affine: AffineOp
+    linear: LinearOp
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The shape of the affine's output, which the flatten flattens."""
+        return static_shape(self.affine.node)
 
 
 class FoldAffineThroughFlatten(NodeRule):
     name = "fold_affine_through_flatten"
     words = "per-channel affine folded into a linear through a flatten"  # one fold, in a report
 
-    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+    def match(self, ctx: FoldContext, node: fx.Node) -> _Flattened | None:
+        """A linear reading ``flatten(a, 1)`` of a per-channel affine ``a``, each the only
+        value reader of the one before."""
         lin = linear_op(ctx.gm, node, ctx.consts)
         if lin is None or lin.kind != "linear" or value_users(lin.input) != [node]:
             return None
@@ -89,20 +92,34 @@ class FoldAffineThroughFlatten(NodeRule):
         op = affine_op(ctx.gm, source, ctx.consts) if isinstance(source, fx.Node) else None
         if op is None or value_users(op.node) != [lin.input]:
             return None
-        shape = static_shape(op.node)
+        return _Flattened(op.node, op, lin)
+
+    def check(self, ctx: FoldContext, candidate: _Flattened) -> Fail | None:
+        op, lin, shape = candidate.affine, candidate.linear, candidate.shape
         if shape is None or len(shape) < 3:
-            return Skipped(self.name, where(op.node), "the shape before the flatten is unknown")
-        if (fail := _reason(ctx, op, lin, shape)) is not None:
-            return Skipped(self.name, where(op.node), fail.reason)
+            return Fail("the shape before the flatten is unknown")
+        if op.axis is not None and len(shape) + op.axis != 1:
+            return Fail(
+                f"the affine acts on axis {op.axis}, not on the channels the flatten spreads"
+            )
+        if op.channels not in (1, shape[1]) or lin.weight.shape[1] != math.prod(shape[1:]):
+            return Fail("the linear's features are not the flattened channels")
+        if op.dtype is not None and op.dtype != lin.weight.dtype:
+            return Fail(f"affine constants are {op.dtype}, the linear's are {lin.weight.dtype}")
+        if op.node.op == "call_module" and has_hooks(module_of(ctx.gm, op.node)):
+            return Fail("the affine's module has hooks")
+        return ctx.shared_reason(lin.node, "linear")
+
+    def region(self, ctx: FoldContext, candidate: _Flattened) -> Region:
+        return Region([candidate.linear.node], [candidate.affine.input])
+
+    def rewrite(self, ctx: FoldContext, candidate: _Flattened) -> tuple[list[fx.Node], str]:
+        op, lin, shape = candidate.affine, candidate.linear, candidate.shape
         affine = ChannelAffine.of(op.affine.scale, op.affine.shift, shape[1])
-        positions = math.prod(shape[2:])
-
-        def rewrite() -> tuple[list[fx.Node], str]:
-            w, b = fold_affine_into_flattened_linear(lin.weight, lin.bias, affine, positions)
-            set_slot(ctx.gm, lin.weight_slot, w, f"{hint_for(node)}_weight")
-            if b is not None:
-                set_slot(ctx.gm, lin.bias_slot, b, f"{hint_for(node)}_bias")
-            replace_node(op.node, op.input)
-            return [node], f"folded into linear {where(node)} through the flatten"
-
-        return ctx.commit(self.name, where(op.node), [node], [op.input], rewrite)
+        w, b = fold_affine_into_flattened_linear(lin.weight, lin.bias, affine, math.prod(shape[2:]))
+        hint = hint_for(lin.node)
+        set_slot(ctx.gm, lin.weight_slot, w, f"{hint}_weight")
+        if b is not None:
+            set_slot(ctx.gm, lin.bias_slot, b, f"{hint}_bias")
+        replace_node(op.node, op.input)
+        return [lin.node], f"folded into linear {where(lin.node)} through the flatten"

@@ -14,21 +14,19 @@ from torch import fx
 
 from ..ir.match import Fail
 from ..ir.ops import AffineOp, affine_op, batch_norm_reason
-from ._absorb import absorb_each
-from .base import FoldContext, PassResult
+from ._absorb import AbsorbRule
+from .base import FoldContext
 
 
-def _batch_norms(ctx: FoldContext, node: fx.Node) -> AffineOp | Fail | None:
-    """``node`` as a batch norm to fold; why not, for a batch norm that is no affine."""
-    if (fail := batch_norm_reason(ctx.gm, node, ctx.consts)) is not None:
-        return fail
-    op = affine_op(ctx.gm, node, ctx.consts)
-    return op if op is not None and op.kind == "batch_norm" else None
-
-
-class FoldBatchNorm:
+class FoldBatchNorm(AbsorbRule):
     name = "fold_bn"
     words = "batch norm folded"  # one fold, in a report
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        return absorb_each(gm, self.name, _batch_norms)
+    def match(self, ctx: FoldContext, node: fx.Node) -> AffineOp | Fail | None:
+        """``node`` as a batch norm to fold; why not, for a batch norm that is no affine."""
+        if (fail := batch_norm_reason(ctx.gm, node, ctx.consts)) is not None:
+            return fail
+        op = affine_op(ctx.gm, node, ctx.consts)
+        return op if op is not None and op.kind == "batch_norm" else None
+
+    # check (no hooks) and plan (the neighbour that takes it): AbsorbRule, repfx.passes._absorb

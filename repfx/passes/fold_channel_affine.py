@@ -13,18 +13,17 @@ from __future__ import annotations
 from torch import fx
 
 from ..ir.ops import AffineOp, affine_op
-from ._absorb import absorb_each
-from .base import FoldContext, PassResult
+from ._absorb import AbsorbRule
+from .base import FoldContext
 
 
-def _non_bn_affines(ctx: FoldContext, node: fx.Node) -> AffineOp | None:
-    op = affine_op(ctx.gm, node, ctx.consts)
-    return op if op is not None and op.kind != "batch_norm" else None
-
-
-class FoldChannelAffine:
+class FoldChannelAffine(AbsorbRule):
     name = "fold_channel_affine"
     words = "per-channel affine folded"  # one fold, in a report
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        return absorb_each(gm, self.name, _non_bn_affines)
+    def match(self, ctx: FoldContext, node: fx.Node) -> AffineOp | None:
+        """A per-channel affine that is not a batch norm (``fold_bn``'s)."""
+        op = affine_op(ctx.gm, node, ctx.consts)
+        return op if op is not None and op.kind != "batch_norm" else None
+
+    # check (no hooks) and plan (the neighbour that takes it): AbsorbRule, repfx.passes._absorb

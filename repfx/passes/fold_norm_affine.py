@@ -14,49 +14,60 @@ passes reach their fixpoint, through the same commit point.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import fx
 
 from ..algebra import ChannelAffine
 from ..ir.graph import value_users, where
 from ..ir.match import Fail
-from ..ir.ops import AffineOp, norm_op
-from ..report.fold_report import Folded, Skipped
+from ..ir.ops import AffineOp, LinearOp, NormOp, norm_op
 from ._absorb import fold_into_input, input_side
-from .base import FoldContext, NodeRule
+from .base import FoldContext, NodeRule, Region
 from .rewrite import clear_slot
+
+
+@dataclass
+class _NormAffine:
+    node: fx.Node  # the norm
+    norm: NormOp
+    affine: ChannelAffine  # its own γ, β
+    consumers: list[LinearOp | Fail]  # each value reader as a conv / linear that can take it
 
 
 class FoldNormAffine(NodeRule):
     name = "fold_norm_affine"
     words = "norm affine moved"  # one fold, in a report
-    runs_once = True  # see repfx.passes.base.run_to_fixpoint
+    runs_once = True  # see repfx.passes.pipeline.run_to_fixpoint
 
-    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+    def match(self, ctx: FoldContext, node: fx.Node) -> _NormAffine | None:
+        """A norm with its own ``γ`` or ``β`` whose output is read, each reader viewed as a conv
+        / linear that takes ``γ, β`` on its input side (``_absorb.input_side``), or why not."""
         norm = norm_op(ctx.gm, node, ctx.consts)
-        if norm is None or (norm.weight is None and norm.bias is None):
+        if norm is None or (norm.weight is None and norm.bias is None) or not value_users(node):
             return None
-        location = where(node)
-        if (shared := ctx.shared_reason(node, norm.kind)) is not None:
-            return Skipped(self.name, location, shared.reason)
         affine = ChannelAffine.of(norm.weight, norm.bias, norm.channels)
         op = AffineOp(node, "norm_affine", node, affine, norm.channel_axis, norm.dtype)
-        consumers = []
-        for user in value_users(node):
-            lin = input_side(ctx, op, user, node)
-            if isinstance(lin, Fail):
-                return Skipped(self.name, location, lin.reason)
-            consumers.append(lin)
-        if not consumers:
-            return None
+        consumers = [input_side(ctx, op, user, node) for user in value_users(node)]
+        return _NormAffine(node, norm, affine, consumers)
 
-        def rewrite() -> tuple[list[fx.Node], str]:
-            for lin in consumers:
-                fold_into_input(ctx, lin, affine)
-            clear_slot(ctx.gm, norm.weight_slot)
-            if norm.bias_slot is not None:
-                clear_slot(ctx.gm, norm.bias_slot)
-            into = ", ".join(f"{lin.kind} {where(lin.node)}" for lin in consumers)
-            return [lin.node for lin in consumers], f"{norm.kind} affine into {into}"
+    def check(self, ctx: FoldContext, candidate: _NormAffine) -> Fail | None:
+        """The norm is not shared, and every reader can take ``γ, β``."""
+        if (shared := ctx.shared_reason(candidate.node, candidate.norm.kind)) is not None:
+            return shared
+        return next((lin for lin in candidate.consumers if isinstance(lin, Fail)), None)
 
+    def region(self, ctx: FoldContext, candidate: _NormAffine) -> Region:
+        node = candidate.node
         inputs = [n for n in node.all_input_nodes if not ctx.consts.is_constant(n)]
-        return ctx.commit(self.name, location, [lin.node for lin in consumers], inputs, rewrite)
+        return Region([lin.node for lin in candidate.consumers], inputs)
+
+    def rewrite(self, ctx: FoldContext, candidate: _NormAffine) -> tuple[list[fx.Node], str]:
+        norm, consumers = candidate.norm, candidate.consumers
+        for lin in consumers:
+            fold_into_input(ctx, lin, candidate.affine)
+        clear_slot(ctx.gm, norm.weight_slot)
+        if norm.bias_slot is not None:
+            clear_slot(ctx.gm, norm.bias_slot)
+        into = ", ".join(f"{lin.kind} {where(lin.node)}" for lin in consumers)
+        return [lin.node for lin in consumers], f"{norm.kind} affine into {into}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import fx, nn
@@ -47,9 +48,9 @@ from ..ir.graph import (
 from ..ir.match import Fail
 from ..ir.ops import AffineOp, LinearOp, affine_op, avg_pool_op, linear_op, merge_axes
 from ..ir.regions import Regions
-from ..report.fold_report import Folded, Skipped
+from ..report.fold_report import Skipped
 from ._common import composition_reason, has_bias, join_operands, kernel_of
-from .base import FoldContext, NodeRule, PassResult, apply_rule
+from .base import FoldContext, NodeRule, PassResult, PipelineState, Region, apply_rule
 from .rewrite import new_conv, replace_join
 
 _MERGEABLE = ("conv", "avg_pool", "linear")
@@ -370,24 +371,105 @@ def _is_other_fork_join(ctx: FoldContext, node: fx.Node) -> bool:
     return not _shares_an_intermediate(ctx, node, u, v)
 
 
+@dataclass
+class _Merge:
+    """``node`` joins ``branches`` of one root: their sum (``summed``) or their concatenation,
+    one conv of kernel ``combine(branch kernels)``."""
+
+    node: fx.Node  # the join
+    branches: list[_Branch]
+    combine: Callable[[list[ConvKernel]], ConvKernel]
+    summed: bool = True
+
+    @property
+    def conv(self) -> LinearOp:
+        """The first branch conv."""
+        return next(b.conv for b in self.branches if b.conv is not None)
+
+    @property
+    def ops(self) -> list[fx.Node]:
+        """The branches' ops, which the merged conv replaces with the join."""
+        return [n for b in self.branches for n in b.ops]
+
+    @cached_property
+    def kernels(self) -> list[ConvKernel]:
+        return _branch_kernels(self.branches)
+
+    @cached_property
+    def combined(self) -> ConvKernel:
+        return self.combine(self.kernels)
+
+
 class MergeBranches(NodeRule):
     name = "merge_branches"
     words = "parallel branches merged"  # one fold, in a report
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        ctx = FoldContext(gm)
-        result = apply_rule(gm, self._visit, ctx)
+    def __call__(self, gm: fx.GraphModule, state: PipelineState | None = None) -> PassResult:
+        ctx = FoldContext(gm, state)
+        result = apply_rule(gm, self.visit, ctx)
         if not result.modified:  # only the final, unchanged round's skips are reported
             joins = [n for n in gm.graph.nodes if _is_other_fork_join(ctx, n)]
             result.skipped += self._explain(ctx, joins)
         return result
 
-    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+    def match(self, ctx: FoldContext, node: fx.Node) -> _Merge | Fail | None:
+        """A sum ``u ± α·v`` or a concatenation of branches of one root, one with a conv."""
         if (operands := join_operands(node)) is not None:
-            return self._merge(ctx, node, *operands)
+            return self._sum(ctx, node, *operands)
         if (tensors := _concat_operands(node)) is not None:
             return self._concat(ctx, node, tensors)
         return None
+
+    def _sum(
+        self, ctx: FoldContext, join: fx.Node, u: fx.Node, v: fx.Node, weight: float
+    ) -> _Merge | Fail | None:
+        left, right = _branch(ctx, u, join), _branch(ctx, v, join)
+        if left.root is not right.root:
+            if _shares_an_intermediate(ctx, join, u, v):
+                return Fail("a branch's intermediate result is also used outside the branches")
+            return None  # another fork-join (x + relu(conv(x))): see _is_other_fork_join
+        if left.conv is None and right.conv is None:
+            return None  # affines only: fold_affine_mixer's job
+        return _Merge(join, [left, right], lambda ks: sum_kernels([(1.0, ks[0]), (weight, ks[1])]))
+
+    def _concat(self, ctx: FoldContext, join: fx.Node, operands: list[fx.Node]) -> _Merge | None:
+        branches = [_branch(ctx, u, join, convs_first=True) for u in operands]
+        if len({id(b.root) for b in branches}) > 1 or all(b.conv is None for b in branches):
+            return None
+        return _Merge(join, branches, concat_kernels, summed=False)
+
+    def check(self, ctx: FoldContext, merge: _Merge) -> Fail | None:
+        """The branches fit one conv (see :func:`_check`), may be replaced, read aligned
+        windows, and leave some padding."""
+        if not merge.summed and _concat_axis(merge.node) != merge.conv.channel_axis:
+            return Fail("concatenation is not along the channels")
+        fail = _check(merge.branches, merge.summed)
+        if fail is None:
+            fail = _region_reason(ctx.gm, merge.branches, merge.summed)
+        if fail is not None:
+            return fail
+        if (fail := _alignment_reason(merge.kernels)) is not None:
+            return fail
+        if any(p < 0 for p in merge.combined.padding):
+            return Fail("every branch crops: no padding is left")
+        return None
+
+    def region(self, ctx: FoldContext, merge: _Merge) -> Region:
+        return Region([merge.node], [merge.branches[0].root])
+
+    def rewrite(self, ctx: FoldContext, merge: _Merge) -> tuple[list[fx.Node], str]:
+        """The branches' ops and the join swapped for one conv, named after the block that
+        made the join."""
+        join, region, base = merge.node, merge.ops, _base_path(merge.node)
+        merged = new_conv(merge.combined, merge.conv.weight.dtype)
+        with ctx.gm.graph.inserting_before(join):
+            new = ctx.gm.graph.create_node("call_module", base, (merge.branches[0].root,))
+        new.meta.update(join.meta)
+        new.meta[RANK_KEY] = join.meta.get(RANK_KEY)
+        replace_join(join, new, region)
+        new.target = _free_path(ctx.gm, base, new)  # names freed by the branches count
+        ctx.gm.add_submodule(new.target, merged)
+        return [new], f"merged {len(region)} ops into one conv {new.target}"
 
     def _explain(self, ctx: FoldContext, joins: list[fx.Node]) -> list[Skipped]:
         """Why fork-join regions that are not sums of conv branches were left alone (one
@@ -401,80 +483,6 @@ class MergeBranches(NodeRule):
                 reason = f"a branch contains a non-affine op ({op_name(ctx.gm, blocker)})"
                 explained.append(Skipped(self.name, where(join), reason))
         return explained
-
-    def _merge(
-        self, ctx: FoldContext, join: fx.Node, u: fx.Node, v: fx.Node, weight: float
-    ) -> Folded | Skipped | None:
-        left, right = _branch(ctx, u, join), _branch(ctx, v, join)
-        if left.root is not right.root:
-            if _shares_an_intermediate(ctx, join, u, v):
-                reason = "a branch's intermediate result is also used outside the branches"
-                return Skipped(self.name, where(join), reason)
-            return None  # another fork-join (x + relu(conv(x))): see _is_other_fork_join
-        if left.conv is None and right.conv is None:
-            return None  # affines only: fold_affine_mixer's job
-        return self._rewrite(
-            ctx, join, [left, right], lambda ks: sum_kernels([(1.0, ks[0]), (weight, ks[1])])
-        )
-
-    def _concat(
-        self, ctx: FoldContext, join: fx.Node, operands: list[fx.Node]
-    ) -> Folded | Skipped | None:
-        branches = [_branch(ctx, u, join, convs_first=True) for u in operands]
-        if len({id(b.root) for b in branches}) > 1 or all(b.conv is None for b in branches):
-            return None
-        conv = next(b.conv for b in branches if b.conv is not None)
-        if _concat_axis(join) != conv.channel_axis:
-            return Skipped(self.name, where(join), "concatenation is not along the channels")
-        return self._rewrite(ctx, join, branches, concat_kernels, summed=False)
-
-    def _rewrite(
-        self,
-        ctx: FoldContext,
-        join: fx.Node,
-        branches: list[_Branch],
-        combine: Callable[[list[ConvKernel]], ConvKernel],
-        *,
-        summed: bool = True,
-    ) -> Folded | Skipped:
-        """Replace ``join`` by one conv whose kernel is ``combine`` of the branch kernels
-        (``summed``: a sum, else a concatenation), or say why not."""
-        fail = _check(branches, summed)
-        if fail is None:
-            fail = _region_reason(ctx.gm, branches, summed)
-        if fail is not None:
-            return Skipped(self.name, where(join), fail.reason)
-        kernels = _branch_kernels(branches)
-        if (fail := _alignment_reason(kernels)) is not None:
-            return Skipped(self.name, where(join), fail.reason)
-        combined = combine(kernels)
-        if any(p < 0 for p in combined.padding):
-            return Skipped(self.name, where(join), "every branch crops: no padding is left")
-        return self._commit_merge(ctx, join, branches, combined)
-
-    def _commit_merge(
-        self, ctx: FoldContext, join: fx.Node, branches: list[_Branch], combined: ConvKernel
-    ) -> Folded | Skipped:
-        """Commit the swap of the branches' ops and ``join`` for one conv of kernel
-        ``combined``, named after the block that made the join."""
-        region = [n for b in branches for n in b.ops]
-        dtype = next(b.conv for b in branches if b.conv is not None).weight.dtype
-        location, count = where(join), len(region)
-        base = _base_path(join)
-        root = branches[0].root
-
-        def rewrite() -> tuple[list[fx.Node], str]:
-            merged = new_conv(combined, dtype)
-            with ctx.gm.graph.inserting_before(join):
-                new = ctx.gm.graph.create_node("call_module", base, (root,))
-            new.meta.update(join.meta)
-            new.meta[RANK_KEY] = join.meta.get(RANK_KEY)
-            replace_join(join, new, region)
-            new.target = _free_path(ctx.gm, base, new)  # names freed by the branches count
-            ctx.gm.add_submodule(new.target, merged)
-            return [new], f"merged {count} ops into one conv {new.target}"
-
-        return ctx.commit(self.name, location, [join], [root], rewrite)
 
 
 def _region_reason(gm: fx.GraphModule, branches: list[_Branch], summed: bool) -> Fail | None:

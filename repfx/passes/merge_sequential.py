@@ -14,6 +14,7 @@ channel-reducing bottleneck would make the model slower.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import fx
 
@@ -21,9 +22,8 @@ from ..algebra import compose_pointwise_then_conv
 from ..ir.graph import RANK_KEY, has_hooks, module_of, shape_users, value_users, where
 from ..ir.match import Fail
 from ..ir.ops import LinearOp, linear_op
-from ..report.fold_report import Folded, Skipped
 from ._common import composition_reason, kernel_of
-from .base import FoldContext, NodeRule
+from .base import FoldContext, NodeRule, Region
 from .rewrite import new_conv, replace_node
 
 
@@ -71,39 +71,48 @@ def _free_path(gm: fx.GraphModule, base: str) -> str:
         path, i = f"{base}_{i}", i + 1
 
 
+@dataclass
+class _Sequence:
+    """``second(first(x))``, two convs or linears."""
+
+    node: fx.Node  # the second op, which the composed op replaces
+    first: LinearOp
+    second: LinearOp
+
+
 class MergeSequential(NodeRule):
     name = "merge_sequential"
     words = "sequential convs merged"  # one fold, in a report
 
-    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+    def match(self, ctx: FoldContext, node: fx.Node) -> _Sequence | None:
+        """A conv or linear whose input is only read by it, computed by another one."""
         second = linear_op(ctx.gm, node, ctx.consts)
         if second is None or value_users(second.input) != [node]:
             return None
         first = linear_op(ctx.gm, second.input, ctx.consts)
-        if first is None:
-            return None
-        if (fail := _reason(ctx, first, second)) is not None:
-            return Skipped(self.name, where(node), fail.reason)
-        return self._compose(ctx, first, second)
+        return None if first is None else _Sequence(node, first, second)
 
-    def _compose(self, ctx: FoldContext, first: LinearOp, second: LinearOp) -> Folded | Skipped:
+    def check(self, ctx: FoldContext, pair: _Sequence) -> Fail | None:
+        return _reason(ctx, pair.first, pair.second)
+
+    def region(self, ctx: FoldContext, pair: _Sequence) -> Region:
+        return Region([pair.second.node], [pair.first.input])
+
+    def rewrite(self, ctx: FoldContext, pair: _Sequence) -> tuple[list[fx.Node], str]:
+        first, second = pair.first, pair.second
         kernel = compose_pointwise_then_conv(kernel_of(first), kernel_of(second))
         # the composed padding is the first's (zeros: its border is b₁) or the second's (its
         # mode: reflecting / replicating commutes with a pointwise conv), never both
         second_pads = second.kind == "conv" and any(second.geometry.padding)
         mode = second.geometry.padding_mode if second_pads else "zeros"
         base = second.node.target if second.node.op == "call_module" else where(second.node)
-
-        def rewrite() -> tuple[list[fx.Node], str]:
-            module = new_conv(kernel, second.weight.dtype, mode)
-            path = _free_path(ctx.gm, f"{base.replace(':', '_')}_composed")
-            ctx.gm.add_submodule(path, module)
-            with ctx.gm.graph.inserting_before(second.node):
-                new = ctx.gm.graph.call_module(path, (first.input,))
-            new.meta.update(second.node.meta)
-            new.meta[RANK_KEY] = second.node.meta.get(RANK_KEY)
-            detail = f"composed with {where(first.node)} into {path}"
-            replace_node(second.node, new)
-            return [new], detail
-
-        return ctx.commit(self.name, where(second.node), [second.node], [first.input], rewrite)
+        module = new_conv(kernel, second.weight.dtype, mode)
+        path = _free_path(ctx.gm, f"{base.replace(':', '_')}_composed")
+        ctx.gm.add_submodule(path, module)
+        with ctx.gm.graph.inserting_before(second.node):
+            new = ctx.gm.graph.call_module(path, (first.input,))
+        new.meta.update(second.node.meta)
+        new.meta[RANK_KEY] = second.node.meta.get(RANK_KEY)
+        detail = f"composed with {where(first.node)} into {path}"
+        replace_node(second.node, new)
+        return [new], detail

@@ -16,11 +16,13 @@ module tensors it is computed from (an ``expand`` or an upsampled table stays co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import fx
 
-from ..ir.graph import where
-from ..report.fold_report import Folded, Skipped
-from .base import FoldContext, NodeRule
+from ..ir.match import Fail
+from .base import FoldContext, NodeRule, Region
 from .rewrite import add_constant, replace_node
 
 # Methods and functions that only re-view (or copy) their input: no computation to save.
@@ -31,11 +33,19 @@ _VIEWS = {
 }  # fmt: skip
 
 
+@dataclass
+class _Frontier:
+    node: fx.Node  # a constant value read by an op that is not constant
+    value: torch.Tensor  # its value
+    sources: dict[str, list[fx.Node]]  # the ops computing it, the attributes they read
+
+
 class PrecomputeConstants(NodeRule):
     name = "precompute_constants"
     words = "computed once from parameters"  # one fold, in a report
 
-    def _visit(self, ctx: FoldContext, node: fx.Node) -> Folded | Skipped | None:
+    def match(self, ctx: FoldContext, node: fx.Node) -> _Frontier | None:
+        """A computed constant read by an op that is not constant (views alone do not count)."""
         if node.op not in ("call_function", "call_method") or not _read_by_computed(ctx, node):
             return None
         value = ctx.consts.value(node)
@@ -44,16 +54,24 @@ class PrecomputeConstants(NodeRule):
         sources = _constant_sources(ctx, node)
         if not any(_computes(n) for n in sources["ops"]):
             return None
-        if value.numel() > sum(ctx.consts.value(n).numel() for n in sources["attrs"]):
-            return Skipped(self.name, where(node), "the precomputed value would be larger than "
-                           "the parameters it is computed from")  # fmt: skip
+        return _Frontier(node, value, sources)
 
-        def rewrite() -> tuple[list[fx.Node], str]:
-            stored = add_constant(ctx.gm, f"{node.name}_precomputed", value.detach(), node)
-            replace_node(node, stored)
-            return [stored], f"precomputed ({len(sources['ops'])} ops on parameters only)"
+    def check(self, ctx: FoldContext, frontier: _Frontier) -> Fail | None:
+        read = sum(ctx.consts.value(n).numel() for n in frontier.sources["attrs"])
+        if frontier.value.numel() > read:
+            return Fail(
+                "the precomputed value would be larger than the parameters it is computed from"
+            )
+        return None
 
-        return ctx.commit(self.name, where(node), [node], [], rewrite)
+    def region(self, ctx: FoldContext, frontier: _Frontier) -> Region:
+        return Region([frontier.node], [])
+
+    def rewrite(self, ctx: FoldContext, frontier: _Frontier) -> tuple[list[fx.Node], str]:
+        node, ops = frontier.node, len(frontier.sources["ops"])
+        stored = add_constant(ctx.gm, f"{node.name}_precomputed", frontier.value.detach(), node)
+        replace_node(node, stored)
+        return [stored], f"precomputed ({ops} ops on parameters only)"
 
 
 def _read_by_computed(ctx: FoldContext, node: fx.Node) -> bool:

@@ -257,6 +257,7 @@ class FoldReport:
     redrawn_verification: Verification | None = None  # a copy with re-drawn parameters (REDRAWN)
     opaque_modules: dict[str, str] = field(default_factory=dict)  # path -> why not traced
     notes: list[str] = field(default_factory=list)
+    pass_seconds: dict[str, float] = field(default_factory=dict)  # pass -> time it ran, summed
     # the graph as captured and as folded (repfx.report.sketch), for draw() (repfx.report.draw);
     # not part of to_dict()
     before_sketch: GraphSketch | None = field(default=None, repr=False)
@@ -274,6 +275,11 @@ class FoldReport:
     def counts(self) -> dict[str, int]:
         """Number of folds per rule."""
         return dict(Counter(f.rule for f in self.folded))
+
+    def add_pass_seconds(self, seconds: dict[str, float]) -> None:
+        """Add each pass's running time (of one run of the pipeline) to ``pass_seconds``."""
+        for name, spent in seconds.items():
+            self.pass_seconds[name] = self.pass_seconds.get(name, 0.0) + spent
 
     # ------------------------------------------------------------------ reading
 
@@ -309,6 +315,7 @@ class FoldReport:
             lines.append(f"  traced as a leaf: {path} ({why})")
         lines.extend(f"  note: {note}" for note in self.notes)
         lines.extend(self._op_lines())
+        lines.extend(self._time_lines())
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -358,6 +365,12 @@ class FoldReport:
             lines.append(f"    buffers (elements)          {b.buffers:,} → {a.buffers:,}")
         return lines
 
+    def _time_lines(self) -> list[str]:
+        if not self.pass_seconds:
+            return []
+        slowest = sorted(self.pass_seconds.items(), key=lambda kv: -kv[1])
+        return ["  time per pass: " + ", ".join(f"{name} {s:.2f} s" for name, s in slowest)]
+
     def verifications(self) -> list[Verification]:
         """The verifications made: as given, then with re-drawn parameters."""
         return [v for v in (self.verification, self.redrawn_verification) if v is not None]
@@ -401,6 +414,7 @@ class FoldReport:
             "redrawn_verification": plain(self.redrawn_verification),
             "opaque_modules": dict(self.opaque_modules),
             "notes": list(self.notes),
+            "pass_seconds": dict(self.pass_seconds),
         }
 
     def to_json(self, **kwargs: object) -> str:
