@@ -53,8 +53,8 @@ from torch import nn
 import repfx
 from repfx.export import onnx_op_counts
 from repfx.proof.redraw import redraw_foldable_parameters_
-from repfx.testing import assert_close
 from repfx.proof.tolerances import max_errors
+from repfx.testing import assert_close
 
 MODELS: tuple[str, ...] = ("timm:caformer_s18", "tv:mobilenet_v3_small")
 FORMS: tuple[str, ...] = ("unfolded", "folded")

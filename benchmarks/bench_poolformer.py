@@ -44,8 +44,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import repfx
 import repfx.models
 from repfx.proof.redraw import redraw_foldable_parameters_
-from repfx.testing import assert_close
 from repfx.proof.tolerances import max_errors
+from repfx.testing import assert_close
 
 # (label, numerator, denominator)
 RATIOS: tuple[tuple[str, str, str], ...] = (("repfx / unfolded", "repfx", "unfolded"),)

@@ -48,8 +48,8 @@ from torch import fx, nn
 import repfx
 import repfx.models
 from repfx.models import RIFormer, RIFormerBlock
-from repfx.testing import assert_close
 from repfx.proof.tolerances import max_errors
+from repfx.testing import assert_close
 
 VARIANTS: tuple[str, ...] = ("training", "paper_deploy", "repfx", "ideal")
 

@@ -58,8 +58,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
 from repfx.ir.op_kinds import op_counts
-from repfx.testing import assert_close
 from repfx.proof.tolerances import max_errors
+from repfx.testing import assert_close
 
 MODELS: tuple[str, ...] = (
     "repvgg_a0",

@@ -1,64 +1,35 @@
-"""Hypothesis profiles, selected with ``HYPOTHESIS_PROFILE`` (default ``ci``).
+"""The test suite's two speeds.
 
-* ``ci`` — deterministic and bounded: the property tests' 40 examples; the fuzzer
-  (``tests/test_fuzz.py``) generates 2,000 models per run (and a dozen compiled ones),
-  derandomized, without shrinking so that a failure is reported at once (each failure prints
-  the model it found). About 3 minutes of one core.
-* ``dev`` — random, heavier: 600 examples; the fuzzer 6,000 models, shrinking.
-* ``fuzz`` — a long random fuzzing run: the fuzzer 24,000 models, shrinking; the other property
-  tests as in ``dev``.
+* ``pytest`` — the fast loop: every test not marked ``slow``, property tests at the ``fast``
+  Hypothesis profile (10 examples), the fuzzer at 100 models. A few minutes on 2 cores.
+* ``pytest --full`` — the full suite: the ``slow`` tests too (real timm / torchvision /
+  ultralytics models, the training example, full-size reference models), property tests at the
+  ``ci`` profile (40 examples) and the fuzzer's 2,000 models.
 
-The fuzzer reads its settings from the profile named ``<profile>-fuzzer``, whose
-``max_examples`` is the number of models per run that ``test_fuzz.py`` shares among its tests.
+``HYPOTHESIS_PROFILE=<name>`` picks a profile explicitly (``tests/profiles.py`` lists them);
+``-m EXPR`` selects tests explicitly.
 """
 
 import os
 
+import profiles
 import torch
-from hypothesis import HealthCheck, Phase, settings
 
-_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
-settings.register_profile(
-    "ci",
-    max_examples=40,
-    derandomize=True,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=_QUIET[:2],
-)
-settings.register_profile(
-    "dev",
-    max_examples=600,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=_QUIET[:2],
-)
-settings.register_profile("fuzz", settings.get_profile("dev"))
+def pytest_addoption(parser):
+    parser.addoption(
+        "--full",
+        action="store_true",
+        default=False,
+        help="repfx: the full suite (slow tests, the ci Hypothesis profile, 2,000 fuzzed models)",
+    )
 
-_NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
-settings.register_profile(
-    "ci-fuzzer",
-    max_examples=2000,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    print_blob=True,
-    phases=_NO_SHRINK,
-    suppress_health_check=_QUIET,
-)
-settings.register_profile(
-    "dev-fuzzer",
-    max_examples=6000,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=_QUIET,
-)
-settings.register_profile("fuzz-fuzzer", settings.get_profile("dev-fuzzer"), max_examples=24000)
 
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+def pytest_configure(config):
+    full = config.getoption("--full")
+    profiles.activate(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if full else "fast"))
+    if not full and not config.option.markexpr:
+        config.option.markexpr = "not slow"
+
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-
-# A rewrite the commit point rejects is a repfx bug: under the test suite it raises instead of
-# being undone and reported (repfx.passes.base.STRICT_ENV).
-os.environ.setdefault("REPFX_STRICT", "1")

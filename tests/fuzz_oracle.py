@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -98,15 +99,24 @@ class Attempt:
 
 
 def attempt_fold(module: nn.Module, inputs: tuple, verify: bool = True) -> Attempt:
-    """``repfx.fold(module, inputs)``; acceptable errors become an outcome, others propagate."""
-    try:
-        folded = repfx.fold(module, inputs, verify=verify)
-    except repfx.VerificationError:
-        return Attempt(None, "refused: VerificationError")
-    except PUBLIC_ERRORS as exc:
-        return Attempt(None, f"refused: {type(exc).__name__}")
+    """``repfx.fold(module, inputs)``; acceptable errors become an outcome, others propagate.
+    A model with training-mode BatchNorm / dropout draws a ``TrainingModeWarning`` on purpose:
+    it is expected here, and marked in the outcome."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", repfx.TrainingModeWarning)
+        try:
+            folded = repfx.fold(module, inputs, verify=verify)
+        except repfx.VerificationError:
+            return Attempt(None, "refused: VerificationError")
+        except PUBLIC_ERRORS as exc:
+            return Attempt(None, f"refused: {type(exc).__name__}")
+    training = [w for w in caught if issubclass(w.category, repfx.TrainingModeWarning)]
+    for w in caught:  # anything else goes on to the test run's own filters
+        if w not in training:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     folds = folded.meta[repfx.REPORT_KEY].folded
-    return Attempt(folded, "folded" if folds else "nothing folded")
+    warned = " (training-mode warning)" if training else ""
+    return Attempt(folded, ("folded" if folds else "nothing folded") + warned)
 
 
 # ---------------------------------------------------------------------- the original

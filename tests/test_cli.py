@@ -102,14 +102,21 @@ class Call:
     cwd: Path | None = None
 
 
+REPFX = (sys.executable, "-m", "repfx")
+
+
+def strict(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``result``, once it is known that no rewrite was rejected in it: a rejected rewrite is a
+    repfx bug, which fails the test (as pyproject.toml's filterwarnings does in this process)."""
+    assert "RewriteRejectedWarning" not in result.stderr, result.stderr
+    return result
+
+
 def repfx(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "repfx", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=ENV,
-        check=False,
+    return strict(
+        subprocess.run(
+            [*REPFX, *args], capture_output=True, text=True, cwd=cwd, env=ENV, check=False
+        )
     )
 
 
@@ -119,7 +126,7 @@ def repfx_many(calls: list[Call], parallel: int = 4) -> list[subprocess.Complete
     for start in range(0, len(calls), parallel):
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "repfx", *c.args],
+                [*REPFX, *c.args],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -130,7 +137,7 @@ def repfx_many(calls: list[Call], parallel: int = 4) -> list[subprocess.Complete
         ]
         for p in procs:
             out, err = p.communicate()
-            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+            results.append(strict(subprocess.CompletedProcess(p.args, p.returncode, out, err)))
     return results
 
 
@@ -197,6 +204,7 @@ def test_fold_norm_affine_leaves_affine_free_norms(tmp_path):
     # (exit status 0: each fold was verified against its model, which the CLI built itself)
 
 
+@pytest.mark.slow
 def test_state_dict_with_arch_to_pt2_matches_the_original(tmp_path, riformer):
     weights, out = tmp_path / "weights.pth", tmp_path / "folded.pt2"
     torch.save(riformer.state_dict(), weights)
@@ -221,6 +229,7 @@ def test_state_dict_with_arch_to_pt2_matches_the_original(tmp_path, riformer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folded.pt2", "weights.pth"]
 
 
+@pytest.mark.slow
 def test_safetensors_to_onnx_reports_node_counts(tmp_path, riformer):
     import onnxruntime as ort
     import safetensors.torch as safetensors_torch
@@ -240,6 +249,7 @@ def test_safetensors_to_onnx_reports_node_counts(tmp_path, riformer):
         assert_close(torch.from_numpy(got), riformer(x))
 
 
+@pytest.mark.slow
 def test_timm_with_weights_default_shape_and_dtype(tmp_path):
     import timm
 
@@ -335,6 +345,7 @@ def test_crafted_pickle_is_not_executed_without_the_flag(tmp_path, capsys):
 # ----------------------------------------------------------------------------------- errors
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_with_documented_exit_codes(tmp_path, user_models, riformer):
     """The issue's error list, each through the real command (in parallel)."""
     weights = tmp_path / "weights.pt"
@@ -500,6 +511,7 @@ def test_factory_that_exits_is_an_error(user_models, monkeypatch, capsys):
     sys.modules.pop("exits_on_import", None)
 
 
+@pytest.mark.slow
 def test_onnx_external_data_is_not_overwritten_without_force(tmp_path, monkeypatch, capsys):
     """ONNX's ``OUT.onnx.data`` sidecar is protected like OUT itself."""
     import onnxruntime as ort
@@ -570,12 +582,13 @@ def test_sigterm_raises_terminated_inside_the_block_only():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_write_removes_the_temporary_files(tmp_path):
     """SIGTERM while the ONNX export writes into its temporary directory: exit 143, and the
     ``.OUT.XXXX`` directory is gone, as after Ctrl-C."""
     out = tmp_path / "tiny.onnx"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "repfx", "optimize", "riformer_tiny", *TINY, "-o", str(out)],
+        [*REPFX, "optimize", "riformer_tiny", *TINY, "-o", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

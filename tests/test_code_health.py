@@ -12,6 +12,7 @@ from radon.complexity import cc_visit
 
 PACKAGE = Path(__file__).resolve().parents[1] / "repfx"
 MAX_COMPLEXITY = 15  # radon's cyclomatic complexity, per function or method
+MAX_LINES = 600  # per module: one job each
 
 
 def _functions(blocks):
@@ -31,6 +32,15 @@ def test_no_function_is_above_the_complexity_limit():
         if fn.complexity > MAX_COMPLEXITY
     ]
     assert too_complex == [], "split these functions:\n" + "\n".join(too_complex)
+
+
+def test_no_module_is_above_the_size_limit():
+    too_long = [
+        f"{path.relative_to(PACKAGE.parent)} ({n} lines)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    ]
+    assert too_long == [], "split these modules along their jobs:\n" + "\n".join(too_long)
 
 
 def test_no_module_shadows_the_standard_library():

@@ -143,6 +143,7 @@ def test_backend_name_is_registered():
     assert lookup_backend("repfx") is repfx_backend
 
 
+@pytest.mark.slow
 def test_inductor_runs_the_folded_graph():
     model = _random(create("riformer_tiny", num_classes=10))
     backend = compile_backend(inner="inductor")

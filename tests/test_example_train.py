@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_riformer_tiny.py"
@@ -18,6 +19,7 @@ def _load_example():
     return module
 
 
+@pytest.mark.slow  # the training example is part of the full suite (pytest --full)
 def test_short_training_run_imitates_and_folds_exactly():
     torch.set_num_threads(1)
     example = _load_example()

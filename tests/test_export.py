@@ -19,7 +19,13 @@ from repfx.testing import assert_close
 SCOPES = "pkg.torch.onnx.name_scopes"  # module paths the dynamo exporter records per node
 
 
-@pytest.fixture(scope="module", params=[("riformer_tiny", 4, 32), ("riformer_s12", 12, 64)])
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(("riformer_tiny", 4, 32), id="riformer_tiny"),
+        pytest.param(("riformer_s12", 12, 64), id="riformer_s12", marks=pytest.mark.slow),
+    ],
+)
 def riformer(request):
     """A RIFormer with O(1) parameters (its LayerScale init of 1e-5 would hide a bad fold), its
     number of blocks, and an input."""

@@ -3,15 +3,15 @@
 Each test draws models from some bug classes of ``fuzz_models.BUG_CLASSES`` and judges every
 fold with ``fuzz_oracle`` (fresh inputs, per-output, NaN-aware, float64 exactness, input
 mutation, the original untouched). The number of models per run comes from the
-``<profile>-fuzzer`` Hypothesis profile (``tests/conftest.py``: 2,000 deterministic models in
-``ci``, 24,000 random ones with ``HYPOTHESIS_PROFILE=fuzz``), shared among the tests below by
-:data:`PLANS`. ``pytest --hypothesis-show-statistics`` shows how often each outcome occurred
-(folded, nothing folded, refused with which error — ``VerificationError`` included).
+``<profile>-fuzzer`` Hypothesis profile (``tests/profiles.py``: 100 deterministic models in plain
+``pytest``, 2,000 in ``pytest --full``, 24,000 random ones with ``HYPOTHESIS_PROFILE=fuzz``),
+shared among the tests below by :data:`PLANS`. ``pytest --hypothesis-show-statistics`` shows
+how often each outcome occurred (folded, nothing folded, refused with which error —
+``VerificationError`` included).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -20,7 +20,7 @@ from fuzz_models import ALL_DTYPES, BUG_CLASSES, Modifiers, fuzz_models
 from fuzz_oracle import Verdict, judge, judge_compiled
 from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
-from hypothesis.errors import InvalidArgument
+from profiles import fuzzer_settings
 
 EVERYTHING = tuple(sorted(BUG_CLASSES))
 EVERY_MODIFIER = Modifiers(
@@ -71,13 +71,9 @@ def one_thread():
 
 
 def fuzz_settings(share: float) -> settings:
-    """The fuzzer profile of the current ``HYPOTHESIS_PROFILE``, with ``share`` of its
-    models."""
-    profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-    try:
-        parent = settings.get_profile(f"{profile}-fuzzer")
-    except InvalidArgument:
-        parent = settings.get_profile("ci-fuzzer")
+    """The fuzzer profile of the active Hypothesis profile (``tests/profiles.py``), with
+    ``share`` of its models."""
+    parent = fuzzer_settings()
     return settings(parent, max_examples=max(1, round(parent.max_examples * share)))
 
 

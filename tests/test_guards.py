@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from grammar import randomise_
@@ -30,7 +31,8 @@ def _reasons(report) -> str:
 def test_training_mode_batch_norm_is_not_folded():
     model = _randomised(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).train()
     x = torch.randn(2, 3, 8, 8)
-    folded, report = _fold(model, x)
+    with pytest.warns(repfx.TrainingModeWarning, match="training mode"):
+        folded, report = _fold(model, x)
     assert report.folded == []
     assert op_counts(folded)["batch_norm"] == 1
     assert "training mode" in _reasons(report)
@@ -38,7 +40,8 @@ def test_training_mode_batch_norm_is_not_folded():
 
 def test_training_mode_dropout_is_kept():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5)).train()
-    folded = repfx.fold(model)
+    with pytest.warns(repfx.TrainingModeWarning, match="training mode"):
+        folded = repfx.fold(model)
     report = folded.meta["repfx_report"]
     assert report.folded == []
     assert any(isinstance(m, nn.Dropout) for m in folded.modules())

@@ -271,7 +271,16 @@ class Folding:
     error: BaseException | None
 
 
-@pytest.fixture(scope="module", params=SPECS, ids=[s.name for s in SPECS])
+# The fast loop folds one MetaFormer; the others run in the full suite (pytest --full).
+FAST = {"poolformerv2_s12"}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(s, id=s.name, marks=() if s.name in FAST else pytest.mark.slow) for s in SPECS
+    ],
+)
 def folding(request: pytest.FixtureRequest) -> Folding:
     spec: Spec = request.param
     torch.manual_seed(0)

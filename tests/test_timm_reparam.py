@@ -141,7 +141,16 @@ class Case:
     error: BaseException | None
 
 
-@pytest.fixture(scope="module", params=MODELS, ids=[m[0] for m in MODELS])
+# The fast loop folds the smallest; the others run in the full suite (pytest --full).
+FAST = {"repvgg_a0"}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(m, id=m[0], marks=() if m[0] in FAST else pytest.mark.slow) for m in MODELS
+    ],
+)
 def case(request: pytest.FixtureRequest) -> Case:
     name, size, batch = request.param
     torch.manual_seed(0)
