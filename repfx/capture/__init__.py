@@ -14,7 +14,7 @@ from __future__ import annotations
 from ..errors import CaptureError, ExampleInputError
 from ..proof.inputs import copy_model
 from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs, record_inputs
-from .fx import (
+from .writes import (
     capture,
     drop_no_op_dtype_guards,
     functionalize,
