@@ -25,7 +25,7 @@ from torch import fx, nn
 from ..errors import CaptureError, ExampleInputError
 from ..proof.inputs import cloned
 from ..report.fold_report import FoldReport
-from .writes import capture as fx_capture
+from .fx import capture as fx_capture
 from .torch_export import capture_exported
 
 CAPTURE_MODES = ("auto", "fx", "export")

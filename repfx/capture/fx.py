@@ -1,0 +1,240 @@
+"""Capture: a model → a ``torch.fx.GraphModule`` of repfx's own copy of it, by symbolic tracing.
+
+The user's model is deep-copied first, so tracing side effects (caches, counters, hooks that
+run during tracing) land on the copy. A submodule whose ``forward`` cannot be traced
+symbolically (data-dependent control flow, unsupported Python) is kept as a single
+``call_module`` leaf instead of failing the whole model; the fold then works inside it
+separately (see ``repfx.fold``).
+
+What the tracer decides, and why (each is exact, or refuses):
+
+* **Faithful tracing.** ``fx.Proxy`` traces ``y += c`` as ``y = y + c`` and cannot trace
+  ``y[i] = v``; repfx's proxy records both as the in-place writes they are on tensors. torch.fx
+  reads buffers as plain tensors, so a write to one (``self.calls.add_(1)``) runs once while
+  tracing instead of being recorded: when a buffer changed during the trace, its value is put
+  back and the model is traced again with buffers as graph values.
+* **Hooks** (:mod:`.hooks`). Global forward hooks and forward hooks or pre-hooks on the
+  top-level model are refused; a submodule with forward hooks or pre-hooks is kept as a leaf so
+  that its hooks run.
+* **Parametrizations.** ``torch.nn.utils.parametrizations.weight_norm`` and ``orthogonal``
+  (any mode) and ``spectral_norm`` (eval mode, where it reads its stored ``u``, ``v``) are
+  deterministic functions of their state: each is baked into a plain tensor
+  (``remove_parametrizations(m, name, leave_parametrized=True)``), which is bit-identical to
+  what the module computes on every call. Any other parametrization (a custom one, a
+  training-mode spectral norm, which updates ``u``, ``v`` on every call) is traced through, so
+  the graph computes it as the module does. The legacy hook-based ``torch.nn.utils.weight_norm``
+  is a forward pre-hook: its module stays a leaf that runs its hook. Baking gives the copy's
+  module a class of its own first: a deep copy shares the parametrized class with the original,
+  and removing a parametrization edits that class.
+* **In-place ops** (:mod:`.inplace`). The traced graph's in-place writes are rewritten out of
+  place where that is exact, and marked where it is not (:func:`functionalize`).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrizations, parametrize
+
+from ..errors import CaptureError, one_line
+from .hooks import forward_hooks_of, refuse_hooks
+from .inplace import functionalize
+
+# ------------------------------------------------------------------------ parametrizations
+
+
+def bake_parametrizations(model: nn.Module) -> None:
+    """Replace every deterministic parametrization (see the module docstring) by the tensor it
+    computes now. ``model`` is repfx's own copy."""
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        names = [
+            n for n in module.parametrizations if all(map(_bakeable, module.parametrizations[n]))
+        ]
+        if names:
+            _own_class(module)
+        for name in names:
+            with torch.no_grad():
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of its parametrized class. A deep copy shares the class
+    with the original, and removing a parametrization deletes its property from the class:
+    without this, baking repfx's copy would break the user's model."""
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def _bakeable(parametrization: nn.Module) -> bool:
+    """A torch parametrization whose result depends on its state only (not on the call)."""
+    kind = type(parametrization)
+    if kind is parametrizations._SpectralNorm:
+        return not parametrization.training  # training mode runs a power iteration per call
+    return kind in (parametrizations._WeightNorm, parametrizations._Orthogonal)
+
+
+# ------------------------------------------------------------------------------ tracing
+
+
+class _FaithfulProxy(fx.Proxy):
+    """A proxy that records ``y += c`` and ``y[i] = v`` as the in-place writes they are on a
+    tensor. ``fx.Proxy`` traces ``y += c`` as ``y = y + c``, which differs from eager mode as soon
+    as another name still refers to the tensor ``y`` (a helper ``def bump(t): t += 1``), and
+    cannot trace item assignment at all."""
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
+def _augmented(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+for _op in (
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift,
+):  # fmt: skip
+    setattr(_FaithfulProxy, f"__{_op.__name__}__", _augmented(_op))
+
+
+class _FallbackTracer(fx.Tracer):
+    """Traces through modules where it can; turns modules it cannot trace into leaves, and
+    keeps submodules with forward hooks as leaves (so that the hooks run).
+
+    ``proxy_buffers``: buffers are read as graph values, so that an in-place write to one
+    (``self.calls.add_(1)``) is recorded rather than run once on the real buffer while
+    tracing (see :func:`capture`)."""
+
+    def __init__(self, proxy_buffers: bool = False) -> None:
+        super().__init__()
+        self.opaque: dict[str, str] = {}
+        self.proxy_buffer_attributes = proxy_buffers
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _FaithfulProxy(node, self)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """As ``fx.Tracer.getattr``, with a name lookup built once instead of a scan of every
+        parameter per access (which makes tracing quadratic in model size)."""
+        is_tensor = isinstance(attr_val, nn.Parameter) or (
+            self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)
+        )
+        name = self._tensor_names().get(id(attr_val)) if is_tensor else None
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def create_arg(self, a: Any) -> Any:
+        """As ``fx.Tracer.create_arg``, with the same O(1) lookup for a module's own tensors
+        passed as arguments (``F.batch_norm(x, self.running_mean, ...)``)."""
+        if isinstance(a, torch.Tensor) and (name := self._tensor_names().get(id(a))) is not None:
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def _tensor_names(self) -> dict[int, str]:
+        if getattr(self, "_names_of", (None, None))[0] is not self.root:
+            names: dict[int, str] = {}
+            for name, t in [*self.root.named_parameters(), *self.root.named_buffers()]:
+                names.setdefault(id(t), name)
+            self._names_of = (self.root, names)
+        return self._names_of[1]
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.opaque:
+            return True
+        if parametrize.is_parametrized(m) or isinstance(m, parametrize.ParametrizationList):
+            return False  # computes its weight on every call: trace what it computes
+        leaf = super().is_leaf_module(m, qualname)
+        if not leaf and forward_hooks_of(m):
+            self.opaque[qualname] = "has forward hooks (kept as a module so that they run)"
+            return True
+        return leaf
+
+    def call_module(
+        self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        qualname = self.path_of_module(m)
+        if not qualname or self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        last_node = next(iter(reversed(self.graph.nodes)), None)
+        stack = dict(self.module_stack)  # the current nesting only: small
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            self._rollback(last_node)
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            # (call counts of the failed partial trace stay: they only name metadata keys)
+            self.opaque[qualname] = one_line(exc, limit=120)
+            return super().call_module(m, forward, args, kwargs)
+
+    def _rollback(self, last_node: fx.Node | None) -> None:
+        """Erase the nodes the failed partial trace created, newest first."""
+        for node in list(reversed(self.graph.nodes)):
+            if node is last_node:
+                break
+            self.graph.erase_node(node)
+
+
+def capture(
+    model: nn.Module, defaults: dict[str, Any] | None = None
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Trace ``model`` (already repfx's copy). Returns the graph module and the paths of
+    modules kept as opaque leaves, with the reason each could not be traced.
+
+    ``defaults``: arguments of ``forward`` the example inputs leave at their default values
+    (``mask=None``), traced as those constants (``torch.fx`` concrete arguments) rather than
+    as inputs that may be anything (which takes ``if mask is not None`` for true).
+
+    Refuses hooks it cannot honour, bakes deterministic parametrizations, and rewrites in-place
+    ops out of place where that is exact, marking the others (see the module docstring)."""
+    refuse_hooks(model)
+    bake_parametrizations(model)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    tracer = _trace(model, proxy_buffers=False, defaults=defaults)
+    if _restore_changed(model, buffers):
+        # The forward wrote to a buffer while tracing: torch.fx ran that write on the real
+        # buffer instead of recording it. Trace again with buffers as graph values.
+        tracer = _trace(model, proxy_buffers=True, defaults=defaults)
+        _restore_changed(model, buffers)
+    gm = fx.GraphModule(tracer.root, tracer.graph, class_name=type(model).__name__)
+    functionalize(gm)
+    return gm, tracer.opaque
+
+
+def _trace(
+    model: nn.Module, proxy_buffers: bool, defaults: dict[str, Any] | None
+) -> _FallbackTracer:
+    tracer = _FallbackTracer(proxy_buffers)
+    try:
+        tracer.trace(model, concrete_args=defaults or None)
+    except Exception as exc:
+        raise CaptureError(
+            f"cannot trace {type(model).__name__}.forward with torch.fx ({one_line(exc)})"
+        ) from exc
+    return tracer
+
+
+def _restore_changed(model: nn.Module, saved: dict[str, torch.Tensor]) -> bool:
+    """Put back every buffer whose value differs from ``saved``; whether one did."""
+    changed = False
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            before = saved.get(name)
+            if before is not None and not torch.equal(buffer, before):
+                buffer.copy_(before)
+                changed = True
+    return changed
