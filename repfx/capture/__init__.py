@@ -12,7 +12,9 @@
   rewritten to their torch-level twins;
 * :mod:`.frontend` — which front end captures a model (``capture="auto" | "fx" | "export"``),
   and the example inputs its opaque children see;
-* :mod:`.opaque` — whether a child left opaque can be folded on its own in place.
+* :mod:`.opaque` — whether a child left opaque can be folded on its own in place;
+* :mod:`.bytecode` — what a bytecode instruction does, for the readers of code (``opaque``,
+  ``hooks``), whatever the Python release.
 """
 
 from __future__ import annotations

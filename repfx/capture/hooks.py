@@ -10,14 +10,14 @@
   Backward hooks do not run in inference and state-dict hooks change no value: they are
   ignored.
 * **Read.** A hook is code repfx does not run through its passes, so what it may do is read
-  from its bytecode, conservatively: :func:`hook_may_write` — only a hook that just loads,
-  computes out of place and returns (``lambda m, args, out: out * a + b``) is known not to
-  write to a tensor.
+  from its bytecode (:mod:`.bytecode`), conservatively: :func:`hook_may_write` — only a hook
+  that just loads, computes out of place and returns (``lambda m, args, out: out * a + b``) is
+  known not to write to a tensor; :func:`hook_reads_module` — only a hook whose code never
+  loads its first argument is known not to look at the module it is given.
 """
 
 from __future__ import annotations
 
-import dis
 import functools
 import types
 from typing import Any
@@ -26,17 +26,7 @@ from torch import nn
 
 from ..errors import CaptureError
 from ..ir.graph import global_forward_hooks
-
-# Bytecode that computes without writing anywhere: loads, arithmetic (not augmented), tuples.
-_PURE_OPCODES = frozenset(
-    {
-        "RESUME", "NOP", "CACHE", "COPY_FREE_VARS", "MAKE_CELL", "LOAD_CONST", "LOAD_FAST",
-        "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_FAST_LOAD_FAST", "LOAD_DEREF",
-        "RETURN_VALUE", "RETURN_CONST", "BINARY_SUBSCR", "BUILD_TUPLE", "BUILD_LIST",
-        "BUILD_SLICE", "LIST_EXTEND", "LIST_TO_TUPLE", "UNARY_NEGATIVE", "POP_TOP",
-    }
-)  # fmt: skip
-_AUGMENTED_BINARY_OP = 13  # BINARY_OP arguments from here on are +=, -=, ... (Python ≥ 3.11)
+from .bytecode import instructions
 
 
 def forward_hooks_of(module: nn.Module) -> bool:
@@ -83,9 +73,21 @@ def hook_may_write(hook: Any) -> bool:
     code = getattr(hook, "__code__", None)
     if code is None or not isinstance(hook, types.FunctionType):
         return True
-    for ins in dis.get_instructions(code):
-        if ins.opname == "BINARY_OP" and ins.arg is not None and ins.arg < _AUGMENTED_BINARY_OP:
-            continue
-        if ins.opname not in _PURE_OPCODES:
-            return True
-    return False
+    return not all(ins.pure for ins in instructions(code))
+
+
+def hook_reads_module(hook: Any) -> bool:
+    """Does a hook's code read its first argument (the module)? Unknown callables: assume so."""
+    bound = 0
+    while isinstance(hook, (functools.partial, types.MethodType)):
+        if isinstance(hook, types.MethodType):
+            bound, hook = bound + 1, hook.__func__
+        else:
+            bound, hook = bound + len(hook.args), hook.func
+    code = getattr(hook, "__code__", None)
+    if not isinstance(hook, types.FunctionType) or code is None or code.co_argcount <= bound:
+        return True
+    module_arg = code.co_varnames[bound]
+    return module_arg in code.co_cellvars or any(
+        module_arg in ins.loads for ins in instructions(code)
+    )
