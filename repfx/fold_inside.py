@@ -47,6 +47,7 @@ from .capture import (
     record_inputs,
 )
 from .errors import one_line
+from .ir.match import Fail
 from .proof.inputs import copy_model
 from .proof.verify import float64_inputs, verify
 from .report.fold_report import FoldReport, Skipped
@@ -79,7 +80,7 @@ def fold_inside(opaque: OpaqueModule, fold_child: FoldChild, report: FoldReport)
         elif (reason := child_reason(opaque.module, name)) is None:
             _replace(opaque.module, name, fold_child, opaque.child_inputs.get(name), report, where)
         else:
-            candidates += _keep(opaque, name, f"untraced parent: {reason}", report)
+            candidates += _keep(opaque, name, f"untraced parent: {reason.reason}", report)
     while candidates:
         candidates = _replace_proven(opaque, candidates, fold_child, report)
 
@@ -122,12 +123,12 @@ def _keep(opaque: OpaqueModule, path: str, reason: str, report: FoldReport) -> l
     kept = opaque.module.get_submodule(path)
     why_not = descent_reason(*_holder(opaque.module, path))
     if opaque.inputs is None:
-        why_not = (
+        why_not = Fail(
             "replacing what is inside it is checked by running its untraced parent, which "
             "needs example inputs (repfx.fold(model, inputs))"
         )
     if why_not is not None or not any(True for _ in kept.children()):
-        because = reason if why_not is None else f"{reason}; {why_not}"
+        because = reason if why_not is None else f"{reason}; {why_not.reason}"
         if _has_state(kept):
             report.skipped.append(Skipped("capture", opaque.where + path, f"kept: {because}"))
         return []

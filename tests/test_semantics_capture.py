@@ -22,6 +22,7 @@ from torch.nn.utils import parametrizations, parametrize
 import repfx
 from repfx.capture import CaptureError, capture, child_reason, copy_model, functionalize
 from repfx.ir.graph import MUTATED_KEY, ConstantFolder
+from repfx.ir.match import Fail
 from repfx.ir.op_kinds import op_counts
 from repfx.testing import assert_close
 
@@ -570,7 +571,7 @@ def test_child_reason_reads_what_the_parent_can_reach(parent):
     allowed = {name for name in ("a", "block", "b") if child_reason(module, name) is None}
     assert allowed == EXPECTED_ALLOWED[parent]
     for name in {"a", "block", "b"} - allowed:
-        assert isinstance(child_reason(module, name), str)
+        assert isinstance(child_reason(module, name), Fail)
 
 
 def test_child_reason_sees_hooks_and_shared_children():
@@ -579,13 +580,13 @@ def test_child_reason_sees_hooks_and_shared_children():
     assert child_reason(observing, "a") is None  # the hook never reads the module
     reading = DirectCalls()
     reading.register_forward_hook(lambda module, args, out: out * module.a.weight.sum())
-    assert "hook" in child_reason(reading, "a")
+    assert "hook" in child_reason(reading, "a").reason
     partial_hook = DirectCalls()
     partial_hook.register_forward_hook(functools.partial(_scaled_hook, 2.0))
     assert child_reason(partial_hook, "a") is None
     shared = DirectCalls()
     shared.alias = shared.a  # the same conv under two names
-    assert "also reachable" in child_reason(shared, "a")
+    assert "also reachable" in child_reason(shared, "a").reason
     assert child_reason(DirectCalls(), "missing") is not None
 
 

@@ -1,12 +1,20 @@
 """Capture: a model becomes a ``torch.fx.GraphModule`` of a private copy.
 
-* :mod:`.fx` — ``torch.fx`` symbolic tracing (untraceable submodules stay opaque leaves),
-  functionalization of in-place ops, shape propagation, the deep copy the passes work on;
+* :mod:`.fx` — ``torch.fx`` symbolic tracing (untraceable submodules stay opaque leaves,
+  deterministic parametrizations baked), on the deep copy the passes work on;
+* :mod:`.hooks` — forward hooks a folded model cannot honour, and what a hook's code may do;
+* :mod:`.writes` — what a graph node may write to in place, and what its result may alias;
+* :mod:`.inplace` — functionalization: in-place writes out of place where that is exact,
+  marked where it is not;
+* :mod:`.shapes` — shape propagation on the example inputs, and the dtype guards it shows
+  to be no-ops;
 * :mod:`.torch_export` — ``torch.export`` (non-strict) as a second front end, its ATen calls
   rewritten to their torch-level twins;
 * :mod:`.frontend` — which front end captures a model (``capture="auto" | "fx" | "export"``),
   and the example inputs its opaque children see;
-* :mod:`.opaque` — whether a child left opaque can be folded on its own in place.
+* :mod:`.opaque` — whether a child left opaque can be folded on its own in place;
+* :mod:`.bytecode` — what a bytecode instruction does, for the readers of code (``opaque``,
+  ``hooks``), whatever the Python release.
 """
 
 from __future__ import annotations
@@ -14,13 +22,10 @@ from __future__ import annotations
 from ..errors import CaptureError, ExampleInputError
 from ..proof.inputs import copy_model
 from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs, record_inputs
-from .fx import (
-    capture,
-    drop_no_op_dtype_guards,
-    functionalize,
-    propagate_shapes,
-)
+from .fx import capture
+from .inplace import functionalize
 from .opaque import child_reason, descent_reason, has_own_forward
+from .shapes import drop_no_op_dtype_guards, propagate_shapes
 from .torch_export import export_program
 
 __all__ = [

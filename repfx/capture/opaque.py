@@ -13,7 +13,9 @@ property of the parent class that code may reach (``self.helper(...)``, ``self.p
 first parameter. Every load of ``self`` must be immediately followed by an attribute access
 (``self.<attr>``); the only access allowed on the child is a direct call ``self.<child>(...)``
 (bytecode ``LOAD_METHOD`` / method-form ``LOAD_ATTR``, which Python emits only for a call).
-Anything else is a reason:
+Instructions are read by what they do (:mod:`.bytecode`), not by the opcode names of one
+Python release; one the table does not know counts as a use of the instance it cannot read.
+Anything else is a reason (a :class:`repfx.ir.match.Fail`):
 
 * ``self`` escaping — passed to a function (``getattr(self, name)``, ``helper(self)``,
   ``vars(self)``), stored, rebound, or reached through ``locals()`` / frames;
@@ -30,9 +32,6 @@ Anything else is a reason:
 
 from __future__ import annotations
 
-import dis
-import functools
-import sys
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -40,12 +39,10 @@ from typing import Any
 from torch import nn
 
 from ..ir.graph import global_forward_hooks
+from ..ir.match import Fail
+from .bytecode import Instruction, Kind, instructions
+from .hooks import forward_hooks, hook_reads_module
 
-_SELF_LOADS = {"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_DEREF", "LOAD_CLOSURE"}
-_PAIR_LOADS = {"LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW_LOAD_FAST_BORROW"}
-_SELF_STORES = {"STORE_FAST", "DELETE_FAST", "STORE_DEREF", "DELETE_DEREF", "STORE_FAST_LOAD_FAST"}
-_ATTR_LOADS = {"LOAD_ATTR", "LOAD_METHOD"}
-_CALLS = {"PRECALL", "CALL", "CALL_FUNCTION"}
 _INTROSPECTION_GLOBALS = {"locals", "vars", "globals", "eval", "exec", "compile", "__import__"}
 _FRAME_ATTRS = {"_getframe", "currentframe", "f_locals", "f_back", "f_globals"}
 _CALL_MACHINERY = ("__call__", "_call_impl", "_wrapped_call_impl", "__getattr__")
@@ -54,18 +51,19 @@ _CONTAINERS = (list, tuple, set, frozenset, dict)
 _MAX_DEPTH = 4  # how deep attribute containers are searched for the child
 
 
-def child_reason(parent: nn.Module, name: str) -> str | None:
+def child_reason(parent: nn.Module, name: str) -> Fail | None:
     """Why the child ``name`` of ``parent`` (a module kept as an opaque leaf) may not be replaced
     by a folded ``GraphModule``; ``None`` when it may (the parent only ever calls it)."""
     child = parent._modules.get(name)
     if child is None:
-        return f"{name!r} is not a child module of {type(parent).__name__}"
-    for reason in _static_reasons(parent, name, child):
-        return reason
+        return Fail(f"{name!r} is not a child module of {type(parent).__name__}")
+    static = next(_static_reasons(parent, name, child), None)
+    if static is not None:
+        return static
     holders = _attributes_holding(parent, child) | {"_modules", "_parameters", "_buffers"}
     analysis = _Analysis(type(parent), name, holders)
     if not has_own_forward(parent):
-        return f"{type(parent).__name__} has no forward of its own"
+        return Fail(f"{type(parent).__name__} has no forward of its own")
     forward_owner = _defining_class(type(parent), "forward")
     return analysis.function(forward_owner.__dict__["forward"], forward_owner, "forward")
 
@@ -76,7 +74,7 @@ def has_own_forward(module: nn.Module) -> bool:
     return owner is not None and owner not in nn.Module.__mro__
 
 
-def descent_reason(parent: nn.Module, name: str) -> str | None:
+def descent_reason(parent: nn.Module, name: str) -> Fail | None:
     """Why the child ``name`` of ``parent``, which the parent's code reaches other than by
     calling it (and which therefore stays as it is), may not have its own children replaced
     even where a run of the parent shows the replacements change nothing (``repfx.fold_inside``):
@@ -85,75 +83,51 @@ def descent_reason(parent: nn.Module, name: str) -> str | None:
     parent's code (and its hooks) can reach the child."""
     child = parent._modules.get(name)
     if child is None:
-        return f"{name!r} is not a child module of {type(parent).__name__}"
+        return Fail(f"{name!r} is not a child module of {type(parent).__name__}")
     if global_forward_hooks():
-        return "global module forward hooks are registered"
+        return Fail("global module forward hooks are registered")
     return next(_other_holder_reasons(parent, name, child), None)
 
 
-def _static_reasons(parent: nn.Module, name: str, child: nn.Module) -> Iterator[str]:
+def _static_reasons(parent: nn.Module, name: str, child: nn.Module) -> Iterator[Fail]:
     """Reasons that need no code reading: hooks, call machinery, other holders of the child."""
     yield from _hook_reasons(parent)
     yield from _call_override_reasons(parent)
     yield from _other_holder_reasons(parent, name, child)
 
 
-def _hook_reasons(parent: nn.Module) -> Iterator[str]:
+def _hook_reasons(parent: nn.Module) -> Iterator[Fail]:
     """Global forward hooks, and hooks of the parent that read the module they are given."""
     if global_forward_hooks():
-        yield "global module forward hooks are registered"
-    for hook in _hooks_of(parent):
-        if _hook_reads_module(hook):
-            yield "a forward hook of the parent reads the module it is given"
+        yield Fail("global module forward hooks are registered")
+    for hook in forward_hooks(parent):
+        if hook_reads_module(hook):
+            yield Fail("a forward hook of the parent reads the module it is given")
 
 
-def _call_override_reasons(parent: nn.Module) -> Iterator[str]:
+def _call_override_reasons(parent: nn.Module) -> Iterator[Fail]:
     """Call machinery (``__call__``, ``__getattr__``, ...) overridden by the parent's class, or
     a ``forward`` / ``__call__`` replaced on the instance."""
     for attr in _CALL_MACHINERY:
         owner = _defining_class(type(parent), attr)
         if owner is not None and owner not in nn.Module.__mro__:
-            yield f"{type(parent).__name__} overrides {attr}"
+            yield Fail(f"{type(parent).__name__} overrides {attr}")
     if "forward" in vars(parent) or "__call__" in vars(parent):
-        yield "the parent's forward is replaced on the instance"
+        yield Fail("the parent's forward is replaced on the instance")
 
 
-def _other_holder_reasons(parent: nn.Module, name: str, child: nn.Module) -> Iterator[str]:
+def _other_holder_reasons(parent: nn.Module, name: str, child: nn.Module) -> Iterator[Fail]:
     """Other paths to the child in the parent's tree, and modules outside the child that hold
     a reference to the child or the parent."""
     for path, module in parent.named_modules(remove_duplicate=False):
         if module is child and path != name:
-            yield f"the child is also reachable as {path or 'the parent'}"
+            yield Fail(f"the child is also reachable as {path or 'the parent'}")
         elif module is not parent and not _inside(path, name) and _holds(module, child, parent):
-            yield f"{path} holds a reference to the child or the parent"
+            yield Fail(f"{path} holds a reference to the child or the parent")
 
 
 def _inside(path: str, name: str) -> bool:
     return path == name or path.startswith(f"{name}.")
-
-
-def _hooks_of(module: nn.Module) -> list[Any]:
-    return [
-        *getattr(module, "_forward_hooks", {}).values(),
-        *getattr(module, "_forward_pre_hooks", {}).values(),
-    ]
-
-
-def _hook_reads_module(hook: Any) -> bool:
-    """Does a hook's code read its first argument (the module)? Unknown callables: assume so."""
-    bound = 0
-    while isinstance(hook, (functools.partial, types.MethodType)):
-        if isinstance(hook, types.MethodType):
-            bound, hook = bound + 1, hook.__func__
-        else:
-            bound, hook = bound + len(hook.args), hook.func
-    code = getattr(hook, "__code__", None)
-    if not isinstance(hook, types.FunctionType) or code is None or code.co_argcount <= bound:
-        return True
-    module_arg = code.co_varnames[bound]
-    return module_arg in code.co_cellvars or any(
-        ins.opname in _SELF_LOADS and ins.argval == module_arg for ins in dis.get_instructions(code)
-    )
 
 
 def _holds(module: nn.Module, *targets: nn.Module) -> bool:
@@ -197,149 +171,126 @@ class _Analysis:
 
     # --------------------------------------------------------------------- functions
 
-    def function(self, value: Any, owner: type, what: str) -> str | None:
+    def function(self, value: Any, owner: type, what: str) -> Fail | None:
         """A method (``self`` is its first positional parameter) defined in ``owner``."""
         if isinstance(value, (staticmethod, classmethod)):
             return None  # never receives the instance
         if isinstance(value, property):
             accessors = [f for f in (value.fget, value.fset, value.fdel) if f is not None]
-            return next(filter(None, (self.function(f, owner, what) for f in accessors)), None)
+            fails = (self.function(f, owner, what) for f in accessors)
+            return next((fail for fail in fails if fail is not None), None)
         if not isinstance(value, types.FunctionType):
-            return f"{what} of {owner.__name__} is not a plain function (cannot be read)"
+            return Fail(f"{what} of {owner.__name__} is not a plain function (cannot be read)")
         code = value.__code__
         if code in self.seen:
             return None
         self.seen.add(code)
         if code.co_argcount < 1:
-            return f"{what} of {owner.__name__} takes the instance through *args"
+            return Fail(f"{what} of {owner.__name__} takes the instance through *args")
         return self.code(code, {code.co_varnames[0]}, owner, what)
 
-    def code(self, code: types.CodeType, selves: set[str], owner: type, what: str) -> str | None:
-        instructions = list(dis.get_instructions(code))
-        for i in range(len(instructions)):
-            reason = self.instruction(instructions, i, selves, owner, what)
-            if reason is not None:
-                return reason
+    def code(self, code: types.CodeType, selves: set[str], owner: type, what: str) -> Fail | None:
+        read = instructions(code)
+        for i in range(len(read)):
+            fail = self.instruction(read, i, selves, owner, what)
+            if fail is not None:
+                return fail
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
                 nested = {s for s in selves if s in const.co_freevars}
-                reason = self.code(const, nested, owner, what)
-                if reason is not None:
-                    return reason
+                fail = self.code(const, nested, owner, what)
+                if fail is not None:
+                    return fail
         return None
 
     # ------------------------------------------------------------------ instructions
 
     def instruction(
-        self, instructions: list[dis.Instruction], i: int, selves: set[str], owner: type, what: str
-    ) -> str | None:
-        ins = instructions[i]
+        self, read: list[Instruction], i: int, selves: set[str], owner: type, what: str
+    ) -> Fail | None:
+        ins = read[i]
         where = f"{what} of {owner.__name__}"
-        reason = _instance_escape(ins, selves, where)
-        if reason is not None:
-            return reason
-        if ins.opname == "LOAD_GLOBAL" and ins.argval == "super":
-            return self.zero_argument_super(instructions, i, selves, owner, where)
-        if not _loads_self(ins, selves) or ins.opname == "LOAD_CLOSURE":
-            return None  # a closure over self: the nested code is read too
-        return self.self_use(instructions, i + 1, owner, where)
+        fail = _instance_escape(ins, selves, where)
+        if fail is not None:
+            return fail
+        if ins.kind is Kind.GLOBAL and ins.argval == "super":
+            return self.zero_argument_super(read, i, selves, owner, where)
+        if not ins.loads or ins.loads[-1] not in selves:
+            return None  # (a closure over self pushes its cell: the nested code is read too)
+        return self.self_use(read, i + 1, owner, where)
 
-    def self_use(
-        self, instructions: list[dis.Instruction], j: int, owner: type, where: str
-    ) -> str | None:
+    def self_use(self, read: list[Instruction], j: int, owner: type, where: str) -> Fail | None:
         """What the instruction after a load of ``self`` does with it."""
-        nxt = instructions[j] if j < len(instructions) else None
+        nxt = read[j] if j < len(read) else None
         if nxt is None:
-            return f"{where} passes its instance on"
-        if nxt.opname in _ATTR_LOADS:
-            return self.attribute(nxt.argval, _is_method_load(nxt), where)
-        if nxt.opname in ("COPY", "DUP_TOP") and j + 1 < len(instructions):
-            after = instructions[j + 1]  # self.attr += ... : read, then store the same attribute
-            if after.opname in _ATTR_LOADS and nxt.argval in (1, None):
+            return Fail(f"{where} passes its instance on")
+        if nxt.kind is Kind.ATTRIBUTE:
+            return self.attribute(nxt.argval, nxt.method_call, where)
+        if nxt.kind is Kind.DUPLICATE and j + 1 < len(read):
+            after = read[j + 1]  # self.attr += ... : read, then store the same attribute
+            if after.kind is Kind.ATTRIBUTE:
                 return self.attribute(after.argval, False, where)
-        if nxt.opname in ("STORE_ATTR", "DELETE_ATTR"):
+        if nxt.kind is Kind.ATTRIBUTE_STORE:
             return self.attribute(nxt.argval, False, where, storing=True)
-        if nxt.opname == "LOAD_SUPER_ATTR":
+        if nxt.kind is Kind.SUPER_ATTRIBUTE:
             return self.super_attribute(nxt.argval, owner, where)
-        return f"{where} passes its instance on (self followed by {nxt.opname})"
+        return Fail(f"{where} passes its instance on (self followed by {nxt.opname})")
 
     def zero_argument_super(
-        self, instructions: list[dis.Instruction], i: int, selves: set[str], owner: type, where: str
-    ) -> str | None:
+        self, read: list[Instruction], i: int, selves: set[str], owner: type, where: str
+    ) -> Fail | None:
         """``super().attr`` before Python 3.12: ``super`` reads the instance from the frame."""
-        if any(ins.opname == "LOAD_SUPER_ATTR" for ins in instructions[i + 1 : i + 4]):
+        if any(ins.kind is Kind.SUPER_ATTRIBUTE for ins in read[i + 1 : i + 4]):
             return None  # Python ≥ 3.12: read where the instance is loaded
         j = i + 1
-        while j < len(instructions) and instructions[j].opname in _CALLS:
-            if instructions[j].arg not in (0, None):
-                return f"{where} calls super() with arguments"
+        while j < len(read) and read[j].kind is Kind.CALL:
+            if read[j].arg not in (0, None):
+                return Fail(f"{where} calls super() with arguments")
             j += 1
-        if j >= len(instructions) or instructions[j].opname not in _ATTR_LOADS or not selves:
-            return f"{where} uses super() in a way that cannot be read"
-        return self.super_attribute(instructions[j].argval, owner, where)
+        if j >= len(read) or read[j].kind is not Kind.ATTRIBUTE or not selves:
+            return Fail(f"{where} uses super() in a way that cannot be read")
+        return self.super_attribute(read[j].argval, owner, where)
 
     # -------------------------------------------------------------------- attributes
 
-    def attribute(self, attr: str, is_call: bool, where: str, storing: bool = False) -> str | None:
+    def attribute(self, attr: str, is_call: bool, where: str, storing: bool = False) -> Fail | None:
         """``self.<attr>`` (loaded, or stored to when ``storing``)."""
         if attr == self.child:
             if is_call and not storing:
                 return None
-            return f"{where} uses self.{attr} other than by calling it"
+            return Fail(f"{where} uses self.{attr} other than by calling it")
         if attr in self.holders or attr.startswith("__"):
-            return f"{where} reads self.{attr}, which reaches the child"
+            return Fail(f"{where} reads self.{attr}, which reaches the child")
         owner = _defining_class(self.cls, attr)
         if owner is None:
             return None  # an instance attribute: another submodule, a tensor, a setting
         if owner in nn.Module.__mro__:
-            return f"{where} uses nn.Module.{attr}, which can reach every child"
+            return Fail(f"{where} uses nn.Module.{attr}, which can reach every child")
         return self.function(owner.__dict__[attr], owner, attr) if _is_code(owner, attr) else None
 
-    def super_attribute(self, attr: str, owner: type, where: str) -> str | None:
+    def super_attribute(self, attr: str, owner: type, where: str) -> Fail | None:
         """``super().<attr>`` in a method of ``owner``: resolved past ``owner`` in the MRO."""
         mro = self.cls.__mro__
         rest = mro[mro.index(owner) + 1 :] if owner in mro else ()
         found = next((c for c in rest if attr in vars(c)), None)
         if found is None or found in nn.Module.__mro__:
-            return f"{where} calls super().{attr}, which can reach every child"
+            return Fail(f"{where} calls super().{attr}, which can reach every child")
         return self.function(found.__dict__[attr], found, attr)
 
 
-def _instance_escape(ins: dis.Instruction, selves: set[str], where: str) -> str | None:
+def _instance_escape(ins: Instruction, selves: set[str], where: str) -> Fail | None:
     """How one instruction, on its own, lets the code reach the instance other than by an
-    attribute access: rebinding it, introspection, frames, passing it on; ``None``: it does not."""
-    if ins.opname in _SELF_STORES and _names(ins.argval) & selves:
-        return f"{where} rebinds or deletes its instance"
-    if ins.opname == "LOAD_GLOBAL" and ins.argval in _INTROSPECTION_GLOBALS:
-        return f"{where} calls {ins.argval}(), which can reach the instance"
-    if ins.opname in _ATTR_LOADS and ins.argval in _FRAME_ATTRS:
-        return f"{where} inspects frames"
-    if ins.opname in _PAIR_LOADS and ins.argval[0] in selves:
-        return f"{where} passes its instance on"
+    attribute access: rebinding it, introspection, frames, passing it on; ``None``: it does not.
+    (An instruction the table cannot read names its variables as both loaded and stored.)"""
+    if selves.intersection(ins.stores):
+        return Fail(f"{where} rebinds or deletes its instance")
+    if ins.kind in (Kind.GLOBAL, Kind.IMPORT) and ins.argval in _INTROSPECTION_GLOBALS:
+        return Fail(f"{where} calls {ins.argval}(), which can reach the instance")
+    if ins.kind in (Kind.ATTRIBUTE, Kind.GLOBAL, Kind.IMPORT) and ins.argval in _FRAME_ATTRS:
+        return Fail(f"{where} inspects frames")
+    if selves.intersection(ins.loads[:-1]):  # a pair of loads pushes self under another value
+        return Fail(f"{where} passes its instance on")
     return None
-
-
-def _loads_self(ins: dis.Instruction, selves: set[str]) -> bool:
-    """Does the instruction push the instance (alone, or last of a pair of loads)?"""
-    return (ins.opname in _SELF_LOADS and ins.argval in selves) or (
-        ins.opname in _PAIR_LOADS and ins.argval[-1] in selves
-    )
-
-
-def _names(argval: Any) -> set[str]:
-    return set(argval) if isinstance(argval, tuple) else {argval}
-
-
-def _is_method_load(ins: dis.Instruction) -> bool:
-    """``LOAD_METHOD`` (≤ 3.11) or method-form ``LOAD_ATTR`` (≥ 3.12): emitted only for a call
-    ``obj.attr(...)``."""
-    if ins.opname == "LOAD_METHOD":
-        return True
-    return ins.opname == "LOAD_ATTR" and ins.arg is not None and _method_flag(ins.arg)
-
-
-def _method_flag(arg: int) -> bool:
-    return sys.version_info >= (3, 12) and bool(arg & 1)
 
 
 def _is_code(owner: type, attr: str) -> bool:

@@ -41,7 +41,8 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, one_line
-from .fx import forward_hooks_of, functionalize, refuse_hooks
+from .hooks import forward_hooks_of, refuse_hooks
+from .inplace import functionalize
 
 aten = torch.ops.aten
 _GUARDS = "_guards_fn"  # ExportedProgram.module()'s input-shape checks

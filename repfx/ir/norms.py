@@ -5,7 +5,7 @@ a per-channel affine after it folds into ``γ, β`` (``algebra.fold_affine_into_
 :class:`NormKind` says how the norm is spelled (its module class and functions), where its
 channels are, whether it has a ``β``, and its name in counts and reports. The rank inference
 (``repfx.ir.graph``), the op views (``repfx.ir.ops.norm_op``), capture's tables of ops that allocate
-(``repfx.capture.fx``), the commit point's probe sizes (``repfx.proof.validate``), the op counts
+(``repfx.capture.writes``), the commit point's probe sizes (``repfx.proof.validate``), the op counts
 (``repfx.ir.op_kinds``) and the report read this table: a new norm is one entry here.
 """
 

@@ -206,7 +206,7 @@ def writes_in_place(node: fx.Node) -> bool:
     """Is ``node`` a function / method call that writes to one of its inputs (an in-place name
     such as ``add_``, an augmented-assignment or ``setitem`` operator, an ``out=`` argument, a
     mutable ATen overload, or ``inplace=`` not known to be ``False``)? Modules are judged by
-    ``repfx.capture.fx``."""
+    ``repfx.capture.writes``."""
     if node.op not in ("call_function", "call_method"):
         return False
     if "out" in node.kwargs:
