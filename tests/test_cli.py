@@ -31,8 +31,8 @@ from repfx import models as builtin_models
 from repfx.cli import (
     Terminated,
     UsageError,
-    _check_output_path,
     build_parser,
+    check_output_path,
     main,
     sigterm_as_interrupt,
 )
@@ -571,7 +571,7 @@ def test_out_must_be_a_regular_file_and_a_link_is_replaced_not_followed(tmp_path
         ["optimize", "riformer_tiny", "-o", os.devnull, "--format", "pt", "--force"]
     )
     with pytest.raises(UsageError, match="is not a regular file"):
-        _check_output_path(args)
+        check_output_path(args)
 
 
 def test_sigterm_raises_terminated_inside_the_block_only():

@@ -158,3 +158,18 @@ def test_no_two_modules_import_each_other():
         edges = nx.find_cycle(graph.subgraph(group))
         cycles.append(" → ".join([a for a, _ in edges] + [edges[0][0]]))
     assert cycles == [], "import cycles (one per tangle):\n" + "\n".join(sorted(cycles))
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A leading underscore means "this module's own": what another repfx module needs is
+    public. (Private names of torch that repfx relies on are another matter: they are imported
+    where they are used.)"""
+    borrowed = [
+        f"{path.relative_to(PACKAGE.parent)}: {alias.name} from {'.' * node.level}{node.module}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.level or node.module.startswith("repfx"))
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    ]
+    assert borrowed == []

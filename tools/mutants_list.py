@@ -1122,10 +1122,10 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "padding-ignores-bias-value",
         PADDING,
-        "        if border.numel() not in (1, bias.numel()) or not constants_match(\n"
+        "        is_bias = border.numel() in (1, bias.numel()) and constants_match(\n"
         "            border.expand_as(bias), bias, conv.weight.dtype\n"
-        "        ):\n",
-        "        if border.numel() not in (1, bias.numel()):\n",
+        "        )\n",
+        "        is_bias = border.numel() in (1, bias.numel())\n",
         "absorb_padding.check: the border value not compared with the conv's bias",
         T_PADDING,
         T_EXACT,

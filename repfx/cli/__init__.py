@@ -59,13 +59,13 @@ from .errors import (
     CliError,
     Terminated,
     UsageError,
-    _report_error,
     raise_terminated,
+    report_error,
     sigterm_as_interrupt,
 )
 from .example_inputs import parse_shape
-from .optimize import DTYPES, _list_models, _optimize, benchmark
-from .outputs import FORMAT_LOADERS, _check_output_path
+from .optimize import DTYPES, benchmark, list_models, run_optimize
+from .outputs import FORMAT_LOADERS, check_output_path
 
 __all__ = [
     "EXIT_CAPTURE",
@@ -81,9 +81,9 @@ __all__ = [
     "CliError",
     "Terminated",
     "UsageError",
-    "_check_output_path",
     "benchmark",
     "build_parser",
+    "check_output_path",
     "main",
     "parse_shape",
     "raise_terminated",
@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fold SOURCE, verify it, print the report and (with -o) write OUT.",
     )
     _add_optimize_arguments(opt)
-    opt.set_defaults(run=_optimize)
-    sub.add_parser("models", help="list built-in models").set_defaults(run=_list_models)
+    opt.set_defaults(run=run_optimize)
+    sub.add_parser("models", help="list built-in models").set_defaults(run=list_models)
     return parser
 
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         if args.list:
-            return _list_models(args)
+            return list_models(args)
         parser.print_usage(sys.stderr)
         print("repfx: error: choose a command: optimize or models", file=sys.stderr)
         return EXIT_USAGE
@@ -215,4 +215,4 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:  # the traceback too; the exit code stays the error's
             traceback.print_exc()
-        return _report_error(exc, args)
+        return report_error(exc, args)

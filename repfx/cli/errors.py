@@ -108,7 +108,7 @@ def _error_message(exc: BaseException, code: int) -> str:
     return message
 
 
-def _report_error(exc: Exception, args: argparse.Namespace) -> int:
+def report_error(exc: Exception, args: argparse.Namespace) -> int:
     """Print ``exc`` as one line on stderr (and as JSON on stdout with ``--json``); its exit
     code."""
     code = _exit_code(exc)

@@ -31,19 +31,19 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _shapes_text(shapes: list[tuple[int, ...]]) -> str:
+def shapes_text(shapes: list[tuple[int, ...]]) -> str:
     """The shapes as they were given: ``1,3,32,32 1,3,32,32``."""
     return " ".join(",".join(map(str, s)) for s in shapes)
 
 
-def _example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> tuple:
+def make_example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> tuple:
     """Seeded random normal inputs; :class:`UsageError` for shapes too large to allocate."""
     generator = torch.Generator().manual_seed(0)
     nbytes = sum(math.prod(s) for s in shapes) * max(4, dtype.itemsize)  # drawn in float32
     memory = _physical_memory()
     if memory is not None and nbytes > memory:
         raise UsageError(
-            f"--input-shape {_shapes_text(shapes)}: the input is too large: "
+            f"--input-shape {shapes_text(shapes)}: the input is too large: "
             f"{_gigabytes(nbytes)} of {str(dtype).removeprefix('torch.')}, more than this "
             f"machine's {_gigabytes(memory)} of memory; pass a smaller shape"
         )
@@ -51,7 +51,7 @@ def _example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> tuple:
         return tuple(torch.randn(shape, generator=generator).to(dtype) for shape in shapes)
     except (RuntimeError, MemoryError) as exc:
         raise UsageError(
-            f"--input-shape {_shapes_text(shapes)}: the input is too large: "
+            f"--input-shape {shapes_text(shapes)}: the input is too large: "
             f"{_gigabytes(nbytes)} could not be allocated ({type(exc).__name__}); pass a "
             "smaller shape"
         ) from exc
@@ -68,7 +68,7 @@ def _gigabytes(nbytes: int) -> str:
     return f"{nbytes / 1e9:.3g} GB"
 
 
-def _check_input_count(model: nn.Module, shapes: list[tuple[int, ...]], description: str) -> None:
+def check_input_count(model: nn.Module, shapes: list[tuple[int, ...]], description: str) -> None:
     """One ``--input-shape`` per positional input of ``model.forward``: fold traces the model
     with torch.fx, which would ignore extra inputs, so count them before."""
     try:
@@ -84,13 +84,13 @@ def _check_input_count(model: nn.Module, shapes: list[tuple[int, ...]], descript
         )
         name = f"{type(model).__name__}.forward{bare}"
         raise UsageError(
-            f"wrong --input-shape {_shapes_text(shapes)} for {description}: "
+            f"wrong --input-shape {shapes_text(shapes)} for {description}: "
             f"{len(shapes)} example input{'s' if len(shapes) != 1 else ''} given, but {name} "
             f"cannot take them ({exc}); pass one --input-shape per input of forward"
         ) from None
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype:
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.is_floating_point():
             return tensor.dtype

@@ -22,15 +22,15 @@ from ..report.fold_report import FoldReport
 from ..sources import LoadedModel, load_source
 from .errors import EXIT_OK, EXIT_VERIFY, CliError, UsageError
 from .example_inputs import (
-    _check_input_count,
-    _example_inputs,
-    _model_dtype,
-    _shapes_text,
+    check_input_count,
+    make_example_inputs,
+    model_dtype,
     parse_shape,
+    shapes_text,
 )
-from .outputs import Target, _check_output_path, _output_format, _writable_target, _write
-from .progress import Progress, _timed
-from .text import _human_report
+from .outputs import Target, check_output_path, output_format, writable_target, write_output
+from .progress import Progress, timed
+from .text import human_report
 
 DTYPES = {
     "float32": torch.float32,
@@ -40,7 +40,7 @@ DTYPES = {
 }
 
 
-def _list_models(_: argparse.Namespace) -> int:
+def list_models(_: argparse.Namespace) -> int:
     print("\n".join(models.names()))
     print(
         "(also: timm:NAME for timm's models, package.module:factory for your own code, or a "
@@ -50,9 +50,9 @@ def _list_models(_: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _optimize(args: argparse.Namespace) -> int:
+def run_optimize(args: argparse.Namespace) -> int:
     if args.list:
-        return _list_models(args)
+        return list_models(args)
     if args.source is None:
         raise UsageError("optimize needs a SOURCE: a model name, timm:NAME, module:factory or file")
     progress = Progress(args.quiet or False)
@@ -62,9 +62,9 @@ def _optimize(args: argparse.Namespace) -> int:
 
     loaded, model, seconds = _load_model(args, progress)
     result["load_seconds"] = seconds
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     shapes = _input_shapes(args, options, loaded, model)
-    inputs = _example_inputs(shapes, dtype) if shapes else None
+    inputs = make_example_inputs(shapes, dtype) if shapes else None
     result.update(
         kind=loaded.kind,
         model=loaded.description,
@@ -83,7 +83,7 @@ def _optimize(args: argparse.Namespace) -> int:
         target = Target(
             options.out, options.fmt, force=args.force, static_shapes=args.static_shapes
         )
-        result["output"] = _write(folded, model, inputs, target, not args.no_verify, progress)
+        result["output"] = write_output(folded, model, inputs, target, not args.no_verify, progress)
     if args.benchmark:
         progress(f"benchmarking eager latency ({args.benchmark_rounds} interleaved rounds) ...")
         result["benchmark"] = benchmark(model, folded, inputs, args.benchmark_rounds)
@@ -106,9 +106,9 @@ class OptimizeOptions:
 def _checked_options(args: argparse.Namespace) -> OptimizeOptions:
     """Check the options, in this order, before any slow work: the first wrong one is a
     usage error."""
-    fmt = _output_format(args)
-    out = _check_output_path(args)
-    picture = None if args.graph is None else _writable_target(Path(args.graph), "--graph", args)
+    fmt = output_format(args)
+    out = check_output_path(args)
+    picture = None if args.graph is None else writable_target(Path(args.graph), "--graph", args)
     shapes = [parse_shape(s) for s in args.input_shape or []]
     if args.benchmark_rounds < 1:
         raise UsageError("--benchmark-rounds must be at least 1")
@@ -119,7 +119,7 @@ def _load_model(
     args: argparse.Namespace, progress: Progress
 ) -> tuple[LoadedModel, nn.Module, float]:
     """SOURCE loaded; its model in eval mode, cast to ``--dtype``; and the seconds it took."""
-    loaded, seconds = _timed(
+    loaded, seconds = timed(
         progress,
         f"loading {args.source}",
         lambda: load_source(
@@ -147,7 +147,7 @@ def _input_shapes(
             f"(e.g. --input-shape 1,3,224,224), which is needed {why}"
         )
     if shapes:
-        _check_input_count(model, shapes, loaded.description)
+        check_input_count(model, shapes, loaded.description)
     return shapes
 
 
@@ -177,7 +177,7 @@ def _fold_verified(
     shape_text = " and ".join("×".join(map(str, s)) for s in shapes) or "no example input"
     step = "tracing and folding" + (f", verifying on {shape_text}" if verify else "")
     try:
-        return _timed(
+        return timed(
             progress,
             step,
             lambda: fold(
@@ -189,7 +189,7 @@ def _fold_verified(
             ),
         )
     except ExampleInputError as exc:
-        given = _shapes_text(shapes)
+        given = shapes_text(shapes)
         raise UsageError(f"wrong --input-shape {given} for {description}: {exc}") from exc
     except VerificationError as exc:
         failed = exc.report.failed_verification()
@@ -207,7 +207,7 @@ def _print_result(args: argparse.Namespace, report: FoldReport, result: dict) ->
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(_human_report(report, result, explain=args.explain, everything=args.all))
+        print(human_report(report, result, explain=args.explain, everything=args.all))
 
 
 def _draw(report: FoldReport, path: Path, progress: Progress) -> dict:

@@ -27,7 +27,7 @@ from ..export import (
 )
 from ..sources import is_file_source
 from .errors import EXIT_VERIFY, CliError, UsageError
-from .progress import Progress, _timed
+from .progress import Progress, timed
 
 FORMATS = {".pt": "pt", ".pth": "pt", ".pt2": "pt2", ".onnx": "onnx"}
 
@@ -38,7 +38,7 @@ FORMAT_LOADERS = {
 }
 
 
-def _output_format(args: argparse.Namespace) -> str | None:
+def output_format(args: argparse.Namespace) -> str | None:
     if args.output is None:
         if args.format:
             raise UsageError("--format needs an output file: -o OUT")
@@ -53,12 +53,12 @@ def _output_format(args: argparse.Namespace) -> str | None:
     return fmt
 
 
-def _check_output_path(args: argparse.Namespace) -> Path | None:
-    """OUT, if it may be written (see :func:`_writable_target`)."""
-    return None if args.output is None else _writable_target(Path(args.output), "-o", args)
+def check_output_path(args: argparse.Namespace) -> Path | None:
+    """OUT, if it may be written (see :func:`writable_target`)."""
+    return None if args.output is None else writable_target(Path(args.output), "-o", args)
 
 
-def _writable_target(out: Path, flag: str, args: argparse.Namespace) -> Path:
+def writable_target(out: Path, flag: str, args: argparse.Namespace) -> Path:
     """``out`` (given as ``flag``), if it may be written: not SOURCE, absent or a regular file
     or symbolic link (replaced, not followed) with ``--force``, in a directory repfx can write
     into."""
@@ -117,7 +117,7 @@ class Target:
     static_shapes: bool = False
 
 
-def _write(
+def write_output(
     folded: nn.Module,
     model: nn.Module,
     inputs: tuple | None,
@@ -133,13 +133,13 @@ def _write(
     info: dict = {"path": str(out), "format": fmt, "loader": FORMAT_LOADERS[fmt]}
     with _writing_errors_as_cli_errors(out):
         if fmt == "pt":
-            check, _ = _timed(
+            check, _ = timed(
                 progress,
                 f"writing {out}",
                 lambda: save_pt(folded, out, inputs if verify else None, overwrite=overwrite),
             )
         elif fmt == "pt2":
-            check, _ = _timed(
+            check, _ = timed(
                 progress,
                 f"exporting with torch.export to {out}",
                 lambda: save_pt2(
@@ -147,7 +147,7 @@ def _write(
                 ),
             )
         else:
-            exported, _ = _timed(
+            exported, _ = timed(
                 progress,
                 f"exporting to ONNX, checking{' and running with onnxruntime' if verify else ''}",
                 lambda: export_onnx(

@@ -32,7 +32,7 @@ class Progress:
             print(f"repfx: {line}", file=sys.stderr, flush=True)
 
 
-def _timed(progress: Progress, message: str, step: Callable[[], object]) -> tuple[object, float]:
+def timed(progress: Progress, message: str, step: Callable[[], object]) -> tuple[object, float]:
     progress(f"{message} ...")
     start = time.perf_counter()
     result = step()

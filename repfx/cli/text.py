@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..report.fold_report import FoldReport
 
 
-def _human_report(report: FoldReport, result: dict, explain: bool, everything: bool) -> str:
+def human_report(report: FoldReport, result: dict, explain: bool, everything: bool) -> str:
     fold, total = result["fold_seconds"], result["seconds"]
     lines = [str(report), f"  time: fold {fold:.1f} s, whole run {total:.1f} s"]
     graph = result.get("graph")

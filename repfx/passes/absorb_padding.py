@@ -155,11 +155,10 @@ class AbsorbPadding(NodeRule):
         border = (
             torch.zeros_like(bias) if pad.constant is None else pad.constant.double().reshape(-1)
         )
-        if border.numel() not in (1, bias.numel()) or not constants_match(
+        is_bias = border.numel() in (1, bias.numel()) and constants_match(
             border.expand_as(bias), bias, conv.weight.dtype
-        ):
-            return Fail("the padding value is not the conv's bias")
-        return None
+        )
+        return None if is_bias else Fail("the padding value is not the conv's bias")
 
     def region(self, ctx: FoldContext, pad: _Padded) -> Region:
         return Region([pad.node], [pad.conv.input])
