@@ -28,7 +28,7 @@ ROOT = HERE.parent
 CHILD = r"""
 import json, sys, time
 tree, name = sys.argv[1], sys.argv[2]
-sys.path[:0] = [tree, {benchmarks!r}]
+sys.path[:0] = [tree, tree + '/benchmarks']  # each tree's own model builders
 import torch
 torch.set_num_threads(1)
 import inspect
@@ -59,7 +59,7 @@ print(json.dumps({{"seconds": time.perf_counter() - start}}))
 
 
 def measure(tree: Path, name: str) -> float:
-    code = CHILD.format(benchmarks=str(HERE))
+    code = CHILD.format()
     out = subprocess.run(
         [sys.executable, "-c", code, str(tree), name], capture_output=True, text=True, check=True
     )

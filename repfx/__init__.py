@@ -7,7 +7,7 @@ into the convs, linears and norms next to it, returning an equivalent ``GraphMod
 
 from __future__ import annotations
 
-import sys
+import sys as _sys
 
 from .dynamo import compile_backend
 from .errors import CaptureError, Error, ExampleInputError, TrainingModeError
@@ -22,7 +22,7 @@ from .report.draw import DrawError
 # Where earlier releases documented these modules: ``from repfx.tolerances import max_errors``
 # and its kin keep working (the modules themselves moved into their layers' packages).
 for _moved in (match, op_kinds, redraw, tolerances, verify):
-    sys.modules[f"{__name__}.{_moved.__name__.rpartition('.')[2]}"] = _moved
+    _sys.modules[f"{__name__}.{_moved.__name__.rpartition('.')[2]}"] = _moved
 del _moved
 
 __version__ = "0.1.0"

@@ -152,7 +152,15 @@ class RegionInterpreter(fx.Interpreter):
     _EVALUATED = ("call_module", "call_function", "call_method", "get_attr")
 
     def __init__(self, gm: fx.GraphModule, convert: Any):
-        super().__init__(gm, garbage_collect_values=False)
+        # Not fx.Interpreter.__init__, which lists every submodule of ``gm`` for nothing a
+        # region run uses (modules are fetched by path): a fold evaluates a few regions per
+        # rewrite, so that listing made fold time grow with the square of the model's depth.
+        # Set here is the state run_node reads (a newer torch needing more fails loudly).
+        self.module, self.graph, self.submodules = gm, gm.graph, {}
+        self.env: dict[fx.Node, Any] = {}
+        self.name = type(self).__name__
+        self.garbage_collect_values = False
+        self.extra_traceback = True
         self.convert = convert
 
     def run_region(self, region: Region, feeds: dict[fx.Node, Any]) -> list[Any]:
