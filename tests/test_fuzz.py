@@ -97,6 +97,7 @@ def test_inplace_ops(model, seed):
 
 @fuzz_settings(PLANS["hooks"].share)
 @given(PLANS["hooks"].models(), seeds)
+@pytest.mark.filterwarnings("ignore:module forward hook with ``always_call=True`` raised")  # a trap
 def test_hooks(model, seed):
     """Forward / pre hooks on modules a fold would remove or rewrite, and on the model; modules
     no front end captures that read a container of blocks as a value, and perhaps inside it."""
