@@ -2,9 +2,10 @@
 
 * ``pytest`` — the fast loop: every test not marked ``slow``, property tests at the ``fast``
   Hypothesis profile (10 examples), the fuzzer at 100 models. A few minutes on 2 cores.
-* ``pytest --full`` — the full suite: the ``slow`` tests too (real timm / torchvision /
-  ultralytics models, the training example, full-size reference models), property tests at the
-  ``ci`` profile (40 examples) and the fuzzer's 2,000 models.
+* ``pytest --full -n 2`` — the full suite, on two cores (pytest-xdist): the ``slow`` tests too
+  (real timm / torchvision / ultralytics models, the training example, full-size reference
+  models), property tests at the ``ci`` profile (40 examples) and the fuzzer's 2,000 models.
+  About 11 minutes on 2 cores.
 
 ``HYPOTHESIS_PROFILE=<name>`` picks a profile explicitly (``tests/profiles.py`` lists them);
 ``-m EXPR`` selects tests explicitly.

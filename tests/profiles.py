@@ -3,7 +3,7 @@
 * ``fast`` — plain ``pytest``: deterministic, 10 examples per property test; the fuzzer
   (``tests/test_fuzz.py``) generates 100 models per run, derandomized, without shrinking.
 * ``ci`` — ``pytest --full``: deterministic, 40 examples per property test; the fuzzer 2,000
-  models (and a dozen compiled ones). About 4 minutes of one core for the fuzzer.
+  models (and a dozen compiled ones). About 10 minutes of one core for the fuzzer.
 * ``dev`` — random, heavier: 600 examples; the fuzzer 6,000 models, shrinking.
 * ``fuzz`` — a long random fuzzing run: the fuzzer 24,000 models, shrinking; the other property
   tests as in ``dev``.

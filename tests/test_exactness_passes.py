@@ -224,7 +224,6 @@ class AsymmetricSameBranches(nn.Module):
         return self.even(x) + self.point(x)
 
 
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # on purpose
 def test_asymmetric_same_padding_branch_is_refused_not_a_crash():
     _assert_exact(_randomised(AsymmetricSameBranches()), torch.randn(1, 3, 6, 7))
 
