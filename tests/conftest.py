@@ -1,7 +1,7 @@
 """The test suite's two speeds.
 
 * ``pytest`` — the fast loop: every test not marked ``slow``, property tests at the ``fast``
-  Hypothesis profile (10 examples), the fuzzer at 100 models. A few minutes on 2 cores.
+  Hypothesis profile (10 examples), the fuzzer at 50 models. About 3 minutes on 2 cores.
 * ``pytest --full -n 2`` — the full suite, on two cores (pytest-xdist): the ``slow`` tests too
   (real timm / torchvision / ultralytics models, the training example, full-size reference
   models), property tests at the ``ci`` profile (40 examples) and the fuzzer's 2,000 models.

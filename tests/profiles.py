@@ -1,7 +1,7 @@
 """Hypothesis profiles of the test suite, and which one is active.
 
 * ``fast`` — plain ``pytest``: deterministic, 10 examples per property test; the fuzzer
-  (``tests/test_fuzz.py``) generates 100 models per run, derandomized, without shrinking.
+  (``tests/test_fuzz.py``) generates 50 models per run, derandomized, without shrinking.
 * ``ci`` — ``pytest --full``: deterministic, 40 examples per property test; the fuzzer 2,000
   models (and a dozen compiled ones). About 10 minutes of one core for the fuzzer.
 * ``dev`` — random, heavier: 600 examples; the fuzzer 6,000 models, shrinking.
@@ -39,7 +39,7 @@ _FUZZER = settings(
     phases=_NO_SHRINK,
     suppress_health_check=_QUIET,
 )
-settings.register_profile("fast-fuzzer", _FUZZER, max_examples=100)
+settings.register_profile("fast-fuzzer", _FUZZER, max_examples=50)
 settings.register_profile("ci-fuzzer", _FUZZER, max_examples=2000)
 settings.register_profile(
     "dev-fuzzer", max_examples=6000, deadline=None, print_blob=True, suppress_health_check=_QUIET

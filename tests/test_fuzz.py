@@ -3,7 +3,7 @@
 Each test draws models from some bug classes of ``fuzz_models.BUG_CLASSES`` and judges every
 fold with ``fuzz_oracle`` (fresh inputs, per-output, NaN-aware, float64 exactness, input
 mutation, the original untouched). The number of models per run comes from the
-``<profile>-fuzzer`` Hypothesis profile (``tests/profiles.py``: 100 deterministic models in plain
+``<profile>-fuzzer`` Hypothesis profile (``tests/profiles.py``: 50 deterministic models in plain
 ``pytest``, 2,000 in ``pytest --full``, 24,000 random ones with ``HYPOTHESIS_PROFILE=fuzz``),
 shared among the tests below by :data:`PLANS`. ``pytest --hypothesis-show-statistics`` shows
 how often each outcome occurred (folded, nothing folded, refused with which error —
