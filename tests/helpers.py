@@ -10,6 +10,7 @@ from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
+from repfx import algebra
 from repfx.capture import capture, copy_model, propagate_shapes
 from repfx.ir.graph import annotate_ranks
 from repfx.testing import assert_close
@@ -143,3 +144,10 @@ def dispatched_ops(module: nn.Module, *inputs: torch.Tensor) -> Counter[str]:
     with torch.no_grad(), mode:
         module(*inputs)
     return mode.counts
+
+
+def wrong_output_fold(weight, bias, affine):
+    """``algebra.fold_affine_into_conv_output`` with its bias off by one: a plausible bug for
+    the commit point to reject."""
+    w, b = algebra.fold_affine_into_conv_output(weight, bias, affine)
+    return w, b + 1

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import traced
+from helpers import traced, wrong_output_fold
 from torch import fx, nn
 
 import repfx
@@ -56,20 +56,14 @@ def _conv_bn_net() -> nn.Module:
     )
 
 
-def _wrong_output_fold(weight, bias, affine):
-    """``fold_affine_into_conv_output`` with its bias off by one: a plausible bug."""
-    w, b = algebra.fold_affine_into_conv_output(weight, bias, affine)
-    return w, b + 1
-
-
 def test_injected_wrong_rewrite_raises_under_strict_mode(monkeypatch):
-    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _wrong_output_fold)
+    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", wrong_output_fold)
     with pytest.raises(RewriteRejected, match="rejected by local validation"):
         run_to_fixpoint(traced(_conv_bn_net()), default_pipeline(), strict=True)
 
 
 def test_injected_wrong_rewrite_is_undone_reported_and_warned_about(monkeypatch):
-    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _wrong_output_fold)
+    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", wrong_output_fold)
     model = _conv_bn_net()
     with pytest.warns(RewriteRejectedWarning, match=r"fold_bn at [14]: .* a repfx bug") as warned:
         folded = repfx.fold(model, verify=False)  # no example inputs: nothing else catches it
@@ -106,7 +100,7 @@ def test_only_the_wrong_rewrites_are_denied(monkeypatch):
 
 def test_wrong_rewrite_with_shapes_known_is_rejected(monkeypatch):
     """Shapes propagated: the probes use the recorded channel layout."""
-    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _wrong_output_fold)
+    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", wrong_output_fold)
     gm = traced(_conv_bn_net(), torch.randn(1, 3, 16, 16))
     with pytest.raises(RewriteRejected):
         run_to_fixpoint(gm, default_pipeline(), strict=True)

@@ -8,11 +8,10 @@ import logging
 
 import pytest
 import torch
-from helpers import traced
+from helpers import traced, wrong_output_fold
 from torch import fx, nn
 
 import repfx
-from repfx import algebra
 from repfx.passes import (
     Cleanup,
     FoldBatchNorm,
@@ -63,13 +62,8 @@ def test_a_denied_rewrite_is_refused_by_the_state_the_pass_is_handed():
     assert "repfx_denied" not in gm.meta  # the state travels as an argument, not in the graph
 
 
-def _wrong_output_fold(weight, bias, affine):
-    w, b = algebra.fold_affine_into_conv_output(weight, bias, affine)
-    return w, b + 1
-
-
 def test_strict_is_an_argument_and_otherwise_a_rejection_warns(monkeypatch):
-    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _wrong_output_fold)
+    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", wrong_output_fold)
     with pytest.raises(RewriteRejected, match="fold_bn at 1"):
         run_to_fixpoint(traced(_conv_bn()), default_pipeline(), strict=True)
     with pytest.warns(RewriteRejectedWarning, match="fold_bn at 1: .*a repfx bug"):
