@@ -194,6 +194,16 @@ def test_float32_scale_is_not_folded_into_a_float16_conv():
     assert torch.equal(got, want)
 
 
+def test_without_example_inputs_the_dtype_mismatch_is_the_reason_given():
+    """Without example inputs nothing can probe the region, but the constants' dtypes are known:
+    the report must name the mismatch, not a missing probe shape."""
+    folded = repfx.fold(MixedDtypeScale().eval(), None)
+    report = folded.meta["repfx_report"]
+    assert report.counts() == {}
+    reasons = " ".join(s.reason for s in report.skipped if s.rule == "fold_channel_affine")
+    assert "torch.float32" in reasons and "torch.float16" in reasons
+
+
 class PaddedPointwiseThenUnpaddedReplicate(nn.Module):
     """The 1×1 conv pads with zeros (its border is its bias); the 3×3 conv pads nothing, so its
     ``padding_mode`` must not become the composed conv's."""
