@@ -38,11 +38,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.graph import _PyTreeCodeGen
 from torch.nn.utils import parametrizations, parametrize
 
 from ..errors import CaptureError, one_line
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
+from .outputs import RestoreOutputContainers, flat_output
 
 # ------------------------------------------------------------------------ parametrizations
 
@@ -151,6 +153,25 @@ class _FallbackTracer(fx.Tracer):
                 names.setdefault(id(t), name)
             self._names_of = (self.root, names)
         return self._names_of[1]
+
+    def create_args_for_root(
+        self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
+    ) -> tuple[Callable[..., Any], list[Any]]:
+        """As ``fx.Tracer.create_args_for_root``; an output holding containers ``torch.fx``
+        would rebuild as their base types (a ``ModelOutput``, an ``OrderedDict``) is traced as
+        its leaves, and the graph's code rebuilds the containers (:mod:`.outputs`)."""
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+
+        def traced(*inputs: Any) -> Any:
+            out = fn(*inputs)
+            flat = None if isinstance(self.graph._codegen, _PyTreeCodeGen) else flat_output(out)
+            if flat is None:
+                return out
+            leaves, spec = flat
+            self.graph._codegen = RestoreOutputContainers(spec)
+            return leaves
+
+        return traced, args
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque:
