@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys as _sys
 
 from .dynamo import compile_backend
-from .errors import CaptureError, Error, ExampleInputError, TrainingModeError
+from .errors import CaptureError, Error, ExampleInputError, GuardError, TrainingModeError
 from .export import ExportError, export_onnx
 from .fold import REPORT_KEY, TrainingModeWarning, VerificationError, fold
 from .ir import match, op_kinds
@@ -35,6 +35,7 @@ __all__ = [
     "ExampleInputError",
     "ExportError",
     "FoldReport",
+    "GuardError",
     "RewriteRejectedWarning",
     "TrainingModeError",
     "TrainingModeWarning",

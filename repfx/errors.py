@@ -27,6 +27,11 @@ class ExampleInputError(Error, ValueError):
     """The model does not run on the example inputs it was given."""
 
 
+class GuardError(Error, AssertionError):
+    """The folded module was called with inputs outside what the fold assumed (a size the
+    capture fixed to the example inputs'); the message names the input and what to do."""
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message`` (cut to ``limit`` characters), or ``Type`` when the
     message is empty: how repfx quotes an exception inside its own messages."""

@@ -218,3 +218,24 @@ def test_stochastic_depth_in_training_mode_is_not_an_identity():
     gm = torch.fx.symbolic_trace(nn.Sequential(StochasticDepth(0.5, "row")).eval())
     node = next(n for n in gm.graph.nodes if "stochastic_depth" in str(n.target))
     assert identity_input(gm, node) is node.args[0]
+
+
+class NormalizedThenScaled(nn.Module):
+    """``F.normalize``, which torch.fx records with its defaults (``out=None``), before a
+    linear whose per-channel output scale folds into it (SwiftFormer's attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x):
+        return self.scale * self.proj(torch.nn.functional.normalize(x, dim=-1))
+
+
+def test_a_call_recorded_with_out_none_writes_nothing():
+    model = randomise_(NormalizedThenScaled(), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(3, 5, 6)
+    folded = repfx.fold(model, (x,))
+    assert folded.meta[repfx.REPORT_KEY].counts().get("fold_channel_affine") == 1
+    assert_equivalent(model, folded, (torch.randn(2, 4, 6),))

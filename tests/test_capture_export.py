@@ -225,3 +225,50 @@ def test_aot_inductor_compiles_a_folded_program(tmp_path):
     fresh = fresh_input(3, 3, 8, 8)
     actual = torch._inductor.aoti_load_package(package)(fresh)
     torch.testing.assert_close(actual, model(fresh), rtol=1e-5, atol=1e-5)
+
+
+def test_an_example_batch_of_one_leaves_the_batch_dynamic():
+    model = _randomized(ShapeChecked())
+    folded = repfx.fold(model, torch.randn(1, 3, 8, 8))
+    report = folded.meta[repfx.REPORT_KEY]
+    assert any("captured with torch.export" in note for note in report.notes)
+    assert any("any batch size" in note for note in report.notes)
+    for batch in (1, 3):
+        fresh = fresh_input(batch, 3, 8, 8)
+        torch.testing.assert_close(folded(fresh), model(fresh), rtol=1e-5, atol=1e-5)
+
+
+def test_a_size_export_fixed_fails_with_a_repfx_error_naming_the_input():
+    folded = repfx.fold(_randomized(ShapeChecked()), torch.randn(2, 3, 8, 8))
+    with pytest.raises(repfx.GuardError, match=r"x\.size\(\)\[2\] == 8.*example inputs"):
+        folded(torch.randn(2, 3, 9, 8))
+
+
+class InPlaceResidual(nn.Module):
+    """``out += identity`` after conv-BN (a ResNet block as HF transformers writes it), then an
+    in-place multiply of a tensor that a second name still refers to (both read the new
+    value)."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+
+    def forward(self, x, *args):
+        identity = self.stem(x)
+        out = self.bn(self.conv(identity))
+        out += identity
+        late = self.bn2(self.conv2(out))
+        kept = late
+        late.mul_(2.0)  # ``kept`` is the same tensor: both read the doubled value
+        return out.relu() + kept
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_an_in_place_residual_add_folds_like_an_out_of_place_one(capture):
+    model = _randomized(InPlaceResidual())
+    folded = repfx.fold(model, torch.randn(1, 3, 8, 8), capture=capture)
+    assert batch_norms(folded) == 0
+    fresh = fresh_input(3, 3, 8, 8)
+    torch.testing.assert_close(folded(fresh), model(fresh), rtol=1e-5, atol=1e-5)

@@ -17,12 +17,15 @@ that every op view, pass and validation works unchanged. An ATen op with no twin
 an ATen call: it runs as it did and folds nothing.
 
 Shapes: dimension 0 of every tensor input is exported as ``Dim.AUTO``, so a batch the model
-does not specialise stays dynamic in the folded module (an example batch of 1 specialises it:
-pass 2 or more); every other dimension is fixed as in the example inputs, and the folded
-module's input guards reject other sizes. (Symbolic spatial sizes would cost minutes of
-symbolic reasoning on models that compute their own padding from them, such as timm's
-``Conv2dSame``.) A model that export cannot capture with a dynamic batch is exported with
-static shapes. The report says what the folded module accepts.
+does not specialise stays dynamic in the folded module. Export specialises a dimension of size
+1 to the constant 1, so an example batch of one is traced as a batch of two (its first item
+twice, :func:`grown_batch`); the graph is the same for every batch size, and the fold is
+validated and verified on the example inputs as given. Every other dimension is fixed as in
+the example inputs. (Symbolic spatial sizes would cost minutes of symbolic reasoning on models
+that compute their own padding from them, such as timm's ``Conv2dSame``.) A model that export
+cannot capture with a dynamic batch is exported with static shapes. The report says what the
+folded module accepts, and an input outside it raises :class:`repfx.GuardError` naming the
+input and the size (:class:`InputGuards`), not export's bare ``AssertionError``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError, one_line
+from ..errors import CaptureError, GuardError, one_line
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
 
@@ -79,10 +82,33 @@ def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
             "inputs' shapes only"
         ]
     gm = program.module()
+    if hasattr(gm, _GUARDS):
+        setattr(gm, _GUARDS, InputGuards(getattr(gm, _GUARDS)))
     to_torch_level(gm)
     with _guards_set_aside(gm):
         functionalize(gm)  # marks what the graph writes (training-mode BN statistics, inputs)
+    to_torch_level(gm)  # (the out-of-place twins functionalize put in: ``aten.add.Tensor``)
     return ExportCapture(gm, tuple(notes))
+
+
+class InputGuards(nn.Module):
+    """``ExportedProgram.module()``'s input checks (``guards``), with a failed check raised as
+    a :class:`repfx.GuardError` that names the input and says what to do."""
+
+    def __init__(self, guards: nn.Module) -> None:
+        super().__init__()
+        self.guards = guards
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.guards(*args, **kwargs)
+        except AssertionError as exc:
+            check = str(exc).strip().removeprefix("Guard failed:").strip()
+            raise GuardError(
+                f"the folded module takes only inputs with {check}: torch.export fixed this "
+                "to the example inputs when it captured the model. Fold with example inputs "
+                "of the size you need"
+            ) from exc
 
 
 @contextlib.contextmanager
@@ -135,15 +161,24 @@ def _shapes_note(program: Any) -> str:
     )
     if batch_dynamic:
         return "the folded module takes any batch size; other dimensions as in the example inputs"
-    return (
-        "the folded module takes the example inputs' shapes only (the batch is fixed: the "
-        "model fixes it, or the example batch is 1 — pass a batch of 2 or more)"
+    return "the folded module takes the example inputs' shapes only (the model fixes its batch)"
+
+
+def grown_batch(inputs: Any) -> Any:
+    """``inputs`` with every tensor of batch size 1 (dimension 0) grown to 2 by repeating its
+    item: what export traces for a dynamic batch, which it would specialise to 1."""
+    return pytree.tree_map(
+        lambda x: (
+            torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
+        ),
+        inputs,
     )
 
 
 def _export(model: nn.Module, example_inputs: tuple, dynamic: bool) -> Any:
     shapes = None
     if dynamic:
+        example_inputs = grown_batch(example_inputs)
         shapes = pytree.tree_map(
             lambda x: (
                 {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None

@@ -276,7 +276,8 @@ def _method_aliases_first(node: fx.Node) -> bool:
 def _function_aliases_first(node: fx.Node) -> bool:
     """A view / cast function, or one writing in place to its first argument (not ``out=``)."""
     return node.op == "call_function" and (
-        node.target in _ALIASING_FUNCTIONS or (writes_in_place(node) and "out" not in node.kwargs)
+        node.target in _ALIASING_FUNCTIONS
+        or (writes_in_place(node) and node.kwargs.get("out") is None)
     )
 
 
@@ -358,7 +359,7 @@ def write_of(gm: fx.GraphModule, node: fx.Node) -> Write | None:
 def _in_place_write(node: fx.Node) -> Write | None:
     """What a torch call that writes in place (``add_``, ``out=``, ``inplace=True``) writes to;
     ``None`` when that is a size (ints are immutable)."""
-    if "out" in node.kwargs:
+    if node.kwargs.get("out") is not None:
         out = node.kwargs["out"]
         return Write(node, [out] if isinstance(out, fx.Node) else tensor_inputs(node))
     first = _written_argument(node)
@@ -370,11 +371,26 @@ def _in_place_write(node: fx.Node) -> Write | None:
 
 
 def _written_argument(node: fx.Node) -> fx.Node | None:
-    """The argument an in-place call writes to: for a function whose ``inplace=`` is not known
-    to be ``False``, its first bound argument; else its first positional argument (if a node)."""
+    """The argument an in-place call writes to: for an ATen overload, the one its schema marks
+    written (``Tensor(a!) self``) when that is the only one; for a function whose ``inplace=``
+    is not known to be ``False``, its first bound argument; else its first positional argument
+    (if a node)."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        return _schema_written_argument(node)
     if node.op == "call_function" and inplace_flag(node) is not False:
         return _inplace_input(node)
     return _first_node_arg(node)
+
+
+def _schema_written_argument(node: fx.Node) -> fx.Node | None:
+    """The one argument of an ATen call that its schema marks written, if it is a node."""
+    arguments = node.target._schema.arguments
+    written = [i for i, a in enumerate(arguments) if a.alias_info and a.alias_info.is_write]
+    if len(written) != 1:
+        return None
+    index = written[0]
+    value = node.args[index] if index < len(node.args) else node.kwargs.get(arguments[index].name)
+    return value if isinstance(value, fx.Node) else None
 
 
 def _known_callable(target: Any) -> bool:
@@ -420,6 +436,13 @@ def _out_of_place_form(node: fx.Node, target: fx.Node) -> tuple[Callable[[], fx.
         return (lambda: graph.call_function(twin, node.args, node.kwargs)), guard
     if node.op == "call_function" and inplace_flag(node) is True:
         return _without_inplace_flag(node)
+    if isinstance(node.target, torch._ops.OpOverload):
+        twin = _functional_overload(node.target)
+        if twin is None:
+            return None, False
+        return (lambda: graph.call_function(twin, node.args, node.kwargs)), _has_tensor_operand(
+            node, target
+        )
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if not isinstance(name, str) or not is_inplace_name(name) or not _twin_exists(name):
         return None, False
@@ -446,6 +469,15 @@ def _twin_exists(name: str) -> bool:
         if twin is None or [a.name for a in arguments] != [a.name for a in twin._schema.arguments]:
             return False
     return True
+
+
+def _functional_overload(op: torch._ops.OpOverload) -> Any:
+    """``aten.add.Tensor`` for ``aten.add_.Tensor``: the same overload of the op's functional
+    twin (see :func:`_twin_exists`), or ``None``."""
+    name = op._schema.name.split("::")[-1]
+    if op.namespace != "aten" or not is_inplace_name(name) or not _twin_exists(name):
+        return None
+    return getattr(_aten_packet(name[:-1]), op._overloadname, None)
 
 
 def _builtin_twin(target: Any, name: str) -> Any:

@@ -209,7 +209,7 @@ def writes_in_place(node: fx.Node) -> bool:
     ``repfx.capture.writes``."""
     if node.op not in ("call_function", "call_method"):
         return False
-    if "out" in node.kwargs:
+    if node.kwargs.get("out") is not None:  # (torch.fx records ``out=None`` with the defaults)
         return True
     if node.op == "call_method":
         return not isinstance(node.target, str) or is_inplace_name(node.target)

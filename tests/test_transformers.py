@@ -1,0 +1,85 @@
+"""Models people hold, from HuggingFace transformers (built from small configs, no weights)
+and torchvision: ``repfx.fold(model, (x_batch1,))`` gives a module that returns the original's
+output type, takes any batch, and runs no BatchNorm and no removable per-channel multiply."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+import transformers
+from grammar import randomise_
+from helpers import batch_norms, fresh_input, stored_multiplies
+from torch import nn
+
+import repfx
+from repfx.testing import assert_close
+
+SIZE = (3, 64, 64)
+
+
+def _hf(config: str, model: str, **fields) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        return getattr(transformers, model)(getattr(transformers, config)(**fields))
+
+    return build
+
+
+def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from torchvision import models
+
+        return getattr(models.segmentation, name, None) or getattr(models, name)
+
+    return lambda: build()(weights=None, **kwargs)
+
+
+STAGES = {"depths": [1, 1, 1, 1], "num_labels": 5}
+MODELS = {
+    "hf_poolformer": _hf(
+        "PoolFormerConfig", "PoolFormerForImageClassification", hidden_sizes=[16, 16, 32, 32],
+        **STAGES,
+    ),
+    "hf_swiftformer": _hf(
+        "SwiftFormerConfig", "SwiftFormerForImageClassification", embed_dims=[16, 16, 32, 32],
+        **STAGES,
+    ),
+    "hf_efficientnet": _hf(
+        "EfficientNetConfig", "EfficientNetForImageClassification", width_coefficient=0.25,
+        depth_coefficient=0.25, hidden_dim=320, image_size=64, num_labels=5,
+    ),
+    "hf_resnet": _hf(
+        "ResNetConfig", "ResNetForImageClassification", embedding_size=16,
+        hidden_sizes=[16, 32, 32, 64], **STAGES,
+    ),
+    "hf_regnet": _hf(
+        "RegNetConfig", "RegNetForImageClassification", embedding_size=16,
+        hidden_sizes=[16, 32, 32, 64], groups_width=8, **STAGES,
+    ),
+    "tv_deeplabv3_mobilenet_v3_large": _torchvision(
+        "deeplabv3_mobilenet_v3_large", weights_backbone=None, num_classes=3
+    ),
+    "tv_efficientnet_b0": _torchvision("efficientnet_b0", num_classes=5),
+}  # fmt: skip
+FAST = {"hf_poolformer"}  # one small model in the fast loop; the rest in the full suite
+
+
+def _cases() -> list:
+    return [pytest.param(name, marks=() if name in FAST else pytest.mark.slow) for name in MODELS]
+
+
+@pytest.mark.parametrize("name", _cases())
+def test_a_model_people_hold_folds_to_a_deployable_module(name):
+    model = randomise_(MODELS[name](), torch.Generator().manual_seed(0)).eval()
+    folded = repfx.fold(model, (fresh_input(1, *SIZE),))
+    fresh = fresh_input(3, *SIZE, seed=2)
+    with torch.no_grad():
+        expected, actual = model(fresh), folded(fresh)
+    assert type(actual) is type(expected)
+    assert pytree.tree_structure(actual) == pytree.tree_structure(expected)
+    for got, want in zip(pytree.tree_leaves(actual), pytree.tree_leaves(expected), strict=True):
+        assert_close(got, want)
+    assert batch_norms(folded) == 0
+    assert stored_multiplies(folded, fresh) == []
