@@ -239,3 +239,37 @@ def test_a_call_recorded_with_out_none_writes_nothing():
     folded = repfx.fold(model, (x,))
     assert folded.meta[repfx.REPORT_KEY].counts().get("fold_channel_affine") == 1
     assert_equivalent(model, folded, (torch.randn(2, 4, 6),))
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: torch.fx keeps this module as an opaque leaf."""
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return x * 2
+        return x.relu()
+
+
+class GatedConvBns(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6))
+        self.gate = Gate()
+        self.b = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6))
+
+    def forward(self, x):
+        return self.b(self.gate(self.a(x)))
+
+
+def test_the_output_of_an_opaque_leaf_is_not_taken_for_a_written_tensor():
+    """Unknown code may write to what it is given, but its own result only exists after that:
+    the conv-BN reading it folds."""
+    model = randomise_(GatedConvBns(), torch.Generator().manual_seed(0)).eval()
+    folded = repfx.fold(model, (torch.randn(2, 3, 8, 8),))
+    report = folded.meta[repfx.REPORT_KEY]
+    assert "gate" in report.opaque_modules
+    assert any(f.rule == "fold_bn" and f.where.startswith("b.") for f in report.folded)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 8, 8)
+        for sign in (1, -1):  # both ways through the gate
+            assert_equivalent(model, folded, (x.abs() * sign,))

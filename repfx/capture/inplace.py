@@ -62,6 +62,8 @@ def functionalize(gm: fx.GraphModule) -> None:
             module_sites.setdefault(id(module_of(gm, node)), []).append((node, private))
         elif private and write.out_of_place is not None:
             _rewrite_out_of_place(write)
+        elif write.unknown_code:
+            _mark_unknown_write(gm, write)
         else:
             mark_mutated(gm, [*write.targets, node])
     _settle_inplace_modules(gm, module_sites)
@@ -116,6 +118,16 @@ def _is_private(gm: fx.GraphModule, tensor: fx.Node, writer: fx.Node) -> bool:
     return readers == [tensor] and _is_private(gm, source, tensor)
 
 
+def _mark_unknown_write(gm: fx.GraphModule, write: Write) -> None:
+    """Code repfx does not know may write to each tensor it is given, before its own result
+    exists. Marked: the tensors it is given and what may alias them *up to* the call. Not
+    marked: the call's result and the nodes after it, which only ever see the values after the
+    write (a later write to them is marked in its turn). (A target is marked even when the
+    call is its last reader: a rewrite could make it an alias of another live value — ``y * 1``
+    becoming ``y`` — which the write would then change.)"""
+    mark_mutated(gm, write.targets, until=write.node)
+
+
 def _redirect_later_readers(tensor: fx.Node, writer: fx.Node, new: fx.Node) -> None:
     """Every reader of ``tensor`` after ``writer`` reads ``new`` (the value after the write)."""
     for user in list(tensor.users):
@@ -142,15 +154,15 @@ def _rewrite_out_of_place(write: Write) -> None:
     graph.erase_node(node)
 
 
-def mark_mutated(gm: fx.GraphModule, seeds: Iterable[Any]) -> None:
+def mark_mutated(gm: fx.GraphModule, seeds: Iterable[Any], until: fx.Node | None = None) -> None:
     """Mark ``seeds`` and every node that may alias one of them (through views, casts,
     identities, in-place results, unknown code; a ``get_attr`` through every other ``get_attr``
-    of the same tensor) with :data:`MUTATED_KEY`."""
+    of the same tensor) with :data:`MUTATED_KEY`; with ``until``, only nodes before it."""
     stack = [n for n in seeds if isinstance(n, fx.Node)]
     marked: set[fx.Node] = set()
     while stack:
         node = stack.pop()
-        if node in marked or node.op == "output":
+        if node in marked or node.op == "output" or (until is not None and node >= until):
             continue
         marked.add(node)
         node.meta[MUTATED_KEY] = True

@@ -308,7 +308,9 @@ def may_alias_inputs(gm: fx.GraphModule, node: fx.Node) -> bool:
 class Write:
     """An in-place write by ``node`` to ``targets``; ``out_of_place`` builds the equivalent
     out-of-place node (``None``: none is known to be exact); ``guard``: the out-of-place result
-    may have another dtype (a tensor operand could promote it) and needs a cast back."""
+    may have another dtype (a tensor operand could promote it) and needs a cast back;
+    ``unknown_code``: ``node`` runs code repfx does not know (an opaque leaf, a user function, a
+    module whose hooks may write), which *may* write to every tensor it is given."""
 
     def __init__(
         self,
@@ -316,8 +318,10 @@ class Write:
         targets: list[fx.Node],
         out_of_place: Callable[[], fx.Node] | None = None,
         guard: bool = False,
+        unknown_code: bool = False,
     ):
         self.node, self.targets, self.out_of_place, self.guard = node, targets, out_of_place, guard
+        self.unknown_code = unknown_code
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -350,7 +354,7 @@ def write_of(gm: fx.GraphModule, node: fx.Node) -> Write | None:
     if _returns_input_itself(gm, node):
         return None  # a known function that returns its input as is (eval stochastic depth)
     if node.op == "call_function" and not _known_callable(node.target):
-        return Write(node, tensor_inputs(node))  # user code may write to its inputs
+        return Write(node, tensor_inputs(node), unknown_code=True)  # (may write its inputs)
     if not writes_in_place(node):
         return None
     return _in_place_write(node)
@@ -418,7 +422,7 @@ def _module_write(gm: fx.GraphModule, node: fx.Node) -> Write | None:
     m = module_of(gm, node)
     known = torch_module_class(m) and not hooks_may_write(m)
     if not known:  # a user / opaque leaf, or one whose hooks may write to its inputs
-        return Write(node, tensor_inputs(node))
+        return Write(node, tensor_inputs(node), unknown_code=True)
     if getattr(m, "inplace", False) is not True:
         return None
     first = _first_node_arg(node)
