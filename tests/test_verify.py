@@ -495,3 +495,33 @@ def test_a_model_whose_runs_disagree_fails_rather_than_being_called_discontinuou
         repfx.fold(CountsItsCalls(), torch.randn(2, 3, 4, 4))
     outputs = info.value.report.failed_verification().outputs
     assert [o.verdict for o in outputs] == [FAILED]
+
+
+class Cache:
+    """An object torch's pytree does not know, holding tensors (a HuggingFace cache)."""
+
+    def __init__(self, keys: list[torch.Tensor], step: int):
+        self.keys, self.step = keys, step
+
+
+class ReturnsCache(nn.Module):
+    def __init__(self, shift: float = 0.0):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.shift = shift
+
+    def forward(self, x):
+        y = self.proj(x)
+        return {"out": y, "cache": Cache([y * 2 + self.shift, y.sum(-1)], step=3)}
+
+
+def test_an_object_holding_tensors_is_compared_by_its_tensors():
+    model, x = ReturnsCache().eval(), torch.randn(2, 4)
+    same = copy.deepcopy(model)
+    assert verify(model, same, (x,)).passed
+    off = copy.deepcopy(model)
+    off.shift = 1e-3  # only the cache's first tensor differs
+    result = verify(model, off, (x,))
+    assert not result.passed
+    failed = [c.path for c in result.outputs if c.verdict == FAILED]
+    assert len(failed) == 1 and "keys" in failed[0] and "Cache" in failed[0]

@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_flatten
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 RELATIVE_TOLERANCE: dict[torch.dtype, float] = {
     torch.float64: 1e-10,
@@ -85,8 +86,27 @@ def float64_criterion(sensitivity: float) -> float:
 
 
 def output_tensors(outputs: object) -> list[torch.Tensor]:
-    leaves, _ = tree_flatten(outputs)
+    leaves, _ = tree_flatten(comparable(outputs))
     return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+_STATE_DEPTH = 6  # how deep comparable() opens objects inside objects
+
+
+def comparable(outputs: object, depth: int = 0) -> object:
+    """``outputs`` with each object that ``torch.utils._pytree`` does not know (a HuggingFace
+    ``DynamicCache`` of keys and values) opened into ``{type name: {attribute: value}}``,
+    recursively: the tensors it holds are then compared like any other output, and its other
+    attributes by equality. Tensors, modules, classes and functions are left as they are."""
+    return tree_map(lambda leaf: _object_state(leaf, depth), outputs)
+
+
+def _object_state(leaf: object, depth: int) -> object:
+    opaque = isinstance(leaf, (torch.Tensor, nn.Module, type)) or callable(leaf)
+    if opaque or depth >= _STATE_DEPTH or not hasattr(leaf, "__dict__"):
+        return leaf
+    state = {name: comparable(value, depth + 1) for name, value in vars(leaf).items()}
+    return {type(leaf).__qualname__: state}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Both are run on the example inputs and compared output by output (``repfx.proof.tolerances``):
 
-1. Structure. The outputs' pytree structure must match, non-tensor leaves must be equal, and
+1. Structure. The outputs' pytree structure must match (an object pytree does not know, such
+   as a HuggingFace cache, is compared by its attributes: ``tolerances.comparable``),
+   non-tensor leaves must be equal, and
    each output tensor must have the original's shape and dtype; otherwise the verification
    fails (it never raises).
 2. Each output tensor on its own scale: ``max |a − e| / max |e|`` over the positions finite in
@@ -57,8 +59,10 @@ from .tolerances import (
     EXACT_SENSITIVITY_TRIALS,
     SENSITIVITY_PERTURBATION,
     SENSITIVITY_TRIALS,
+    comparable,
     discontinuous,
     float64_criterion,
+    output_tensors,
     reference_dtype,
     rounding_criterion,
     tensor_error,
@@ -80,7 +84,8 @@ def verify(
     docstring). ``refold`` (the same fold, applied to a float64 copy of the model) enables the
     float64 re-check of a low-precision model; a float64 model needs none."""
     # neither model is run itself: a forward may mutate its module (training-mode BN statistics)
-    expected, actual = run(copy_model(model), inputs), run(copy_model(folded), inputs)
+    expected = comparable(run(copy_model(model), inputs))
+    actual = comparable(run(copy_model(folded), inputs))
     tolerance = tolerance_for(reference_dtype(expected))
     mismatch = structure_mismatch(actual, expected)
     if mismatch is not None:
@@ -366,7 +371,7 @@ def _replace(
 
 
 def _leaves_of(outputs: object) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
+    return output_tensors(outputs)
 
 
 def _to_float64(x: object) -> object:
