@@ -16,9 +16,8 @@ from .capture import (
     CAPTURE_MODES,
     CaptureError,
     ExampleInputError,
-    capture_model,
+    capture_with_shapes,
     export_program,
-    propagate_shapes,
     record_child_inputs,
 )
 from .errors import Error, TrainingModeError, one_line
@@ -213,9 +212,7 @@ def _fold_copy(
     capture: str = "fx",
 ) -> fx.GraphModule:
     """Fold ``work`` (repfx's own copy, mutated freely) and record into ``report``."""
-    gm, opaque = capture_model(work, inputs, capture, report)
-    if inputs is not None:
-        propagate_shapes(gm, inputs)
+    gm, opaque = capture_with_shapes(work, inputs, capture, report)
     annotate_ranks(gm)
     if not prefix:
         report.before = GraphStats.of(gm, work)

@@ -273,3 +273,42 @@ def test_the_output_of_an_opaque_leaf_is_not_taken_for_a_written_tensor():
         x = torch.randn(batch, 3, 8, 8)
         for sign in (1, -1):  # both ways through the gate
             assert_equivalent(model, folded, (x.abs() * sign,))
+
+
+class FeatureCollector(nn.Module):
+    """A backbone whose forward hooks gather the stages' outputs into a list the forward then
+    reads (HuggingFace backbones collect feature maps this way): a graph does not see the
+    list fill up."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(c, 6, 3, padding=1), nn.BatchNorm2d(6)) for c in (3, 6)]
+        )
+        self.head = nn.Sequential(nn.Conv2d(12, 4, 1), nn.BatchNorm2d(4))
+        self.collected: list[torch.Tensor] | None = None
+        for stage in self.stages:
+            stage.register_forward_hook(self._collect)
+
+    def _collect(self, module, args, output):
+        if self.collected is not None:
+            self.collected.append(output)
+
+    def forward(self, x):
+        self.collected = []
+        for stage in self.stages:
+            x = stage(x)
+        features, self.collected = self.collected, None
+        return self.head(torch.cat(features, 1) if features else x)
+
+
+def test_a_graph_that_misses_what_hooks_gather_is_not_taken_for_bad_inputs():
+    model = randomise_(FeatureCollector(), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    folded = repfx.fold(model, (x,))
+    report = folded.meta[repfx.REPORT_KEY]
+    assert "forward hooks on stages.0" in report.opaque_modules["forward"]
+    assert folded.meta[repfx.REPORT_KEY].counts().get("fold_bn", 0) >= 1
+    assert_equivalent(model, folded, (torch.randn(3, 3, 8, 8),))
+    with pytest.raises(repfx.CaptureError, match=r"forward hooks on stages\.0"):
+        repfx.fold(model, (x,), capture="fx")

@@ -21,7 +21,14 @@ from __future__ import annotations
 
 from ..errors import CaptureError, ExampleInputError
 from ..proof.inputs import copy_model
-from .frontend import AS_IS, CAPTURE_MODES, capture_model, record_child_inputs, record_inputs
+from .frontend import (
+    AS_IS,
+    CAPTURE_MODES,
+    capture_model,
+    capture_with_shapes,
+    record_child_inputs,
+    record_inputs,
+)
 from .fx import capture
 from .inplace import functionalize
 from .opaque import child_reason, descent_reason, has_own_forward
@@ -35,6 +42,7 @@ __all__ = [
     "ExampleInputError",
     "capture",
     "capture_model",
+    "capture_with_shapes",
     "child_reason",
     "copy_model",
     "descent_reason",

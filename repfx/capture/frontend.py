@@ -22,10 +22,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import CaptureError, ExampleInputError
-from ..proof.inputs import cloned
+from ..errors import CaptureError, ExampleInputError, one_line
+from ..proof.inputs import cloned, copy_model, run
 from ..report.fold_report import FoldReport
 from .fx import capture as fx_capture
+from .hooks import forward_hooks_of
+from .shapes import propagate_shapes
 from .torch_export import capture_exported
 
 CAPTURE_MODES = ("auto", "fx", "export")
@@ -72,6 +74,55 @@ def capture_model(
         except CaptureError:
             return gm, opaque
     return gm, opaque
+
+
+def capture_with_shapes(
+    work: nn.Module, inputs: tuple | None, mode: str, report: FoldReport
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    """:func:`capture_model`, then the shapes on the example inputs (``propagate_shapes``).
+
+    A captured graph that fails on example inputs the model itself runs on is a capture that
+    went wrong, not a bad input — typically forward hooks that gather values through a side
+    channel (a backbone collecting feature maps), which a graph does not see. ``"auto"`` then
+    runs the model as it is and folds inside it; ``"fx"`` / ``"export"`` raise a
+    :class:`CaptureError` saying so."""
+    gm, opaque = capture_model(work, inputs, mode, report)
+    if inputs is None:
+        return gm, opaque
+    try:
+        propagate_shapes(gm, inputs)
+    except ExampleInputError as graph_error:
+        if AS_IS in opaque or not _runs(work, inputs):
+            raise
+        reason = _graph_failure(work, graph_error)
+        if mode != "auto":
+            raise CaptureError(
+                f"{reason}; capture='auto' runs the model as it is and folds inside it"
+            ) from graph_error
+        gm, opaque = run_as_is(work), {AS_IS: reason}
+        propagate_shapes(gm, inputs)
+    return gm, opaque
+
+
+def _runs(model: nn.Module, inputs: tuple) -> bool:
+    try:
+        run(copy_model(model), inputs)
+    except Exception:
+        return False
+    return True
+
+
+def _graph_failure(model: nn.Module, error: ExampleInputError) -> str:
+    cause = one_line(error.__cause__) if error.__cause__ is not None else str(error)
+    reason = f"the captured graph fails on the example inputs the model runs on ({cause})"
+    hooked = [path for path, m in model.named_modules() if path and forward_hooks_of(m)]
+    if hooked:
+        more = f" and {len(hooked) - 1} more" if len(hooked) > 1 else ""
+        reason += (
+            f": forward hooks on {hooked[0]}{more} may gather values through a side channel "
+            "the graph does not see"
+        )
+    return reason
 
 
 def unsupplied_defaults(model: nn.Module, inputs: tuple | None) -> dict[str, Any]:
