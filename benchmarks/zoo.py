@@ -2,7 +2,9 @@
 
 The zoo: one model per timm family (``timm.list_modules()``; per module, the smallest-sounding
 name: ``*_tiny``, ``*_nano``, ``*_s``, ... before longer names) and torchvision's
-classification and detection lists. Each model runs in its own subprocess (a crash, a hang or
+classification, detection and segmentation lists, and HuggingFace transformers architectures
+built from small configs (``benchmarks/zoo_hf.py``: an example batch of 1, a fresh batch of
+3). Each model runs in its own subprocess (a crash, a hang or
 a memory blow-up costs that model only; ``--timeout`` seconds each) and is:
 
 1. built with random weights (no downloads), every parameter and BN statistic re-drawn at O(1)
@@ -16,7 +18,10 @@ a memory blow-up costs that model only; ``--timeout`` seconds each) and is:
 
 Columns: which front end captured it (``fx``, ``export``, ``as is`` — neither captured the
 top-level forward, its children were folded), batch norms (modules, and calls in graphs)
-before → after, per-channel-affine ops before → after (counted in the graphs), the
+before → after, per-channel-affine ops before → after (counted in the graphs), multiplies by
+a stored per-channel tensor before → after (counted on the fresh input as they run), whether
+the folded module returns the original's output type (the pytree structure on the fresh
+input), the
 verification summary, the verdict on the fresh input (and its largest relative error), fold
 seconds, and an error class for failures (``repfx.<Error>`` is a refusal with a message;
 anything else is a raw exception, a bug).
@@ -66,11 +71,20 @@ def _size_rank(name: str) -> tuple[int, int, str]:
     return rank, len(name), name
 
 
+TORCHVISION_SEGMENTERS = [
+    "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "fcn_resnet50",
+]  # fmt: skip
+
+
 def zoo() -> list[str]:
+    from zoo_hf import NAMES
+
     return [
         *timm_zoo(),
         *(f"tv:{n}" for n in TORCHVISION_CLASSIFIERS),
         *(f"tvdet:{n}" for n in TORCHVISION_DETECTORS),
+        *(f"tvseg:{n}" for n in TORCHVISION_SEGMENTERS),
+        *(f"hf:{n}" for n in NAMES),
     ]
 
 
@@ -88,8 +102,15 @@ def build(spec: str):
         size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
         g = torch.Generator().manual_seed(0)
         return model, (torch.randn(2, *size, generator=g),), (torch.randn(3, *size),)
+    if kind == "hf":
+        from zoo_hf import build as build_hf
+
+        return build_hf(name)
     from torchvision import models
 
+    if kind == "tvseg":
+        model = getattr(models.segmentation, name)(weights=None, weights_backbone=None)
+        return model, (torch.randn(1, 3, 64, 64),), (torch.randn(3, 3, 64, 64),)
     if kind == "tv":
         model = getattr(models, name)(weights=None)
         size = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
@@ -104,7 +125,8 @@ def sweep_one(spec: str) -> dict:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from grammar import randomise_
-    from helpers import batch_norms
+    from helpers import batch_norms, stored_multiplies
+    from torch.utils._pytree import tree_structure
 
     import repfx
     from repfx.ir.op_kinds import op_counts
@@ -138,6 +160,9 @@ def sweep_one(spec: str) -> dict:
     # its tolerance is re-checked against float64 truth with the float64 fold)
     example64 = float64_inputs(example)
     check = verify(model, folded, fresh, lambda m64: repfx.fold(m64, example64, verify=False))
+    with torch.no_grad():
+        row["type_kept"] = tree_structure(folded(*fresh)) == tree_structure(model(*fresh))
+    row["stored_mul"] = [len(stored_multiplies(m, *fresh)) for m in (model, folded)]
     row["fresh"] = check.summary()
     row["fresh_passed"] = check.passed
     row["fresh_rel_error"] = check.max_rel_error
@@ -183,18 +208,24 @@ def run(spec: str, timeout: float) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| model | front end | BN | affine | verification | fresh input | fold s | error |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| model | front end | BN | affine | stored × | output type | verification | "
+        "fresh input | fold s | error |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | | | | | | | {r['error']}: {r['message'][:80]} |")
+            lines.append(f"| {r['model']} | | | | | | | | | {r['error']}: {r['message'][:80]} |")
             continue
+        stored = "{} → {}".format(*r.get("stored_mul", ("?", "?")))
+        kept = {True: "kept", False: "CHANGED"}.get(r.get("type_kept"), "?")
         b, a = r["before"], r["after"]
         verification = (r["verification"] or "").split(":")[0].removeprefix("verification ")
         fresh = f"{'ok' if r['fresh_passed'] else 'FAILED'}, max rel {r['fresh_rel_error']:.1e}"
         lines.append(
             f"| {r['model']} | {r['front_end']} | {b['batch_norm']} → {a['batch_norm']} | "
-            f"{b['channel_affine']} → {a['channel_affine']} | {verification} | {fresh} | "
+            f"{b['channel_affine']} → {a['channel_affine']} | {stored} | {kept} | "
+            f"{verification} | {fresh} | "
             f"{r['fold_s']} | |"
         )
     return "\n".join(lines)
@@ -203,7 +234,8 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="+", metavar="SPEC", help="timm:NAME, tv:NAME, tvdet:NAME")
+    kinds = "timm:NAME, tv:NAME, tvdet:NAME, tvseg:NAME, hf:NAME"
+    parser.add_argument("--only", nargs="+", metavar="SPEC", help=kinds)
     parser.add_argument("--list", action="store_true", help="print the zoo and exit")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, help="append one JSON object per model here")
