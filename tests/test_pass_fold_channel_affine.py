@@ -1,8 +1,9 @@
 import torch
 from grammar import Scale, randomise_
-from helpers import apply, call_targets, traced
+from helpers import apply, call_targets, stored_multiplies, traced
 from torch import nn
 
+import repfx
 from repfx.passes import FoldChannelAffine
 from repfx.testing import assert_close
 
@@ -69,3 +70,27 @@ def test_scale_after_permute_folds_into_linear_before_the_permute():
     result = apply(FoldChannelAffine(), gm)
     assert result.folded[0].detail == "into linear fc (through permute)"
     assert_close(gm(x), model(x))
+
+
+class ScaledScoresPlusBias(nn.Module):
+    """Attention scores times a Python scale plus a stored per-head bias (LeViT's spelling)."""
+
+    def __init__(self, heads: int = 3):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, heads, 1, 1))
+
+    def forward(self, q, k):
+        scores = q @ k.transpose(-2, -1)
+        return (scores * 0.25 + self.bias).softmax(-1)
+
+
+def test_composing_a_scalar_scale_with_a_stored_shift_stores_no_per_channel_scale():
+    model = _random(ScaledScoresPlusBias()).eval()
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    folded = repfx.fold(model, (q, k))
+    fresh = (torch.randn(4, 3, 5, 4), torch.randn(4, 3, 5, 4))
+    assert stored_multiplies(folded, *fresh) == stored_multiplies(model, *fresh) == []
+    report = folded.meta[repfx.REPORT_KEY]
+    assert sum(report.after.ops.values()) <= sum(report.before.ops.values())
+    with torch.no_grad():
+        assert_close(folded(*fresh), model(*fresh))

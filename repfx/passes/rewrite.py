@@ -186,14 +186,25 @@ def insert_affine(
     hint: str,
 ) -> fx.Node:
     """Insert ``shift + x * scale`` (one ``addcmul``; a lone ``mul`` / ``add`` when the other
-    half is trivial) broadcasting along ``axis``, and return its node."""
+    half is trivial) broadcasting along ``axis``, and return its node. A scale equal on every
+    channel is a Python number (``torch.add(shift, x, alpha=s)``, ``x * s``), never a stored
+    per-channel tensor: composing ``x * 0.5 + bias`` must not turn a scalar multiply into a
+    stored one."""
     shape = (-1,) if axis is None else (-1,) + (1,) * (-axis - 1)
     scale = affine.scale.reshape(shape).to(dtype)
     shift = affine.shift.reshape(shape).to(dtype)
     need_scale = not bool(torch.all(affine.scale == 1))
     need_shift = affine.has_shift()
+    uniform = need_scale and bool(torch.all(scale == scale.reshape(-1)[0]))
     with gm.graph.inserting_before(before):
-        if need_scale and need_shift:
+        if uniform:
+            number = scale.reshape(-1)[0].item()
+            if need_shift:
+                t = add_constant(gm, f"{hint}_shift", shift, before)
+                out = gm.graph.call_function(torch.add, (t, x), {"alpha": number})
+            else:
+                out = gm.graph.call_function(torch.mul, (x, number))
+        elif need_scale and need_shift:
             s = add_constant(gm, f"{hint}_scale", scale, before)
             t = add_constant(gm, f"{hint}_shift", shift, before)
             out = gm.graph.call_function(torch.addcmul, (t, x, s))
