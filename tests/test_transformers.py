@@ -15,6 +15,7 @@ from helpers import batch_norms, fresh_input, stored_multiplies
 from torch import nn
 
 import repfx
+from repfx.proof.verify import verify
 from repfx.testing import assert_close
 
 SIZE = (3, 64, 64)
@@ -83,3 +84,24 @@ def test_a_model_people_hold_folds_to_a_deployable_module(name):
         assert_close(got, want)
     assert batch_norms(folded) == 0
     assert stored_multiplies(folded, fresh) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, model_class", [("LlamaConfig", "LlamaForCausalLM")])
+def test_a_small_language_model_folds_and_takes_another_batch(config, model_class):
+    """A decoder returns its key / value cache next to the logits: the folded module returns
+    the same, and both agree on a fresh batch of another size (cache included)."""
+    fields = {
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1,
+    }  # fmt: skip
+    model = getattr(transformers, model_class)(getattr(transformers, config)(**fields))
+    model = randomise_(model, torch.Generator().manual_seed(0)).eval()
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1))
+    folded = repfx.fold(model, (ids,))
+    fresh = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert type(folded(fresh)) is type(model(fresh))
+    check = verify(model, folded, (fresh,))
+    assert check.passed, check.summary()
+    assert len(check.outputs) > 1  # the logits and the cache's tensors, each compared
