@@ -97,5 +97,7 @@ def test_a_random_computation_on_parameters_is_not_precomputed():
     # the sigmoid before the draw is deterministic (and may be precomputed); the draw is not
     assert any(n.target is torch.bernoulli for n in folded.graph.nodes)
     x = fresh_input(64, C, 4, 4)
-    with torch.no_grad():
-        assert not torch.equal(folded(x), folded(x))  # still drawn on every call
+    with torch.no_grad():  # still drawn on every call: one mask of C channels per call, so two
+        # calls agree now and then (about 1 in 12); sixteen calls all agreeing means no draw
+        outputs = [folded(x) for _ in range(16)]
+    assert any(not torch.equal(outputs[0], other) for other in outputs[1:])

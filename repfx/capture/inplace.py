@@ -32,7 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ir.graph import MUTATED_KEY, VALUE_KEYS, arg_of, fetch_attr, module_of, reads_only_shape
+from ..ir.graph import (
+    HANDED_KEY,
+    MUTATED_KEY,
+    VALUE_KEYS,
+    arg_of,
+    fetch_attr,
+    module_of,
+    reads_only_shape,
+)
 from .hooks import forward_hooks_of
 from .writes import (
     Write,
@@ -122,10 +130,22 @@ def _mark_unknown_write(gm: fx.GraphModule, write: Write) -> None:
     """Code repfx does not know may write to each tensor it is given, before its own result
     exists. Marked: the tensors it is given and what may alias them *up to* the call. Not
     marked: the call's result and the nodes after it, which only ever see the values after the
-    write (a later write to them is marked in its turn). (A target is marked even when the
-    call is its last reader: a rewrite could make it an alias of another live value — ``y * 1``
-    becoming ``y`` — which the write would then change.)"""
-    mark_mutated(gm, write.targets, until=write.node)
+    write (a later write to them is marked in its turn).
+
+    A target private to the call (:func:`_is_private`) that nothing reads after it is
+    *handed* over instead (:data:`HANDED_KEY`): nobody else sees what the call does to it, so
+    it may be folded like any value, as long as the rewrite computes it into memory of its own.
+    A rewrite that would make it an alias of another value (``y * 1`` becoming ``y``), which
+    the call's write would then change, is refused at the commit point."""
+    node = write.node
+    handed = [
+        t
+        for t in write.targets
+        if _is_private(gm, t, node) and not any(u > node for u in t.users)  # (graph order)
+    ]
+    for tensor in handed:
+        tensor.meta[HANDED_KEY] = node.name
+    mark_mutated(gm, [t for t in write.targets if t not in handed], until=node)
 
 
 def _redirect_later_readers(tensor: fx.Node, writer: fx.Node, new: fx.Node) -> None:

@@ -41,6 +41,7 @@ from ..ir.graph import (
     where,
 )
 from ..ir.match import Fail
+from ..proof.aliasing import aliasing_failure
 from ..proof.validate import ValidationFailure, prove_before
 from ..report.fold_report import Folded, Skipped
 from .rewrite import RewriteRefused, committing
@@ -200,6 +201,9 @@ class FoldContext:
             raise RewriteRejected(rule, location, exc.reason, bug=False) from exc
         if (fail := proof.check(self.gm, replacements)) is not None:
             raise RewriteRejected(rule, location, fail.reason)
+        aliased = aliasing_failure(self.gm, proof.region, proof.probes[0], replacements)
+        if aliased is not None:  # a refusal, not a bug
+            raise RewriteRejected(rule, location, aliased.reason, bug=False)
         return Folded(rule, location, detail)
 
     def shared_reason(self, node: fx.Node, what: str) -> Fail | None:

@@ -46,7 +46,13 @@ from torch import fx, nn
 from torch.func import functional_call
 
 from ..errors import one_line
-from ..ir.graph import RANK_KEY, ConstantFolder, fetch_attr, static_shape
+from ..ir.graph import (
+    MUTATED_KEY,
+    RANK_KEY,
+    ConstantFolder,
+    fetch_attr,
+    static_shape,
+)
 from ..ir.match import Fail
 from ..ir.norms import NORM_MODULES
 from ..ir.ops import avg_pool_settings
@@ -58,7 +64,6 @@ _CONV_FUNCTIONS = {
     torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d,
     torch.nn.functional.avg_pool3d, torch.nn.functional.max_pool2d,
 }  # fmt: skip
-MUTATED_KEY = "repfx_mutated"  # node.meta: capture could not rule out an in-place write to it
 MAX_REGION_NODES = 400  # a region this large means a pass named the wrong inputs
 PROBE_BATCHES = (2, 1)  # batch > 1 in one probe; the other is cheaper
 MIN_PROBE_EXTENT = 3  # the smallest spatial probe size: a first, a middle and a last position

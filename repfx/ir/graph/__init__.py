@@ -15,6 +15,7 @@ changes a graph.
 from __future__ import annotations
 
 from .constants import (
+    HANDED_KEY,
     MUTATED_KEY,
     ConstantFolder,
     call_signature,
@@ -59,6 +60,7 @@ from .uses import (
 
 __all__ = [
     "FLOAT_KEY",
+    "HANDED_KEY",
     "MUTATED_KEY",
     "RANK_KEY",
     "VALUE_KEYS",

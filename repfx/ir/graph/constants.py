@@ -23,6 +23,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .modules import fetch_attr
 
 MUTATED_KEY = "repfx_mutated"  # node.meta: an in-place op may write to this value (capture)
+# node.meta: a private tensor handed last to code that may write to it (capture); a rewrite may
+# replace it only by a value that shares memory with nothing else (the commit point checks)
+HANDED_KEY = "repfx_handed_to_unknown_code"
+
+
+def _may_be_written(node: fx.Node) -> bool:
+    """Capture marked ``node`` as written, or handed to code that may write to it."""
+    return bool(node.meta.get(MUTATED_KEY) or node.meta.get(HANDED_KEY))
 
 
 class ConstantFolder:
@@ -78,7 +86,7 @@ class ConstantFolder:
         return self.value(arg) is not None
 
     def _evaluate(self, node: fx.Node) -> torch.Tensor | None:
-        if node.meta.get(MUTATED_KEY):
+        if _may_be_written(node):
             return None
         if node.op == "get_attr":
             value = fetch_attr(self.gm, node.target)
