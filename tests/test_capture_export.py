@@ -272,3 +272,24 @@ def test_an_in_place_residual_add_folds_like_an_out_of_place_one(capture):
     assert batch_norms(folded) == 0
     fresh = fresh_input(3, 3, 8, 8)
     torch.testing.assert_close(folded(fresh), model(fresh), rtol=1e-5, atol=1e-5)
+
+
+class LinearBnOverTokens(nn.Module):
+    """LeViT's linear + BatchNorm1d over the flattened tokens, back with ``reshape_as``."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(c, c), nn.BatchNorm1d(c)
+
+    def forward(self, x, *args):
+        h = self.linear(x)
+        return self.bn(h.flatten(0, 1)).reshape_as(h)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_shape_read_through_reshape_as_does_not_count_as_a_user(capture):
+    model = _randomized(LinearBnOverTokens())
+    folded = repfx.fold(model, torch.randn(2, 5, 6), capture=capture)
+    assert batch_norms(folded) == 0
+    fresh = torch.randn(3, 5, 6)
+    torch.testing.assert_close(folded(fresh), model(fresh), rtol=1e-5, atol=1e-5)

@@ -220,6 +220,10 @@ def _constant_pad(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 _OVERRIDES = {
     aten.view.default: _Twin("view", method=True),
     aten.contiguous.default: _Twin("contiguous", method=True),
+    # (``y.reshape_as(x)`` reads only ``x``'s shape, which the op views know of the method)
+    aten.reshape_as.default: _Twin("reshape_as", method=True),
+    aten.view_as.default: _Twin("view_as", method=True),
+    aten.expand_as.default: _Twin("expand_as", method=True),
     aten.constant_pad_nd.default: _Twin(F.pad, arguments=_constant_pad),
 }
 # Where the Python bindings of ATen ops live (``torch._C._nn.linear`` is ``F.linear``).
