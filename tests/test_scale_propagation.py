@@ -249,3 +249,25 @@ def test_in_16_bit_floats_the_scale_moves_and_rounding_explains_the_difference(
         original_error = (low(fresh.to(dtype)).double() - truth).abs().max()
         folded_error = (folded(fresh.to(dtype)).double() - truth).abs().max()
     assert folded_error <= ROUNDING_SLACK * original_error
+
+
+class TokensBackToMap(nn.Module):
+    """A linear over tokens, then back to a feature map by splitting the token axis
+    (``(B, C, H·W)`` → ``(B, C, H, W)``, SwiftFormer's spelling) and a per-channel scale."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.proj = nn.Linear(c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        tokens = self.proj(x.permute(0, 2, 3, 1).reshape(b, h * w, c))
+        back = tokens.permute(0, 2, 1).reshape(b, -1, h, w)
+        return x + self.gamma.view(1, -1, 1, 1) * back
+
+
+def test_a_scale_moves_through_a_reshape_that_splits_other_axes():
+    model = _random(TokensBackToMap())
+    folded = fold_matches(model, fresh_input(2, 6, 4, 5), fresh_input(3, 6, 4, 5, seed=2))
+    assert stored_multiplies(folded, fresh_input(3, 6, 4, 5, seed=3)) == []

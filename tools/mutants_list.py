@@ -799,10 +799,8 @@ GRAPH_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "constant-folder-ignores-mutated",
         GRAPH,
-        "        if node.meta.get(MUTATED_KEY):\n"
-        "            return None\n"
-        '        if node.op == "get_attr":\n            value',
-        '        if node.op == "get_attr":\n            value',
+        "    return bool(node.meta.get(MUTATED_KEY) or node.meta.get(HANDED_KEY))\n",
+        "    return bool(node.meta.get(HANDED_KEY))\n",
         "ConstantFolder._evaluate: a value capture marked as written in place taken as constant",
         T_VIEWS,
         T_CAPTURE,

@@ -10,6 +10,7 @@ layout ops, and a ``view`` / ``reshape`` is read only where the shapes are known
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -125,12 +126,15 @@ def _flatten_source(node: fx.Node, pos: int, r_in: int) -> int | None:
 
 
 def _reshape_source(node: fx.Node, pos: int) -> int | None:
-    """``x.view(sizes)`` / ``x.reshape(sizes)``: only with known shapes, and only when every dim
-    from the axis on is kept."""
+    """``x.view(sizes)`` / ``x.reshape(sizes)``, only with known shapes: output axis ``pos``
+    holds input axis ``j`` whole when both have the same size and as many elements before them
+    (row-major order: an element's index on that axis is then the same in both) — the axes
+    around it may be split or merged (``(B, C, H·W)`` → ``(B, C, H, W)``)."""
     s_in, s_out = static_shape(node.args[0]), static_shape(node)
-    if s_in is None or s_out is None:
+    if s_in is None or s_out is None or 0 in (*s_in, *s_out):
         return None
-    suffix = len(s_out) - pos
-    if suffix > len(s_in):
-        return None
-    return len(s_in) - suffix if tuple(s_in[-suffix:]) == tuple(s_out[-suffix:]) else None
+    before, size = math.prod(s_out[:pos]), s_out[pos]
+    for j, d in enumerate(s_in):
+        if math.prod(s_in[:j]) == before and d == size:
+            return j
+    return None
