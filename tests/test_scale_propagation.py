@@ -271,3 +271,28 @@ def test_a_scale_moves_through_a_reshape_that_splits_other_axes():
     model = _random(TokensBackToMap())
     folded = fold_matches(model, fresh_input(2, 6, 4, 5), fresh_input(3, 6, 4, 5, seed=2))
     assert stored_multiplies(folded, fresh_input(3, 6, 4, 5, seed=3)) == []
+
+
+class CropThenScale(nn.Module):
+    """A linear over channels-last tokens, a crop of the padded spatial axes, then a
+    per-channel scale (hieradet's spelling); and, beside it, a crop that takes only some
+    channels, which a per-channel scale must not cross."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.proj = nn.Linear(c, c)
+        self.other = nn.Linear(c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.part = nn.Parameter(torch.rand(c // 2) + 0.5)
+
+    def forward(self, x):  # x: (B, H, W, C), cropped to (B, H - 1, W - 2, C)
+        cropped = self.proj(x)[:, :-1, 1:-1, :]
+        some_channels = self.other(x)[..., : self.part.shape[0]]
+        return cropped * self.gamma, some_channels * self.part
+
+
+def test_a_scale_moves_through_a_crop_that_keeps_every_channel():
+    model = _random(CropThenScale())
+    folded = fold_matches(model, fresh_input(2, 5, 6, 6), fresh_input(3, 5, 6, 6, seed=2))
+    left = stored_multiplies(folded, fresh_input(3, 5, 6, 6, seed=3))
+    assert left == ["part"]  # the crop of channels keeps its scale

@@ -1,7 +1,8 @@
 """Layout views: ops that only move data, and where a channel axis goes through them.
 
 :func:`layout_source_axis` recognises ``flatten``, ``permute``, ``transpose``, ``view``,
-``reshape`` (methods, and the ``torch.`` functions) and ``contiguous``, and maps the channel
+``reshape`` (methods, and the ``torch.`` functions), ``contiguous`` and basic indexing
+(``x[:, :H, :W, :]``, a crop that takes the channel axis whole), and maps the channel
 axis of the output back to the axis of the input that holds it whole (counted from the right);
 a per-channel affine then commutes with the op: ``a(layout(x)) = layout(a'(x))``. Layout ops
 only move data: ``x.view(dtype)`` (a bitcast, which reinterprets the bits) and casts are not
@@ -11,6 +12,7 @@ layout ops, and a ``view`` / ``reshape`` is read only where the shapes are known
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -39,11 +41,8 @@ def layout_source_axis(
 
     A per-channel affine then commutes with ``node``: ``a(layout(x)) = layout(a'(x))``.
     """
-    if node.op == "call_method" and node.target in _LAYOUT_METHODS:
-        kind = node.target
-    elif node.op == "call_function" and node.target in _LAYOUT_FUNCS:
-        kind = _LAYOUT_FUNCS[node.target]
-    else:
+    kind = _layout_kind(node, axis)
+    if kind is None:
         return None
     x = node.args[0] if node.args else None
     if not isinstance(x, fx.Node) or not _moves_data_only(node, kind, x):
@@ -56,6 +55,16 @@ def layout_source_axis(
     pos = axis + r_out  # positive axis in the output
     source = _source_position(node, kind, pos, r_in, r_out)
     return None if source is None else (x, source - r_in)
+
+
+def _layout_kind(node: fx.Node, axis: int | None) -> str | None:
+    if node.op == "call_method" and node.target in _LAYOUT_METHODS:
+        return node.target
+    if node.op == "call_function" and node.target in _LAYOUT_FUNCS:
+        return _LAYOUT_FUNCS[node.target]
+    if node.op == "call_function" and node.target is operator.getitem and axis is not None:
+        return "getitem"  # (a crop: only with the channel axis known, and taken whole)
+    return None
 
 
 def _moves_data_only(node: fx.Node, kind: str, x: fx.Node) -> bool:
@@ -89,6 +98,8 @@ def _source_position(node: fx.Node, kind: str, pos: int, r_in: int, r_out: int) 
         return _transpose_source(node, pos, r_in)
     if kind == "flatten":
         return _flatten_source(node, pos, r_in)
+    if kind == "getitem":
+        return _getitem_source(node, pos, r_in, r_out)
     return _reshape_source(node, pos)
 
 
@@ -123,6 +134,42 @@ def _flatten_source(node: fx.Node, pos: int, r_in: int) -> int | None:
     if pos > start:
         return pos + (end - start)
     return pos if start == end else None
+
+
+def _getitem_source(node: fx.Node, pos: int, r_in: int, r_out: int) -> int | None:
+    """``x[index]`` with basic indexing (slices, integers, ``None``, ``...``): output axis
+    ``pos`` is the input axis it comes from when the index takes that axis whole (``:``) —
+    a crop of the other axes (``x[:, :H, :W, :]``) keeps every channel."""
+    entries = _basic_index(node.args[1], r_in)
+    if entries is None:
+        return None
+    axis_in = axis_out = 0
+    for entry in entries:
+        if entry is None:  # a new axis of size 1
+            axis_out += 1
+            continue
+        if axis_out == pos and type(entry) is slice:
+            whole = entry == slice(None) or entry == slice(None, None, 1)
+            return axis_in if whole else None
+        axis_in += 1
+        axis_out += type(entry) is slice  # (an integer removes its axis)
+    return None
+
+
+def _basic_index(index: Any, r_in: int) -> list[Any] | None:
+    """A basic index as one entry per input axis (``...`` and the missing trailing axes
+    become ``:``), ``None`` entries for new axes; ``None`` for advanced indexing (tensors,
+    lists, booleans) or an index longer than the input's rank."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(i is None or i is Ellipsis or type(i) in (int, slice) for i in index):
+        return None
+    consuming = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if index.count(Ellipsis) > 1 or consuming > r_in:
+        return None
+    entries: list[Any] = []
+    for i in index:
+        entries += [slice(None)] * (r_in - consuming) if i is Ellipsis else [i]
+    return entries + [slice(None)] * (r_in - sum(1 for i in entries if i is not None))
 
 
 def _reshape_source(node: fx.Node, pos: int) -> int | None:
