@@ -1,11 +1,12 @@
 """The test suite's two speeds.
 
 * ``pytest`` — the fast loop: every test not marked ``slow``, property tests at the ``fast``
-  Hypothesis profile (10 examples), the fuzzer at 50 models. About 3 minutes on 2 cores.
-* ``pytest --full -n 2`` — the full suite, on two cores (pytest-xdist): the ``slow`` tests too
-  (real timm / torchvision / ultralytics models, the training example, full-size reference
-  models), property tests at the ``ci`` profile (40 examples) and the fuzzer's 2,000 models.
-  About 11 minutes on 2 cores.
+  Hypothesis profile (10 examples), the fuzzer at 50 models. About 2 minutes on 2 cores (the
+  suite runs on both by default: ``-n 2`` in pyproject.toml; ``-n 0`` for one process).
+* ``pytest --full`` — the full suite: the ``slow`` tests too (real timm / torchvision /
+  ultralytics / transformers models, the training example, full-size reference models),
+  property tests at the ``ci`` profile (40 examples) and the fuzzer's 2,000 models. About 13
+  minutes on 2 cores.
 
 ``HYPOTHESIS_PROFILE=<name>`` picks a profile explicitly (``tests/profiles.py`` lists them);
 ``-m EXPR`` selects tests explicitly.

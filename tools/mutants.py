@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mutants_list import MUTANTS, Mutant
 
 ROOT = Path(__file__).resolve().parent.parent
-PYTEST = ("-m", "pytest", "-x", "-q", "-p", "no:cacheprovider")
+PYTEST = ("-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0")  # (--jobs parallelises)
 FAST_SUITE = (
     "tests/",
     "--ignore=tests/test_fuzz.py",
