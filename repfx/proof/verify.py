@@ -222,16 +222,16 @@ class _Float64Recheck:
         )
         self.inputs64 = float64_inputs(inputs)
         self.model64 = copy_model(model).double()
-        self.truth = _leaves_of(run(self.model64, self.inputs64))
+        self.truth = output_tensors(run(self.model64, self.inputs64))
         if not self.low_precision:  # a float64 model: the fold is its own float64 fold
             self.fold64, self.weights64 = self.actual, None
             return
-        self.fold64 = _leaves_of(run(refold(self.model64), self.inputs64))
+        self.fold64 = output_tensors(run(refold(self.model64), self.inputs64))
         if len(self.fold64) != len(self.truth):
             raise ValueError(f"the float64 fold returns {len(self.fold64)} tensors")
         # the folded weights, as stored in the model's dtype, evaluated in float64: what storing
         # any fold (a hand-written one too) in that dtype costs
-        self.weights64 = _leaves_of(run(copy_model(folded).double(), self.inputs64))
+        self.weights64 = output_tensors(run(copy_model(folded).double(), self.inputs64))
 
     def judge(self, i: int, c: OutputComparison) -> OutputComparison:
         """``c`` (output ``i``, which missed its tolerance) re-judged against float64 truth."""
@@ -294,7 +294,7 @@ class _Float64Recheck:
         """Does the float64 original compute the same outputs when run again? (A model with
         state that changes on every call moves under any perturbation — and without one.)"""
         if self._deterministic is None:
-            again = _leaves_of(run(copy_model(self.model64), self.inputs64))
+            again = output_tensors(run(copy_model(self.model64), self.inputs64))
             self._deterministic = len(again) == len(self.truth) and all(
                 a.shape == t.shape and bool(((a == t) | (a.isnan() & t.isnan())).all())
                 for a, t in zip(again, self.truth, strict=True)
@@ -336,7 +336,7 @@ def float64_sensitivity(
     worst = [0.0] * len(truth)
     for _ in range(trials):
         perturbed = _perturb_(copy_model(model64), generator)
-        moved = _leaves_of(run(perturbed, inputs64))
+        moved = output_tensors(run(perturbed, inputs64))
         for i, (m, t) in enumerate(zip(moved, truth, strict=True)):
             worst[i] = max(worst[i], _rel(m, t))
     return worst
@@ -368,10 +368,6 @@ def _replace(
 
 
 # ------------------------------------------------------------------ running
-
-
-def _leaves_of(outputs: object) -> list[torch.Tensor]:
-    return output_tensors(outputs)
 
 
 def _to_float64(x: object) -> object:

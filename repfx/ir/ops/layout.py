@@ -99,7 +99,7 @@ def _source_position(node: fx.Node, kind: str, pos: int, r_in: int, r_out: int) 
     if kind == "flatten":
         return _flatten_source(node, pos, r_in)
     if kind == "getitem":
-        return _getitem_source(node, pos, r_in, r_out)
+        return _getitem_source(node, pos, r_in)
     return _reshape_source(node, pos)
 
 
@@ -136,7 +136,7 @@ def _flatten_source(node: fx.Node, pos: int, r_in: int) -> int | None:
     return pos if start == end else None
 
 
-def _getitem_source(node: fx.Node, pos: int, r_in: int, r_out: int) -> int | None:
+def _getitem_source(node: fx.Node, pos: int, r_in: int) -> int | None:
     """``x[index]`` with basic indexing (slices, integers, ``None``, ``...``): output axis
     ``pos`` is the input axis it comes from when the index takes that axis whole (``:``) —
     a crop of the other axes (``x[:, :H, :W, :]``) keeps every channel."""
