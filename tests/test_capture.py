@@ -342,3 +342,76 @@ def test_a_tensor_handed_to_code_that_writes_it_never_becomes_an_alias():
     assert any("code that may write to it" in r for r in reasons), reasons
     for sign in (1.0, -1.0):  # the leaf writes, and does not
         assert_equivalent(model, folded, (sign * torch.rand(3, 3, 4, 4) + sign,))
+
+
+class VarArgsForward(nn.Module):
+    """``forward(x, *args, **kwargs)`` (ultralytics' models): ``torch.fx`` cannot iterate a
+    proxy for ``*args``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x, *args, **kwargs):
+        for extra in args:
+            x = x + extra
+        return self.body(x) * kwargs.get("scale", 1.0)
+
+
+def test_varargs_left_empty_by_the_example_are_traced_empty():
+    model = randomise_(VarArgsForward(), torch.Generator().manual_seed(0)).eval()
+    folded = repfx.fold(model, (torch.randn(1, 3, 8, 8),), capture="fx")
+    assert folded.meta[repfx.REPORT_KEY].counts().get("fold_bn") == 1
+    assert_equivalent(model, folded, (torch.randn(3, 3, 8, 8),))
+    with pytest.raises(TypeError):  # folded as forward(x): never silently ignored
+        folded(torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))
+
+
+class SplitThenLoop(nn.Module):
+    """A split whose parts a loop or ``list`` takes (ultralytics' ``C2f``:
+    ``y = list(x.chunk(2, 1)); y.extend(m(y[-1]) for m in self.m)``)."""
+
+    def __init__(self, spelling: str, channels: int = 6):
+        super().__init__()
+        self.spelling = spelling
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 1), nn.BatchNorm2d(channels))
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(channels // 2, 3, 3, padding=1), nn.BatchNorm2d(3))]
+        )
+
+    def parts(self, y):
+        if self.spelling == "chunk":
+            return list(y.chunk(2, 1))
+        if self.spelling == "torch.chunk":
+            return [t for t in torch.chunk(y, chunks=2, dim=1)]
+        if self.spelling == "split":
+            return list(y.split([3, 3], dim=1))
+        return list(torch.tensor_split(y, 2, dim=1))
+
+    def forward(self, x):
+        y = self.parts(self.stem(x))
+        y.extend(block(y[-1]) for block in self.blocks)
+        return torch.cat(y, 1)
+
+
+@pytest.mark.parametrize("spelling", ["chunk", "torch.chunk", "split", "tensor_split"])
+def test_a_split_into_a_known_number_of_parts_is_traced_through(spelling):
+    model = randomise_(SplitThenLoop(spelling), torch.Generator().manual_seed(0)).eval()
+    folded = repfx.fold(model, (torch.randn(1, 3, 8, 8),), capture="fx")
+    report = folded.meta[repfx.REPORT_KEY]
+    assert not report.opaque_modules
+    assert report.counts().get("fold_bn") == 2
+    assert_equivalent(model, folded, (torch.randn(3, 3, 8, 8),))
+
+
+def test_a_chunk_into_fewer_parts_than_asked_is_never_silent():
+    """``chunk(2)`` of a one-channel axis gives one part: the traced second part raises."""
+    model = randomise_(SplitThenLoop("chunk", channels=2), torch.Generator().manual_seed(0))
+    model.stem = nn.Sequential(nn.Conv2d(3, 1, 1), nn.BatchNorm2d(1))
+    model.blocks[0] = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3))
+    model.eval()
+    folded = repfx.fold(model, (torch.randn(1, 3, 8, 8),))  # auto: the graph fails, runs as is
+    assert_equivalent(model, folded, (torch.randn(3, 3, 8, 8),))
+    traced = repfx.fold(model, capture="fx", verify=False)
+    with pytest.raises(IndexError):
+        traced(torch.randn(1, 3, 8, 8))

@@ -42,6 +42,28 @@ def test_ultralytics_yolo_folds_every_batch_norm_exactly(config):
         assert_same_leaves(folded(fresh), model(fresh))
 
 
+@pytest.mark.parametrize("config", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_ultralytics_yolo_captured_by_fx_leaves_no_batch_norm(config):
+    """``forward(x, *args, **kwargs)`` called with ``x`` is traced with empty ``*args`` /
+    ``**kwargs``, and ``C2f`` / ``C3k2``'s ``list(x.chunk(2, 1))`` as two parts: only the
+    ``Detect`` head (control flow on its input's shape) stays opaque, folded inside."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = float64_model(DetectionModel(config, verbose=False))
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    folded = repfx.fold(model, x, capture="fx")
+    opaque = folded.meta[repfx.REPORT_KEY].opaque_modules
+    assert [type(folded.get_submodule(path)).__name__ for path in opaque] == ["Detect"]
+    assert batch_norms(folded) == 0
+    g = torch.Generator().manual_seed(1)
+    fresh = torch.rand(3, 3, 64, 64, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        assert_same_leaves(folded(fresh), model(fresh))
+    with pytest.raises(TypeError):  # the fold is of forward(x): an extra argument is refused
+        folded(fresh, True)
+
+
 class _PredictOnce(nn.Module):
     """ultralytics' model loop as a plain ``forward(x)``: torch.fx traces the loop, and the
     ``C2f`` / ``C3k2`` / ``Detect`` layers run opaque (they read their ``ModuleList`` s as

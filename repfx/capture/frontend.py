@@ -126,8 +126,11 @@ def _graph_failure(model: nn.Module, error: ExampleInputError) -> str:
 
 
 def unsupplied_defaults(model: nn.Module, inputs: tuple | None) -> dict[str, Any]:
-    """The parameters of ``model.forward`` after the ``inputs`` given that have a default
-    (``forward(x, mask=None)`` called with ``x``): the fold is of the model called that way."""
+    """The parameters of ``model.forward`` the ``inputs`` given leave at their defaults, keyed
+    as ``torch.fx`` names them: ``forward(x, mask=None)`` called with ``x`` gives ``mask: None``,
+    ``forward(x, *args, **kwargs)`` gives ``*args: ()`` and ``**kwargs: {}``. The fold is of
+    the model called that way; the folded module's ``forward`` takes the ``inputs`` given (an
+    extra argument is then a ``TypeError``, never silently ignored)."""
     if inputs is None:
         return {}
     try:
@@ -137,7 +140,13 @@ def unsupplied_defaults(model: nn.Module, inputs: tuple | None) -> dict[str, Any
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if any(p.kind == p.VAR_POSITIONAL for p in parameters) and len(inputs) > len(positional):
         return {}
-    return {p.name: p.default for p in positional[len(inputs) :] if p.default is not p.empty}
+    defaults = {p.name: p.default for p in positional[len(inputs) :] if p.default is not p.empty}
+    for p in parameters:
+        if p.kind == p.VAR_POSITIONAL:
+            defaults["*" + p.name] = ()
+        elif p.kind == p.VAR_KEYWORD:
+            defaults["**" + p.name] = {}
+    return defaults
 
 
 def _exported(

@@ -33,7 +33,7 @@ What the tracer decides, and why (each is exact, or refuses):
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -93,6 +93,15 @@ class _FaithfulProxy(fx.Proxy):
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+    def __len__(self) -> int:
+        """The number of parts of a split whose arguments fix it (``split([2, 3])``). Any other
+        length is unknown while tracing: a ``TypeError``, on which ``list(proxy)`` goes on to
+        iterate (:meth:`_FallbackTracer.iter`)."""
+        count = split_count(self.node)
+        if count is None or _split_name(self.node) == "chunk":  # (may split into fewer)
+            raise TypeError(f"the length of {self.node.name} is not known while tracing")
+        return count
 
 
 def _augmented(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
@@ -154,13 +163,29 @@ class _FallbackTracer(fx.Tracer):
             self._names_of = (self.root, names)
         return self._names_of[1]
 
+    def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
+        """``list(x.chunk(2, 1))``, ``for t in x.split([2, 3])``: a split into at most ``n``
+        parts iterates as ``n`` indexed parts (``torch.fx`` traces only tuple unpacking). Where
+        the tensor splits into fewer (``chunk`` of a short axis), the missing part's index
+        raises ``IndexError`` when the graph runs, never silently."""
+        count = split_count(obj.node)
+        if count is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(count)])
+
     def create_args_for_root(
         self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
     ) -> tuple[Callable[..., Any], list[Any]]:
         """As ``fx.Tracer.create_args_for_root``; an output holding containers ``torch.fx``
         would rebuild as their base types (a ``ModelOutput``, an ``OrderedDict``) is traced as
-        its leaves, and the graph's code rebuilds the containers (:mod:`.outputs`)."""
+        its leaves, and the graph's code rebuilds the containers (:mod:`.outputs`).
+
+        ``*args`` / ``**kwargs`` named in ``concrete_args`` (as ``"*args": ()``) are traced as
+        those empty values rather than as proxies (which ``torch.fx`` cannot iterate), and
+        the graph takes no such argument."""
+        concrete_args, empty_varargs = _split_varargs(concrete_args)
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        args = [_empty_if_named(a, empty_varargs) for a in args]
 
         def traced(*inputs: Any) -> Any:
             out = fn(*inputs)
@@ -208,6 +233,59 @@ class _FallbackTracer(fx.Tracer):
             if node is last_node:
                 break
             self.graph.erase_node(node)
+
+
+_SPLITS = {"chunk", "split", "tensor_split"}
+_PART_KEYWORDS = {"chunks", "split_size", "split_size_or_sections", "sections", "indices"}
+
+
+def _split_name(node: fx.Node) -> str | None:
+    """``"chunk"`` for ``x.chunk(...)`` and ``torch.chunk(x, ...)``; likewise the other splits."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", None)
+    else:
+        return None
+    return name if name in _SPLITS else None
+
+
+def split_count(node: fx.Node) -> int | None:
+    """The most parts ``node`` (a ``chunk`` / ``split`` / ``tensor_split`` call) splits into,
+    where its arguments fix it: ``chunk(n)`` at most ``n``, ``split([a, b])`` 2,
+    ``tensor_split(n)`` ``n``, ``tensor_split([i, j])`` 3. ``None`` where the count depends on a
+    size (``split(2)``) or the node splits nothing."""
+    name = _split_name(node)
+    if name is None:
+        return None
+    named = [v for k, v in node.kwargs.items() if k in _PART_KEYWORDS]
+    parts = node.args[1] if len(node.args) > 1 else next(iter(named), None)
+    if isinstance(parts, (list, tuple)) and all(isinstance(p, int) for p in parts):
+        return len(parts) + (name == "tensor_split")
+    if isinstance(parts, int) and not isinstance(parts, bool) and name != "split":
+        return parts
+    return None
+
+
+def _split_varargs(concrete_args: Any) -> tuple[Any, dict[str, Any]]:
+    """``concrete_args`` without its ``*args`` / ``**kwargs`` entries, and those entries."""
+    if not isinstance(concrete_args, dict):
+        return concrete_args, {}
+    starred = {k: v for k, v in concrete_args.items() if k.startswith("*")}
+    rest = {k: v for k, v in concrete_args.items() if not k.startswith("*")}
+    return (rest or None), starred
+
+
+def _empty_if_named(arg: Any, empty_varargs: dict[str, Any]) -> Any:
+    """The value ``empty_varargs`` gives the placeholder ``arg`` traces (erasing the
+    placeholder), or ``arg``."""
+    node = getattr(arg, "node", None)
+    if not isinstance(node, fx.Node) or node.op != "placeholder":
+        return arg
+    if node.target not in empty_varargs:
+        return arg
+    node.graph.erase_node(node)
+    return empty_varargs[node.target]
 
 
 def capture(
