@@ -7,6 +7,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import repfx
@@ -93,30 +94,42 @@ def batch_norms(folded: nn.Module) -> int:
 
 
 class _StoredMultiplies(TorchDispatchMode):
-    """Records each dispatched multiply (``mul``, ``div``, ``addcmul``) whose operand is a
-    parameter or buffer of ``module`` holding more than one element (a per-channel constant;
-    scalars such as StarReLU's are not counted)."""
+    """Records each dispatched multiply (``mul``, ``div``, ``addcmul``) by a per-channel
+    constant of ``module``: a parameter or buffer holding more than one element, or a tensor
+    computed from such tensors alone on this run (``exp(logit_scale.clamp(...))``, which a
+    fold may store instead). Scalars, such as StarReLU's, are not counted. A computed constant
+    is named after the tensors it is computed from."""
 
     _OPS = {"mul", "mul_", "div", "div_", "addcmul", "addcmul_"}
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        self.names = {}
+        self.names: dict[int, str] = {}
         for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            if t.numel() > 1:
-                self.names.setdefault(t.untyped_storage().data_ptr(), name)
+            self.names.setdefault(t.untyped_storage().data_ptr(), name)
+        self.computed: list[torch.Tensor] = []  # kept alive: their storage is never reused
         self.found: list[str] = []
 
+    def _name(self, t: object) -> str | None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return None
+        return self.names.get(t.untyped_storage().data_ptr())
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        names = [self._name(a) for a in tensors]
         if func.overloadpacket.__name__ in self._OPS:
-            stored = [
-                self.names[a.untyped_storage().data_ptr()]
-                for a in args
-                if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.names
-            ]
+            pairs = zip(tensors, names, strict=True)
+            stored = [n for a, n in pairs if n is not None and a.numel() > 1]
             if stored:
                 self.found.append(",".join(stored))
-        return func(*args, **(kwargs or {}))
+        elif tensors and None not in names:  # computed from stored tensors alone
+            for result in pytree.tree_leaves(out):
+                if isinstance(result, torch.Tensor) and self._name(result) is None:
+                    self.names[result.untyped_storage().data_ptr()] = ",".join(dict.fromkeys(names))
+                    self.computed.append(result)
+        return out
 
 
 def stored_multiplies(module: nn.Module, *inputs: torch.Tensor) -> list[str]:

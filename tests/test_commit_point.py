@@ -17,6 +17,7 @@ from torch import fx, nn
 
 import repfx
 from repfx import algebra
+from repfx.ir.graph import MUTATED_KEY
 from repfx.passes import (
     FoldBatchNorm,
     PassError,
@@ -27,7 +28,7 @@ from repfx.passes import (
 from repfx.passes import _absorb as absorb_module
 from repfx.passes.base import RewriteRejected, apply_rule
 from repfx.passes.rewrite import GraphSurgeryError, replace_node
-from repfx.proof.validate import MUTATED_KEY, probe_sizes
+from repfx.proof.validate import probe_sizes
 from repfx.report.fold_report import Folded
 from repfx.testing import assert_close
 
@@ -174,7 +175,7 @@ def test_probe_sizes_cover_the_widest_window_and_both_parities():
     model = nn.Sequential(nn.Conv2d(2, 2, 5, stride=3, padding=2), nn.BatchNorm2d(2)).eval()
     gm = traced(model)
     from repfx.ir.graph import ConstantFolder
-    from repfx.proof.validate import collect_region
+    from repfx.proof.region import collect_region
 
     nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
     region = collect_region([nodes[1]], [nodes[0].args[0]], ConstantFolder(gm))

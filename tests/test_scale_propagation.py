@@ -296,3 +296,96 @@ def test_a_scale_moves_through_a_crop_that_keeps_every_channel():
     folded = fold_matches(model, fresh_input(2, 5, 6, 6), fresh_input(3, 5, 6, 6, seed=2))
     left = stored_multiplies(folded, fresh_input(3, 5, 6, 6, seed=3))
     assert left == ["part"]  # the crop of channels keeps its scale
+
+
+class DeepThenCrop(nn.Module):
+    """hieradet's window un-partition: a crop whose bounds are the block input's spatial size
+    (``x.shape[1:3]``), read after a deep stack of ops; the linear the scale moves into reads
+    a norm of that input, not the input itself."""
+
+    def __init__(self, c: int = 6, depth: int = 220):
+        super().__init__()
+        self.depth = depth
+        self.norm = nn.LayerNorm(c)
+        self.proj = nn.Linear(c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):  # x: (B, H, W, C)
+        for _ in range(self.depth):  # 2 · depth ops before the block: more than a proof takes
+            x = x + torch.tanh(x)
+        h, w = x.shape[1:3]
+        padded = F.pad(self.norm(x), (0, 0, 0, 1, 0, 2))
+        return x + self.gamma * self.proj(padded)[:, :h, :w, :]
+
+
+def test_a_crop_bounded_by_a_shape_read_far_upstream_lets_the_scale_through():
+    model = _random(DeepThenCrop())
+    folded = fold_matches(model, fresh_input(2, 5, 6, 6), fresh_input(3, 4, 7, 6, seed=2))
+    assert stored_multiplies(folded, fresh_input(3, 5, 6, 6, seed=3)) == []
+
+
+def _effective_se(x, fc):  # timm's EffectiveSEModule
+    return x * F.hardsigmoid(fc(x.mean((2, 3), keepdim=True)))
+
+
+def _squeeze_excite(x, fc, reduce):  # the classic SE: pool, reduce, relu, expand, sigmoid
+    return torch.mul(torch.sigmoid(fc(torch.relu(reduce(F.adaptive_avg_pool2d(x, 1))))), x)
+
+
+class GatedThenScaled(nn.Module):
+    """``γ ⊙ (a ⊙ gate(a))`` with ``a = conv(x)`` (rdnet's dense block: a conv, an excitation
+    gate, a layer scale, then a concat): ``γ`` moves into the conv, and the gate's first
+    conv undoes it on its input side, so the gate computes what it did."""
+
+    def __init__(self, spelling: str, c: int = 6):
+        super().__init__()
+        self.spelling = spelling
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.reduce = nn.Conv2d(c, 3, 1)
+        self.fc = nn.Conv2d(c if spelling == "effective_se" else 3, c, 1)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        a = self.conv(x)
+        if self.spelling == "effective_se":
+            gated = _effective_se(a, self.fc)
+        elif self.spelling == "squeeze_excite":
+            gated = _squeeze_excite(a, self.fc, self.reduce)
+        else:  # "square": a ⊙ a, where both factors would take the scale
+            gated = a * a
+        return torch.cat([x, gated * self.gamma.view(1, -1, 1, 1)], 1)
+
+
+@pytest.mark.parametrize("spelling", ["effective_se", "squeeze_excite"])
+def test_a_scale_after_a_gate_moves_into_the_conv_and_the_gate_undoes_it(spelling):
+    model = _random(GatedThenScaled(spelling))
+    folded = fold_matches(model, fresh_input(2, 6, 5, 5), fresh_input(3, 6, 6, 7, seed=2))
+    assert stored_multiplies(folded, fresh_input(1, 6, 5, 5)) == []
+    details = " ".join(f.detail for f in folded.meta["repfx_report"].folded)
+    assert "undone in the input of conv" in details
+
+
+def test_a_scale_does_not_move_into_both_factors_of_a_product():
+    model = _random(GatedThenScaled("square"))
+    folded = fold_matches(model, fresh_input(2, 6, 5, 5), fresh_input(3, 6, 6, 7, seed=2))
+    assert stored_multiplies(folded, fresh_input(1, 6, 5, 5)) == ["gamma"]
+    assert "multiplies two values that take the scale" in _reasons(folded)
+
+
+def test_a_scale_does_not_cross_a_gate_that_reads_the_value_through_a_nonlinearity():
+    """``γ ⊙ (a ⊙ σ(a))`` (SiLU spelled out): σ reads ``a`` unscaled, and nothing undoes it."""
+
+    class SiluThenScale(nn.Module):
+        def __init__(self, c: int = 6):
+            super().__init__()
+            self.conv = nn.Conv2d(c, c, 1)
+            self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+        def forward(self, x):
+            a = self.conv(x)
+            return self.gamma * (a * torch.sigmoid(a))
+
+    model = _random(SiluThenScale())
+    folded = fold_matches(model, fresh_input(2, 6, 5, 5), fresh_input(3, 6, 6, 7, seed=2))
+    assert stored_multiplies(folded, fresh_input(1, 6, 5, 5)) == ["gamma"]
+    assert "needs it unscaled" in _reasons(folded)

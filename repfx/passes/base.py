@@ -42,7 +42,8 @@ from ..ir.graph import (
 )
 from ..ir.match import Fail
 from ..proof.aliasing import aliasing_failure
-from ..proof.validate import ValidationFailure, prove_before
+from ..proof.region import ValidationFailure
+from ..proof.validate import prove_before
 from ..report.fold_report import Folded, Skipped
 from .rewrite import RewriteRefused, committing
 

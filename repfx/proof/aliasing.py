@@ -19,7 +19,8 @@ from torch import fx
 
 from ..ir.graph import HANDED_KEY, ConstantFolder, fetch_attr
 from ..ir.match import Fail
-from .validate import Probe, Region, collect_region, evaluate
+from .region import Region, collect_region
+from .validate import Probe, evaluate
 
 
 def aliasing_failure(

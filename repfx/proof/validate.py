@@ -10,7 +10,8 @@ module, in three steps:
    the region, with their current values. Any other value the region reads — a placeholder,
    a parameter that arrives as a graph input, a weight computed from an activation — is an
    *operand*: it gets random probe values like an input, so the proof holds for every value it
-   may take.
+   may take. So is a value the region reads only the shape of (a crop bound ``x.shape[1]``)
+   and does not compute itself.
 2. **Probes.** Each input and operand gets a shape: its recorded shape when shapes were
    propagated (``tensor_meta``, or the fake tensor dynamo / export attach), first with the
    non-channel dimensions shrunk to small sizes; otherwise shapes guessed from the region's
@@ -37,8 +38,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,16 +47,11 @@ from torch import fx, nn
 from torch.func import functional_call
 
 from ..errors import one_line
-from ..ir.graph import (
-    MUTATED_KEY,
-    RANK_KEY,
-    ConstantFolder,
-    fetch_attr,
-    static_shape,
-)
+from ..ir.graph import RANK_KEY, ConstantFolder, static_shape
 from ..ir.match import Fail
 from ..ir.norms import NORM_MODULES
 from ..ir.ops import avg_pool_settings
+from .region import Region, ValidationFailure, collect_region
 from .tolerances import rewrite_tolerance
 
 _CONV_FUNCTIONS = {
@@ -64,62 +60,8 @@ _CONV_FUNCTIONS = {
     torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d,
     torch.nn.functional.avg_pool3d, torch.nn.functional.max_pool2d,
 }  # fmt: skip
-MAX_REGION_NODES = 400  # a region this large means a pass named the wrong inputs
 PROBE_BATCHES = (2, 1)  # batch > 1 in one probe; the other is cheaper
 MIN_PROBE_EXTENT = 3  # the smallest spatial probe size: a first, a middle and a last position
-
-
-class ValidationFailure(Exception):
-    """The old region cannot be evaluated (no probe runs it): the rewrite cannot be proven."""
-
-
-@dataclass
-class Region:
-    """Ops between ``inputs`` / ``operands`` and ``outputs``, in topological order."""
-
-    outputs: list[fx.Node]
-    inputs: list[fx.Node]  # declared by the pass, or values the region reads from outside
-    ops: list[fx.Node]  # computed nodes (including constant expressions), inputs first
-    constants: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
-
-
-def collect_region(
-    outputs: Sequence[fx.Node], stops: Iterable[fx.Node], consts: ConstantFolder
-) -> Region:
-    """Walk back from ``outputs`` to ``stops``; everything in between is the region."""
-    stops = list(dict.fromkeys(stops))
-    stop_set = set(stops)
-    order: list[fx.Node] = []
-    inputs: list[fx.Node] = [s for s in stops]
-    constants: dict[fx.Node, torch.Tensor] = {}
-    seen: set[fx.Node] = set()
-    stack: list[tuple[fx.Node, bool]] = [(o, False) for o in reversed(outputs)]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.meta.get(MUTATED_KEY):
-            raise ValidationFailure(f"{node.name} is mutated in place")
-        if node in stop_set:
-            continue
-        value = consts.value(node) if node.op != "placeholder" else None
-        if value is not None:
-            constants[node] = value
-            continue
-        if node.op in ("placeholder", "output") or (
-            node.op == "get_attr" and not isinstance(fetch_attr(consts.gm, node.target), nn.Module)
-        ):
-            inputs.append(node)  # an operand: a graph input, or a non-tensor attribute
-            continue
-        if len(seen) > MAX_REGION_NODES:
-            raise ValidationFailure(f"region exceeds {MAX_REGION_NODES} nodes")
-        stack.append((node, True))
-        stack.extend((n, False) for n in reversed(node.all_input_nodes))
-    return Region(list(outputs), inputs, order, constants)
 
 
 # ----------------------------------------------------------------------------- evaluation
