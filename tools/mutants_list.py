@@ -38,6 +38,7 @@ ALGEBRA = "repfx/algebra"
 OPS = "repfx/ir/ops"  # a module or a package: see tools/mutants.py, places()
 GRAPH = "repfx/ir/graph"
 VALIDATE = "repfx/proof/validate.py"
+REGION = "repfx/proof/region.py"
 VERIFY = "repfx/proof/verify.py"
 TOLERANCES = "repfx/proof/tolerances.py"
 ABSORB = "repfx/passes/_absorb.py"
@@ -1144,7 +1145,7 @@ PASS_MUTANTS: tuple[Mutant, ...] = (
 CHECK_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "commit-ignores-mutated-region",
-        VALIDATE,
+        REGION,
         "        if node.meta.get(MUTATED_KEY):\n"
         '            raise ValidationFailure(f"{node.name} is mutated in place")\n',
         "",
