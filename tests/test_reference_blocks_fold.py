@@ -14,6 +14,7 @@ from torch import nn
 import repfx
 from repfx.ir.op_kinds import op_counts
 from repfx.models import ACBlock, DBBlock, MobileOneBlock, RepVGGBlock, create
+from repfx.proof.verify import float64_inputs
 from repfx.testing import assert_equivalent
 
 
@@ -30,7 +31,12 @@ def _check_against_deploy(model: nn.Module, x: torch.Tensor) -> None:
     # (a 1×1 depthwise conv, BN, identity) becomes a per-channel affine, cheaper than its conv
     assert counts["conv"] + counts["channel_affine"] == _convs(deploy)
     assert counts["batch_norm"] == 0
-    assert_equivalent(deploy, folded, (x,))
+    # the same function: both against the original, each within its own rounding (the two
+    # float32 folds may differ from each other by both roundings; the float64 fold explains
+    # an output that misses the tolerance)
+    x64 = float64_inputs((x,))
+    assert_equivalent(model, folded, (x,), lambda m64: repfx.fold(m64, x64, verify=False))
+    assert_equivalent(model, deploy, (x,), lambda m64: copy.deepcopy(m64).switch_to_deploy())
 
 
 def test_repvgg_tiny_folds_like_its_deploy_form():
@@ -98,7 +104,7 @@ def block_chains(draw):
 @given(block_chains(), st.integers(10, 14))
 def test_random_nets_of_reference_blocks_fold_like_their_deploy_form(chain, size):
     model, _ = chain
-    x = torch.randn(2, _in_channels(model), size, size)
+    x = torch.randn(2, _in_channels(model), size, size, generator=torch.Generator().manual_seed(1))
     _check_against_deploy(model, x)
 
 
