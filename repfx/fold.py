@@ -18,6 +18,8 @@ from .capture import (
     ExampleInputError,
     capture_with_shapes,
     export_program,
+    insert_rank_guards,
+    rank_guards,
     record_child_inputs,
 )
 from .errors import Error, TrainingModeError, one_line
@@ -214,6 +216,7 @@ def _fold_copy(
     """Fold ``work`` (repfx's own copy, mutated freely) and record into ``report``."""
     gm, opaque = capture_with_shapes(work, inputs, capture, report)
     annotate_ranks(gm)
+    guards = rank_guards(gm, shapes_recorded=inputs is not None)
     if not prefix:
         report.before = GraphStats.of(gm, work)
         report.before_sketch = GraphSketch.of(gm)
@@ -232,6 +235,8 @@ def _fold_copy(
         forget_annotations(gm)
         report.after = GraphStats.of(gm)
         report.after_sketch = GraphSketch.of(gm)
+    insert_rank_guards(gm, guards)  # (after the statistics: a guard computes nothing)
+    gm.recompile()
     return gm
 
 

@@ -32,6 +32,7 @@ from .frontend import (
 from .fx import capture
 from .inplace import functionalize
 from .opaque import child_reason, descent_reason, has_own_forward
+from .rank_guards import RankGuard, insert_rank_guards, rank_guards
 from .shapes import drop_no_op_dtype_guards, propagate_shapes
 from .torch_export import export_program
 
@@ -40,6 +41,7 @@ __all__ = [
     "CAPTURE_MODES",
     "CaptureError",
     "ExampleInputError",
+    "RankGuard",
     "capture",
     "capture_model",
     "capture_with_shapes",
@@ -50,7 +52,9 @@ __all__ = [
     "export_program",
     "functionalize",
     "has_own_forward",
+    "insert_rank_guards",
     "propagate_shapes",
+    "rank_guards",
     "record_child_inputs",
     "record_inputs",
 ]

@@ -42,6 +42,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.nn.utils import parametrizations, parametrize
 
 from ..errors import CaptureError, one_line
+from ..ir.graph import require_rank
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
 from .outputs import RestoreOutputContainers, flat_output
@@ -128,7 +129,7 @@ class _FallbackTracer(fx.Tracer):
     tracing (see :func:`capture`)."""
 
     def __init__(self, proxy_buffers: bool = False) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=(require_rank,))  # (a folded module's guards)
         self.opaque: dict[str, str] = {}
         self.proxy_buffer_attributes = proxy_buffers
 

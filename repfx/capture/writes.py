@@ -40,6 +40,7 @@ from ..ir.graph import (
     is_torch_callable,
     module_of,
     reads_only_shape,
+    require_rank,
     writes_in_place,
 )
 from ..ir.norms import NORM_FUNCTIONS, NORM_MODULES
@@ -401,7 +402,7 @@ def _known_callable(target: Any) -> bool:
     """A torch / ``torch.Tensor`` / ``operator`` callable, whose writes show in its name or
     arguments (``add_``, ``out=``, ``inplace=True``), a builtin, or :func:`functional_setitem`.
     Anything else is user code, which may write to its inputs."""
-    if target is functional_setitem or is_torch_callable(target):
+    if target in (functional_setitem, require_rank) or is_torch_callable(target):
         return True
     return (getattr(target, "__module__", None) or "") in ("builtins", "math")
 

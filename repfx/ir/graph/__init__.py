@@ -24,6 +24,7 @@ from .constants import (
     is_torch_callable,
     writes_in_place,
 )
+from .guards import require_rank
 from .modules import (
     fetch_attr,
     global_forward_hooks,
@@ -40,6 +41,7 @@ from .ranks import (
     VALUE_KEYS,
     annotate_ranks,
     arg_of,
+    assumed_input_rank,
     dtype_argument,
     dtype_on_meta_tensors,
     forget_annotations,
@@ -68,6 +70,7 @@ __all__ = [
     "TensorUses",
     "annotate_ranks",
     "arg_of",
+    "assumed_input_rank",
     "attr_tensors_read_by",
     "call_signature",
     "dtype_argument",
@@ -88,6 +91,7 @@ __all__ = [
     "owner_and_name",
     "rank_of",
     "reads_only_shape",
+    "require_rank",
     "shape_users",
     "static_shape",
     "tensor_use_counts",

@@ -5,12 +5,12 @@ With example inputs, ``ShapeProp`` metadata, or the fake tensor dynamo / export 
 every node's shape (:data:`VALUE_KEYS`). Without them, :func:`annotate_ranks` infers ranks
 structurally (stored under :data:`RANK_KEY`, with the floating flag under :data:`FLOAT_KEY`):
 ConvNd / BatchNormNd (N ≥ 2) / poolNd outputs have rank N + 2 (repfx assumes batched inputs
-there — pass example inputs to have this checked), rank-preserving ops (activations, norms,
-linear, elementwise arithmetic) keep their input's rank, ``permute`` / ``view`` / ``reshape`` /
-``flatten`` compute it. Anything else is unknown, and folds that need it are skipped with a
-reason. Casts (``x.long()``, ``x.to(dtype)``, ``x.view(dtype)``) keep the rank and set the
-floating flag from the dtype they produce. :func:`forget_annotations` removes the annotations
-before a graph is returned.
+there; :func:`assumed_input_rank` names where, and the folded module checks it on each call),
+rank-preserving ops (activations, norms, linear, elementwise arithmetic) keep their input's
+rank, ``permute`` / ``view`` / ``reshape`` / ``flatten`` compute it. Anything else is unknown,
+and folds that need it are skipped with a reason. Casts (``x.long()``, ``x.to(dtype)``,
+``x.view(dtype)``) keep the rank and set the floating flag from the dtype they produce.
+:func:`forget_annotations` removes the annotations before a graph is returned.
 """
 
 from __future__ import annotations
@@ -243,6 +243,19 @@ def forget_annotations(module: nn.Module) -> None:
             for node in gm.graph.nodes:
                 node.meta.pop(RANK_KEY, None)
                 node.meta.pop(FLOAT_KEY, None)
+
+
+def assumed_input_rank(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The rank inference takes ``node``'s first input to have without knowing it: a ConvNd /
+    BatchNormNd / poolNd module or ``F.convNd`` reads a *batch* (rank N + 2), though torch also
+    accepts an unbatched input (rank N + 1) that reads the channel axis elsewhere. ``None``
+    for other nodes."""
+    if node.op == "call_module":
+        m = module_of(gm, node)
+        return next((rank for base, rank in _FIXED_RANK_MODULES if is_plain(m, base)), None)
+    if node.op == "call_function" and node.target in _CONV_FUNC_RANKS:
+        return _CONV_FUNC_RANKS[node.target]
+    return None
 
 
 def _infer(gm: fx.GraphModule, node: fx.Node) -> tuple[int | None, bool]:

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from .constants import ConstantFolder
+from .guards import require_rank
 from .modules import fetch_attr, module_of
 
 
@@ -107,7 +108,10 @@ _SHAPE_LIKE_METHODS = {"reshape_as", "view_as", "expand_as"}
 
 def reads_only_shape(user: fx.Node, node: fx.Node) -> bool:
     """True when ``user`` reads nothing of ``node`` but its shape (``x.shape``, ``x.size()``,
-    ``y.reshape_as(x)``): such a use survives any rewrite that keeps ``node``'s shape."""
+    ``y.reshape_as(x)``, a rank guard): such a use survives any rewrite that keeps ``node``'s
+    shape."""
+    if user.op == "call_function" and user.target is require_rank:
+        return user.args[0] is node and node not in user.args[1:]
     if user.op == "call_function" and user.target is getattr:
         return user.args[0] is node and user.args[1:] in (("shape",), ("ndim",))
     if user.op == "call_method" and user.target in _SHAPE_METHODS:
