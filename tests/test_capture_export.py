@@ -5,10 +5,11 @@ captures runs as it is with its children folded."""
 import pytest
 import torch
 from grammar import randomise_
-from helpers import batch_norms, fresh_input
+from helpers import batch_norms, fresh_input, stored_multiplies
 from torch import nn
 
 import repfx
+from repfx.testing import assert_close
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -293,3 +294,46 @@ def test_a_shape_read_through_reshape_as_does_not_count_as_a_user(capture):
     assert batch_norms(folded) == 0
     fresh = torch.randn(3, 5, 6)
     torch.testing.assert_close(folded(fresh), model(fresh), rtol=1e-5, atol=1e-5)
+
+
+class ScaledThenCropped(nn.Module):
+    """A decoder's end: the last norm's scale, the positions the head reads (``h[:, -1:]``
+    when generating, ``h[:, 0:]`` for all of them), the head. Under torch.export the crop is
+    ``aten.slice.Tensor``."""
+
+    def __init__(self, index: tuple, c: int = 6, c_out: int = 6):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(c))
+        self.head = nn.Linear(c_out, 4, bias=False)
+        self.index = index
+
+    def forward(self, x):
+        return self.head((self.g * x)[self.index])
+
+
+TOKEN_CROPS = {
+    "last": (slice(None), slice(-1, None)),
+    "all": (slice(None), slice(0, None)),
+    "every_other": (slice(None), slice(None, None, 2)),
+}
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("crop", TOKEN_CROPS)
+def test_a_scale_moves_into_the_head_through_a_crop_of_the_tokens(capture, crop):
+    model = _randomized(ScaledThenCropped(TOKEN_CROPS[crop]))
+    folded = repfx.fold(model, torch.randn(2, 5, 6), capture=capture)
+    fresh = fresh_input(3, 5, 6, seed=2)
+    assert stored_multiplies(folded, fresh) == []
+    with torch.no_grad():
+        assert_close(folded(fresh), model(fresh))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_scale_stays_before_a_crop_of_the_channels(capture):
+    model = _randomized(ScaledThenCropped((Ellipsis, slice(1, 4)), c_out=3))
+    folded = repfx.fold(model, torch.randn(2, 5, 6), capture=capture)
+    fresh = fresh_input(3, 5, 6, seed=2)
+    assert stored_multiplies(folded, fresh) == ["g"]
+    with torch.no_grad():
+        assert_close(folded(fresh), model(fresh))

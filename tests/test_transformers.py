@@ -86,17 +86,24 @@ def test_a_model_people_hold_folds_to_a_deployable_module(name):
     assert stored_multiplies(folded, fresh) == []
 
 
+LANGUAGE_MODELS = [("LlamaConfig", "LlamaForCausalLM"), ("Qwen2Config", "Qwen2ForCausalLM")]
+
+
+def _language_model(config: str, model_class: str, **fields) -> nn.Module:
+    fields = {
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, **fields,
+    }  # fmt: skip
+    model = getattr(transformers, model_class)(getattr(transformers, config)(**fields))
+    return randomise_(model, torch.Generator().manual_seed(0)).eval()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config, model_class", [("LlamaConfig", "LlamaForCausalLM")])
+@pytest.mark.parametrize("config, model_class", LANGUAGE_MODELS[:1])
 def test_a_small_language_model_folds_and_takes_another_batch(config, model_class):
     """A decoder returns its key / value cache next to the logits: the folded module returns
     the same, and both agree on a fresh batch of another size (cache included)."""
-    fields = {
-        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 1,
-    }  # fmt: skip
-    model = getattr(transformers, model_class)(getattr(transformers, config)(**fields))
-    model = randomise_(model, torch.Generator().manual_seed(0)).eval()
+    model = _language_model(config, model_class)
     ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1))
     folded = repfx.fold(model, (ids,))
     fresh = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
@@ -105,3 +112,31 @@ def test_a_small_language_model_folds_and_takes_another_batch(config, model_clas
     check = verify(model, folded, (fresh,))
     assert check.passed, check.summary()
     assert len(check.outputs) > 1  # the logits and the cache's tensors, each compared
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, model_class", LANGUAGE_MODELS)
+def test_every_rms_norm_weight_of_a_language_model_moves_into_the_projections(config, model_class):
+    """Without the cache in its output a decoder is captured whole: the final norm's weight
+    reaches ``lm_head`` through the crop of the positions the head reads."""
+    model = _language_model(config, model_class, use_cache=False)
+    folded = repfx.fold(model, (torch.randint(0, 64, (1, 7)),))
+    fresh = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    norms = [n for n, _ in model.named_parameters() if n.endswith("norm.weight")]
+    assert len(norms) == 5  # two per layer, and the final one
+    assert not set(norms) & set(stored_multiplies(folded, fresh))
+    check = verify(model, folded, (fresh,))
+    assert check.passed, check.summary()
+
+
+@pytest.mark.slow
+def test_a_final_norm_stays_when_the_head_shares_its_weight_with_the_embedding():
+    model = _language_model("LlamaConfig", "LlamaForCausalLM", use_cache=False)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    folded = repfx.fold(model, (torch.randint(0, 64, (1, 7)),))
+    fresh = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    assert "model.norm.weight" in stored_multiplies(folded, fresh)
+    reasons = [s.reason for s in folded.meta[repfx.REPORT_KEY].skipped if "model.norm" in s.where]
+    assert any("consumer linear parameter is used at" in r for r in reasons), reasons
+    with torch.no_grad():
+        assert_close(folded(fresh).logits, model(fresh).logits)

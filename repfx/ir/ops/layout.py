@@ -1,8 +1,9 @@
 """Layout views: ops that only move data, and where a channel axis goes through them.
 
 :func:`layout_source_axis` recognises ``flatten``, ``permute``, ``transpose``, ``view``,
-``reshape`` (methods, and the ``torch.`` functions), ``contiguous`` and basic indexing
-(``x[:, :H, :W, :]``, a crop that takes the channel axis whole), and maps the channel
+``reshape`` (methods, and the ``torch.`` functions), ``contiguous``, basic indexing
+(``x[:, :H, :W, :]``, a crop that takes the channel axis whole) and its ATen spellings in an
+exported graph (``aten.slice.Tensor``, ``aten.alias``), and maps the channel
 axis of the output back to the axis of the input that holds it whole (counted from the right);
 a per-channel affine then commutes with the op: ``a(layout(x)) = layout(a'(x))``. Layout ops
 only move data: ``x.view(dtype)`` (a bitcast, which reinterprets the bits) and casts are not
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ _LAYOUT_FUNCS = {
     torch.transpose: "transpose",
     torch.reshape: "reshape",
 }
+_ATEN_LAYOUT = {torch.ops.aten.slice.Tensor: "slice", torch.ops.aten.alias.default: "contiguous"}
 _SIZE_METHODS = {"size"}  # a node that certainly holds sizes (not a dtype)
 
 
@@ -64,6 +67,9 @@ def _layout_kind(node: fx.Node, axis: int | None) -> str | None:
         return _LAYOUT_FUNCS[node.target]
     if node.op == "call_function" and node.target is operator.getitem and axis is not None:
         return "getitem"  # (a crop: only with the channel axis known, and taken whole)
+    if node.op == "call_function" and node.target in _ATEN_LAYOUT:
+        kind = _ATEN_LAYOUT[node.target]
+        return kind if kind != "slice" or axis is not None else None  # (a crop, as getitem)
     return None
 
 
@@ -100,6 +106,8 @@ def _source_position(node: fx.Node, kind: str, pos: int, r_in: int, r_out: int) 
         return _flatten_source(node, pos, r_in)
     if kind == "getitem":
         return _getitem_source(node, pos, r_in)
+    if kind == "slice":
+        return _slice_source(node, pos, r_in)
     return _reshape_source(node, pos)
 
 
@@ -154,6 +162,26 @@ def _getitem_source(node: fx.Node, pos: int, r_in: int) -> int | None:
         axis_in += 1
         axis_out += type(entry) is slice  # (an integer removes its axis)
     return None
+
+
+def _slice_source(node: fx.Node, pos: int, r_in: int) -> int | None:
+    """``aten.slice.Tensor(x, dim, start, end, step)`` (``x[..., start:end:step]`` on ``dim``
+    under torch.export) keeps every axis in place, and takes axis ``dim`` whole when it runs
+    from 0 to at least its size in steps of 1."""
+    dim = arg_of(node, 1, "dim", 0)
+    start, end = arg_of(node, 2, "start", None), arg_of(node, 3, "end", None)
+    if type(dim) is not int:
+        return None
+    if pos != dim % r_in:
+        return pos
+    size = _size_at(node.args[0], pos)
+    whole_end = end is None or (type(end) is int and (end >= sys.maxsize or end == size))
+    return pos if start in (None, 0) and arg_of(node, 4, "step", 1) == 1 and whole_end else None
+
+
+def _size_at(x: Any, pos: int) -> int | None:
+    shape = static_shape(x) if isinstance(x, fx.Node) else None
+    return shape[pos] if shape is not None and type(shape[pos]) is int else None
 
 
 def _basic_index(index: Any, r_in: int) -> list[Any] | None:
