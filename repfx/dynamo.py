@@ -6,14 +6,23 @@ tensors among the example inputs. The backend
 
 1. freezes the ones that are safe to treat as constants — a parameter when grad is disabled or
    it does not require grad, a buffer the graph does not write (training-mode BN updates its
-   running statistics: those stay inputs) — by turning their placeholders into attributes;
+   running statistics: those stay inputs) — by turning their placeholders into attributes.
+   With inductor's ``freezing`` set, dynamo hands them over as attributes already: those are
+   frozen as they are, under the same conditions;
 2. runs the same passes as :func:`repfx.fold` (``repfx.passes.default_pipeline``) on it;
 3. hands the folded graph to the inner backend (``"inductor"``, run with its freezing on so
    that it prepacks the folded weights; ``"eager"``; or any backend callable) and returns a
    function with the original calling convention, which drops the frozen arguments.
 
-Like inductor's own freezing, an in-place change to a frozen weight after compiling is not
-seen by the compiled code: recompile (``torch._dynamo.reset()``) after changing weights.
+The fold assumes the frozen tensors keep the values it read. The returned function checks that
+on every call — each frozen tensor is still the one the fold read (``is``) and its version
+counter has not moved (a handful of integer compares) — and refolds when one changed: a weight
+written in place after compiling, an optimizer step, ``load_state_dict``, BN statistics
+updated by a training step between two evaluations. The refolded graph is compiled again by
+the inner backend when the graph's shapes are static; a graph with symbolic shapes (dynamic
+batch) runs refolded without it until ``torch._dynamo.reset()``, since recompiling it needs
+dynamo's shape environment. A write through ``tensor.data`` bypasses the version counter and
+is not seen: write to the tensor itself (under ``torch.no_grad()``).
 
 Reports: each backend keeps the fold reports of the last ``max_reports`` graphs it compiled
 (``DynamoBackend.reports``; for ``backend="repfx"``, :func:`last_reports`), and logs each one
@@ -30,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .capture import drop_no_op_dtype_guards, functionalize
 from .ir.graph import annotate_ranks, forget_annotations
@@ -62,38 +71,112 @@ class DynamoBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         frozen = _freezable(gm, example_inputs)
-        report = FoldReport()
-        if frozen:
-            gm = _copy(gm)  # dynamo reads the graph it handed over (its inputs) afterwards
-            _freeze(gm, {i: example_inputs[i] for i in frozen})
-            functionalize(gm)  # in-place ops: out of place where provably private, else marked
-            _record_shapes(gm)
-            drop_no_op_dtype_guards(gm)
-            annotate_ranks(gm)
-            report.before = GraphStats.of(gm)
-            passes = self.passes()
-            fixpoint = run_to_fixpoint(gm, passes)
-            report.folded, report.skipped = fixpoint.folded, fixpoint.skipped
-            report.add_pass_seconds(fixpoint.seconds)
-            report.rule_words = rule_words(passes)
-            delete_unused_attributes(gm)
-            forget_annotations(gm)
-            gm.recompile()
-            report.after = GraphStats.of(gm)
-        else:
+        attributes = _frozen_attributes(gm)
+        if not frozen and attributes is None:
+            report = FoldReport()
             report.notes.append("nothing frozen: parameters need grad, or none in the graph")
+            self._keep(report)
+            return _inner_compile(self.inner, gm, list(example_inputs))
+        return WatchedGraph(self, gm, example_inputs, frozen, attributes or {})
+
+    def fold(
+        self, gm: fx.GraphModule, tensors: dict[int, torch.Tensor]
+    ) -> tuple[fx.GraphModule, FoldReport]:
+        """A folded copy of ``gm`` with the placeholders ``tensors`` holds (by index) frozen to
+        those tensors, and its report."""
+        gm = _copy(gm)  # dynamo reads the graph it handed over (its inputs) afterwards
+        _freeze(gm, tensors)
+        functionalize(gm)  # in-place ops: out of place where provably private, else marked
+        _record_shapes(gm)
+        drop_no_op_dtype_guards(gm)
+        annotate_ranks(gm)
+        report = FoldReport()
+        report.before = GraphStats.of(gm)
+        passes = self.passes()
+        fixpoint = run_to_fixpoint(gm, passes)
+        report.folded, report.skipped = fixpoint.folded, fixpoint.skipped
+        report.add_pass_seconds(fixpoint.seconds)
+        report.rule_words = rule_words(passes)
+        delete_unused_attributes(gm)
+        forget_annotations(gm)
+        gm.recompile()
+        report.after = GraphStats.of(gm)
+        return gm, report
+
+    def _keep(self, report: FoldReport) -> None:
         self.reports.append(report)
         log.info("repfx: fold report of a compiled graph\n%s", report)
-        remaining = [x for i, x in enumerate(example_inputs) if i not in frozen]
-        compiled = _inner_compile(self.inner, gm, remaining)
-        if not frozen:
-            return compiled
-        keep = [i for i in range(len(example_inputs)) if i not in frozen]
 
-        def run(*args: Any) -> Any:
-            return compiled(*[args[i] for i in keep])
 
-        return run
+class WatchedGraph:
+    """A folded, compiled graph and the frozen tensors its fold read. A call first checks that
+    each one is still the tensor the fold read, with the same version counter — and, for the
+    running statistics a batch norm reads, the same values (a training-mode batch norm kernel
+    updates them without moving the counter) — and refolds from the graph dynamo handed over
+    when one is not (see the module's docstring)."""
+
+    def __init__(
+        self,
+        backend: DynamoBackend,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        frozen: set[int],
+        attributes: dict[str, torch.Tensor],
+    ) -> None:
+        self._backend = backend
+        self._source = _copy(gm)  # the graph as dynamo handed it over, to refold from
+        self._frozen = sorted(frozen)
+        self._keep = [i for i in range(len(example_inputs)) if i not in frozen]
+        self._labels = _frozen_labels(gm, frozen)
+        self._attributes = attributes
+        self._statistics = _running_statistics(gm)
+        self._static = _static_shapes(gm)
+        self._versions: list[tuple[int | None, torch.Tensor, int, str]] = []
+        self._values: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+        self._compiled = self._build(example_inputs, refold=None)
+
+    def __call__(self, *args: Any) -> Any:
+        changed = self._changed(args)
+        if changed is not None:
+            self._compiled = self._build(args, refold=changed)
+        return self._compiled(*[args[i] for i in self._keep])
+
+    def _changed(self, args: Sequence[Any]) -> str | None:
+        """The first frozen tensor that is not what the fold read, or ``None``."""
+        for index, tensor, version, label in self._versions:
+            current = tensor if index is None else args[index]
+            if current is not tensor or current._version != version:
+                return label
+        for tensor, snapshot, label in self._values:
+            if not torch.equal(tensor, snapshot):
+                return label
+        return None
+
+    def _build(self, inputs: Sequence[Any], refold: str | None) -> Callable:
+        """Fold with the frozen tensors ``inputs`` holds and the attributes as they are now,
+        watch them, and compile; ``refold``: the tensor whose change asked for it (``None``:
+        the first fold)."""
+        gm, report = self._backend.fold(self._source, {i: inputs[i] for i in self._frozen})
+        watched = [(i, inputs[i], self._labels[i]) for i in self._frozen]
+        watched += [(None, t, name) for name, t in self._attributes.items()]
+        self._versions = [(i, t, t._version, label) for i, t, label in watched]
+        self._values = [
+            (t, t.detach().clone(), label)
+            for i, t, label in watched
+            if (i if i is not None else label) in self._statistics
+        ]
+        inner = self._backend.inner
+        if refold is not None:
+            report.notes.append(f"refolded: {refold} changed after the graph was compiled")
+            log.info("repfx: %s changed after compiling; refolding its graph", refold)
+        self._backend._keep(report)
+        if refold is not None and not self._static and inner != "eager":
+            report.notes.append(
+                f"the refolded graph runs without {inner}: its shapes are symbolic "
+                "(torch._dynamo.reset() compiles it again)"
+            )
+            return gm.forward
+        return _inner_compile(inner, gm, [inputs[i] for i in self._keep])
 
 
 def compile_backend(inner: str | Callable = "inductor", **kwargs: Any) -> DynamoBackend:
@@ -125,17 +208,86 @@ def _freezable(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> set[int]:
         kind = _attribute_kind(node)
         if kind is None or not isinstance(value, torch.Tensor) or _written(node):
             continue
+        if value.is_inference():
+            continue  # no version counter: a change could not be seen
         if kind == "parameters" and value.requires_grad and torch.is_grad_enabled():
             continue  # training needs the real parameter in the graph
         frozen.add(i)
     return frozen
 
 
-def _attribute_kind(node: fx.Node) -> str | None:
+def _frozen_attributes(gm: fx.GraphModule) -> dict[str, torch.Tensor] | None:
+    """The tensors dynamo handed over as attributes (inductor's ``freezing`` set), by target,
+    when all of them may be treated as constants (none written by the graph, none a parameter
+    that needs grad while grad is enabled); ``None``: there are none, or not all may."""
+    found: dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        value = _fetch(gm, node.target) if node.op == "get_attr" else None
+        if not isinstance(value, torch.Tensor):
+            continue
+        needs_grad = value.requires_grad and torch.is_grad_enabled()
+        if _written(node) or needs_grad or value.is_inference():
+            return None
+        found[node.target] = value
+    return found or None
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for name in target.split("."):
+        value = getattr(value, name, None)
+    return value
+
+
+def _frozen_labels(gm: fx.GraphModule, frozen: set[int]) -> dict[int, str]:
+    """What to call each frozen placeholder in a report: its source (``L['self'].conv.weight``
+    as the module path ``conv.weight``)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    labels = {}
+    for i in frozen:
+        source = _source_name(placeholders[i]) or placeholders[i].name
+        path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", source)
+        labels[i] = path.removeprefix("L['self'].").removeprefix("L['self']")
+    return labels
+
+
+_BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training"}
+
+
+def _running_statistics(gm: fx.GraphModule) -> set[int | str]:
+    """The buffers a batch norm of the graph reads, its running statistics: placeholders by
+    index, attributes by target."""
+    found: set[int | str] = set()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in gm.graph.nodes:
+        if not {getattr(u.target, "__name__", str(u.target)) for u in node.users} & _BATCH_NORMS:
+            continue
+        if node.op == "placeholder" and _attribute_kind(node) == "buffers":
+            found.add(placeholders.index(node))
+        elif node.op == "get_attr" and not isinstance(_fetch(gm, node.target), nn.Parameter):
+            found.add(node.target)
+    return found
+
+
+def _static_shapes(gm: fx.GraphModule) -> bool:
+    """Are all the graph's input shapes static (no symbolic size dynamo made dynamic)?"""
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value") if node.op == "placeholder" else None
+        if isinstance(value, torch.SymInt) or (
+            isinstance(value, torch.Tensor) and not all(isinstance(d, int) for d in value.shape)
+        ):
+            return False
+    return True
+
+
+def _source_name(node: fx.Node) -> str | None:
     graph_arg = node.meta.get("grapharg")
     source = getattr(getattr(graph_arg, "source", None), "name", None)
-    source = source() if callable(source) else source
-    match = _SOURCE.search(source or "")
+    return source() if callable(source) else source
+
+
+def _attribute_kind(node: fx.Node) -> str | None:
+    match = _SOURCE.search(_source_name(node) or "")
     return match.group(1) if match else None
 
 
@@ -209,4 +361,11 @@ def _inner_compile(inner: str | Callable, gm: fx.GraphModule, inputs: list[Any])
     return inner(gm, inputs)
 
 
-__all__ = ["MAX_REPORTS", "DynamoBackend", "compile_backend", "last_reports", "repfx_backend"]
+__all__ = [
+    "MAX_REPORTS",
+    "DynamoBackend",
+    "WatchedGraph",
+    "compile_backend",
+    "last_reports",
+    "repfx_backend",
+]

@@ -361,3 +361,118 @@ def test_in_place_residual_adds_merge_only_when_they_keep_the_dtype(shortcut_dty
 
 def _fold_ops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     return repfx.fold(model, (x,)).meta[repfx.REPORT_KEY].after.ops
+
+
+# --------------------------------------------------------------- frozen tensors that change
+
+
+def _conv_bn() -> nn.Module:
+    return _random(Seq(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()))
+
+
+def _scale_weight(model: nn.Module) -> None:
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+
+
+def _load_state(model: nn.Module) -> None:
+    state = {k: v + torch.rand_like(v) if v.is_floating_point() else v for k, v in
+             model.state_dict().items()}  # fmt: skip
+    model.load_state_dict(state)
+
+
+def _write_statistics(model: nn.Module) -> None:
+    model[1].running_var[2] = 4.0  # (an item assignment, as a calibration step might)
+
+
+@pytest.mark.parametrize(
+    "change", [_scale_weight, _load_state, _write_statistics],
+    ids=["mul_", "load_state_dict", "setitem"],
+)  # fmt: skip
+def test_a_frozen_tensor_changed_after_compiling_is_refolded(change):
+    model = _conv_bn()
+    backend = compile_backend(inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert_close(compiled(x), model(x))
+        change(model)
+        assert_close(compiled(x), model(x))
+    assert len(backend.reports) == 2
+    assert any("changed after the graph was compiled" in n for n in backend.reports[-1].notes)
+    assert backend.reports[-1].counts()["fold_bn"] == 1
+
+
+def test_a_parameter_without_grad_changed_in_grad_mode_is_refolded():
+    model = _conv_bn().requires_grad_(False)
+    backend = compile_backend(inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 3, 8, 8)
+    assert_close(compiled(x), model(x))
+    model[1].bias.copy_(torch.randn(6))  # grad mode: nothing to track, the copy is allowed
+    assert_close(compiled(x), model(x))
+    assert backend.reports[-1].counts()["fold_bn"] == 1 and len(backend.reports) == 2
+
+
+def test_an_unchanged_model_is_folded_once():
+    model = _conv_bn()
+    backend = compile_backend(inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(torch.randn(2, 3, 8, 8))
+    assert len(backend.reports) == 1
+
+
+@pytest.mark.parametrize("train_compiled", [True, False], ids=["compiled", "eager"])
+def test_statistics_a_training_step_updates_between_evaluations_are_refolded(train_compiled):
+    """A compiled validation step during training: eval → train → eval. The training step's
+    batch norms update their running statistics (the kernel does not move their version
+    counter); the second evaluation must use the new ones."""
+    model = _random(ResNetLike())
+    compiled = torch.compile(model, backend=compile_backend(inner="eager"))
+    x = torch.randn(2, 3, 8, 8)
+    for step in range(2):
+        with torch.no_grad():
+            assert_close(compiled(x), model(x))
+        model.train()
+        (compiled if train_compiled else model)(torch.randn(4, 3, 8, 8) * (2 + step) + 1)
+        model.eval()
+    with torch.no_grad():
+        assert_close(compiled(x), model(x))
+
+
+def test_with_inductor_freezing_set_the_attributes_dynamo_hands_over_are_folded():
+    """With ``torch._inductor.config.freezing`` set, dynamo hands parameters over as the
+    graph's attributes, not its inputs: they are folded all the same, and watched."""
+    model = _random(_repvgg_like())
+    backend = compile_backend(inner="eager")
+    x = torch.randn(2, 3, 16, 16)
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        compiled = torch.compile(model, backend=backend)
+        assert_close(compiled(x), model(x))
+        assert backend.reports[-1].counts()["merge_branches"] >= 2
+        model[0].weight.mul_(-1)
+        assert_close(compiled(x), model(x))
+    assert any("changed after the graph was compiled" in n for n in backend.reports[-1].notes)
+
+
+def test_a_refolded_graph_with_symbolic_shapes_runs_without_the_inner_backend():
+    """Compiling a graph with symbolic sizes again needs dynamo's shape environment: after a
+    refold such a graph runs in eager mode, and the report says so."""
+    compiled_graphs = []
+
+    def inner(gm, example_inputs):
+        compiled_graphs.append(gm)
+        return gm.forward
+
+    model = _conv_bn()
+    backend = compile_backend(inner=inner)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randn(2, 3, 8, 8))
+        _scale_weight(model)
+        x = torch.randn(3, 3, 10, 10)
+        assert_close(compiled(x), model(x))
+    assert len(compiled_graphs) == 1
+    assert any("runs without" in n for n in backend.reports[-1].notes)
