@@ -42,7 +42,7 @@ import torch
 from torch import fx, nn
 
 from .capture import drop_no_op_dtype_guards, functionalize
-from .ir.graph import annotate_ranks, forget_annotations
+from .ir.graph import MUTATED_KEY, annotate_ranks, forget_annotations
 from .passes import default_pipeline, run_to_fixpoint
 from .passes.base import Pass, rule_words
 from .passes.rewrite import delete_unused_attributes
@@ -202,11 +202,12 @@ def last_reports() -> list[FoldReport]:
 def _freezable(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> set[int]:
     """Indices of the placeholders that may be treated as constants."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = _written_placeholders(gm)
     frozen = set()
     for i, node in enumerate(placeholders):
         value = example_inputs[i] if i < len(example_inputs) else None
         kind = _attribute_kind(node)
-        if kind is None or not isinstance(value, torch.Tensor) or _written(node):
+        if kind is None or not isinstance(value, torch.Tensor) or _written(node) or i in written:
             continue
         if value.is_inference():
             continue  # no version counter: a change could not be seen
@@ -289,6 +290,15 @@ def _source_name(node: fx.Node) -> str | None:
 def _attribute_kind(node: fx.Node) -> str | None:
     match = _SOURCE.search(_source_name(node) or "")
     return match.group(1) if match else None
+
+
+def _written_placeholders(gm: fx.GraphModule) -> set[int]:
+    """The placeholders (by index) capture's in-place analysis finds the graph may write to,
+    through views too (``p[:2] += 1``, ``p.data.mul_(2)``)."""
+    probe = _copy(gm)
+    functionalize(probe)
+    placeholders = [n for n in probe.graph.nodes if n.op == "placeholder"]
+    return {i for i, n in enumerate(placeholders) if n.meta.get(MUTATED_KEY)}
 
 
 def _written(node: fx.Node) -> bool:

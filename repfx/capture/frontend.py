@@ -28,6 +28,7 @@ from ..report.fold_report import FoldReport
 from .fx import capture as fx_capture
 from .hooks import forward_hooks_of
 from .shapes import propagate_shapes
+from .state import SavedState, module_tensors
 from .torch_export import capture_exported
 
 CAPTURE_MODES = ("auto", "fx", "export")
@@ -198,8 +199,8 @@ def record_child_inputs(
 def record_inputs(root: nn.Module, inputs: tuple, paths: list[str]) -> dict[str, tuple | None]:
     """The positional inputs each submodule of ``root`` at ``paths`` receives when ``root``
     runs on ``inputs`` (path → inputs): recorded for a module called exactly once with no
-    keyword arguments, ``None`` for any other. Buffers are restored afterwards; a model that
-    fails to run records nothing (the verification reports it)."""
+    keyword arguments, ``None`` for any other. Tensors it writes are restored afterwards; a
+    model that fails to run records nothing (the verification reports it)."""
     calls: dict[str, list[tuple | None]] = {}
     handles = []
 
@@ -213,7 +214,7 @@ def record_inputs(root: nn.Module, inputs: tuple, paths: list[str]) -> dict[str,
         handles.append(
             root.get_submodule(path).register_forward_pre_hook(recorder(path), with_kwargs=True)
         )
-    saved = {name: b.detach().clone() for name, b in root.named_buffers()}
+    state = SavedState(module_tensors(root))
     try:
         with torch.no_grad(), torch.random.fork_rng():
             root(*cloned(inputs))
@@ -222,7 +223,5 @@ def record_inputs(root: nn.Module, inputs: tuple, paths: list[str]) -> dict[str,
     finally:
         for handle in handles:
             handle.remove()
-        with torch.no_grad():
-            for name, b in root.named_buffers():
-                b.copy_(saved[name])
+        state.restore()
     return {path: seen[0] if len(seen) == 1 else None for path, seen in calls.items()}

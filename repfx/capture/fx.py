@@ -42,10 +42,11 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.nn.utils import parametrizations, parametrize
 
 from ..errors import CaptureError, one_line
-from ..ir.graph import require_rank
+from ..ir.graph import require_rank, writes_in_place
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
 from .outputs import RestoreOutputContainers, flat_output
+from .state import Bindings, SavedState, unrecorded_tensors
 
 # ------------------------------------------------------------------------ parametrizations
 
@@ -303,16 +304,58 @@ def capture(
     ops out of place where that is exact, marking the others (see the module docstring)."""
     refuse_hooks(model)
     bake_parametrizations(model)
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    tracer = _trace(model, proxy_buffers=False, defaults=defaults)
-    if _restore_changed(model, buffers):
+    state, bindings = SavedState(unrecorded_tensors(model)), Bindings(model)
+    tracer = _trace_keeping_bindings(model, bindings, proxy_buffers=False, defaults=defaults)
+    if state.restore():
         # The forward wrote to a buffer while tracing: torch.fx ran that write on the real
         # buffer instead of recording it. Trace again with buffers as graph values.
-        tracer = _trace(model, proxy_buffers=True, defaults=defaults)
-        _restore_changed(model, buffers)
+        tracer = _trace_keeping_bindings(model, bindings, proxy_buffers=True, defaults=defaults)
+        if changed := state.restore():
+            raise CaptureError(
+                f"{type(model).__name__}.forward writes to {', '.join(changed)} through a "
+                "tensor torch.fx does not record (a plain tensor attribute, or one sharing "
+                "memory with it): the write would be lost. Register that tensor as a buffer "
+                "(module.register_buffer(name, tensor))"
+            )
     gm = fx.GraphModule(tracer.root, tracer.graph, class_name=type(model).__name__)
     functionalize(gm)
     return gm, tracer.opaque
+
+
+def _trace_keeping_bindings(
+    model: nn.Module, bindings: Bindings, proxy_buffers: bool, defaults: dict[str, Any] | None
+) -> _FallbackTracer:
+    """:func:`_trace`, then every buffer or tensor attribute the forward assigned to bound back
+    to its tensor. An assignment the graph records as an in-place update of that same tensor
+    (``self.n += 1`` on a traced buffer) is kept; any other would be lost: refused."""
+    try:
+        tracer = _trace(model, proxy_buffers, defaults)
+    finally:
+        rebound = bindings.rebound()
+    lost = [name for name, value in rebound if not _updates_in_place(value, name)]
+    if lost:
+        raise CaptureError(
+            f"{type(model).__name__}.forward assigns a new tensor to {', '.join(lost)} "
+            "(self.name = ...): torch.fx records no assignment to an attribute, and the "
+            "folded module would keep the old one. Update it in place instead "
+            "(self.name.copy_(...), self.name.add_(1))"
+        )
+    return tracer
+
+
+def _updates_in_place(value: object, name: str) -> bool:
+    """Is ``value`` (what the forward assigned to ``name``) the graph's in-place update of that
+    tensor itself (``self.n += 1``: ``iadd`` of ``get_attr n``)?"""
+    if not isinstance(value, fx.Proxy):
+        return False
+    node = value.node
+    source = node.args[0] if node.args else None
+    return (
+        writes_in_place(node)
+        and isinstance(source, fx.Node)
+        and source.op == "get_attr"
+        and source.target == name
+    )
 
 
 def _trace(
@@ -326,15 +369,3 @@ def _trace(
             f"cannot trace {type(model).__name__}.forward with torch.fx ({one_line(exc)})"
         ) from exc
     return tracer
-
-
-def _restore_changed(model: nn.Module, saved: dict[str, torch.Tensor]) -> bool:
-    """Put back every buffer whose value differs from ``saved``; whether one did."""
-    changed = False
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            before = saved.get(name)
-            if before is not None and not torch.equal(buffer, before):
-                buffer.copy_(before)
-                changed = True
-    return changed

@@ -44,8 +44,10 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, GuardError, one_line
+from ..ir.graph import writes_in_place
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
+from .state import SavedState, tensor_attributes
 
 aten = torch.ops.aten
 _GUARDS = "_guards_fn"  # ExportedProgram.module()'s input-shape checks
@@ -70,9 +72,14 @@ def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
             f"torch.export would run the forward hooks of {hooked[0]} only while capturing "
             "(repfx keeps hooked modules as modules, which only torch.fx capture can do)"
         )
-    program, dynamic_error = _export_dynamic_or_static(
-        model, example_inputs, f"{type(model).__name__}.forward"
-    )
+    state = SavedState(tensor_attributes(model))  # (real tensors under export: it may write them)
+    try:
+        program, dynamic_error = _export_dynamic_or_static(
+            model, example_inputs, f"{type(model).__name__}.forward"
+        )
+    finally:
+        state.restore()
+    _refuse_written_constants(program)
     if dynamic_error is None:
         notes = [_shapes_note(program)]
     else:
@@ -89,6 +96,38 @@ def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
         functionalize(gm)  # marks what the graph writes (training-mode BN statistics, inputs)
     to_torch_level(gm)  # (the out-of-place twins functionalize put in: ``aten.add.Tensor``)
     return ExportCapture(gm, tuple(notes))
+
+
+def _refuse_written_constants(program: Any) -> None:
+    """A plain tensor attribute (not a parameter or buffer) is lifted by torch.export as a
+    constant, and an in-place write to it does not reach the model's tensor: refuse it."""
+    constants = program.graph_signature.inputs_to_lifted_tensor_constants
+    frontier = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in constants]
+    targets = {n: constants[n.name] for n in frontier}
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if not user.args or user.args[0] is not node:
+                continue
+            if writes_in_place(user):
+                raise CaptureError(
+                    f"the forward writes in place to a tensor attribute that is not a buffer "
+                    f"(torch.export lifts it as the constant {targets[node]}, and the write "
+                    "would be lost). Register it as a buffer (module.register_buffer(name, "
+                    "tensor))"
+                )
+            if _returns_view(user):
+                targets[user] = targets[node]
+                frontier.append(user)
+
+
+def _returns_view(node: fx.Node) -> bool:
+    """An ATen overload whose result aliases its first argument (``aten.slice``, ``view``)."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or not target._schema.returns:
+        return False
+    alias = target._schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
 
 
 class InputGuards(nn.Module):

@@ -12,7 +12,8 @@ Walking back from the ``outputs`` to the ``stops``, every node met is one of:
   that computed it, is what the region depends on, and walking through them would pull in the
   model up to that point.
 
-A node the capture marked as written in place cannot be part of a proof.
+A node the capture marked as written in place cannot be part of a proof, nor a module whose
+tensors the forward writes through another node: the proof would hold for their values now.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class _Walk:
             raise ValidationFailure(f"{node.name} is mutated in place")
         if node in self.stops:
             return False
+        if node.op == "call_module":
+            self._refuse_written_state(node)
         value = self.consts.value(node) if node.op != "placeholder" else None
         if value is not None:
             self.region.constants[node] = value
@@ -89,6 +92,17 @@ class _Walk:
         if len(self.seen) > MAX_REGION_NODES:
             raise ValidationFailure(f"region exceeds {MAX_REGION_NODES} nodes")
         return True
+
+    def _refuse_written_state(self, node: fx.Node) -> None:
+        """A module whose tensors the forward writes elsewhere (``self.bn.running_mean[:2] +=
+        1`` before ``self.bn(x)``) would be proven, and folded, with the values they hold now."""
+        module = fetch_attr(self.consts.gm, node.target)
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor is not None and self.consts.written(tensor):
+                raise ValidationFailure(
+                    f"{node.target}.{name} is written in place by the forward, before or "
+                    f"after {node.target} reads it"
+                )
 
     def _attribute(self, node: fx.Node) -> object:
         return fetch_attr(self.consts.gm, node.target)

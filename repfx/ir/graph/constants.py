@@ -3,9 +3,10 @@
 A node is a constant when it depends only on module attributes through torch / operator calls
 that neither write to a tensor nor draw random numbers (:class:`ConstantFolder`, which evaluates
 it); capture marks every node that an in-place op may write to (:data:`MUTATED_KEY`), and such a
-node is never a constant. The in-place analysis (:func:`writes_in_place`, :func:`inplace_flag`,
-:func:`is_inplace_name`, :func:`call_signature`) also serves capture, which rewrites in-place
-ops to their out-of-place forms.
+node — or any ``get_attr`` of a tensor whose memory one of them holds — is never a constant.
+The in-place analysis (:func:`writes_in_place`, :func:`inplace_flag`, :func:`is_inplace_name`,
+:func:`call_signature`) also serves capture, which rewrites in-place ops to their out-of-place
+forms.
 """
 
 from __future__ import annotations
@@ -55,6 +56,22 @@ class ConstantFolder:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self._cache: dict[fx.Node, torch.Tensor | None] = {}
+        self._written: set[int] | None = None
+
+    def written(self, tensor: torch.Tensor) -> bool:
+        """Does the graph write to ``tensor``'s memory? A module tensor one ``get_attr`` writes
+        (capture marked it, :data:`MUTATED_KEY`: ``self.bn.running_mean[:2] += 1``,
+        ``self.w.data.mul_(2)``) is written for every other reader too — another ``get_attr``
+        of it, or the module that owns it — so it is judged by storage."""
+        if self._written is None:
+            self._written = {
+                _storage(value)
+                for n in self.gm.graph.nodes
+                if n.op == "get_attr"
+                and _may_be_written(n)
+                and isinstance(value := fetch_attr(self.gm, n.target), torch.Tensor)
+            }
+        return bool(self._written) and _storage(tensor) in self._written
 
     def value(self, arg: Any) -> torch.Tensor | None:
         if not isinstance(arg, fx.Node):
@@ -89,8 +106,7 @@ class ConstantFolder:
         if _may_be_written(node):
             return None
         if node.op == "get_attr":
-            value = fetch_attr(self.gm, node.target)
-            return value if isinstance(value, torch.Tensor) else None
+            return self._attribute(node)
         inputs = node.all_input_nodes
         if not inputs or node.op not in ("call_function", "call_method"):
             return None  # e.g. torch.ones(...) factories: not worth folding
@@ -111,6 +127,16 @@ class ConstantFolder:
         except Exception:  # an impure op (_ImpureOp), or any failure: not a constant
             return None
         return out if isinstance(out, torch.Tensor) else None
+
+    def _attribute(self, node: fx.Node) -> torch.Tensor | None:
+        """A ``get_attr``'s tensor, unless the graph writes to its memory."""
+        value = fetch_attr(self.gm, node.target)
+        return value if isinstance(value, torch.Tensor) and not self.written(value) else None
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    """The identity of ``tensor``'s memory, shared by its views (meta tensors included)."""
+    return tensor.untyped_storage()._cdata
 
 
 class _ImpureOp(RuntimeError):
