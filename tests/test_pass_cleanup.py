@@ -17,7 +17,7 @@ class NoOps(nn.Module):
     def forward(self, x):
         y = self.ident(self.drop(self.conv(x)))
         y = torch.nn.functional.dropout(y, 0.2, training=False)
-        return (y * 1) + 0
+        return (y * 1) - 0
 
 
 def test_cleanup_removes_eval_no_ops_and_is_idempotent():
@@ -42,3 +42,32 @@ def test_cleanup_keeps_scalar_arithmetic_of_unknown_dtype():
     gm = traced(Scale())
     assert not apply(Cleanup(), gm).modified
     assert call_targets(gm) == [operator.mul]
+
+
+class SignedZeros(nn.Module):
+    """``1 / (y + c)`` where ``y`` holds ``-0.0`` (``-relu(x)`` of a negative ``x``)."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        return torch.reciprocal(-torch.relu(x) + self.c)
+
+
+def test_adding_zero_is_kept_where_it_turns_minus_zero_into_plus_zero():
+    x = torch.tensor([[-1.0, 2.0, -3.0]])
+    for c, removed in ((0.0, False), (0, False), (-0.0, True)):
+        model = SignedZeros(c)
+        gm = traced(model, x)
+        assert apply(Cleanup(), gm).modified is removed, c
+        assert torch.equal(gm(x), model(x)), c  # -inf stays -inf, +inf +inf
+
+
+def test_subtracting_minus_zero_is_kept():
+    class SubtractMinusZero(nn.Module):
+        def forward(self, x):
+            return torch.reciprocal(-torch.relu(x) - (-0.0))
+
+    gm = traced(SubtractMinusZero(), torch.randn(2, 3))
+    assert not apply(Cleanup(), gm).modified

@@ -10,14 +10,17 @@
   ``F.feature_alpha_dropout`` and their ``torch.`` builtins) with a literal ``training=False``
   — traced from ``self.training`` of an eval module; ``F.dropout(x, p)`` defaults to training —
   and torchvision's ``stochastic_depth`` with ``training=False`` or ``p=0``;
-* ``x * 1``, ``1 * x``, ``x / 1``, ``x + 0``, ``0 + x``, ``x - 0`` on a floating tensor (``0 - x``
-  is ``-x``, and on an integer tensor a float scalar changes the dtype).
+* ``x * 1``, ``1 * x``, ``x / 1``, ``x - 0``, ``x + (-0.0)``, ``(-0.0) + x`` on a floating
+  tensor — exact for every value, signed zeros included. ``x + 0`` is not a no-op
+  (``-0.0 + 0 = +0.0``, and ``1 / x`` then flips from ``-inf`` to ``+inf``), nor ``x - (-0.0)``;
+  ``0 - x`` is ``-x``, and on an integer tensor a float scalar changes the dtype.
 
 A training-mode stochastic op is a :class:`~repfx.ir.match.Fail` that says so, not ``None``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -142,14 +145,14 @@ for _t in MUL:
 for _t in DIV:
     _NOOP_SCALARS[_t] = (1.0, False)
 for _t in ADD:
-    _NOOP_SCALARS[_t] = (0.0, True)
+    _NOOP_SCALARS[_t] = (-0.0, True)  # (x + 0 turns -0.0 into +0.0: 1 / x then flips sign)
 for _t in SUB:
     _NOOP_SCALARS[_t] = (0.0, False)
 
 
 def _identity_arith(node: fx.Node) -> fx.Node | None:
-    """``x * 1``, ``1 * x``, ``x / 1``, ``x + 0``, ``0 + x``, ``x - 0`` on a floating tensor
-    (``0 - x`` is ``-x``: not a no-op)."""
+    """``x * 1``, ``1 * x``, ``x / 1``, ``x - 0``, ``x + (-0.0)``, ``(-0.0) + x`` on a floating
+    tensor (see the module docstring for those that are not no-ops)."""
     spec = _NOOP_SCALARS.get(node.target)
     if spec is None or len(node.args) != 2 or node.kwargs:
         return None
@@ -163,4 +166,9 @@ def _identity_arith(node: fx.Node) -> fx.Node | None:
 
 
 def _is_scalar(value: Any, neutral: float) -> bool:
-    return type(value) in (int, float) and value == neutral
+    """``value`` is the scalar ``neutral``, down to the sign of a zero (an ``int`` 0 is +0)."""
+    return (
+        type(value) in (int, float)
+        and value == neutral
+        and math.copysign(1.0, value) == math.copysign(1.0, neutral)
+    )
