@@ -337,3 +337,38 @@ def test_a_scale_stays_before_a_crop_of_the_channels(capture):
     assert stored_multiplies(folded, fresh) == ["g"]
     with torch.no_grad():
         assert_close(folded(fresh), model(fresh))
+
+
+class ScaledByAnArgument(nn.Module):
+    """``forward(x, scale, flip=False)``: a Python number and a flag next to the tensor; the
+    ``x.dim()`` branch keeps torch.fx out, so torch.export captures it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x, scale, flip=False):
+        if x.dim() != 4:
+            raise ValueError("a batch of images")
+        y = self.bn(self.conv(x)) * scale
+        return -y if flip else y
+
+
+@pytest.mark.parametrize("scale, other", [(2.0, 3.0), (2, -1)])
+def test_a_number_export_fixed_is_named_in_the_report_and_guarded(scale, other):
+    model = _randomized(ScaledByAnArgument())
+    x = fresh_input(2, 3, 8, 8)
+    folded = repfx.fold(model, (x, scale))
+    with torch.no_grad():
+        assert_close(folded(x, scale), model(x, scale))
+    assert any(f"scale = {scale!r}" in n for n in folded.meta[repfx.REPORT_KEY].notes)
+    with pytest.raises(repfx.GuardError, match=f"scale == {scale}"):
+        folded(x, other)
+
+
+def test_an_argument_the_example_left_at_its_default_is_a_guard_error_when_passed():
+    model = _randomized(ScaledByAnArgument())
+    x = fresh_input(2, 3, 8, 8)
+    folded = repfx.fold(model, (x, 2.0))
+    with pytest.raises(repfx.GuardError, match="in the form of the example inputs"):
+        folded(x, 2.0, True)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.export.graph_signature import ConstantArgument, InputKind
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, GuardError, one_line
@@ -80,17 +81,20 @@ def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
     finally:
         state.restore()
     _refuse_written_constants(program)
+    fixed = _fixed_values(program)
     if dynamic_error is None:
-        notes = [_shapes_note(program)]
+        notes = [_shapes_note(program), *fixed]
     else:
         notes = [
             f"captured by torch.export with static shapes (a dynamic batch failed: "
             f"{one_line(dynamic_error)}); the folded module accepts inputs of the example "
-            "inputs' shapes only"
+            "inputs' shapes only",
+            *fixed,
         ]
     gm = program.module()
     if hasattr(gm, _GUARDS):
         setattr(gm, _GUARDS, InputGuards(getattr(gm, _GUARDS)))
+    _name_the_call_form(gm)
     to_torch_level(gm)
     with _guards_set_aside(gm):
         functionalize(gm)  # marks what the graph writes (training-mode BN statistics, inputs)
@@ -146,7 +150,34 @@ class InputGuards(nn.Module):
             raise GuardError(
                 f"the folded module takes only inputs with {check}: torch.export fixed this "
                 "to the example inputs when it captured the model. Fold with example inputs "
-                "of the size you need"
+                "like those you call it with (the sizes, and any number or flag among them)"
+            ) from exc
+
+
+def _name_the_call_form(gm: fx.GraphModule) -> None:
+    """``ExportedProgram.module()`` checks that a call has the example inputs' form (as many
+    positional arguments, the same keywords) in a forward pre-hook that raises a bare
+    ``ValueError``: raise a :class:`repfx.GuardError` that says what to do instead."""
+    for key, hook in list(gm._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            gm._forward_pre_hooks[key] = _CallFormCheck(hook)
+
+
+class _CallFormCheck:
+    """Export's input-form pre-hook, its ``ValueError`` raised as a :class:`GuardError`."""
+
+    def __init__(self, check: Callable[..., Any]) -> None:
+        self.check = check
+
+    def __call__(self, module: nn.Module, *arguments: Any) -> Any:
+        try:
+            return self.check(module, *arguments)
+        except ValueError as exc:
+            raise GuardError(
+                "the folded module takes its inputs in the form of the example inputs it was "
+                "folded with (torch.export fixed the arguments they left out to their defaults, "
+                "and the keywords they gave): call it that way, or fold with example inputs "
+                f"that include every argument you pass ({one_line(exc)[:200]})"
             ) from exc
 
 
@@ -186,6 +217,22 @@ def _export_dynamic_or_static(
             return _export(model, example_inputs, dynamic=False), dynamic_error
         except Exception as exc:
             raise CaptureError(f"torch.export cannot capture {what} ({one_line(exc)})") from exc
+
+
+def _fixed_values(program: Any) -> list[str]:
+    """A note for the inputs that are Python numbers or flags: export fixes each to its
+    example value (a fold may then use it as a constant)."""
+    fixed = [
+        f"{spec.arg.name} = {spec.arg.value!r}"
+        for spec in program.graph_signature.input_specs
+        if spec.kind == InputKind.USER_INPUT and isinstance(spec.arg, ConstantArgument)
+    ]
+    if not fixed:
+        return []
+    return [
+        f"torch.export fixed {', '.join(fixed)} to the example value; another value raises "
+        "repfx.GuardError"
+    ]
 
 
 def _shapes_note(program: Any) -> str:
