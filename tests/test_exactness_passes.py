@@ -7,6 +7,8 @@ batch size) and, where the class is about exactness, in float64 too.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -272,3 +274,31 @@ class PreHookedBatchNormThenNegation(nn.Module):
 
 def test_an_affine_is_not_composed_with_a_hooked_batch_norm():
     _assert_exact(_randomised(PreHookedBatchNormThenNegation()), torch.randn(2, 2, 7))
+
+
+class TinyScaleAfterConv(nn.Module):
+    """A LayerScale as initialised for training (1e-5) after a float16 conv of weights near
+    1e-2: folded, the weights would hold entries near 1e-7, subnormal in float16."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.scale = nn.Parameter(torch.full((8, 1, 1), 1e-5))
+        with torch.no_grad():
+            self.conv.weight.uniform_(-0.02, 0.02)
+
+    def forward(self, x):
+        return x + self.scale * self.conv(x)
+
+
+def test_a_fold_that_would_lose_float16_precision_is_refused_as_such_not_as_a_bug():
+    model = TinyScaleAfterConv().half().eval()
+    x = _fresh(2, 8, 5, 5, dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", repfx.RewriteRejectedWarning)  # (a "bug" warns)
+        folded = repfx.fold(model, (x,))
+    reasons = [s.reason for s in folded.meta[repfx.REPORT_KEY].skipped]
+    assert any("below the smallest normal number of torch.float16" in r for r in reasons)
+    assert not any("repfx bug" in r for r in reasons)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))  # the scale stays: the same ops

@@ -42,6 +42,7 @@ from ..ir.graph import (
 )
 from ..ir.match import Fail
 from ..proof.aliasing import aliasing_failure
+from ..proof.precision import precision_loss
 from ..proof.region import ValidationFailure
 from ..proof.validate import prove_before
 from ..report.fold_report import Folded, Skipped
@@ -201,6 +202,9 @@ class FoldContext:
         except RewriteRefused as exc:  # the graph is half-changed: the pipeline undoes it
             raise RewriteRejected(rule, location, exc.reason, bug=False) from exc
         if (fail := proof.check(self.gm, replacements)) is not None:
+            lost = precision_loss(self.gm, proof.region, replacements)
+            if lost is not None:  # a refusal, not a bug
+                raise RewriteRejected(rule, location, lost.reason, bug=False)
             raise RewriteRejected(rule, location, fail.reason)
         aliased = aliasing_failure(self.gm, proof.region, proof.probes[0], replacements)
         if aliased is not None:  # a refusal, not a bug
