@@ -15,8 +15,9 @@ change what the opaque module computes:
   replace each of *its* children, whole, instead. The parent's code may still tell those
   replacements apart (read ``m.f`` on a replaced element, a weight inside it, test its type),
   so they are proven before any is made: the parent, its parameters and buffers converted to
-  float64, runs on the inputs it received on the example inputs once as it is and once with
-  the replacements (each folded from its float64 copy), and every output must agree as
+  float64, runs on the inputs it received on the example inputs (and on others of the same
+  shapes, below) once as it is and once with the replacements (each folded from its float64
+  copy), and every output must agree as
   :func:`repfx.proof.verify.verify` judges a float64 fold. When they do not agree together, each is
   proven on its own and those that pass are proven together again. A child refused is kept in
   turn and its own children are tried the same way, down to modules without children (a lone
@@ -24,8 +25,10 @@ change what the opaque module computes:
   reason in the report. Without example inputs there is nothing to run the parent on: nothing
   under a kept child is replaced.
 
-  The check is a run, so it sees the paths the parent's code takes on the example inputs;
-  code that reads inside a replaced module only on other inputs is beyond it.
+  The check is a run, so it sees the paths the parent's code takes on the inputs it runs on:
+  the example inputs, their negation and inputs re-drawn at three times their scale
+  (:func:`probe_inputs`; the report says which the parent ran on). Code that reads inside a
+  replaced module only on inputs none of these reach is beyond it.
 
 Never replaced, nor gone into: a module shared with another call site or reachable under
 another name, and a kept child that code outside the parent may reach
@@ -37,7 +40,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 
 from .capture import (
     CaptureError,
@@ -48,7 +53,7 @@ from .capture import (
 )
 from .errors import one_line
 from .ir.match import Fail
-from .proof.inputs import copy_model
+from .proof.inputs import copy_model, run
 from .proof.verify import float64_inputs, verify
 from .report.fold_report import FoldReport, Skipped
 
@@ -162,6 +167,7 @@ class _Proof:
 
     refusal: str | None = None  # why none may be replaced
     proven: dict[str, tuple | None] = field(default_factory=dict)  # path → its inputs
+    covered: list[str] = field(default_factory=list)  # the inputs it was proven on
     unfolded: dict[str, str] = field(default_factory=dict)  # path → why it did not fold
 
 
@@ -181,6 +187,12 @@ def _replace_proven(
             _replace(opaque.module, path, fold_child, proof.proven[path], report, where)
         else:  # it does not fold whole
             tried_next += _keep(opaque, path, proof.unfolded[path], report)
+    replaced = [opaque.where + p for p in paths if p not in refused and p in proof.proven]
+    if replaced:
+        report.notes.append(
+            f"{', '.join(replaced)} replaced by its fold inside untraced code, proven on "
+            f"{', '.join(proof.covered)}"
+        )
     return tried_next
 
 
@@ -234,12 +246,49 @@ def _prove(
                 continue
             setattr(holder, attr, folded)
             proof.proven[path] = inputs
-        check = verify(original, replaced, float64_inputs(opaque.inputs))
-    except Exception as exc:  # the parent fails with them replaced: it reads inside them
+    except Exception as exc:
         return _Proof(f"the untraced parent fails with this module folded ({one_line(exc)})")
-    if not check.passed:
-        return _Proof(
-            "the untraced parent computes something else with this module folded (it reads "
-            f"inside it): {check.summary()}"
-        )
+    for label, inputs in probe_inputs(opaque.inputs):
+        try:
+            run(original, inputs)
+        except Exception:  # the parent itself does not run on these: nothing to compare
+            continue
+        try:
+            check = verify(original, replaced, inputs)
+        except Exception as exc:  # the parent fails with them replaced: it reads inside them
+            return _Proof(
+                f"the untraced parent fails with this module folded, on {label} ({one_line(exc)})"
+            )
+        if not check.passed:
+            return _Proof(
+                "the untraced parent computes something else with this module folded (it "
+                f"reads inside it), on {label}: {check.summary()}"
+            )
+        proof.covered.append(label)
     return proof
+
+
+def probe_inputs(inputs: tuple) -> list[tuple[str, tuple]]:
+    """The inputs a replacement inside an opaque module is proven on, in float64, each with
+    what to call it: the example inputs, their negation, and inputs re-drawn at three times
+    their scale (seeded) — so that a branch the example inputs do not take (``if x.mean() >
+    0``) is taken too. Integer and boolean tensors (token ids, masks) stay as given."""
+    example = float64_inputs(inputs)
+    generator = torch.Generator().manual_seed(0)
+
+    def redrawn(x: torch.Tensor) -> torch.Tensor:
+        scale = 3 * float(x.abs().max()) if x.numel() else 1.0
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype) * (scale or 1.0)
+
+    def each(change: Callable[[torch.Tensor], torch.Tensor]) -> tuple:
+        return tree_map(lambda x: change(x) if _floating(x) else x, example)
+
+    return [
+        ("the example inputs", example),
+        ("their negation", each(torch.neg)),
+        ("inputs re-drawn at 3× their scale", each(redrawn)),
+    ]
+
+
+def _floating(x: object) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()

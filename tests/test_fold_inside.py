@@ -230,3 +230,37 @@ def test_re_drawn_parameters_fold_the_same():
         folded = repfx.fold(model, fresh_input(2, 3, 6, 6, seed=seed))
         assert batch_norms(folded) == 0
         _assert_exact_on_fresh_input(folded, model)
+
+
+class ReadsAWeightOnOtherInputs(C2fLike):
+    """Reads inside ``m[0].cv1`` only where the input's mean is negative: a branch the example
+    inputs (all positive) do not take."""
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return super().forward(x)
+        return nn.functional.conv2d(x, self.m[0].cv1.conv.weight, padding=1)
+
+
+class ReadsAWeightOnLargeInputs(C2fLike):
+    """The same, on inputs of another magnitude."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        if x.abs().max() > 10:
+            return out * self.m[1].cv2.conv.weight.sum()
+        return out
+
+
+@pytest.mark.parametrize(
+    "parent", [ReadsAWeightOnOtherInputs, ReadsAWeightOnLargeInputs], ids=lambda c: c.__name__
+)
+def test_a_parent_reading_inside_on_other_inputs_than_the_examples_keeps_it(parent):
+    model = randomise_(parent(), torch.Generator().manual_seed(0)).eval()
+    example = fresh_input(2, C, 6, 6).abs() + 0.1  # positive, at most a few units
+    folded = repfx.fold(model, (example,))
+    for x in (example, -example, 20 * fresh_input(3, C, 6, 6, seed=5)):
+        with torch.no_grad():
+            assert_close(folded(x), model(x))
+    notes = " ".join(folded.meta[repfx.REPORT_KEY].notes)
+    assert "proven on the example inputs, their negation" in notes
