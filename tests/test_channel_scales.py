@@ -19,6 +19,10 @@ model below from the model's source (not from repfx's output):
   linear *with a bias*: ``ls1·(Wx + b)`` would need ``b`` scaled per channel and per position,
   and ``α·x + β`` through ``T`` gives a shift that differs per position — neither fits a linear's
   bias. The final ``Affine`` norm goes through the token mean into the head.
+* timm hieradet_small, swiftformer_xs, rdnet_tiny: none. hieradet's LayerScales reach their
+  producers through the spatial crop (``x[:, :H, :W, :]``) and window un-partition reshapes;
+  swiftformer's through the tokens → channels reshape; rdnet's ``γ ⊙ (a ⊙ gate(a))`` gives
+  ``γ`` to the conv computing ``a``, which the excitation gate's conv undoes on its input.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ CASES = {
     "convformer_s18": (64, r"stages\.[23]\.blocks\.\d+\.res_scale[12]\.scale", 24),
     "efficientformer_l1": (224, r"stages\.\d\.blocks\.\d+\.ls1\.gamma", 14),
     "resmlp_12_224": (224, r"blocks\.\d+\.ls1|(blocks\.\d+\.norm1)\.beta,\1\.alpha", 24),
+    "hieradet_small": (256, "", 0),
+    "swiftformer_xs": (224, "", 0),
+    "rdnet_tiny": (224, "", 0),
 }
 
 
