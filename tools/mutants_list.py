@@ -1347,6 +1347,98 @@ EQUIVALENT: tuple[Mutant, ...] = (
 )
 
 
+# The run-time guards and the checks of what a fold assumes (issue classes: ranks, compile
+# staleness, writes the capture does not see, signed zeros, proofs inside untraced code).
+DYNAMO = "repfx/dynamo.py"
+T_DYNAMO = "tests/test_dynamo.py"
+T_WRITES = "tests/test_unseen_writes.py"
+
+GUARD_MUTANTS: tuple[Mutant, ...] = (
+    _m(
+        "rank-guard-passes-any-rank",
+        "repfx/ir/graph/guards.py",
+        "value.dim() != rank:",
+        "value.dim() != rank and False:",
+        "require_rank: a rank other than the one the fold assumed accepted",
+        "tests/test_rank_guards.py",
+    ),
+    _m(
+        "watch-ignores-versions",
+        DYNAMO,
+        "if current is not tensor or current._version != version:",
+        "if current is not tensor:",
+        "WatchedGraph: a frozen tensor written in place after compiling not seen",
+        T_DYNAMO,
+    ),
+    _m(
+        "watch-ignores-statistics",
+        DYNAMO,
+        "            if not torch.equal(tensor, snapshot):\n",
+        "            if False:\n",
+        "WatchedGraph: BN statistics a training step updated not compared",
+        T_DYNAMO,
+    ),
+    _m(
+        "freezing-attributes-not-folded",
+        DYNAMO,
+        "        attributes = _frozen_attributes(gm)\n",
+        "        attributes = None\n",
+        "DynamoBackend: with inductor's freezing set, the attributes dynamo hands over not folded",
+        T_DYNAMO,
+    ),
+    _m(
+        "backend-freezes-written-placeholders",
+        DYNAMO,
+        "    written = _written_placeholders(gm)\n",
+        "    written = set()\n",
+        "_freezable: a placeholder the graph writes through a view frozen",
+        T_WRITES,
+        T_DYNAMO,
+    ),
+    _m(
+        "written-storage-ignored",
+        GRAPH,
+        "        return bool(self._written) and _storage(tensor) in self._written\n",
+        "        return False\n",
+        "ConstantFolder.written: a module tensor another get_attr writes taken as constant",
+        T_WRITES,
+    ),
+    _m(
+        "region-ignores-written-module-state",
+        REGION,
+        "            self._refuse_written_state(node)\n",
+        "            pass\n",
+        "collect_region: a module whose tensors the forward writes proven with their values now",
+        T_WRITES,
+    ),
+    _m(
+        "capture-keeps-lost-assignment",
+        "repfx/capture/fx.py",
+        "    lost = [name for name, value in rebound if not _updates_in_place(value, name)]\n",
+        "    lost = []\n",
+        "capture: an assignment to a buffer the graph does not record accepted",
+        T_WRITES,
+    ),
+    _m(
+        "identity-plus-zero",
+        OPS,
+        "    _NOOP_SCALARS[_t] = (-0.0, True)",
+        "    _NOOP_SCALARS[_t] = (0.0, True)",
+        "cleanup: x + 0 removed (turns -0.0 into +0.0)",
+        T_CLEANUP,
+    ),
+    _m(
+        "fold-inside-example-inputs-only",
+        "repfx/fold_inside.py",
+        '        ("their negation", each(torch.neg)),\n'
+        '        ("inputs re-drawn at 3× their scale", each(redrawn)),\n',
+        "",
+        "fold_inside: replacements proven on the example inputs only",
+        "tests/test_fold_inside.py",
+    ),
+)
+
+
 MUTANTS: tuple[Mutant, ...] = (
     AUDIT
     + ALGEBRA_MUTANTS
@@ -1354,5 +1446,6 @@ MUTANTS: tuple[Mutant, ...] = (
     + GRAPH_MUTANTS
     + PASS_MUTANTS
     + CHECK_MUTANTS
+    + GUARD_MUTANTS
     + EQUIVALENT
 )
