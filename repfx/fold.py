@@ -21,6 +21,7 @@ from .capture import (
     insert_rank_guards,
     rank_guards,
     record_child_inputs,
+    rename_rank_guards,
 )
 from .errors import Error, TrainingModeError, one_line
 from .fold_inside import OpaqueModule, fold_inside
@@ -220,7 +221,11 @@ def _fold_copy(
     if not prefix:
         report.before = GraphStats.of(gm, work)
         report.before_sketch = GraphSketch.of(gm)
+    # (before the passes: a pass that replaces a guarded value, as cleanup replaces an
+    # Identity by its input, hands the guard to its replacement, which has the same rank)
+    insert_rank_guards(gm, guards)
     fixpoint = run_to_fixpoint(gm, passes)
+    rename_rank_guards(gm)
     report.folded += [Folded(f.rule, prefix + f.where, f.detail) for f in fixpoint.folded]
     report.skipped += [Skipped(s.rule, prefix + s.where, s.reason) for s in fixpoint.skipped]
     report.add_pass_seconds(fixpoint.seconds)
@@ -235,8 +240,6 @@ def _fold_copy(
         forget_annotations(gm)
         report.after = GraphStats.of(gm)
         report.after_sketch = GraphSketch.of(gm)
-    insert_rank_guards(gm, guards)  # (after the statistics: a guard computes nothing)
-    gm.recompile()
     return gm
 
 

@@ -637,3 +637,42 @@ def judge_compiled(model, seed: int) -> Verdict:
     if not all(same(p, q.detach()) for p, q in zip(params, module.parameters(), strict=True)):
         verdict.problems.append(("model changed by the fold", "compile changed a parameter"))
     return verdict
+
+
+# ------------------------------------------------------------------- unbatched inputs
+
+
+def judge_unbatched(model, seed: int) -> Verdict:
+    """Fold without example inputs (which assumes batched conv / norm inputs), then call the
+    folded module on one item with the batch axis dropped: where the original runs on it, the
+    folded module matches it or raises :class:`repfx.GuardError` (a rank it assumed)."""
+    verdict = Verdict()
+    generator = torch.Generator().manual_seed(seed)
+    (x,) = model.inputs(generator, batch=1)
+    item = (x[0],)
+    expected, _ = run(model.module, item, seed)
+    if isinstance(expected, Exception):
+        verdict.events.append("unbatched: the model does not run on one item")
+        return verdict
+    attempt = attempt_fold(model.module, None, verify=False)
+    verdict.events.append(f"unbatched: {attempt.outcome}")
+    if attempt.folded is None:
+        return verdict
+    actual, _ = run(attempt.folded, item, seed)
+    if isinstance(actual, repfx.GuardError):
+        verdict.events.append("unbatched: guard raised")
+        return verdict
+    if isinstance(actual, Exception):
+        verdict.problems.append(("folded model raises", f"on one item: {actual!r}"))
+        return verdict
+    got, want = leaves(actual), leaves(expected)
+    if len(got) != len(want):
+        verdict.problems.append(("wrong output", f"{len(got)} outputs instead of {len(want)}"))
+        return verdict
+    for index, (a, e) in enumerate(zip(got, want, strict=True)):
+        problem = mismatch(a, e)
+        if problem and not rounding_excuses(model.module, attempt.folded, item, seed, index):
+            verdict.problems.append(
+                ("wrong output", f"output {index} on one item, without example inputs: {problem}")
+            )
+    return verdict

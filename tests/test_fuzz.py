@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from fuzz_models import ALL_DTYPES, BUG_CLASSES, Modifiers, fuzz_models
-from fuzz_oracle import Verdict, judge, judge_compiled
+from fuzz_oracle import Verdict, judge, judge_compiled, judge_unbatched
 from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 from profiles import fuzzer_settings
@@ -53,6 +53,7 @@ PLANS = {
     "multi_output": Plan(EVERYTHING, Modifiers(multi_output=True), 0.05),
     "everything": Plan(EVERYTHING, EVERY_MODIFIER, 0.15),
 }
+UNBATCHED_PLAN = Plan(("grammar", "padding", "functional", "arithmetic"), Modifiers(), 0.02)
 COMPILE_PLAN = Plan(
     ("grammar", "padding", "functional", "hooks", "inplace", "parametrize"),
     Modifiers(max_blocks=2, multi_output=True),
@@ -177,6 +178,15 @@ def test_compile_backend(model, seed):
     and with grad enabled on trainable parameters: outputs and gradients unchanged."""
     note(model.describe())
     check(judge_compiled(model, seed))
+
+
+@fuzz_settings(UNBATCHED_PLAN.share)
+@given(UNBATCHED_PLAN.models(), seeds)
+def test_unbatched_inputs_without_example_inputs(model, seed):
+    """Folded without example inputs, called on one item without its batch axis: the same
+    output as the original, or a ``repfx.GuardError`` naming the rank the fold assumed."""
+    note(model.describe())
+    check(judge_unbatched(model, seed))
 
 
 def test_plans_share_the_whole_run():

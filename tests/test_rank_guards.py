@@ -60,6 +60,20 @@ class ConvGroupNormScale(nn.Module):
         return self.scale * self.norm(self.conv(x))
 
 
+class IdentityThenConv1dScale(nn.Module):
+    """A no-op before the conv (cleanup removes it, handing its guard to the input) and a
+    scale of shape ``(1, C, 1)``, which broadcasts an unbatched input to rank 3 (the fuzzer's
+    find)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Identity(), nn.Conv1d(C, C, 1)
+        self.scale = nn.Parameter(torch.ones(1, C, 1))
+
+    def forward(self, x):
+        return F.gelu(self.conv(self.stem(x)) * self.scale)
+
+
 # (model, a batched input, an unbatched input the original runs on: its axis 1 has C entries)
 CASES = {
     "conv_then_F.batch_norm": (lambda: ConvThenFunctionalBatchNorm(), (2, 3, 4, 5), (3, C, 5)),
@@ -70,6 +84,7 @@ CASES = {
     ),
     "conv1d_then_batch_norm1d": (Conv1dThenBatchNorm1d, (2, C, 6), (C, C)),
     "conv_group_norm_scale": (ConvGroupNormScale, (2, C, 4, 5), (C, C, 5)),
+    "identity_then_conv1d_scale": (IdentityThenConv1dScale, (2, C, 6), (C, 6)),
 }
 
 

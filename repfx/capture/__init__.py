@@ -32,7 +32,7 @@ from .frontend import (
 from .fx import capture
 from .inplace import functionalize
 from .opaque import child_reason, descent_reason, has_own_forward
-from .rank_guards import RankGuard, insert_rank_guards, rank_guards
+from .rank_guards import RankGuard, insert_rank_guards, rank_guards, rename_rank_guards
 from .shapes import drop_no_op_dtype_guards, propagate_shapes
 from .torch_export import export_program
 
@@ -57,4 +57,5 @@ __all__ = [
     "rank_guards",
     "record_child_inputs",
     "record_inputs",
+    "rename_rank_guards",
 ]

@@ -12,7 +12,8 @@ the original normalises or scales another axis than the folded module does.
 * **With example inputs** the ranks are the examples'. A graph with such ops gets its tensor
   inputs guarded to the ranks they had.
 
-A guard is one call of :func:`repfx.ir.graph.require_rank` after the value it checks: a
+A guard is one call of :func:`repfx.ir.graph.require_rank` after the value it checks, placed
+before the passes run (a pass that replaces the value hands the guard to the replacement): a
 comparison of two integers per call. It raises :class:`repfx.GuardError` naming the input, the
 rank the fold assumed, the rank it got and what to do. Tracing the folded module again
 (``repfx.fold``, ``torch.fx``, ``torch.export``, dynamo) keeps or evaluates the check; it writes
@@ -27,6 +28,7 @@ from torch import fx
 
 from ..ir.graph import (
     assumed_input_rank,
+    is_guard,
     op_name,
     rank_of,
     require_rank,
@@ -70,16 +72,27 @@ def _reads_a_batch(gm: fx.GraphModule, node: fx.Node) -> str:
 
 def insert_rank_guards(gm: fx.GraphModule, guards: list[RankGuard]) -> None:
     """Check each guard's value right after it is computed (a graph input: after the last
-    one). A value the folds removed is not checked (its readers went with it)."""
+    one)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for guard in reversed(guards):
         node = guard.node
         if node._erased or node.graph is not gm.graph or _guarded(node, guard.rank):
             continue
         anchor = placeholders[-1] if node.op == "placeholder" else node
-        name = f"input {node.target}" if node.op == "placeholder" else f"the value {node.name}"
         with gm.graph.inserting_after(anchor):
-            gm.graph.call_function(require_rank, (node, guard.rank, name, guard.reader))
+            gm.graph.call_function(require_rank, (node, guard.rank, _name(node), guard.reader))
+
+
+def rename_rank_guards(gm: fx.GraphModule) -> None:
+    """Name each guard after the value it checks now: a pass may have handed it to another
+    (cleanup replaces an ``Identity`` by the graph input it passes on)."""
+    for node in gm.graph.nodes:
+        if is_guard(node) and isinstance(node.args[0], fx.Node):
+            node.args = (node.args[0], node.args[1], _name(node.args[0]), *node.args[3:])
+
+
+def _name(node: fx.Node) -> str:
+    return f"input {node.target}" if node.op == "placeholder" else f"the value {node.name}"
 
 
 def _guarded(node: fx.Node, rank: int) -> bool:

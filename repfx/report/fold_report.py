@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import fx, nn
 
+from ..ir.graph import is_guard
 from ..ir.norms import NORMS
 from ..ir.op_kinds import op_counts
 from .sketch import GraphSketch
@@ -191,7 +192,7 @@ class GraphStats:
     @staticmethod
     def of(gm: fx.GraphModule, module: nn.Module | None = None) -> GraphStats:
         module = gm if module is None else module
-        calls = [n for n in gm.graph.nodes if n.op.startswith("call_")]
+        calls = [n for n in gm.graph.nodes if n.op.startswith("call_") and not is_guard(n)]
         return GraphStats(
             parameters=sum(p.numel() for p in module.parameters()),
             buffers=sum(b.numel() for b in module.buffers()),

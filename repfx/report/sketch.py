@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from ..ir.graph import op_name
+from ..ir.graph import is_guard, op_name
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ def _computed_calls(gm: fx.GraphModule) -> list[fx.Node]:
     for n in gm.graph.nodes:
         if n.op == "placeholder" or any(i in computed for i in n.all_input_nodes):
             computed.add(n)
-    return [n for n in gm.graph.nodes if n.op.startswith("call_") and n in computed]
+    calls = [n for n in gm.graph.nodes if n.op.startswith("call_") and n in computed]
+    return [n for n in calls if not is_guard(n)]  # (a rank check computes nothing)
 
 
 def _module_paths(calls: list[fx.Node]) -> dict[fx.Node, str]:

@@ -24,7 +24,7 @@ from .constants import (
     is_torch_callable,
     writes_in_place,
 )
-from .guards import require_rank
+from .guards import is_guard, require_rank
 from .modules import (
     fetch_attr,
     global_forward_hooks,
@@ -81,6 +81,7 @@ __all__ = [
     "has_hooks",
     "inplace_flag",
     "is_floating",
+    "is_guard",
     "is_inplace_name",
     "is_plain",
     "is_torch_callable",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import fx
 
 from ...errors import GuardError
 
@@ -22,3 +23,8 @@ def require_rank(value: Any, rank: int, name: str, reader: str) -> None:
             f"({reader}); its folds are exact only on inputs of that rank. Fold with example "
             "inputs of the form you call it with: repfx.fold(model, example_inputs)"
         )
+
+
+def is_guard(node: fx.Node) -> bool:
+    """Is ``node`` a :func:`require_rank` check (it computes nothing)?"""
+    return node.op == "call_function" and node.target is require_rank
