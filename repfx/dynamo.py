@@ -42,7 +42,7 @@ import torch
 from torch import fx, nn
 
 from .capture import drop_no_op_dtype_guards, functionalize
-from .ir.graph import MUTATED_KEY, annotate_ranks, forget_annotations
+from .ir.graph import MUTATED_KEY, annotate_ranks, fetch_attr, forget_annotations
 from .passes import default_pipeline, run_to_fixpoint
 from .passes.base import Pass, rule_words
 from .passes.rewrite import delete_unused_attributes
@@ -223,7 +223,7 @@ def _frozen_attributes(gm: fx.GraphModule) -> dict[str, torch.Tensor] | None:
     that needs grad while grad is enabled); ``None``: there are none, or not all may."""
     found: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:
-        value = _fetch(gm, node.target) if node.op == "get_attr" else None
+        value = fetch_attr(gm, node.target) if node.op == "get_attr" else None
         if not isinstance(value, torch.Tensor):
             continue
         needs_grad = value.requires_grad and torch.is_grad_enabled()
@@ -231,13 +231,6 @@ def _frozen_attributes(gm: fx.GraphModule) -> dict[str, torch.Tensor] | None:
             return None
         found[node.target] = value
     return found or None
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for name in target.split("."):
-        value = getattr(value, name, None)
-    return value
 
 
 def _frozen_labels(gm: fx.GraphModule, frozen: set[int]) -> dict[int, str]:
@@ -265,7 +258,7 @@ def _running_statistics(gm: fx.GraphModule) -> set[int | str]:
             continue
         if node.op == "placeholder" and _attribute_kind(node) == "buffers":
             found.add(placeholders.index(node))
-        elif node.op == "get_attr" and not isinstance(_fetch(gm, node.target), nn.Parameter):
+        elif node.op == "get_attr" and not isinstance(fetch_attr(gm, node.target), nn.Parameter):
             found.add(node.target)
     return found
 

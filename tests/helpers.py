@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import repfx
 from repfx import algebra
 from repfx.capture import capture, copy_model, propagate_shapes
-from repfx.ir.graph import annotate_ranks, require_rank
+from repfx.ir.graph import annotate_ranks
 from repfx.testing import assert_close
 
 
@@ -79,11 +79,6 @@ def fold_matches(model: nn.Module, example: torch.Tensor, fresh: torch.Tensor) -
     with torch.no_grad():
         assert_close(folded(fresh), model(fresh))
     return folded
-
-
-def is_guard(node: fx.Node) -> bool:
-    """A rank guard the fold placed (:mod:`repfx.capture.rank_guards`): it computes nothing."""
-    return node.op == "call_function" and node.target is require_rank
 
 
 def batch_norms(folded: nn.Module) -> int:

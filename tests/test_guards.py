@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grammar import randomise_
-from helpers import is_guard
 from torch import nn
 
 import repfx
-from repfx.ir.graph import ConstantFolder, tensor_use_counts
+from repfx.ir.graph import ConstantFolder, is_guard, tensor_use_counts
 from repfx.ir.op_kinds import op_counts
 from repfx.testing import assert_equivalent
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grammar import randomise_
-from helpers import is_guard
 from torch import nn
 
 import repfx
+from repfx.ir.graph import is_guard
 from repfx.testing import assert_equivalent
 
 C = 4

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grammar import randomise_
-from helpers import is_guard, traced
+from helpers import traced
 from torch import fx, nn
 
 import repfx
@@ -26,6 +26,7 @@ from repfx.ir.graph import (
     ConstantFolder,
     annotate_ranks,
     has_hooks,
+    is_guard,
     is_plain,
     rank_of,
 )

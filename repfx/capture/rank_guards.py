@@ -97,7 +97,4 @@ def _name(node: fx.Node) -> str:
 
 def _guarded(node: fx.Node, rank: int) -> bool:
     """``node`` is already checked for ``rank`` (a folded module folded again)."""
-    return any(
-        u.op == "call_function" and u.target is require_rank and u.args[:2] == (node, rank)
-        for u in node.users
-    )
+    return any(is_guard(u) and u.args[:2] == (node, rank) for u in node.users)

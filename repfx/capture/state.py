@@ -13,12 +13,17 @@ def tensor_attributes(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Plain tensor attributes of any module of ``model`` (neither parameters nor buffers):
     torch.fx does not trace them and torch.export lifts them as constants, real tensors a
     capture may write to."""
-    found = []
-    for path, module in model.named_modules():
-        for name, value in vars(module).items():
-            if _plain(value):
-                found.append((f"{path}.{name}" if path else name, value))
-    return found
+    return [(qualified, vars(module)[name]) for module, name, qualified in _plain_slots(model)]
+
+
+def _plain_slots(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(module, attribute name, qualified name) of each plain tensor attribute."""
+    return [
+        (module, name, f"{path}.{name}" if path else name)
+        for path, module in model.named_modules()
+        for name, value in vars(module).items()
+        if _plain(value)
+    ]
 
 
 def unrecorded_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -58,12 +63,15 @@ class Bindings:
     its place: :meth:`rebound` says which, and puts the tensors back."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._bound = []
-        for path, module in model.named_modules():
-            names = [*module._buffers, *(n for n, v in vars(module).items() if _plain(v))]
-            for name in names:
-                qualified = f"{path}.{name}" if path else name
-                self._bound.append((module, name, qualified, getattr(module, name)))
+        buffers = [
+            (module, name, f"{path}.{name}" if path else name)
+            for path, module in model.named_modules()
+            for name in module._buffers
+        ]
+        self._bound = [
+            (module, name, qualified, getattr(module, name))
+            for module, name, qualified in [*buffers, *_plain_slots(model)]
+        ]
 
     def rebound(self) -> list[tuple[str, object]]:
         """Bind every name back to its tensor; the (name, value it held) of those rebound."""

@@ -49,6 +49,7 @@ from ..ir.graph import writes_in_place
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
 from .state import SavedState, tensor_attributes
+from .writes import overload_aliases_first
 
 aten = torch.ops.aten
 _GUARDS = "_guards_fn"  # ExportedProgram.module()'s input-shape checks
@@ -120,18 +121,11 @@ def _refuse_written_constants(program: Any) -> None:
                     "would be lost). Register it as a buffer (module.register_buffer(name, "
                     "tensor))"
                 )
-            if _returns_view(user):
+            if isinstance(user.target, torch._ops.OpOverload) and overload_aliases_first(
+                user.target
+            ):  # a view of it: a write to the view writes the constant
                 targets[user] = targets[node]
                 frontier.append(user)
-
-
-def _returns_view(node: fx.Node) -> bool:
-    """An ATen overload whose result aliases its first argument (``aten.slice``, ``view``)."""
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or not target._schema.returns:
-        return False
-    alias = target._schema.returns[0].alias_info
-    return alias is not None and not alias.is_write
 
 
 class InputGuards(nn.Module):

@@ -184,7 +184,7 @@ def _overload_allocates(op: torch._ops.OpOverload) -> bool:
         return False
 
 
-def _overload_aliases_first(op: torch._ops.OpOverload) -> bool:
+def overload_aliases_first(op: torch._ops.OpOverload) -> bool:
     """Does the overload return a view of (or write to) its first argument, and nothing else?"""
     schema = op._schema
     first = schema.arguments[0].alias_info if schema.arguments else None
@@ -256,7 +256,7 @@ def _returns_alias_of_first(gm: fx.GraphModule, node: fx.Node) -> bool:
     return (
         _method_aliases_first(node)
         or _function_aliases_first(node)
-        or (isinstance(node.target, torch._ops.OpOverload) and _overload_aliases_first(node.target))
+        or (isinstance(node.target, torch._ops.OpOverload) and overload_aliases_first(node.target))
         or _returns_input_itself(gm, node)
         or _module_aliases_first(gm, node)
     )

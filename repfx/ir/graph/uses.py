@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from .constants import ConstantFolder
-from .guards import require_rank
+from .guards import is_guard
 from .modules import fetch_attr, module_of
 
 
@@ -110,7 +110,7 @@ def reads_only_shape(user: fx.Node, node: fx.Node) -> bool:
     """True when ``user`` reads nothing of ``node`` but its shape (``x.shape``, ``x.size()``,
     ``y.reshape_as(x)``, a rank guard): such a use survives any rewrite that keeps ``node``'s
     shape."""
-    if user.op == "call_function" and user.target is require_rank:
+    if is_guard(user):
         return user.args[0] is node and node not in user.args[1:]
     if user.op == "call_function" and user.target is getattr:
         return user.args[0] is node and user.args[1:] in (("shape",), ("ndim",))
