@@ -86,6 +86,7 @@ class DynamoBackend:
         those tensors, and its report."""
         gm = _copy(gm)  # dynamo reads the graph it handed over (its inputs) afterwards
         _freeze(gm, tensors)
+        _name_modules_as_the_model_does(gm)
         functionalize(gm)  # in-place ops: out of place where provably private, else marked
         _record_shapes(gm)
         drop_no_op_dtype_guards(gm)
@@ -240,9 +241,27 @@ def _frozen_labels(gm: fx.GraphModule, frozen: set[int]) -> dict[int, str]:
     labels = {}
     for i in frozen:
         source = _source_name(placeholders[i]) or placeholders[i].name
-        path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", source)
-        labels[i] = path.removeprefix("L['self'].").removeprefix("L['self']")
+        labels[i] = module_path(source)
     return labels
+
+
+def module_path(source: str) -> str:
+    """Dynamo's name of a module or tensor as the model's own dotted path:
+    ``L['self']._modules['conv']._parameters['weight']`` and ``L['self'].conv.weight`` both
+    read ``conv.weight``."""
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", source)
+    return path.removeprefix("L['self'].").removeprefix("L['self']")
+
+
+def _name_modules_as_the_model_does(gm: fx.GraphModule) -> None:
+    """Module paths in each node's ``nn_module_stack`` as the model's own (``network.0.norm1``,
+    not ``L['self'].network.0.norm1``), so that reports name them as ``repfx.fold`` does."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (module_path(path), *rest) for key, (path, *rest) in stack.items()
+            }
 
 
 _BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training"}
@@ -319,11 +338,17 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _freeze(gm: fx.GraphModule, tensors: dict[int, torch.Tensor]) -> None:
+    """Each placeholder of ``tensors`` becomes an attribute holding its tensor: a frozen
+    parameter where the model holds a parameter (so that reports count it as one), else a
+    buffer."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, value in tensors.items():
         node = placeholders[i]
         name = f"frozen_{node.name}"
-        gm.register_buffer(name, value.detach())
+        if _attribute_kind(node) == "parameters":
+            gm.register_parameter(name, nn.Parameter(value.detach(), requires_grad=False))
+        else:
+            gm.register_buffer(name, value.detach())
         with gm.graph.inserting_after(placeholders[-1]):
             attr = gm.graph.get_attr(name)
         node.replace_all_uses_with(attr)

@@ -8,6 +8,7 @@ torch, which dominates its run time).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -34,8 +35,10 @@ from repfx.cli import (
     build_parser,
     check_output_path,
     main,
+    parse_shape,
     sigterm_as_interrupt,
 )
+from repfx.cli import optimize as cli_optimize
 from repfx.ir.op_kinds import op_counts
 from repfx.sources import UnknownModelError
 from repfx.testing import assert_close
@@ -643,3 +646,51 @@ def test_each_step_reports_its_duration_and_the_report_the_whole_run(capsys):
     assert re.fullmatch(r"repfx: loading riformer_tiny: \d+\.\d s", steps[1])
     assert re.fullmatch(r"repfx: tracing and folding, verifying on 1×3×32×32: \d+\.\d s", steps[-1])
     assert re.search(r"time: fold \d+\.\d s, whole run \d+\.\d s", captured.out)
+
+
+def test_picture_arguments_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """A wrong ``--graph`` / ``--graph-block`` is a usage error before the model is loaded
+    (a name that is not a module of the model: before it is folded), with what is accepted."""
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("slow work started before the arguments were checked")
+
+    monkeypatch.setattr(cli_optimize, "load_source", no_work)
+    cases = [
+        (["--graph", str(tmp_path / "g.xyz")], "cannot draw a .xyz file; name the picture with "
+         "one of .svg, .png, .pdf, .jpg"),
+        (["--graph", str(tmp_path / "g")], "cannot draw a suffix-less file"),
+        (["--graph-block", "network.0.0"], "--graph-block needs a picture to draw into"),
+        (["--graph", str(tmp_path / "missing" / "g.png")], "does not exist"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert main(["optimize", "riformer_tiny", *TINY, "-q", *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert main(["optimize", "riformer_tiny", "-q", "--graph", str(tmp_path / "g.svg")]) == 2
+    assert "pip install 'repfx[draw]'" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(cli_optimize, "fold", no_work)
+    args = ["--graph", str(tmp_path / "g.svg"), "--graph-block", "network.0.O"]
+    assert main(["optimize", "riformer_tiny", *TINY, "-q", *args]) == 2
+    err = capsys.readouterr().err
+    assert "has no module of that name; did you mean network.0.0" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_is_plain_text_and_documents_every_option(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    assert "``" not in capsys.readouterr().out  # no reStructuredText markup
+    optimize = next(
+        action.choices["optimize"]
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    documented = [a for a in optimize._actions if a.help != argparse.SUPPRESS]
+    assert all(a.help for a in documented), [a.dest for a in documented if not a.help]
+    shape = next(a for a in documented if a.dest == "input_shape")
+    assert "1x3x224x224" in shape.help  # both spellings parse_shape accepts
+    assert parse_shape("1x3x224x224") == parse_shape("1,3,224,224") == (1, 3, 224, 224)

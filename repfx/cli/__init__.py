@@ -65,7 +65,7 @@ from .errors import (
 )
 from .example_inputs import parse_shape
 from .optimize import DTYPES, benchmark, list_models, run_optimize
-from .outputs import FORMAT_LOADERS, check_output_path
+from .outputs import FORMAT_LOADERS, PICTURE_SUFFIXES_TEXT, check_output_path
 
 __all__ = [
     "EXIT_CAPTURE",
@@ -97,7 +97,7 @@ _LIST_HELP = "list built-in models and exit"  # --list, before or after the comm
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repfx",
-        description=__doc__.splitlines()[0],
+        description="repfx command line: fold a model and write a deployable, checked file.",
         epilog="exit codes: 0 ok, 1 verification failed, 2 usage, 3 untraceable model, "
         "4 unreadable SOURCE, 5 refused pickle, 6 export failed, 7 internal error",
     )
@@ -153,8 +153,8 @@ def _add_optimize_arguments(opt: argparse.ArgumentParser) -> None:
         "--input-shape",
         action="append",
         metavar="SHAPE",
-        help="example input shape, e.g. 1,3,224,224; repeat for several inputs (default: "
-        "inferred for built-in and timm models)",
+        help="example input shape, e.g. 1,3,224,224 or 1x3x224x224; repeat for several inputs "
+        "(default: inferred for built-in and timm models)",
     )
     opt.add_argument("--dtype", choices=sorted(DTYPES), help="convert the model to this dtype")
     opt.add_argument(
@@ -167,8 +167,14 @@ def _add_optimize_arguments(opt: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--graph",
         metavar="PICTURE",
-        help="draw one folded block before and after into PICTURE (.svg, .png or .pdf; needs "
-        "matplotlib: pip install 'repfx[draw]')",
+        help=f"draw one folded block before and after into PICTURE ({PICTURE_SUFFIXES_TEXT}; "
+        "needs matplotlib: pip install 'repfx[draw]')",
+    )
+    opt.add_argument(
+        "--graph-block",
+        metavar="NAME",
+        help="with --graph: the module to draw, by its path (e.g. stages.0.0; default: the "
+        "block whose fold removed the most ops, among the most common folded blocks)",
     )
     switch(
         "--fold-norm-affine",
@@ -183,7 +189,13 @@ def _add_optimize_arguments(opt: argparse.ArgumentParser) -> None:
     switch("--all", "with --explain: every candidate not folded")
     switch("--json", "print the report as JSON on stdout")
     switch("--benchmark", "time eager inference before -> after")
-    opt.add_argument("--benchmark-rounds", type=int, default=30, metavar="N")
+    opt.add_argument(
+        "--benchmark-rounds",
+        type=int,
+        default=30,
+        metavar="N",
+        help="with --benchmark: interleaved timing rounds of each model (default: 30)",
+    )
     opt.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     opt.add_argument(  # also accepted after the command; SUPPRESS keeps a leading --debug
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import statistics
 import sys
@@ -28,7 +29,7 @@ from .example_inputs import (
     parse_shape,
     shapes_text,
 )
-from .outputs import Target, check_output_path, output_format, writable_target, write_output
+from .outputs import Target, check_output_path, check_picture_path, output_format, write_output
 from .progress import Progress, timed
 from .text import human_report
 
@@ -62,6 +63,7 @@ def run_optimize(args: argparse.Namespace) -> int:
 
     loaded, model, seconds = _load_model(args, progress)
     result["load_seconds"] = seconds
+    _check_graph_block(args.graph_block, model, loaded.description)
     dtype = model_dtype(model)
     shapes = _input_shapes(args, options, loaded, model)
     inputs = make_example_inputs(shapes, dtype) if shapes else None
@@ -78,7 +80,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     result.update(report.to_dict())
 
     if options.picture is not None:
-        result["graph"] = _draw(report, options.picture, progress)
+        result["graph"] = _draw(report, options.picture, args.graph_block, progress)
     if options.out is not None:
         target = Target(
             options.out, options.fmt, force=args.force, static_shapes=args.static_shapes
@@ -108,7 +110,7 @@ def _checked_options(args: argparse.Namespace) -> OptimizeOptions:
     usage error."""
     fmt = output_format(args)
     out = check_output_path(args)
-    picture = None if args.graph is None else writable_target(Path(args.graph), "--graph", args)
+    picture = check_picture_path(args)
     shapes = [parse_shape(s) for s in args.input_shape or []]
     if args.benchmark_rounds < 1:
         raise UsageError("--benchmark-rounds must be at least 1")
@@ -130,6 +132,17 @@ def _load_model(
     if args.dtype:
         model = model.to(DTYPES[args.dtype])
     return loaded, model, seconds
+
+
+def _check_graph_block(block: str | None, model: nn.Module, description: str) -> None:
+    """``--graph-block`` names a module of the model (checked before folding)."""
+    if block is None or block == "":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if block not in names:
+        close = difflib.get_close_matches(block, names, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise UsageError(f"--graph-block {block}: {description} has no module of that name{hint}")
 
 
 def _input_shapes(
@@ -210,18 +223,20 @@ def _print_result(args: argparse.Namespace, report: FoldReport, result: dict) ->
         print(human_report(report, result, explain=args.explain, everything=args.all))
 
 
-def _draw(report: FoldReport, path: Path, progress: Progress) -> dict:
-    """Draw one folded block before and after into ``path`` (``--graph``)."""
-    progress(f"drawing a folded block into {path} ...")
+def _draw(report: FoldReport, path: Path, block: str | None, progress: Progress) -> dict:
+    """Draw one folded block (``--graph-block``, else the report's choice) before and after
+    into ``path`` (``--graph``). A block that cannot be drawn is a usage error when the user
+    named it, and a line of the report when repfx chose it (a model with nothing folded)."""
+    progress(f"drawing {block or 'a folded block'} into {path} ...")
     try:
-        block = report.draw(path)
+        drawn = report.draw(path, block=block)
     except DrawError as exc:
-        if "matplotlib" in str(exc):
+        if block is not None or "matplotlib" in str(exc):
             raise UsageError(f"--graph: {exc}") from exc
         return {"path": None, "why": str(exc)}
     except OSError as exc:
         raise UsageError(f"--graph {path}: cannot write it: {exc.strerror or exc}") from exc
-    return {"path": str(path), "block": block}
+    return {"path": str(path), "block": drawn}
 
 
 def benchmark(

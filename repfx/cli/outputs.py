@@ -53,6 +53,32 @@ def output_format(args: argparse.Namespace) -> str | None:
     return fmt
 
 
+# The picture formats ``--graph`` writes (matplotlib's writers, chosen by suffix).
+PICTURE_SUFFIXES = (".svg", ".png", ".pdf", ".jpg", ".jpeg")
+PICTURE_SUFFIXES_TEXT = ", ".join(PICTURE_SUFFIXES[:-2]) + " or .jpg"
+
+
+def check_picture_path(args: argparse.Namespace) -> Path | None:
+    """``--graph``'s picture, if it can be drawn and written: a known suffix, matplotlib
+    installed, a writable target (see :func:`writable_target`); ``--graph-block`` only with
+    it."""
+    if args.graph is None:
+        if args.graph_block is not None:
+            raise UsageError("--graph-block needs a picture to draw into: --graph PICTURE")
+        return None
+    picture = Path(args.graph)
+    if picture.suffix.lower() not in PICTURE_SUFFIXES:
+        raise UsageError(
+            f"--graph {args.graph}: cannot draw a {picture.suffix or 'suffix-less'} file; name "
+            f"the picture with one of {', '.join(PICTURE_SUFFIXES)}"
+        )
+    try:
+        import matplotlib  # noqa: F401  (only whether it is there)
+    except ImportError:
+        raise UsageError("--graph: drawing needs matplotlib: pip install 'repfx[draw]'") from None
+    return writable_target(picture, "--graph", args)
+
+
 def check_output_path(args: argparse.Namespace) -> Path | None:
     """OUT, if it may be written (see :func:`writable_target`)."""
     return None if args.output is None else writable_target(Path(args.output), "-o", args)

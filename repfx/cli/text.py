@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..report.fold_report import FoldReport
+from ..report.fold_report import FoldReport, relative_error_text
 
 
 def human_report(report: FoldReport, result: dict, explain: bool, everything: bool) -> str:
@@ -21,10 +21,8 @@ def human_report(report: FoldReport, result: dict, explain: bool, everything: bo
         if check:
             sizes = check.get("batch_sizes") or ()
             at = f" at batch {' and '.join(map(str, sizes))}" if len(sizes) > 1 else ""
-            lines.append(
-                f"  reloaded with {check['runner']}{at}: max abs {check['max_abs_error']:.3g}, "
-                f"max rel {check['max_rel_error']:.3g} (tolerance {check['tolerance']:.1g})"
-            )
+            errors = relative_error_text(check["max_rel_error"], check["tolerance"])
+            lines.append(f"  reloaded with {check['runner']}{at}: {errors}")
         onnx = output.get("onnx")
         if onnx:
             lines.append(_onnx_lines(onnx))
@@ -40,8 +38,7 @@ def human_report(report: FoldReport, result: dict, explain: bool, everything: bo
     if explain:
         which = "every candidate" if everything else "what you could change"
         lines.append(f"not folded ({which}), with reasons:")
-        text = report.explain(everything=everything)
-        lines.append(text or ("  (every candidate was folded)" if everything else "  (nothing)"))
+        lines.extend(f"  {line}" for line in report.explain(everything=everything).splitlines())
     return "\n".join(lines)
 
 

@@ -469,7 +469,8 @@ class MergeBranches(NodeRule):
         replace_join(join, new, region)
         new.target = _free_path(ctx.gm, base, new)  # names freed by the branches count
         ctx.gm.add_submodule(new.target, merged)
-        return [new], f"merged {len(region)} ops into one conv {new.target}"
+        ops = f"{len(region)} op{'s' if len(region) != 1 else ''}"
+        return [new], f"merged {ops} into one conv {new.target}"
 
     def _explain(self, ctx: FoldContext, joins: list[fx.Node]) -> list[Skipped]:
         """Why fork-join regions that are not sums of conv branches were left alone (one

@@ -116,6 +116,7 @@ class TensorError:
     abs_error: float  # max |a − e| over the positions finite in both
     rel_error: float  # abs_error / max |e| over the finite positions of e (abs_error if e is 0)
     nonfinite_mismatches: int  # positions where NaN / ±Inf differ (NaN vs not, or Inf vs other)
+    scale: float = 0.0  # max |e| over the finite positions of e: what rel_error is relative to
 
     @property
     def rel_or_inf(self) -> float:
@@ -134,7 +135,7 @@ def tensor_error(actual: torch.Tensor, expected: torch.Tensor) -> TensorError:
         return TensorError(0.0, 0.0, mismatches)
     abs_err = (a - e).abs()[finite].max().item()
     scale = e.abs()[e.isfinite()].max().item()
-    return TensorError(abs_err, abs_err / scale if scale > 0 else abs_err, mismatches)
+    return TensorError(abs_err, abs_err / scale if scale > 0 else abs_err, mismatches, scale)
 
 
 def max_errors(actual: object, expected: object) -> tuple[float, float]:

@@ -158,7 +158,7 @@ def compare_output(path: str, actual: torch.Tensor, expected: torch.Tensor) -> O
     verdict = FAILED if problem else OK
     return OutputComparison(
         path, dtype, err.abs_error, err.rel_error, tolerance, verdict, problem,
-        err.nonfinite_mismatches,
+        err.nonfinite_mismatches, scale=err.scale,
     )  # fmt: skip
 
 
@@ -363,7 +363,7 @@ def _replace(
     return OutputComparison(
         c.path, c.dtype, c.abs_error, c.rel_error, c.tolerance, verdict,
         "" if verdict in (ILL_CONDITIONED, DISCONTINUOUS) else problem, c.nonfinite_mismatches,
-        recheck,
+        recheck, c.scale,
     )  # fmt: skip
 
 

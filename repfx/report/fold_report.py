@@ -83,6 +83,7 @@ class OutputComparison:
     problem: str = ""  # why it failed
     nonfinite_mismatches: int = 0  # positions where NaN / Inf differ
     recheck: Float64Recheck | None = None
+    scale: float | None = None  # max |original| of this output: what rel_error is relative to
 
     @property
     def passed(self) -> bool:
@@ -92,16 +93,30 @@ class OutputComparison:
         if self.rel_error is None:
             numbers = "not comparable"
         else:
-            numbers = (
-                f"abs {self.abs_error:.3g}, rel {self.rel_error:.3g} "
-                f"(tolerance {self.tolerance:.1g})"
-            )
+            numbers = relative_error_text(self.rel_error, self.tolerance)
+            numbers += absolute_error_text(self.abs_error, self.scale)
         text = f"{self.path} ({self.dtype}): {numbers}: {self.verdict}"
         if self.problem:
             text += f": {self.problem}"
         if self.recheck is not None:
             text += "\n      " + _recheck_text(self.recheck, self.dtype, self.passed)
         return text
+
+
+def relative_error_text(rel_error: float, tolerance: float) -> str:
+    """``relative error 3.9e-07 ≤ 1e-05``: the figure a verdict is judged by, first."""
+    judged = "≤" if rel_error <= tolerance else ">"
+    return f"relative error {rel_error:.2g} {judged} {tolerance:.1g}"
+
+
+def absolute_error_text(abs_error: float | None, scale: float | None) -> str:
+    """`` (largest difference 0.25 on values up to 6.4e+05)``: an absolute figure, always with
+    the scale it is measured against, so that it does not read as an error of its own."""
+    if not abs_error:  # not comparable, or no difference at all
+        return ""
+    if scale is None:
+        return f" (largest difference {abs_error:.2g})"
+    return f" (largest difference {abs_error:.2g} on values up to {scale:.2g})"
 
 
 def _recheck_text(r: Float64Recheck, dtype: str, passed: bool) -> str:
@@ -133,33 +148,35 @@ class Verification:
     max_rel_error: float  # the largest per-output relative error (each on its own scale)
     tolerance: float  # of the least precise output dtype
     problem: str = ""  # a mismatch of the whole output structure (no per-output records then)
+    abs_error_scale: float | None = None  # the scale of the output with the largest abs error
 
     @staticmethod
     def of(
         label: str, outputs: tuple[OutputComparison, ...], tolerance: float, problem: str = ""
     ) -> Verification:
         comparable = [o for o in outputs if o.rel_error is not None]
+        largest = max(comparable, key=lambda o: o.abs_error, default=None)
         return Verification(
             label=label,
             passed=not problem and all(o.passed for o in outputs),
             outputs=outputs,
-            max_abs_error=max((o.abs_error for o in comparable), default=0.0),
+            max_abs_error=largest.abs_error if largest else 0.0,
             max_rel_error=max((o.rel_error for o in comparable), default=0.0),
             tolerance=tolerance,
             problem=problem,
+            abs_error_scale=largest.scale if largest else None,
         )
 
     def summary(self) -> str:
-        """One line: the verdict, the label, the worst error."""
+        """One line: the verdict, the label, the worst relative error against the tolerance (what
+        the verdict is judged by), then the largest absolute difference with its scale."""
         verdict = "ok" if self.passed else "FAILED"
         head = f"verification {verdict} ({self.label})"
         if self.problem:
             return f"{head}: {self.problem}"
         count = f"{len(self.outputs)} output{'s' if len(self.outputs) != 1 else ''}"
-        text = (
-            f"{head}: {count}, max abs {self.max_abs_error:.3g}, max rel "
-            f"{self.max_rel_error:.3g} (tolerance {self.tolerance:.1g})"
-        )
+        text = f"{head}: {count}, " + relative_error_text(self.max_rel_error, self.tolerance)
+        text += absolute_error_text(self.max_abs_error, self.abs_error_scale)
         failed = sum(not o.passed for o in self.outputs)
         explained = sum(o.verdict == ILL_CONDITIONED for o in self.outputs)
         jumps = sum(o.verdict == DISCONTINUOUS for o in self.outputs)
@@ -358,12 +375,16 @@ class FoldReport:
         if not (self.before and self.after):
             return []
         b, a = self.before, self.after
-        lines = [f"  ops before → after (graph nodes {b.nodes:,} → {a.nodes:,}):"]
-        for kind in sorted(set(b.ops) | set(a.ops)):
-            word = OP_WORDS.get(kind, kind)
-            lines.append(f"    {word:<27} {b.ops.get(kind, 0):>5} → {a.ops.get(kind, 0)}")
+        rows = [
+            (OP_WORDS.get(kind, kind), b.ops.get(kind, 0), a.ops.get(kind, 0))
+            for kind in sorted(set(b.ops) | set(a.ops))
+        ]
         if b.buffers or a.buffers:
-            lines.append(f"    buffers (elements)          {b.buffers:,} → {a.buffers:,}")
+            rows.append(("buffers (elements)", b.buffers, a.buffers))
+        width = max(len(f"{before:,}") for _, before, _ in rows) if rows else 0
+        lines = [f"  ops before → after (graph nodes {b.nodes:,} → {a.nodes:,}):"]
+        for word, before, after in rows:
+            lines.append(f"    {word:<27} {before:>{max(width, 5)},} → {after:,}")
         return lines
 
     def _time_lines(self) -> list[str]:
@@ -387,10 +408,20 @@ class FoldReport:
 
     def explain(self, everything: bool = True) -> str:
         """The candidates that were not folded, one line each, with location and reason: every
-        one, or (``everything=False``) those a user could act on, alike ones grouped."""
+        one, or (``everything=False``) those a user could act on, alike ones grouped. Never
+        empty: when there is nothing to list, one line says why."""
+        if not self.skipped:
+            return "nothing was left: every candidate the passes found was folded"
         if everything:
             return "\n".join(f"{s.rule}: {s.where}: {s.reason}" for s in self.skipped)
         mine = [(s.rule, s.where, s.reason) for s in self.skipped if actionable(s)]
+        if not mine:
+            n = len(self.skipped)
+            return (
+                f"nothing you could change: the {n} candidate{'s' if n != 1 else ''} left "
+                "cannot fold as the model is built (listed by explain(everything=True); CLI "
+                "--explain --all)"
+            )
         return "\n".join(
             f"{rule}: {where}: {reason}" + (f"  (×{n})" if n > 1 else "")
             for n, rule, where, reason in grouped(mine)
