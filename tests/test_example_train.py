@@ -31,3 +31,15 @@ def test_short_training_run_imitates_and_folds_exactly():
     assert results["folded_accuracy"] == results["accuracy"]
     assert results["token_mixers_after_fold"] == 0
     assert all(torch.isfinite(torch.tensor(v)).all() for v in results["history"].values())
+
+
+def test_progress_writes_plain_lines_when_stderr_is_not_a_terminal(capsys):
+    example = _load_example()
+    progress = example.Progress("train", total=100)
+    assert not progress.in_place  # pytest captures stderr: not a terminal
+    for step in range(1, 101):
+        progress.update(step, loss=1.0 / step)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()  # the first step, then one per tenth of the run
+    assert len(lines) == 11 and lines[-1].startswith("train [") and " 100/100 " in lines[-1]
