@@ -3,19 +3,14 @@ could change listed as not folded, and the same content as data (``to_dict`` / `
 
 from __future__ import annotations
 
-import html
 import json
-import re
 
-import pytest
 import torch
 from grammar import randomise_
 from helpers import fresh_input
 from torch import nn
 
 import repfx
-from repfx.cli import main
-from repfx.models import metaformer
 from repfx.report.fold_report import Skipped, actionable, pattern
 
 
@@ -87,74 +82,3 @@ def test_actionable_reasons_are_those_a_user_can_change():
     assert actionable(Skipped("fold_bn", "a", "producer conv module has hooks"))
     assert actionable(Skipped("fold_bn", "a", "channel axis unknown (pass example inputs)"))
     assert not actionable(Skipped("merge_branches", "a", "a branch contains a non-affine op"))
-
-
-# ------------------------------------------------------------------------------ the picture
-
-
-def _texts(svg: str) -> list[str]:
-    return [text for _, text in _placed_texts(svg)]
-
-
-def _placed_texts(svg: str) -> list[tuple[float, str]]:
-    """(x, text) of every text element of a matplotlib SVG (text kept as text)."""
-    found = re.findall(r'<text[^>]*?(?:x="([\d.]+)"|translate\(([\d.]+))[^>]*>([^<]*)</text>', svg)
-    return [(float(x or tx), html.unescape(t)) for x, tx, t in found]
-
-
-def _sides(svg: str) -> tuple[set[str], set[str]]:
-    """The texts of the left (before) and right (after) halves of the picture."""
-    placed = [(x, t) for x, t in _placed_texts(svg) if not t.startswith("red: removed")]
-    middle = (min(x for x, _ in placed) + max(x for x, _ in placed)) / 2
-    return {t for x, t in placed if x < middle}, {t for x, t in placed if x >= middle}
-
-
-def test_picture_of_riformer_shows_the_mixer_gone(tmp_path):
-    model = randomise_(metaformer.riformer_tiny(), torch.Generator().manual_seed(1)).eval()
-    report = repfx.fold(model, (fresh_input(1, 3, 32, 32),)).meta["repfx_report"]
-    block = report.draw(tmp_path / "fold.svg")
-    assert block == "network.0.0"  # the first RIFormer block
-    svg = (tmp_path / "fold.svg").read_text()
-    assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
-    before, after = _sides(svg)
-    assert "network.0.0: before (15 ops)" in before and "after (7 ops)" in after
-    # the token mixer (a depthwise conv named affine, and the sub) and the LayerScale muls
-    assert {"affine", "sub", "mul"} <= before
-    assert not {"affine", "sub", "mul"} & after
-    assert {"norm1", "norm2", "fc1", "fc2"} <= after
-    assert [p.name for p in tmp_path.iterdir()] == ["fold.svg"]  # written atomically
-
-
-def test_a_model_with_nothing_folded_has_no_picture(tmp_path):
-    report = repfx.fold(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()).eval()).meta["repfx_report"]
-    with pytest.raises(repfx.DrawError, match="nothing was folded"):
-        report.draw(tmp_path / "none.svg")
-    assert not list(tmp_path.iterdir())
-
-
-def test_cli_draws_the_picture_and_refuses_to_overwrite_one(tmp_path, capsys):
-    picture = tmp_path / "g.svg"
-    args = ["optimize", "riformer_tiny", "--input-shape", "1,3,32,32", "--graph", str(picture)]
-    assert main(args) == 0
-    assert "drew network.0.0 before and after into" in capsys.readouterr().out
-    assert "after (7 ops)" in _texts(picture.read_text())
-    assert main([*args, "-q"]) == 2  # exists: --force to replace it
-    assert "pass --force" in capsys.readouterr().err
-    assert main([*args, "-q", "--force"]) == 0
-
-
-@pytest.mark.slow
-def test_cli_picture_of_riformer_s12_shows_its_mixer_gone(tmp_path):
-    picture = tmp_path / "g.svg"
-    assert main(["optimize", "riformer_s12", "--graph", str(picture), "-q"]) == 0
-    before, after = _sides(picture.read_text())
-    assert {"affine", "sub", "mul"} <= before and not {"affine", "sub", "mul"} & after
-
-
-def test_a_block_too_large_to_read_is_refused_with_what_to_do(tmp_path):
-    layers = [nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU()) for _ in range(30)]
-    model = randomise_(nn.Sequential(*layers), torch.Generator().manual_seed(0)).eval()
-    report = repfx.fold(model, (fresh_input(1, 3, 4, 4),)).meta["repfx_report"]
-    with pytest.raises(repfx.DrawError, match="too many to draw readably"):
-        report.draw(tmp_path / "all.svg", block="")
-    assert report.draw(tmp_path / "one.svg", block="3") == "3"

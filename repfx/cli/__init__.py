@@ -173,8 +173,9 @@ def _add_optimize_arguments(opt: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--graph-block",
         metavar="NAME",
-        help="with --graph: the module to draw, by its path (e.g. stages.0.0; default: the "
-        "block whose fold removed the most ops, among the most common folded blocks)",
+        help="with --graph: the module to draw, by its path (e.g. stages.0.0; default: a "
+        "block of the most common kind among those a fold changed, the one whose fold removed "
+        "the most ops)",
     )
     switch(
         "--fold-norm-affine",
