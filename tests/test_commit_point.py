@@ -8,6 +8,7 @@ itself reported as a bug.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -28,7 +29,7 @@ from repfx.passes import (
 from repfx.passes import _absorb as absorb_module
 from repfx.passes.base import RewriteRejected, apply_rule
 from repfx.passes.rewrite import GraphSurgeryError, replace_node
-from repfx.proof.validate import probe_sizes
+from repfx.proof.probe_shapes import _tap_coverage, probe_sizes
 from repfx.report.fold_report import Folded
 from repfx.testing import assert_close
 
@@ -171,7 +172,7 @@ def test_fold_that_overflows_the_dtype_is_refused_not_a_bug():
         assert torch.equal(folded(x), model(x))
 
 
-def test_probe_sizes_cover_the_widest_window_and_both_parities():
+def test_probe_sizes_let_every_tap_read_data_in_both_parities():
     model = nn.Sequential(nn.Conv2d(2, 2, 5, stride=3, padding=2), nn.BatchNorm2d(2)).eval()
     gm = traced(model)
     from repfx.ir.graph import ConstantFolder
@@ -180,7 +181,7 @@ def test_probe_sizes_cover_the_widest_window_and_both_parities():
     nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
     region = collect_region([nodes[1]], [nodes[0].args[0]], ConstantFolder(gm))
     first, second = probe_sizes(gm, region)
-    assert min(first + second) >= 5
+    assert min(first + second) >= _tap_coverage(5, 1, 2, 3) == 4  # 3 would miss taps 0 and 1
     assert {first[0] % 2, second[0] % 2} == {0, 1}
     assert first[0] % 3 != 0  # the odd size is not a multiple of the stride
 
@@ -211,3 +212,37 @@ def test_every_fold_of_every_pass_went_through_a_commit(monkeypatch):
         "fold_channel_affine", "merge_branches", "absorb_padding", "merge_sequential",
     }  # fmt: skip
     assert exercised <= set(folds) <= {p.name for p in default_pipeline()}
+
+
+def _outer_taps_wrong(weight, bias, affine):
+    """``algebra.fold_affine_into_conv_output`` with the kernel's corner taps doubled: wrong
+    only where an output reads a corner tap within the input."""
+    w, b = algebra.fold_affine_into_conv_output(weight, bias, affine)
+    w = w.clone()
+    w[..., 0, 0] *= 2
+    w[..., -1, -1] *= 2
+    return w, b
+
+
+@pytest.mark.parametrize("example_size", [4, 32])
+def test_a_fold_wrong_only_at_a_dilated_conv_s_outer_taps_is_refused(monkeypatch, example_size):
+    """The probes are large enough for every tap of a dilated conv to read data, whether the
+    example input is smaller than the kernel's extent or not."""
+    monkeypatch.setattr(absorb_module, "fold_affine_into_conv_output", _outer_taps_wrong)
+    model = _randomised(nn.Sequential(nn.Conv2d(2, 3, 3, padding=6, dilation=6), nn.BatchNorm2d(3)))
+    gm = traced(model, torch.randn(1, 2, example_size, example_size))
+    with pytest.raises(RewriteRejected, match="rejected by local validation"):
+        run_to_fixpoint(gm, default_pipeline(), strict=True)
+
+
+def test_probe_sizes_let_every_tap_read_data_at_no_more_than_the_window_s_extent():
+    for k, d, p, s in itertools.product((1, 2, 3, 5), (1, 2, 6), (0, 1, 2, 6, 12), (1, 2, 3)):
+        extent = d * (k - 1) + 1
+        n = _tap_coverage(k, d, p, s)
+        assert 1 <= n <= extent + s - 1
+        ones = torch.ones(1, 1, n)
+        for tap in range(k):
+            weight = torch.zeros(1, 1, k)
+            weight[..., tap] = 1  # the output reads only this tap
+            out = torch.nn.functional.conv1d(ones, weight, stride=s, padding=p, dilation=d)
+            assert out.sum() > 0, (k, d, p, s, tap)  # some output reads it within the input

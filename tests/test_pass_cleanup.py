@@ -4,6 +4,7 @@ import torch
 from helpers import apply, call_targets, traced
 from torch import nn
 
+from repfx.ir.ops import identity_input
 from repfx.passes import Cleanup
 
 
@@ -62,6 +63,16 @@ def test_adding_zero_is_kept_where_it_turns_minus_zero_into_plus_zero():
         gm = traced(model, x)
         assert apply(Cleanup(), gm).modified is removed, c
         assert torch.equal(gm(x), model(x)), c  # -inf stays -inf, +inf +inf
+
+
+def test_the_rule_itself_never_takes_adding_zero_for_a_no_op():
+    """The commit point would refuse ``x + 0`` where a later op reads the sign of a zero
+    (``repfx.proof.special_values``); the rule must not propose it in the first place."""
+    x = torch.tensor([[-1.0, 2.0, -3.0]])
+    for c, identity in ((0.0, False), (0, False), (-0.0, True)):
+        gm = traced(SignedZeros(c), x)
+        add = next(n for n in gm.graph.nodes if n.target in (operator.add, torch.add))
+        assert (identity_input(gm, add) is not None) is identity, c
 
 
 def test_subtracting_minus_zero_is_kept():

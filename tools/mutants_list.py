@@ -38,6 +38,8 @@ ALGEBRA = "repfx/algebra"
 OPS = "repfx/ir/ops"  # a module or a package: see tools/mutants.py, places()
 GRAPH = "repfx/ir/graph"
 VALIDATE = "repfx/proof/validate.py"
+PROBE_SHAPES = "repfx/proof/probe_shapes.py"
+SPECIAL_VALUES = "repfx/proof/special_values.py"
 REGION = "repfx/proof/region.py"
 VERIFY = "repfx/proof/verify.py"
 TOLERANCES = "repfx/proof/tolerances.py"
@@ -323,7 +325,7 @@ AUDIT: tuple[Mutant, ...] = (
     ),
     _m(
         "commit-probes-of-size-1",
-        VALIDATE,
+        PROBE_SHAPES,
         "            out.append(sizes[k % len(sizes)])\n",
         "            out.append(1)\n",
         "validate._shrunk: recorded shapes shrunk to spatial size 1",
@@ -333,7 +335,7 @@ AUDIT: tuple[Mutant, ...] = (
     ),
     _m(
         "commit-probes-start-at-1",
-        VALIDATE,
+        PROBE_SHAPES,
         "MIN_PROBE_EXTENT = 3  #",
         "MIN_PROBE_EXTENT = 1  #",
         "validate.probe_sizes: a pointwise region probed at spatial size 1 (a flip is not seen)",
@@ -341,7 +343,7 @@ AUDIT: tuple[Mutant, ...] = (
     ),
     _m(
         "commit-guessed-probes-of-size-1",
-        VALIDATE,
+        PROBE_SHAPES,
         "spatial = tuple(sizes[i % len(sizes)] for i in range(max(rank - 2, 0)))",
         "spatial = tuple(1 for i in range(max(rank - 2, 0)))",
         "validate.candidate_shapes: guessed shapes of spatial size 1",
@@ -1435,6 +1437,30 @@ GUARD_MUTANTS: tuple[Mutant, ...] = (
         "",
         "fold_inside: replacements proven on the example inputs only",
         "tests/test_fold_inside.py",
+    ),
+    _m(
+        "commit-probes-miss-outer-taps",
+        PROBE_SHAPES,
+        "    extent = dilation * (kernel - 1) + 1\n    padding = max(padding, 0)\n",
+        "    return 1\n    extent = dilation * (kernel - 1) + 1\n    padding = max(padding, 0)\n",
+        "probe_shapes._tap_coverage: probes too small for a dilated kernel's outer taps",
+        T_COMMIT,
+    ),
+    _m(
+        "commit-no-special-values",
+        VALIDATE,
+        "        _add_special_probe(gm, proof, to_f64)\n",
+        "        pass\n",
+        "prove_before: elementwise regions not probed with signed zeros, ±inf, NaN",
+        "tests/test_special_values.py",
+    ),
+    _m(
+        "commit-zero-signs-never-read",
+        SPECIAL_VALUES,
+        "and op_word(node) in _READ_ZERO_SIGNS:\n            return True",
+        "and op_word(node) in _READ_ZERO_SIGNS:\n            return False",
+        "zero_signs_matter: a reciprocal after a flipped zero not seen",
+        "tests/test_special_values.py",
     ),
 )
 

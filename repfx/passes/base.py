@@ -206,6 +206,8 @@ class FoldContext:
             if lost is not None:  # a refusal, not a bug
                 raise RewriteRejected(rule, location, lost.reason, bug=False)
             raise RewriteRejected(rule, location, fail.reason)
+        if (odd := proof.check_special_values(self.gm, replacements)) is not None:
+            raise RewriteRejected(rule, location, odd.reason, bug=False)  # not exact there
         aliased = aliasing_failure(self.gm, proof.region, proof.probes[0], replacements)
         if aliased is not None:  # a refusal, not a bug
             raise RewriteRejected(rule, location, aliased.reason, bug=False)

@@ -43,25 +43,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.func import functional_call
 
 from ..errors import one_line
-from ..ir.graph import RANK_KEY, ConstantFolder, static_shape
+from ..ir.graph import ConstantFolder
 from ..ir.match import Fail
-from ..ir.norms import NORM_MODULES
-from ..ir.ops import avg_pool_settings
+from .probe_shapes import (
+    InputSpec,
+    candidate_shapes,
+    channel_counts,
+    input_spec,
+    probe_sizes,
+    recorded_shape_and_dtype,
+)
 from .region import Region, ValidationFailure, collect_region
+from .special_values import (
+    is_elementwise,
+    same_special_values,
+    with_special_values,
+    zero_signs_matter,
+)
 from .tolerances import rewrite_tolerance
 
-_CONV_FUNCTIONS = {
-    torch.conv1d, torch.conv2d, torch.conv3d,
-    torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
-    torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d,
-    torch.nn.functional.avg_pool3d, torch.nn.functional.max_pool2d,
-}  # fmt: skip
 PROBE_BATCHES = (2, 1)  # batch > 1 in one probe; the other is cheaper
-MIN_PROBE_EXTENT = 3  # the smallest spatial probe size: a first, a middle and a last position
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -143,195 +148,6 @@ def evaluate(
     return RegionInterpreter(gm, convert).run_region(region, feeds)
 
 
-# ----------------------------------------------------------------------------- probe shapes
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What is known about one region input: a recorded shape / dtype, or only a rank."""
-
-    shape: tuple[int, ...] | None
-    dtype: torch.dtype | None
-    device: torch.device
-    rank: int | None
-    is_float: bool
-
-
-def _recorded(node: fx.Node) -> tuple[tuple[int, ...] | None, torch.dtype | None]:
-    for key in ("tensor_meta", "val", "example_value"):
-        meta = node.meta.get(key)
-        shape = getattr(meta, "shape", None)
-        if shape is not None:
-            dims = [_concrete(d) for d in shape]
-            if None not in dims:
-                return tuple(dims), getattr(meta, "dtype", None)
-    return None, None
-
-
-def _concrete(dim: Any) -> int | None:
-    if isinstance(dim, int):
-        return dim
-    hint = getattr(getattr(dim, "node", None), "hint", None)
-    return int(hint) if isinstance(hint, int) else None
-
-
-def input_spec(node: fx.Node, device: torch.device) -> InputSpec:
-    shape, dtype = _recorded(node)
-    is_float = dtype.is_floating_point if dtype is not None else True  # unknown: try floats
-    rank = len(shape) if shape is not None else node.meta.get(RANK_KEY)
-    return InputSpec(shape, dtype, device, rank, bool(is_float))
-
-
-def channel_counts(gm: fx.GraphModule, region: Region) -> list[int]:
-    """Channel counts the region's ops mention, most frequent first."""
-    counts: dict[int, int] = {}
-
-    def add(n: Any) -> None:
-        if isinstance(n, int) and n > 0:
-            counts[n] = counts.get(n, 0) + 1
-
-    for node in region.ops:
-        if node.op == "call_module":
-            m = gm.get_submodule(node.target)
-            for attr in ("in_channels", "in_features", "num_features", "num_channels"):
-                add(getattr(m, attr, None))
-            shape = getattr(m, "normalized_shape", None)
-            if shape:
-                add(shape[-1])
-    for value in region.constants.values():
-        for size in value.shape:
-            add(int(size))
-    for node in region.ops:  # a pool names no channel count, but its replacement may (a conv)
-        add(_pooled_channels(gm, node))
-    return sorted(counts, key=lambda c: -counts[c])
-
-
-def _pooled_channels(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """The channel count of an average pool's recorded output (``None``: not a pool, or no
-    recorded shape)."""
-    found = avg_pool_settings(gm, node)
-    shape = static_shape(node)
-    if found is None or shape is None or len(shape) < found[1].dims + 1:
-        return None
-    return int(shape[-(found[1].dims + 1)])
-
-
-def probe_sizes(gm: fx.GraphModule, region: Region) -> tuple[tuple[int, ...], ...]:
-    """Spatial sizes of the probes (one per spatial dim, cycled): every dim gets an odd and an
-    even size, both at least as large as the widest window in the region (so every kernel tap
-    meets data) and at least 3 (every dim has a first, a middle and a last position, so a
-    replacement that flips or shifts a dim shows), and the odd one divisible by no stride in
-    the region. A region of pointwise ops only (no window, no reshaping) behaves the same at
-    every size: one probe suffices."""
-    extent, strides = MIN_PROBE_EXTENT, {1}
-    for node in region.ops:
-        window = _window(gm, node, region)
-        if window is not None:
-            extent = max(extent, window[0])
-            strides.add(window[1])
-    odd = extent + (extent % 2 == 0)
-    while any(s > 1 and odd % s == 0 for s in strides):
-        odd += 2
-    even = extent + (extent % 2)
-    if all(_is_pointwise(gm, n) for n in region.ops):
-        return ((odd, even, odd),)
-    return (odd, even, odd), (even, odd, even)
-
-
-# Modules whose output at a position depends on the input there (norms: on statistics over
-# positions, whatever their number).
-_POINTWISE_MODULES = (
-    nn.Linear, nn.modules.batchnorm._BatchNorm, *NORM_MODULES, nn.Identity,
-    nn.modules.dropout._DropoutNd, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.Mish, nn.ELU,
-)  # fmt: skip
-_POINTWISE_FUNCTIONS = {
-    "add", "sub", "mul", "div", "addcmul", "neg", "truediv",
-    "relu", "gelu", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid",
-}  # fmt: skip
-
-
-def _is_pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """An op whose every output position depends only on the same input position."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if isinstance(m, nn.modules.conv._ConvNd):
-            sizes = [_ints(getattr(m, a)) for a in ("kernel_size", "stride", "padding")]
-            return all(v == 1 for v in sizes[0] + sizes[1]) and not any(sizes[2])
-        return isinstance(m, _POINTWISE_MODULES)
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return name.strip("_") in _POINTWISE_FUNCTIONS
-
-
-def _window(gm: fx.GraphModule, node: fx.Node, region: Region) -> tuple[int, int] | None:
-    """(the widest extent ``dilation·(k − 1) + 1``, the largest stride) of a windowed op."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        kernel = getattr(m, "kernel_size", None)
-        dilation, stride = getattr(m, "dilation", 1), getattr(m, "stride", 1)
-    elif node.op == "call_function" and node.target in _CONV_FUNCTIONS:
-        weight = region.constants.get(node.args[1]) if len(node.args) > 1 else None
-        kernel = None if weight is None else tuple(weight.shape[2:])
-        dilation = node.args[5] if len(node.args) > 5 else node.kwargs.get("dilation", 1)
-        stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
-    else:
-        return None
-    if kernel is None:
-        return None
-    ks, ds, ss = (_ints(v) for v in (kernel, dilation, stride))
-    if not ks:
-        return None
-    ds = ds * len(ks) if len(ds) == 1 else ds
-    extent = max(d * (k - 1) + 1 for k, d in zip(ks, ds, strict=False))
-    return extent, max(ss or [1])
-
-
-def _ints(value: Any) -> list[int]:
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
-        return list(value)
-    return []
-
-
-def candidate_shapes(
-    spec: InputSpec, channels: list[int], sizes: tuple[int, ...], batch: int
-) -> list:
-    """Shapes to try for an input, best first."""
-    found: list[tuple[int, ...]] = []
-    if spec.shape is not None:
-        found.append(_shrunk(spec.shape, channels, sizes, batch))
-        found.append(spec.shape)
-        return list(dict.fromkeys(found))
-    ranks = [spec.rank] if spec.rank is not None else [4, 3, 2, 5]
-    for rank, c in itertools.product(ranks, channels[:4] or [4]):
-        spatial = tuple(sizes[i % len(sizes)] for i in range(max(rank - 2, 0)))
-        if rank == 1:
-            found.append((c,))
-            continue
-        found.append((batch, c, *spatial))
-        if rank >= 3:
-            found.append((batch, *spatial, c))
-    return list(dict.fromkeys(found))
-
-
-def _shrunk(
-    shape: tuple[int, ...], channels: list[int], sizes: tuple[int, ...], batch: int
-) -> tuple:
-    """``shape`` with its batch set and its other dims shrunk to ``sizes``, except the channel
-    counts the region names (an average pool names its own: :func:`_pooled_channels`)."""
-    out, k = [], 0
-    for i, d in enumerate(shape):
-        if i == 0 and len(shape) > 1:
-            out.append(batch)
-        elif d > 1 and d not in channels:
-            out.append(sizes[k % len(sizes)])
-            k += 1
-        else:
-            out.append(d)
-    return tuple(out)
-
-
 # ----------------------------------------------------------------------------- the proof
 
 
@@ -349,6 +165,32 @@ class Proof:
     probes: list[Probe]
     expected: list[list[Any]]  # per probe, per output (float64)
     dtypes: list[torch.dtype | None]  # per output, in the model's own dtypes (None: no tensor)
+    special: Probe | None = None  # inputs holding special values (repfx.proof.special_values)
+    special_expected: list[Any] | None = None  # the old region's outputs on it
+
+    def check_special_values(
+        self, gm: fx.GraphModule, replacements: Sequence[fx.Node]
+    ) -> Fail | None:
+        """Why the replacement, which passed :meth:`check`, differs from the old region on
+        signed zeros, infinities or NaN (``None``: it does not, or the region is not
+        elementwise; see ``repfx.proof.special_values``)."""
+        if self.special is None or self.special_expected is None:
+            return None
+        stops = [n for n in self.region.inputs if not n._erased]
+        new = collect_region(list(replacements), stops, ConstantFolder(gm))
+        try:
+            actual = evaluate(gm, new, self.special.feeds, _Converted(to_meta=False))
+        except Exception as exc:
+            return Fail(f"the replacement fails on special values: {one_line(exc)}")
+        signs = None  # whether a later op reads the sign of a zero: looked up on demand
+        for i, (want, got) in enumerate(zip(self.special_expected, actual, strict=True)):
+            if (fail := _same_values(want, got, self.dtypes[i])) is not None:
+                return Fail(f"output {i} on special values: {fail.reason}")
+            if signs is None and _zero_signs_differ(want, got):
+                signs = zero_signs_matter(gm, replacements)
+            if (fail := same_special_values(want, got, bool(signs))) is not None:
+                return Fail(f"output {i}: {fail.reason}")
+        return None
 
     def check(self, gm: fx.GraphModule, replacements: Sequence[fx.Node]) -> Fail | None:
         """Why the replacement differs from the old region (``None``: it does not)."""
@@ -410,7 +252,30 @@ def prove_before(
             break
     if not probes:
         raise ValidationFailure("no probe shape runs the region (pass example inputs)")
-    return Proof(region, probes, expected, _output_dtypes(gm, region, probes[-1]))
+    proof = Proof(region, probes, expected, _output_dtypes(gm, region, probes[-1]))
+    if region.ops and all(is_elementwise(gm, n) for n in region.ops):
+        _add_special_probe(gm, proof, to_f64)
+    return proof
+
+
+def _add_special_probe(gm: fx.GraphModule, proof: Proof, to_f64: _Converted) -> None:
+    """Give ``proof`` its probe of special values, where the old region runs on it."""
+    feeds = with_special_values(proof.probes[-1].feeds)
+    if feeds is None:
+        return
+    try:
+        expected = evaluate(gm, proof.region, feeds, to_f64)
+    except Exception:
+        return
+    proof.special = Probe(feeds, proof.probes[-1].dtypes)
+    proof.special_expected = expected
+
+
+def _zero_signs_differ(want: Any, got: Any) -> bool:
+    if not (isinstance(want, torch.Tensor) and want.is_floating_point()):
+        return False
+    zeros = (want == 0) & (got == 0)
+    return not torch.equal(want.signbit()[zeros], got.signbit()[zeros])
 
 
 def _runs_on_meta(
@@ -439,7 +304,7 @@ def _as_meta(feeds: dict[fx.Node, Any], dtypes: dict[fx.Node, torch.dtype]) -> d
 def _output_dtypes(gm: fx.GraphModule, region: Region, probe: Probe) -> list:
     """The old region's output dtypes in the model's own dtypes: recorded by shape
     propagation (or dynamo), else computed."""
-    recorded = [_recorded(o)[1] for o in region.outputs]
+    recorded = [recorded_shape_and_dtype(o)[1] for o in region.outputs]
     if all(d is not None for d in recorded):
         return recorded
     return dtypes_of(gm, region, probe)  # (the caller passes its smallest probe)
