@@ -34,6 +34,8 @@ from fuzz_geometry import (
     PADDING_KINDS,
 )
 from fuzz_opaque import OPAQUE_KINDS
+from fuzz_special import SPECIAL_KINDS
+from fuzz_state import STATE_KINDS
 from hypothesis import assume
 from hypothesis import strategies as st
 from torch import nn
@@ -50,7 +52,12 @@ BUG_CLASSES: dict[str, dict[str, BlockKind]] = {
     "layout": LAYOUT_KINDS,
     "grammar": GRAMMAR_KINDS,
     "opaque": OPAQUE_KINDS,
+    "state": STATE_KINDS,
+    "special": SPECIAL_KINDS,
 }
+# Classes a model's calls change: judged over several calls (``fuzz_oracle.judge_calls``) and
+# drawn only with well-behaved blocks, since the other judges run the original more than once.
+STATEFUL_CLASSES = ("state",)
 # blocks that hooks are attached to (``fuzz_blocks.hooked``)
 HOOK_TARGET_KINDS: dict[str, BlockKind] = {
     **GRAMMAR_KINDS,

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 import repfx
 from repfx.proof.tolerances import (
@@ -69,6 +69,7 @@ FAILURE_KINDS: dict[str, type[FoldFailure]] = {
         ("model changed by the fold", "ModelChanged"),
         ("example inputs changed by the fold", "ExampleInputsChanged"),
         ("compiled model differs", "CompiledDiffers"),
+        ("compiled model stale", "CompiledStale"),
     ]
 }
 
@@ -639,6 +640,100 @@ def judge_compiled(model, seed: int) -> Verdict:
     return verdict
 
 
+# What a user may change between two calls of a compiled model (a write through ``.data`` has
+# a version counter of its own and is documented as unseen: not drawn).
+CHANGES_AFTER_COMPILING = ("a parameter written in place", "load_state_dict", "a training step")
+
+
+def _change(module: nn.Module, compiled: nn.Module, inputs: tuple, change: str, seed: int):
+    with torch.no_grad():
+        if change == "a parameter written in place":
+            params = [p for p in module.parameters() if p.is_floating_point()]
+            if params:
+                params[seed % len(params)].mul_(1.5)
+        elif change == "load_state_dict":
+            state = module.state_dict()
+            module.load_state_dict({k: v * 1.25 if v.is_floating_point() else v
+                                    for k, v in state.items()})  # fmt: skip
+        else:  # a compiled training step updates BatchNorm's running statistics
+            module.train()
+            compiled(*clones(inputs))
+            module.eval()
+
+
+def judge_compiled_after_changes(model, seed: int) -> Verdict:
+    """Compile the float64 copy (``no_grad``), call it, change the model as a user may
+    (:data:`CHANGES_AFTER_COMPILING`), call it again: the second call matches eager on the
+    changed model — the backend refolds instead of running the folded constants stale."""
+    verdict = Verdict()
+    module = double_copy(model.module)
+    if module is None:
+        return verdict
+    inputs = to_double(model.inputs(torch.Generator().manual_seed(seed), batch=model.batch + 1))
+    change = CHANGES_AFTER_COMPILING[seed % len(CHANGES_AFTER_COMPILING)]
+    compiled = _compiled(module, repfx.compile_backend(inner="eager"))
+    first = forward_backward(compiled, inputs, seed, grad=False)
+    if isinstance(first[0], Exception):
+        verdict.events.append("compile, then change: the compiled model raises")
+        torch._dynamo.reset()
+        return verdict
+    _change(module, compiled, inputs, change, seed)
+    expected = forward_backward(module, inputs, seed, grad=False)
+    actual = forward_backward(compiled, inputs, seed, grad=False)
+    torch._dynamo.reset()
+    verdict.events.append(f"compile, then change: {change}")
+    for message in _compare_compiled(expected, actual):
+        verdict.problems.append(("compiled model stale", f"after {change}: {message}"))
+    return verdict
+
+
+# ------------------------------------------------------------ Python scalars under export
+
+
+class WithScalar(nn.Module):
+    """``model(x) · s + s`` for a Python float ``s``: torch.export fixes ``s`` to the example's
+    value, and a fold may then fold it into a conv."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor, s: float) -> object:
+        return tree_map(lambda t: t * s + s, self.module(x))
+
+
+def judge_python_scalar(model, seed: int) -> Verdict:
+    """Fold ``WithScalar(model)`` with ``capture="export"`` on ``s = 2.0``, call it with
+    ``s = 2.0`` and ``s = -0.5``: the same outputs as the original, or a ``repfx.GuardError``
+    naming the value the capture fixed — never a raw ``AssertionError`` or a stale value."""
+    verdict = Verdict()
+    module = WithScalar(model.module).eval()
+    generator = torch.Generator().manual_seed(seed)
+    (example,), (fresh,) = model.inputs(generator), model.inputs(generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", repfx.TrainingModeWarning)
+        try:
+            folded = repfx.fold(module, (example, 2.0), capture="export")
+        except PUBLIC_ERRORS as exc:
+            verdict.events.append(f"python scalar: refused: {type(exc).__name__}")
+            return verdict
+    for s in (2.0, -0.5):
+        expected, _ = run(module, (fresh, s), seed)
+        actual, _ = run(folded, (fresh, s), seed)
+        if isinstance(actual, repfx.GuardError) and s != 2.0:
+            verdict.events.append("python scalar: guard raised for another value")
+            continue
+        if isinstance(actual, Exception):
+            message = f"s = {s}: {type(actual).__name__}: {str(actual)[:300]}"
+            verdict.problems.append(("folded model raises", message))
+            continue
+        for i, (a, e) in enumerate(zip(leaves(actual), leaves(expected), strict=True)):
+            if (problem := mismatch(a, e)) is not None:
+                verdict.problems.append(("wrong output", f"s = {s}, output {i}: {problem}"))
+    verdict.events.append("python scalar: folded")
+    return verdict
+
+
 # ------------------------------------------------------------------- unbatched inputs
 
 
@@ -675,4 +770,45 @@ def judge_unbatched(model, seed: int) -> Verdict:
             verdict.problems.append(
                 ("wrong output", f"output {index} on one item, without example inputs: {problem}")
             )
+    return verdict
+
+
+def judge_unverified(model, seed: int) -> Verdict:
+    """Fold without example inputs (so without verification: the commit point alone decides)
+    and judge the result on a fresh input. Here nothing stands between a rewrite the commit
+    point wrongly accepts and the folded model."""
+    verdict = Verdict()
+    (fresh,) = model.inputs(torch.Generator().manual_seed(seed), batch=model.batch + 1)
+    attempt = attempt_fold(model.module, None, verify=False)
+    verdict.events.append(f"without example inputs: {attempt.outcome}")
+    if attempt.folded is not None:
+        problems = output_problems(model.module, attempt.folded, (fresh,), seed)
+        verdict.problems += [(k, f"without example inputs: {text}") for k, text in problems]
+    return verdict
+
+
+# ------------------------------------------------------------ state written in forward
+
+
+def judge_calls(model, seed: int, calls: int = 3) -> Verdict:
+    """Fold (verified, on example inputs), then call the original and the folded model in
+    turn on ``calls`` fresh inputs. A model that writes its own tensors in forward must match
+    on every call, each pair starting from the same state: a fold that folded the values of
+    one call, or a folded module that starts from a state the capture advanced, is wrong from
+    some call on."""
+    verdict = Verdict()
+    generator = torch.Generator().manual_seed(seed)
+    example = model.inputs(generator)
+    before = snapshot(model.module)
+    attempt = attempt_fold(model.module, example)
+    verdict.problems += [("model changed by the fold", c) for c in changes(model.module, before)]
+    verdict.events.append(f"calls: {attempt.outcome}")
+    if attempt.folded is None:
+        return verdict
+    for call in range(calls):
+        fresh = model.inputs(generator, batch=model.batch + call % 2)
+        problems = output_problems(model.module, attempt.folded, fresh, seed)
+        if problems:  # (the states may differ from here on: stop)
+            verdict.problems += [(kind, f"call {call + 1}: {text}") for kind, text in problems]
+            break
     return verdict
