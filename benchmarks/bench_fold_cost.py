@@ -1,0 +1,169 @@
+"""What a default ``repfx.fold(model, (x,))`` costs against one forward pass of the model.
+
+    python benchmarks/bench_fold_cost.py                       # the default models, verified
+    python benchmarks/bench_fold_cost.py --no-verify           # verify=False
+    python benchmarks/bench_fold_cost.py --models timm:resnet50 --markdown
+
+Each model runs in a fresh process, on one thread: it is built (random weights, its foldable
+parameters re-drawn at O(1), eval mode), one forward pass is timed (median of five after two
+warm-up passes), then ``repfx.fold`` is timed once while a sampling thread reads the process's
+resident memory every 2 ms. Reported per model: fold time / forward time, and the fold's
+extra peak memory (highest resident memory during the fold, less the resident memory just
+before it) / the model's parameter and buffer bytes — the two ratios the fold's cost is
+judged by. Both come from the same process, so they do not depend on how busy the machine is
+as much as raw seconds do; run it on a quiet machine all the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_MODELS = (
+    "timm:resnet50",
+    "timm:efficientnet_b3",
+    "timm:convnext_small",
+    "timm:vit_base_patch16_224",
+    "riformer_s12",
+)
+
+
+def measure(spec: str, verify: bool) -> dict:
+    """Build ``spec``, time one forward and one fold, sample memory during the fold."""
+    import statistics
+    import time
+
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    from timm_weights import redraw_foldable_parameters_
+
+    import repfx
+
+    model, x = _build(spec)
+    model = redraw_foldable_parameters_(model, seed=0).eval()
+    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    warm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    repfx.fold(warm, (torch.randn(1, 3, 8, 8),))  # one-time import and kernel costs
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    forward = statistics.median(times)
+    sampler = _PeakSampler()
+    baseline = _resident_bytes()
+    with sampler:
+        start = time.perf_counter()
+        repfx.fold(model, (x,), verify=verify)
+        seconds = time.perf_counter() - start
+    return {
+        "model": spec,
+        "verify": verify,
+        "forward_s": forward,
+        "fold_s": seconds,
+        "fold_per_forward": seconds / forward,
+        "model_bytes": nbytes,
+        "extra_peak_bytes": max(sampler.peak - baseline, 0),
+        "extra_peak_per_model_bytes": max(sampler.peak - baseline, 0) / nbytes,
+    }
+
+
+def _build(spec: str):
+    import torch
+
+    if spec.startswith("timm:"):
+        import timm
+
+        model = timm.create_model(spec.removeprefix("timm:"))
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        return model, torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+    from repfx.models import create
+
+    return create(spec), torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakSampler:
+    """The highest resident memory seen while the block runs, sampled every 2 ms."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = _resident_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _resident_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _resident_bytes())
+
+
+def run_child(spec: str, verify: bool) -> dict:
+    """:func:`measure` in a fresh process (one model per process: memory starts clean)."""
+    args = [sys.executable, __file__, "--child", spec] + ([] if verify else ["--no-verify"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        return {"model": spec, "verify": verify, "error": done.stderr.strip()[-500:]}
+    return json.loads(lines[-1])
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | verify | forward | fold | fold / forward | extra peak memory / model bytes |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['verify']} | error: {r['error'][-80:]} | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {'yes' if r['verify'] else 'no'} | {r['forward_s'] * 1e3:.0f} ms "
+            f"| {r['fold_s']:.1f} s | {r['fold_per_forward']:.0f}× "
+            f"| {r['extra_peak_per_model_bytes']:.1f}× ({r['extra_peak_bytes'] / 1e6:.0f} MB) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--no-verify", action="store_true", help="fold with verify=False")
+    parser.add_argument("--markdown", action="store_true", help="print a table for RESULTS.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, not args.no_verify)))
+        return
+    rows = []
+    for spec in args.models:
+        rows.append(run_child(spec, not args.no_verify))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.markdown:
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
