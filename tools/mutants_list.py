@@ -1465,6 +1465,388 @@ GUARD_MUTANTS: tuple[Mutant, ...] = (
 )
 
 
+# The safety paths: the commit point's refusal of written inputs and its comparison of integer,
+# tiny-scale and all-zero outputs; capture's alias analysis (writes through views, batch-norm
+# statistics, the state a trace writes); the export front end (constant-pad values, hooked
+# submodules, lifted constants written through a view) and absorb_padding; the axis and
+# broadcast checks of scale regions; fold_inside's narrowing of replacements; flatten and norm
+# axes on ranks other than 4; the verifier's discontinuity and non-finite thresholds. Killer
+# tests: tests/test_mutant_killers_safety.py.
+K_SAFETY = "tests/test_mutant_killers_safety.py"
+INPLACE = "repfx/capture/inplace.py"
+WRITES = "repfx/capture/writes.py"
+STATE = "repfx/capture/state.py"
+EXPORT = "repfx/capture/torch_export.py"
+SCALE_REGION = "repfx/passes/_scale_region.py"
+FOLD_INSIDE = "repfx/fold_inside.py"
+FLATTEN = "repfx/passes/fold_affine_through_flatten.py"
+T_EXPORT = "tests/test_capture_export.py"
+T_SCALES = "tests/test_scale_propagation.py"
+T_FLATTEN = "tests/test_pass_fold_affine_through_flatten.py"
+T_NORMS = "tests/test_norms.py"
+T_FOLD_INSIDE = "tests/test_fold_inside.py"
+
+SAFETY_MUTANTS: tuple[Mutant, ...] = (
+    # 1. the commit point: regions that read written values, and how outputs are compared
+    _m(
+        "region-written-stop-accepted",
+        REGION,
+        "        if node.meta.get(MUTATED_KEY):\n"
+        '            raise ValidationFailure(f"{node.name} is mutated in place")\n'
+        "        if node in self.stops:\n"
+        "            return False\n",
+        "        if node in self.stops:\n"
+        "            return False\n"
+        "        if node.meta.get(MUTATED_KEY):\n"
+        '            raise ValidationFailure(f"{node.name} is mutated in place")\n',
+        "collect_region: an input the pass names (a stop) accepted although written in place",
+        K_SAFETY,
+        T_CAPTURE,
+        T_WRITES,
+    ),
+    _m(
+        "region-written-buffers-unchecked",
+        REGION,
+        "for name, tensor in [*module.named_parameters(), *module.named_buffers()]:",
+        "for name, tensor in module.named_parameters():",
+        "collect_region: a module's buffers written elsewhere by the forward not refused",
+        K_SAFETY,
+        T_WRITES,
+    ),
+    _m(
+        "commit-integer-outputs-unchecked",
+        VALIDATE,
+        '        return None if torch.equal(want, got) else Fail("integer values differ")\n',
+        "        return None\n",
+        "validate._same_values: integer / boolean outputs not compared",
+        K_SAFETY,
+        T_COMMIT,
+        K_COMMIT,
+    ),
+    _m(
+        "commit-small-scale-absolute",
+        VALIDATE,
+        "    rel = diff / scale if scale > 0 else diff\n",
+        "    rel = diff / scale if scale > 1 else diff\n",
+        "validate._same_values: outputs of scale below 1 compared by absolute difference",
+        K_SAFETY,
+        T_COMMIT,
+        K_COMMIT,
+    ),
+    _m(
+        "commit-zero-scale-unchecked",
+        VALIDATE,
+        "    rel = diff / scale if scale > 0 else diff\n",
+        "    rel = diff / scale if scale > 0 else 0.0\n",
+        "validate._same_values: any replacement accepted where the region's output is all zeros",
+        K_SAFETY,
+        T_COMMIT,
+        K_COMMIT,
+    ),
+    _m(
+        "commit-nan-difference-ignored",
+        VALIDATE,
+        "    if rel > tol or math.isnan(rel):\n",
+        "    if rel > tol:\n",
+        "validate._same_values: a NaN relative difference not a failure",
+        K_SAFETY,
+        T_COMMIT,
+        K_COMMIT,
+        equivalent="rel cannot be NaN there: the non-finite positions of both sides are equal "
+        "(checked just before), so the difference is taken over values finite in both — finite "
+        "or +inf (an overflow), never NaN — and divided by a finite scale > 0 (or not divided)",
+    ),
+    # 2. capture's alias analysis
+    _m(
+        "mark-mutated-not-back-to-sources",
+        INPLACE,
+        "        if may_alias_inputs(gm, node):\n            stack.extend(node.all_input_nodes)\n",
+        "",
+        "mark_mutated: a write through a view does not mark the tensor it views (an input, a "
+        "parameter)",
+        K_SAFETY,
+        T_CAPTURE,
+        T_WRITES,
+    ),
+    _m(
+        "private-view-ignores-other-readers",
+        INPLACE,
+        "    return readers == [tensor] and _is_private(gm, source, tensor)\n",
+        "    return _is_private(gm, source, tensor)\n",
+        "_is_private: a write through a view rewritten out of place although the viewed tensor "
+        "has other readers",
+        K_SAFETY,
+        T_CAPTURE,
+        T_WRITES,
+    ),
+    _m(
+        "torch-batch-norm-statistics-positions",
+        INPLACE,
+        "_BATCH_NORM_FUNCTIONS = {F.batch_norm: (1, 2), torch.batch_norm: (3, 4)}",
+        "_BATCH_NORM_FUNCTIONS = {F.batch_norm: (1, 2), torch.batch_norm: (1, 2)}",
+        "_mark_batch_norm_statistics: torch.batch_norm's statistics read at F.batch_norm's "
+        "positions (its weight and bias marked instead)",
+        K_SAFETY,
+        T_EXPORT,
+        T_WRITES,
+    ),
+    _m(
+        "batch-norm-statistics-views-unmarked",
+        INPLACE,
+        "    mark_mutated(gm, reads)\n",
+        "",
+        "_mark_batch_norm_statistics: reads of a training-mode BatchNorm module's statistics "
+        "elsewhere in the graph not marked",
+        K_SAFETY,
+        T_CAPTURE,
+        T_WRITES,
+    ),
+    _m(
+        "saved-state-skips-buffers",
+        STATE,
+        "    return [*tensor_attributes(model), *model.named_buffers()]\n",
+        "    return [*tensor_attributes(model)]\n",
+        "unrecorded_tensors: buffers a trace writes to not saved (nor restored, nor retraced)",
+        K_SAFETY,
+        T_WRITES,
+        T_CAPTURE,
+    ),
+    # 3. the export front end, and absorb_padding
+    _m(
+        "export-pad-positional-value-dropped",
+        EXPORT,
+        '    value = rest[0] if rest else kwargs.get("value", 0)\n',
+        '    value = kwargs.get("value", 0)\n',
+        "to_torch_level: aten.constant_pad_nd's positional fill value dropped (zeros instead)",
+        K_SAFETY,
+        T_EXPORT,
+        T_PADDING,
+    ),
+    _m(
+        "export-hooks-ignore-pre-hooks",
+        EXPORT,
+        "if path and forward_hooks_of(m)]",
+        "if path and m._forward_hooks]",
+        "capture_exported: a submodule with only forward pre-hooks exported (its hooks would "
+        "run while capturing only)",
+        K_SAFETY,
+        T_EXPORT,
+    ),
+    _m(
+        "export-written-constant-view-missed",
+        EXPORT,
+        "                targets[user] = targets[node]\n                frontier.append(user)\n",
+        "                pass\n",
+        "_refuse_written_constants: a write through a view of a lifted tensor attribute not "
+        "refused",
+        K_SAFETY,
+        T_EXPORT,
+        T_WRITES,
+    ),
+    _m(
+        "padding-positional-value-ignored",
+        PADDING,
+        '    value = pad.args[3] if len(pad.args) > 3 else pad.kwargs.get("value", None)\n',
+        '    value = pad.kwargs.get("value", None)\n',
+        "absorb_padding._pad_value: F.pad's positional value ignored (read as zeros)",
+        K_SAFETY,
+        T_PADDING,
+        T_EXPORT,
+    ),
+    _m(
+        "padding-mask-threshold-at-fill",
+        PADDING,
+        "not 0 < threshold < fill",
+        "not 0 < threshold <= fill",
+        "absorb_padding._padded_above: a border mask with the threshold at the fill (all "
+        "False) taken as the border",
+        K_SAFETY,
+        T_PADDING,
+    ),
+    # 4. scale regions: axes and broadcasts
+    _m(
+        "scale-sum-broadcast-operand",
+        SCALE_REGION,
+        "    return shape is not None and len(shape) >= -axis and shape[axis] == out[axis]\n",
+        "    return shape is not None and len(shape) >= -axis\n",
+        "_has_every_channel: an operand broadcast along the channel axis taken as having them all",
+        K_SAFETY,
+        T_SCALES,
+        T_AFFINE,
+    ),
+    _m(
+        "scale-region-two-axes",
+        SCALE_REGION,
+        "            if axes[node] != axis:\n"
+        '                return Fail(f"{op_name(ctx.gm, node)} would be scaled along two axes")\n',
+        "",
+        "scaled_region._walk: a value reached along two different channel axes scaled once",
+        K_SAFETY,
+        T_SCALES,
+        T_AFFINE,
+    ),
+    _m(
+        "scale-gate-first-factor",
+        SCALE_REGION,
+        "    return [((whole or every_channel)[0], axis)]\n",
+        "    return [(operands[0], axis)]\n",
+        "_product_operand: the scale moved into the first factor of a gate, broadcast or not",
+        K_SAFETY,
+        T_SCALES,
+        T_AFFINE,
+    ),
+    _m(
+        "channelwise-relu-any-sign",
+        OPS,
+        "return Channelwise(node, x, axis, False, nonnegative_only=True) if is_relu else None",
+        "return Channelwise(node, x, axis, False, nonnegative_only=False) if is_relu else None",
+        "_relu_channelwise: relu taken to commute with a negative scale",
+        K_SAFETY,
+        T_SCALES,
+        K_VIEWS,
+    ),
+    _m(
+        "channelwise-mean-over-the-channels",
+        OPS,
+        "    if not 0 <= axis + r_out < len(kept) or kept[axis + r_out] in reduced:\n",
+        "    if not 0 <= axis + r_out < len(kept):\n",
+        "_mean_channelwise: a keepdim mean over the channel axis taken as channel-wise",
+        K_SAFETY,
+        T_SCALES,
+        K_VIEWS,
+    ),
+    # 5. fold_inside: replacements proven alone and together
+    _m(
+        "narrowed-together-unproven",
+        FOLD_INSIDE,
+        "    if together.refusal is not None:\n        return proof, refused\n",
+        "",
+        "fold_inside._narrowed: the replacements that pass alone made without passing together",
+        K_SAFETY,
+        T_FOLD_INSIDE,
+    ),
+    _m(
+        "narrowed-single-refusals-dropped",
+        FOLD_INSIDE,
+        "    return together, {path: single.refusal for path, single in alone.items() if "
+        "single.refusal}\n",
+        "    return together, {}\n",
+        "fold_inside._narrowed: the replacements that fail alone not listed as refused",
+        K_SAFETY,
+        T_FOLD_INSIDE,
+    ),
+    _m(
+        "narrowed-all-passing-reproven",
+        FOLD_INSIDE,
+        "    if not passing or len(passing) == len(paths):",
+        "    if not passing:",
+        "fold_inside._narrowed: replacements that all pass alone proven together a second time",
+        K_SAFETY,
+        T_FOLD_INSIDE,
+        equivalent="when every replacement passes alone, `passing` is all of `paths`, which "
+        "were just proven together and refused: the same deterministic proof (the same "
+        "children folded the same way, run on the same inputs) refuses them again",
+    ),
+    # 6. flatten and norm axes on ranks other than 4
+    _m(
+        "flatten-axis-assumes-rank-4",
+        FLATTEN,
+        "    if op.axis is not None and len(shape) + op.axis != 1:",
+        "    if op.axis is not None and op.axis != -3:",
+        "fold_affine_through_flatten.check: the channel axis taken as -3 whatever the rank",
+        K_SAFETY,
+        T_FLATTEN,
+    ),
+    _m(
+        "flatten-rank-4-only",
+        FLATTEN,
+        "        if shape is None or len(shape) < 3:",
+        "        if shape is None or len(shape) != 4:",
+        "fold_affine_through_flatten.check: only a rank-4 tensor flattened into a linear",
+        K_SAFETY,
+        T_FLATTEN,
+    ),
+    _m(
+        "norm-axis-assumes-rank-4",
+        OPS,
+        "        axis = None if rank is None else 1 - rank\n",
+        "        axis = None if rank is None else -3\n",
+        "norm_op: a group norm's channel axis taken as -3 whatever the rank",
+        K_SAFETY,
+        T_NORMS,
+        "tests/test_fold_norm_affine.py",
+        T_AFFINE,
+    ),
+    _m(
+        "norm-function-shape-any-length",
+        OPS,
+        "and len(second) == 1 and type(second[0]) is int",
+        "and type(second[0]) is int",
+        "_norm_function_channels: a functional layer norm over several trailing dims taken as "
+        "per-channel over its first",
+        K_SAFETY,
+        T_NORMS,
+        "tests/test_fold_norm_affine.py",
+        T_AFFINE,
+    ),
+    # 7. the verifier's thresholds
+    _m(
+        "discontinuity-threshold-lowered",
+        TOLERANCES,
+        "DISCONTINUITY = 1e-2\n",
+        "DISCONTINUITY = 1e-4\n",
+        "tolerances: an output moving by 1e-4 under a 1-ulp perturbation called discontinuous",
+        K_SAFETY,
+        T_VERIFY,
+        K_VERIFY,
+    ),
+    _m(
+        "discontinuous-nonfinite-check-removed",
+        TOLERANCES,
+        "    return not math.isfinite(sensitivity) or sensitivity >= DISCONTINUITY\n",
+        "    return sensitivity >= DISCONTINUITY\n",
+        "tolerances.discontinuous: a non-finite sensitivity not a jump",
+        K_SAFETY,
+        T_VERIFY,
+        K_VERIFY,
+        equivalent="+inf >= DISCONTINUITY already holds, and a sensitivity is never NaN: each "
+        "move is a relative error over positions finite in both (finite or +inf, divided by a "
+        "finite scale) or +inf, and Python's max() keeps 0.0 over a NaN anyway",
+    ),
+    _m(
+        "recheck-nonfinite-mismatches",
+        VERIFY,
+        "    return c.verdict == FAILED and c.rel_error is not None and c.nonfinite_mismatches "
+        "== 0\n",
+        "    return c.verdict == FAILED and c.rel_error is not None\n",
+        "verify._recheckable: an output whose NaN / Inf positions differ re-checked (and excused)",
+        K_SAFETY,
+        T_VERIFY,
+        K_VERIFY,
+    ),
+    _m(
+        "discontinuous-without-determinism",
+        VERIFY,
+        "            if discontinuous(sensitivity) and self.deterministic():\n",
+        "            if discontinuous(sensitivity):\n",
+        "verify: an output that changes from run to run called discontinuous (not judged)",
+        K_SAFETY,
+        T_VERIFY,
+        K_VERIFY,
+    ),
+    _m(
+        "tensor-error-zero-scale",
+        TOLERANCES,
+        "abs_err / scale if scale > 0 else abs_err",
+        "abs_err / scale if scale > 0 else 0.0",
+        "tensor_error: any output passes against an all-zero expected output",
+        K_SAFETY,
+        T_VERIFY,
+        K_VERIFY,
+    ),
+)
+
+
 MUTANTS: tuple[Mutant, ...] = (
     AUDIT
     + ALGEBRA_MUTANTS
@@ -1474,4 +1856,5 @@ MUTANTS: tuple[Mutant, ...] = (
     + CHECK_MUTANTS
     + GUARD_MUTANTS
     + EQUIVALENT
+    + SAFETY_MUTANTS
 )
