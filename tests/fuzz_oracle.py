@@ -616,15 +616,18 @@ def judge_compiled(model, seed: int) -> Verdict:
     params = [p.detach().clone() for p in module.parameters()]
     for grad in (False, True):
         mode = "grad" if grad else "no_grad"
-        expected = forward_backward(module, inputs, seed, grad)
+        # eager on a copy in the same state: a forward may write the model's own state (a BN
+        # kept in training mode updates its statistics), so the two runs must start alike
+        expected = forward_backward(copy.deepcopy(module), inputs, seed, grad)
         if isinstance(expected[0], Exception):
             verdict.events.append(f"compile ({mode}): eager raises")
             continue
+        plain_copy = copy.deepcopy(module)
         actual = forward_backward(
             _compiled(module, repfx.compile_backend(inner="eager")), inputs, seed, grad
         )
         if isinstance(actual[0], Exception):
-            plain = forward_backward(_compiled(module, "eager"), inputs, seed, grad)
+            plain = forward_backward(_compiled(plain_copy, "eager"), inputs, seed, grad)
             kind = "dynamo raises" if isinstance(plain[0], Exception) else "repfx backend raises"
             verdict.events.append(f"compile ({mode}): {kind}")
             if kind == "repfx backend raises":
@@ -678,7 +681,7 @@ def judge_compiled_after_changes(model, seed: int) -> Verdict:
         torch._dynamo.reset()
         return verdict
     _change(module, compiled, inputs, change, seed)
-    expected = forward_backward(module, inputs, seed, grad=False)
+    expected = forward_backward(copy.deepcopy(module), inputs, seed, grad=False)  # same state
     actual = forward_backward(compiled, inputs, seed, grad=False)
     torch._dynamo.reset()
     verdict.events.append(f"compile, then change: {change}")

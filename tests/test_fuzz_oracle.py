@@ -170,3 +170,29 @@ def test_a_float64_fold_behind_a_pole_is_judged_by_the_outputs_conditioning():
     wrong = Pole(bias=-1.0 * (1 + 1e-9))
     problems = oracle.output_problems(original, wrong, (x,), seed=0)
     assert [kind for kind, _ in problems] == ["wrong output"]
+
+
+def test_the_compile_judges_start_eager_and_compiled_runs_from_the_same_state():
+    """A BN kept in training mode updates its running mean on every call, and the model reads
+    it: eager and compiled runs compared from different states would differ without any fold
+    (plain dynamo too). The judges run eager on a copy in the compiled model's state."""
+    import types
+
+    from fuzz_blocks import TrainModeBatchNorm
+    from fuzz_common import Shape
+    from grammar import randomise_
+
+    block = TrainModeBatchNorm(
+        Shape(1, (4, 4, 4)),
+        "BatchNorm kept in training mode, + its running mean",
+        nn.Conv3d(1, 1, 1),
+    )
+    net = randomise_(nn.Sequential(block, nn.GELU()), torch.Generator().manual_seed(0)).eval()
+
+    def inputs(generator, batch=None, dtype=None):
+        return (torch.randn(batch or 2, 1, 4, 4, 4, generator=generator),)
+
+    model = types.SimpleNamespace(module=net, inputs=inputs, batch=2)
+    for seed in range(3):  # one of each change after compiling
+        assert oracle.judge_compiled(model, seed).problems == []
+        assert oracle.judge_compiled_after_changes(model, seed).problems == []
