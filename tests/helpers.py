@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,9 @@ import repfx
 from repfx import algebra
 from repfx.capture import capture, copy_model, propagate_shapes
 from repfx.ir.graph import annotate_ranks
+from repfx.passes.base import FoldContext, apply_rule
+from repfx.passes.rewrite import replace_node
+from repfx.report.fold_report import Folded
 from repfx.testing import assert_close
 
 
@@ -164,3 +168,37 @@ def wrong_output_fold(weight, bias, affine):
     the commit point to reject."""
     w, b = algebra.fold_affine_into_conv_output(weight, bias, affine)
     return w, b + 1
+
+
+def commit_replacement(
+    model: nn.Module, pick: Callable[[fx.Node], bool], replacement: nn.Module, *example
+) -> Folded:
+    """Ask the commit point to replace the one node ``pick`` selects (a call reading one
+    value) by ``replacement`` of that value; raises ``RewriteRejected`` when the proof fails."""
+    gm = traced(model, *example)
+    outcomes: list[Folded] = []
+
+    def rule(ctx: FoldContext, node: fx.Node):
+        if not pick(node) or outcomes:
+            return None
+        x = node.args[0]
+
+        def rewrite() -> tuple[list[fx.Node], str]:
+            ctx.gm.add_submodule("replacement", replacement)
+            with ctx.gm.graph.inserting_before(node):
+                new = ctx.gm.graph.call_module("replacement", (x,))
+            new.meta.update(node.meta)
+            replace_node(node, new)
+            return [new], "replaced"
+
+        outcomes.append(ctx.commit("test", node.name, [node], [x], rewrite))
+        return outcomes[-1]
+
+    apply_rule(gm, rule)
+    assert len(outcomes) == 1 and isinstance(outcomes[0], Folded), outcomes
+    return outcomes[0]
+
+
+def is_conv_module(node: fx.Node) -> bool:
+    """The call of the model's ``conv`` submodule."""
+    return node.op == "call_module" and node.target == "conv"

@@ -15,11 +15,10 @@ import copy
 
 import pytest
 import torch
-from helpers import traced
-from torch import fx, nn
+from helpers import commit_replacement, is_conv_module
+from torch import nn
 
-from repfx.passes.base import FoldContext, RewriteRejected, apply_rule
-from repfx.passes.rewrite import replace_node
+from repfx.passes.base import RewriteRejected
 from repfx.report.fold_report import Folded
 
 
@@ -47,29 +46,8 @@ def _commit_replacement(
 ) -> Folded:
     """Ask the commit point to replace ``model.conv`` by ``replacement`` (raises
     ``RewriteRejected`` when the proof fails)."""
-    gm = traced(model) if example is None else traced(model, example)
-    outcomes: list[Folded] = []
-
-    def rule(ctx: FoldContext, node: fx.Node):
-        if node.op != "call_module" or node.target != "conv":
-            return None
-        x = node.args[0]
-
-        def rewrite() -> tuple[list[fx.Node], str]:
-            ctx.gm.add_submodule("replacement", replacement)
-            with ctx.gm.graph.inserting_before(node):
-                new = ctx.gm.graph.call_module("replacement", (x,))
-            new.meta.update(node.meta)
-            replace_node(node, new)
-            return [new], "replaced the conv"
-
-        outcome = ctx.commit("test", "conv", [node], [x], rewrite)
-        outcomes.append(outcome)
-        return outcome
-
-    apply_rule(gm, rule)
-    assert len(outcomes) == 1 and isinstance(outcomes[0], Folded), outcomes
-    return outcomes[0]
+    examples = () if example is None else (example,)
+    return commit_replacement(model, is_conv_module, replacement, *examples)
 
 
 def _unpadded_copy(conv: nn.Conv2d) -> nn.Conv2d:

@@ -30,14 +30,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grammar import randomise_
-from helpers import stored_multiplies, traced
+from helpers import commit_replacement, is_conv_module, stored_multiplies
 from torch import fx, nn
 
 import repfx
-from repfx.passes.base import FoldContext, RewriteRejected, apply_rule
-from repfx.passes.rewrite import replace_node
+from repfx.passes.base import RewriteRejected
 from repfx.proof.verify import verify
-from repfx.report.fold_report import FAILED, Folded
+from repfx.report.fold_report import FAILED
 from repfx.testing import assert_close
 
 
@@ -118,35 +117,6 @@ def test_branches_are_not_merged_across_a_write_to_their_input(write):
     assert not _report(folded).counts().get("merge_branches")
 
 
-def _commit(
-    model: nn.Module, pick: Callable[[fx.Node], bool], replacement: nn.Module, *example
-) -> Folded:
-    """Ask the commit point to replace the one node ``pick`` selects (a call reading one
-    value) by ``replacement`` of that value; raises ``RewriteRejected`` when the proof fails."""
-    gm = traced(model, *example)
-    outcomes: list[Folded] = []
-
-    def rule(ctx: FoldContext, node: fx.Node):
-        if not pick(node) or outcomes:
-            return None
-        x = node.args[0]
-
-        def rewrite() -> tuple[list[fx.Node], str]:
-            ctx.gm.add_submodule("replacement", replacement)
-            with ctx.gm.graph.inserting_before(node):
-                new = ctx.gm.graph.call_module("replacement", (x,))
-            new.meta.update(node.meta)
-            replace_node(node, new)
-            return [new], "replaced"
-
-        outcomes.append(ctx.commit("test", node.name, [node], [x], rewrite))
-        return outcomes[-1]
-
-    apply_rule(gm, rule)
-    assert len(outcomes) == 1 and isinstance(outcomes[0], Folded), outcomes
-    return outcomes[0]
-
-
 class Labels(nn.Module):
     """The channel of the largest value of a conv's output, per position (int64)."""
 
@@ -179,9 +149,9 @@ def test_an_integer_output_is_compared_exactly(example):
     model = _random(Labels())
     y = _fresh(2, 5, 4, 5, seed=3)
     assert not torch.equal(ArgminOf()(y), ArgmaxOf()(y))
-    assert _commit(model, _is_argmax, ArgmaxOf(), *example)
+    assert commit_replacement(model, _is_argmax, ArgmaxOf(), *example)
     with pytest.raises(RewriteRejected, match="integer values differ"):
-        _commit(model, _is_argmax, ArgminOf(), *example)
+        commit_replacement(model, _is_argmax, ArgminOf(), *example)
 
 
 class OneConv(nn.Module):
@@ -198,10 +168,6 @@ class OneConv(nn.Module):
         return self.conv(x)
 
 
-def _is_conv(node: fx.Node) -> bool:
-    return node.op == "call_module" and node.target == "conv"
-
-
 def _scaled(conv: nn.Conv2d, factor: float) -> nn.Conv2d:
     out = copy.deepcopy(conv)
     with torch.no_grad():
@@ -216,10 +182,10 @@ def test_a_tiny_output_is_compared_on_its_own_scale(scale):
     absolute difference; the conv itself, or one off by rounding, is accepted."""
     model = OneConv(scale)
     example = _fresh(2, 3, 5, 6)
-    assert _commit(model, _is_conv, _scaled(model.conv, 1.0), example)
-    assert _commit(model, _is_conv, _scaled(model.conv, 1 + 1e-7), example)
+    assert commit_replacement(model, is_conv_module, _scaled(model.conv, 1.0), example)
+    assert commit_replacement(model, is_conv_module, _scaled(model.conv, 1 + 1e-7), example)
     with pytest.raises(RewriteRejected, match="differs by"):
-        _commit(model, _is_conv, _scaled(model.conv, 1.1), example)
+        commit_replacement(model, is_conv_module, _scaled(model.conv, 1.1), example)
 
 
 def test_a_replacement_of_an_all_zero_output_must_be_zero():
@@ -227,9 +193,9 @@ def test_a_replacement_of_an_all_zero_output_must_be_zero():
     off by its own size, not by nothing. A replacement computing zeros is accepted."""
     model = OneConv(0.0)
     example = _fresh(2, 3, 5, 6)
-    assert _commit(model, _is_conv, OneConv(0.0).conv, example)
+    assert commit_replacement(model, is_conv_module, OneConv(0.0).conv, example)
     with pytest.raises(RewriteRejected, match="differs by"):
-        _commit(model, _is_conv, OneConv(1.0).conv, example)
+        commit_replacement(model, is_conv_module, OneConv(1.0).conv, example)
 
 
 # ----------------------------------------------------------------------------- 2. capture
