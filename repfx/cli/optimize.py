@@ -136,7 +136,7 @@ def _load_model(
 
 def _check_graph_block(block: str | None, model: nn.Module, description: str) -> None:
     """``--graph-block`` names a module of the model (checked before folding)."""
-    if block is None or block == "":
+    if not block:
         return
     names = [name for name, _ in model.named_modules() if name]
     if block not in names:

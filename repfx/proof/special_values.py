@@ -112,10 +112,17 @@ def same_special_values(want: Any, got: Any, signs_of_zeros: bool) -> Fail | Non
     infinite = want.isinf() & got.isinf()
     if not torch.equal(want[infinite].sign(), got[infinite].sign()):
         return Fail("an infinity changes sign where an input holds ±inf, NaN or a zero")
-    zeros = (want == 0) & (got == 0)
-    if signs_of_zeros and not torch.equal(want.signbit()[zeros], got.signbit()[zeros]):
+    if signs_of_zeros and zero_signs_differ(want, got):
         return Fail(
             "the sign of a zero changes (−0.0 ↔ +0.0), and a later op tells them apart (a "
             "division, a reciprocal, atan2, copysign, signbit, a power)"
         )
     return None
+
+
+def zero_signs_differ(want: Any, got: Any) -> bool:
+    """Is there a position where both are zero with different signs (−0.0 against +0.0)?"""
+    if not (isinstance(want, torch.Tensor) and want.is_floating_point()):
+        return False
+    zeros = (want == 0) & (got == 0)
+    return not torch.equal(want.signbit()[zeros], got.signbit()[zeros])

@@ -62,6 +62,7 @@ from .special_values import (
     is_elementwise,
     same_special_values,
     with_special_values,
+    zero_signs_differ,
     zero_signs_matter,
 )
 from .tolerances import rewrite_tolerance
@@ -186,7 +187,7 @@ class Proof:
         for i, (want, got) in enumerate(zip(self.special_expected, actual, strict=True)):
             if (fail := _same_values(want, got, self.dtypes[i])) is not None:
                 return Fail(f"output {i} on special values: {fail.reason}")
-            if signs is None and _zero_signs_differ(want, got):
+            if signs is None and zero_signs_differ(want, got):
                 signs = zero_signs_matter(gm, replacements)
             if (fail := same_special_values(want, got, bool(signs))) is not None:
                 return Fail(f"output {i}: {fail.reason}")
@@ -269,13 +270,6 @@ def _add_special_probe(gm: fx.GraphModule, proof: Proof, to_f64: _Converted) -> 
         return
     proof.special = Probe(feeds, proof.probes[-1].dtypes)
     proof.special_expected = expected
-
-
-def _zero_signs_differ(want: Any, got: Any) -> bool:
-    if not (isinstance(want, torch.Tensor) and want.is_floating_point()):
-        return False
-    zeros = (want == 0) & (got == 0)
-    return not torch.equal(want.signbit()[zeros], got.signbit()[zeros])
 
 
 def _runs_on_meta(
