@@ -30,6 +30,7 @@ from repfx.passes import _absorb as absorb_module
 from repfx.passes.base import RewriteRejected, apply_rule
 from repfx.passes.rewrite import GraphSurgeryError, replace_node
 from repfx.proof.probe_shapes import _tap_coverage, probe_sizes
+from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.report.fold_report import Folded
 from repfx.testing import assert_close
 
@@ -246,3 +247,48 @@ def test_probe_sizes_let_every_tap_read_data_at_no_more_than_the_window_s_extent
             weight[..., tap] = 1  # the output reads only this tap
             out = torch.nn.functional.conv1d(ones, weight, stride=s, padding=p, dilation=d)
             assert out.sum() > 0, (k, d, p, s, tap)  # some output reads it within the input
+
+
+class _ScaledLinear(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+        self.gamma = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        return self.fc(x) * self.gamma
+
+
+@pytest.mark.parametrize("layout", ["channels first", "channels last"])
+def test_probes_shrink_spatial_dims_that_happen_to_equal_the_channel_count(monkeypatch, layout):
+    """efficientnet's first stage holds 144 channels at 144×144: only the channel dim may keep
+    its size, or every proof there runs at full resolution. A wrong fold there is still found."""
+    from repfx.passes import base
+
+    c = 12
+    if layout == "channels first":
+        model = nn.Sequential(nn.Conv2d(c, c, 3, stride=2, padding=1), nn.BatchNorm2d(c))
+        x = torch.randn(1, c, c, c)
+        channel_dim = 1
+    else:
+        model = _ScaledLinear(c)
+        x = torch.randn(1, c, c, c)
+        channel_dim = 3
+    model = redraw_foldable_parameters_(model.eval(), seed=2)
+    shapes: list[tuple[int, ...]] = []
+    original = base.prove_before
+
+    def spying(gm, outputs, inputs, consts):
+        proof = original(gm, outputs, inputs, consts)
+        shapes.extend(tuple(v.shape) for p in proof.probes for v in p.feeds.values())
+        return proof
+
+    monkeypatch.setattr(base, "prove_before", spying)
+    folded = repfx.fold(model, (x,))
+    assert shapes
+    for shape in shapes:
+        assert shape[channel_dim] == c
+        assert all(d < c for i, d in enumerate(shape) if i not in (0, channel_dim))
+    fresh = torch.randn(3, c, c + 2, c) if channel_dim == 1 else torch.randn(3, 5, 7, c)
+    with torch.no_grad():
+        assert_close(folded(fresh), model(fresh))

@@ -231,7 +231,8 @@ def candidate_shapes(
     """Shapes to try for an input, best first."""
     found: list[tuple[int, ...]] = []
     if spec.shape is not None:
-        found.append(_shrunk(spec.shape, channels, sizes, batch))
+        for kept in _channel_positions(spec.shape, channels):
+            found.append(_shrunk(spec.shape, kept, sizes, batch))
         found.append(spec.shape)
         return list(dict.fromkeys(found))
     ranks = [spec.rank] if spec.rank is not None else [4, 3, 2, 5]
@@ -246,16 +247,30 @@ def candidate_shapes(
     return list(dict.fromkeys(found))
 
 
+def _channel_positions(shape: tuple[int, ...], channels: list[int]) -> list[frozenset[int]]:
+    """Which dims of a recorded ``shape`` to keep as channel dims, best first: those whose size
+    is a channel count the region names. When several are (efficientnet's (1, 144, 144, 144):
+    144 channels at 144×144), each on its own first — dim 1 (NCHW), then the last (NHWC), then
+    the others — and all of them last: a probe that keeps the wrong one does not run, and
+    keeping a spatial dim at full size costs its square in every evaluation."""
+    named = [i for i, d in enumerate(shape) if (i or len(shape) == 1) and d > 1 and d in channels]
+    if len(named) <= 1:
+        return [frozenset(named)]
+    order = sorted(named, key=lambda i: (i != 1, i != len(shape) - 1, i))
+    return [frozenset([i]) for i in order] + [frozenset(named)]
+
+
 def _shrunk(
-    shape: tuple[int, ...], channels: list[int], sizes: tuple[int, ...], batch: int
+    shape: tuple[int, ...], kept: frozenset[int], sizes: tuple[int, ...], batch: int
 ) -> tuple:
-    """``shape`` with its batch set and its other dims shrunk to ``sizes``, except the channel
-    counts the region names (an average pool names its own: :func:`_pooled_channels`)."""
+    """``shape`` with its batch set and its other dims shrunk to ``sizes``, except the ``kept``
+    channel dims and dims of size 1 (an average pool names its own channel count:
+    :func:`_pooled_channels`)."""
     out, k = [], 0
     for i, d in enumerate(shape):
         if i == 0 and len(shape) > 1:
             out.append(batch)
-        elif d > 1 and d not in channels:
+        elif d > 1 and i not in kept:
             out.append(sizes[k % len(sizes)])
             k += 1
         else:

@@ -19,7 +19,16 @@ from torch import fx, nn
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
-    return gm.get_submodule(node.target)
+    """The module a ``call_module`` node calls: ``gm.get_submodule(node.target)``, walking the
+    module dicts directly (passes look modules up at every node they visit, and
+    ``nn.Module.__getattr__`` made that a tenth of a fold's time)."""
+    module: nn.Module = gm
+    for part in node.target.split("."):
+        child = module._modules.get(part)
+        if child is None:  # not a registered child: get_submodule's answer, or its error
+            return gm.get_submodule(node.target)
+        module = child
+    return module
 
 
 def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
