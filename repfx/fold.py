@@ -97,7 +97,9 @@ def fold(
     ``verify=True`` the result is checked against the original on those inputs
     (:class:`VerificationError` if it differs beyond ``repfx.proof.tolerances``); with
     ``verify_redrawn`` too, a copy whose foldable parameters are re-drawn at O(1)
-    (``repfx.proof.redraw``) is folded the same way and checked as well. Without them,
+    (``repfx.proof.redraw``) is folded the same way and checked as well (unless no fold read
+    a parameter or buffer: then re-drawn values cannot differ, and the report says so). Without
+    them,
     repfx assumes conv / batch-norm inputs are batched. The report is at
     ``folded.meta["repfx_report"]``.
 
@@ -180,7 +182,13 @@ def _fold(
             return _fold(model64, inputs64, verify=False, passes=passes, capture=capture)
 
         report.verification = run_verification(model, gm, inputs, refold)
-        if verify_redrawn:
+        if verify_redrawn and not any(f.reads_state for f in report.folded):
+            report.notes.append(
+                "verified with the parameters as given only: no fold read a parameter or "
+                "buffer (each replaced parameter-free ops, proven on random values), so "
+                "re-drawn parameters could not show a difference"
+            )
+        elif verify_redrawn:
             try:
                 report.redrawn_verification = run_redrawn_verification(
                     model,
@@ -226,7 +234,9 @@ def _fold_copy(
     insert_rank_guards(gm, guards)
     fixpoint = run_to_fixpoint(gm, passes)
     rename_rank_guards(gm)
-    report.folded += [Folded(f.rule, prefix + f.where, f.detail) for f in fixpoint.folded]
+    report.folded += [
+        Folded(f.rule, prefix + f.where, f.detail, f.reads_state) for f in fixpoint.folded
+    ]
     report.skipped += [Skipped(s.rule, prefix + s.where, s.reason) for s in fixpoint.skipped]
     report.add_pass_seconds(fixpoint.seconds)
     child_inputs = record_child_inputs(gm, list(opaque), inputs) if opaque and inputs else {}

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -352,10 +353,11 @@ class _ProbabilityGate(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 1)
+        self.bn = nn.BatchNorm2d(channels)  # a fold that reads parameters: the re-draw runs
         self.keep = nn.Parameter(torch.ones(channels))  # bernoulli(1) = 1: deterministic
 
     def forward(self, x):
-        return self.conv(x) * torch.bernoulli(self.keep)[:, None, None]
+        return self.bn(self.conv(x)) * torch.bernoulli(self.keep)[:, None, None]
 
 
 def test_a_model_that_redrawing_breaks_is_verified_as_given_and_says_so():
@@ -525,3 +527,33 @@ def test_an_object_holding_tensors_is_compared_by_its_tensors():
     assert not result.passed
     failed = [c.path for c in result.outputs if c.verdict == FAILED]
     assert len(failed) == 1 and "keys" in failed[0] and "Cache" in failed[0]
+
+
+class _FunctionalScaledConv(nn.Module):
+    """A conv and a per-channel scale as plain tensors read through attributes (constants of
+    the graph, not module calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3, generator=_gen(5)))
+        self.gamma = nn.Parameter(torch.ones(8))  # 1 as initialised: a dropped scale "works"
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight) * self.gamma.view(1, -1, 1, 1)
+
+
+def test_the_redrawn_check_is_skipped_only_when_no_fold_read_a_parameter():
+    x = torch.randn(2, 3, 8, 8, generator=_gen(0))
+    free = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Identity(), nn.Dropout(0.3), nn.ReLU()).eval()
+    report = repfx.fold(free, (x,)).meta["repfx_report"]
+    assert report.folded and not any(f.reads_state for f in report.folded)
+    assert report.verification.passed and report.redrawn_verification is None
+    assert any("no fold read a parameter or buffer" in note for note in report.notes)
+    for model in (
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Identity()).eval(),
+        _FunctionalScaledConv().eval(),
+    ):
+        report = repfx.fold(model, (x,)).meta["repfx_report"]
+        reading = [f for f in report.folded if f.reads_state]
+        assert reading and all(f.rule != "cleanup" for f in reading)
+        assert report.redrawn_verification is not None and report.redrawn_verification.passed

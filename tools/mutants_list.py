@@ -1844,6 +1844,57 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         T_VERIFY,
         K_VERIFY,
     ),
+    _m(
+        "pure-ignores-in-place-calls",
+        "repfx/proof/pure.py",
+        "        if writes_in_place(node):\n            return False\n",
+        "",
+        "pure: a folded graph with an in-place write is run without a copy (verification changes "
+        "the module it returns)",
+        "tests/test_pure.py",
+    ),
+    _m(
+        "pure-ignores-training-mode",
+        "repfx/proof/pure.py",
+        "type(m).__module__.startswith(_STOCK_MODULES) and not m.training and not has_hooks(m)",
+        "type(m).__module__.startswith(_STOCK_MODULES) and not has_hooks(m)",
+        "pure: a training-mode BatchNorm's graph is run without a copy",
+        "tests/test_pure.py",
+    ),
+    _m(
+        "redrawn-check-skipped-always",
+        FOLD,
+        "        if verify_redrawn and not any(f.reads_state for f in report.folded):\n",
+        "        if verify_redrawn:\n",
+        "fold: the re-drawn verification never runs (a fold exact only on identity statistics "
+        "passes)",
+        T_VERIFY,
+    ),
+    _m(
+        "region-constants-not-state",
+        REGION,
+        "    if region.constants:\n        return True\n",
+        "",
+        "region.reads_module_state: a region reading parameters through attributes counts as "
+        "parameter-free (its re-drawn check is skipped)",
+        T_VERIFY,
+    ),
+    _m(
+        "module-tensors-not-state",
+        REGION,
+        '        node.op == "call_module" and _holds_tensors(fetch_attr(gm, node.target))\n',
+        "        False\n",
+        "region.reads_module_state: a batch norm module's statistics count as no state",
+        T_VERIFY,
+    ),
+    _m(
+        "probes-keep-every-channel-sized-dim-only",
+        PROBE_SHAPES,
+        "    return [frozenset([i]) for i in order] + [frozenset(named)]\n",
+        "    return [frozenset(named)]\n",
+        "probe_shapes: a spatial dim that equals the channel count is probed at full size",
+        T_COMMIT,
+    ),
 )
 
 

@@ -43,7 +43,7 @@ from ..ir.graph import (
 from ..ir.match import Fail
 from ..proof.aliasing import aliasing_failure
 from ..proof.precision import precision_loss
-from ..proof.region import ValidationFailure
+from ..proof.region import ValidationFailure, reads_module_state
 from ..proof.validate import prove_before
 from ..report.fold_report import Folded, Skipped
 from .rewrite import RewriteRefused, committing
@@ -211,7 +211,7 @@ class FoldContext:
         aliased = aliasing_failure(self.gm, proof.region, proof.probes[0], replacements)
         if aliased is not None:  # a refusal, not a bug
             raise RewriteRejected(rule, location, aliased.reason, bug=False)
-        return Folded(rule, location, detail)
+        return Folded(rule, location, detail, reads_module_state(self.gm, proof.region))
 
     def shared_reason(self, node: fx.Node, what: str) -> Fail | None:
         """Why ``node``'s module or parameters may not be rewritten (``None``: they may)."""

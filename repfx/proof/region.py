@@ -43,6 +43,23 @@ class Region:
     constants: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
 
 
+def reads_module_state(gm: fx.GraphModule, region: Region) -> bool:
+    """Does ``region`` read a parameter, a buffer or another constant of the model? Its proof
+    then holds for the values they have now — an identity batch norm, a zero bias — and only a
+    fold of the model with those values re-drawn (``repfx.proof.redraw``) tests the rewrite on
+    others. A region of parameter-free ops is proven on random values of everything it reads."""
+    if region.constants:
+        return True
+    return any(
+        node.op == "call_module" and _holds_tensors(fetch_attr(gm, node.target))
+        for node in region.ops
+    )
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(b is not None for b in module.buffers())
+
+
 def collect_region(
     outputs: Sequence[fx.Node], stops: Iterable[fx.Node], consts: ConstantFolder
 ) -> Region:

@@ -27,6 +27,9 @@ class Folded:
     rule: str
     where: str
     detail: str
+    # the region it replaced read a parameter, buffer or constant, so its proof held for their
+    # values as given (repfx.proof.region.reads_module_state); unknown counts as read
+    reads_state: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True)
