@@ -3,6 +3,12 @@
     python benchmarks/bench_fold_cost.py                       # the default models, verified
     python benchmarks/bench_fold_cost.py --no-verify           # verify=False
     python benchmarks/bench_fold_cost.py --models timm:resnet50 --markdown
+    python benchmarks/bench_fold_cost.py --models llama:1b --no-verify  # 1.1B, bfloat16
+
+``llama:1b`` is a LLaMA-style decoder built from a config (TinyLlama's sizes: hidden 2048, 22
+layers, 32 heads, 4 key / value heads, MLP 5632, vocabulary 32000; 1.1B parameters), no
+weights, bfloat16, its RMSNorm weights re-drawn at O(1), folded with ``fold_norm_affine=True``
+on 16 token ids; ``llama:tiny`` the same at toy sizes.
 
 Each model runs in a fresh process, on one thread: it is built (random weights, its foldable
 parameters re-drawn at O(1), eval mode), one forward pass is timed (median of five after two
@@ -10,8 +16,10 @@ warm-up passes), then ``repfx.fold`` is timed once while a sampling thread reads
 resident memory every 2 ms. Reported per model: fold time / forward time, and the fold's
 extra peak memory (highest resident memory during the fold, less the resident memory just
 before it) / the model's parameter and buffer bytes — the two ratios the fold's cost is
-judged by. Both come from the same process, so they do not depend on how busy the machine is
-as much as raw seconds do; run it on a quiet machine all the same.
+judged by — and, after the measurement, the folded model's largest relative error against the
+original on a fresh input of another batch size, per output, with the tolerance of its dtype.
+The ratios come from the same process, so they do not depend on how busy the machine is as
+much as raw seconds do; run it on a quiet machine all the same.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ def measure(spec: str, verify: bool) -> dict:
 
     import repfx
 
-    model, x = _build(spec)
+    model, x, fresh, options = _build(spec)
     model = redraw_foldable_parameters_(model, seed=0).eval()
     nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     warm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
@@ -65,8 +73,13 @@ def measure(spec: str, verify: bool) -> dict:
     baseline = _resident_bytes()
     with sampler:
         start = time.perf_counter()
-        repfx.fold(model, (x,), verify=verify)
+        folded = repfx.fold(model, (x,), verify=verify, **options)
         seconds = time.perf_counter() - start
+    from repfx.proof.tolerances import max_errors, output_tensors, reference_dtype, tolerance_for
+
+    with torch.no_grad():
+        expected = model(fresh)
+        _, rel_error = max_errors(folded(fresh), expected)
     return {
         "model": spec,
         "verify": verify,
@@ -76,21 +89,50 @@ def measure(spec: str, verify: bool) -> dict:
         "model_bytes": nbytes,
         "extra_peak_bytes": max(sampler.peak - baseline, 0),
         "extra_peak_per_model_bytes": max(sampler.peak - baseline, 0) / nbytes,
+        "fresh_rel_error": rel_error,
+        "tolerance": tolerance_for(reference_dtype(output_tensors(expected))),
     }
 
 
+LLAMA_SIZES = {
+    "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, intermediate_size=5632, vocab_size=32000),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, vocab_size=256),
+}  # fmt: skip
+
+
 def _build(spec: str):
+    """The model, its example input (batch 1), a fresh input of another batch size, and the
+    fold's options."""
     import torch
 
+    def image(batch: int, size: tuple, seed: int) -> torch.Tensor:
+        return torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))
+
+    if spec.startswith("llama:"):
+        import transformers
+
+        sizes = LLAMA_SIZES[spec.removeprefix("llama:")]
+        config = transformers.LlamaConfig(**sizes, use_cache=False)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+
+        def ids(batch: int, length: int, seed: int) -> torch.Tensor:
+            gen = torch.Generator().manual_seed(seed)
+            return torch.randint(0, sizes["vocab_size"], (batch, length), generator=gen)
+
+        return model, ids(1, 16, 0), ids(2, 16, 1), {"fold_norm_affine": True}
     if spec.startswith("timm:"):
         import timm
 
         model = timm.create_model(spec.removeprefix("timm:"))
         size = model.pretrained_cfg.get("input_size", (3, 224, 224))
-        return model, torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+        return model, image(1, size, 0), image(3, size, 1), {}
     from repfx.models import create
 
-    return create(spec), torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    size = (3, 224, 224)
+    return create(spec), image(1, size, 0), image(3, size, 1), {}
 
 
 def _resident_bytes() -> int:
@@ -132,17 +174,19 @@ def run_child(spec: str, verify: bool) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | verify | forward | fold | fold / forward | extra peak memory / model bytes |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | verify | forward | fold | fold / forward | extra peak memory / model bytes "
+        "| fresh input: relative error (tolerance) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['verify']} | error: {r['error'][-80:]} | | | |")
+            lines.append(f"| {r['model']} | {r['verify']} | error: {r['error'][-80:]} | | | | |")
             continue
         lines.append(
             f"| {r['model']} | {'yes' if r['verify'] else 'no'} | {r['forward_s'] * 1e3:.0f} ms "
             f"| {r['fold_s']:.1f} s | {r['fold_per_forward']:.0f}× "
-            f"| {r['extra_peak_per_model_bytes']:.1f}× ({r['extra_peak_bytes'] / 1e6:.0f} MB) |"
+            f"| {r['extra_peak_per_model_bytes']:.1f}× ({r['extra_peak_bytes'] / 1e6:.0f} MB) "
+            f"| {r['fresh_rel_error']:.1e} ({r['tolerance']:.0e}) |"
         )
     return "\n".join(lines)
 

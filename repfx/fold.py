@@ -29,11 +29,13 @@ from .ir.graph import annotate_ranks, forget_annotations
 from .passes import FoldNormAffine, default_pipeline, run_to_fixpoint
 from .passes.base import Pass, rule_words
 from .passes.rewrite import delete_unused_attributes
-from .proof.inputs import as_inputs, copy_model
+from .proof.inputs import as_inputs
+from .proof.sharing import SharedParameters, share_parameters
 from .proof.verify import float64_inputs
 from .proof.verify import verify as run_verification
 from .proof.verify import verify_redrawn as run_redrawn_verification
 from .report.fold_report import Folded, FoldReport, GraphStats, Skipped
+from .report.progress import FoldProgress
 from .report.sketch import GraphSketch
 
 REPORT_KEY = "repfx_report"
@@ -89,6 +91,7 @@ def fold(
     strict: bool = False,
     capture: str = "auto",
     fold_norm_affine: bool = False,
+    progress: bool | None = None,
 ) -> fx.GraphModule | torch.export.ExportedProgram:
     """Fold ``model`` into an equivalent, cheaper ``torch.fx.GraphModule``.
 
@@ -120,6 +123,10 @@ def fold(
     (``repfx.passes.fold_norm_affine``; the "fuse layer norms" step before rotation-based
     quantization). Off by default: it removes no op, and bias-free linears may gain a bias.
 
+    ``progress``: the phase the fold is in (capture, fold, verify) on stderr — ``None``
+    (default): a bar when stderr is a terminal and the fold takes more than two seconds;
+    ``True``: always (plain lines off a terminal); ``False``: never (``repfx.report.progress``).
+
     ``model`` may be a ``torch.export.ExportedProgram``: it is folded on its own example
     inputs (or ``example_inputs``) and the result is an ``ExportedProgram`` again (what
     ``torch.export.save``, AOTInductor and the ONNX exporter take), its report at
@@ -128,13 +135,25 @@ def fold(
     if fold_norm_affine:
         passes = [*(default_pipeline() if passes is None else passes), FoldNormAffine()]
     if isinstance(model, torch.export.ExportedProgram):
-        return _fold_program(model, example_inputs, verify, verify_redrawn, passes, strict)
+        return _fold_program(
+            model, example_inputs, verify, verify_redrawn, passes, strict, progress
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"repfx.fold expects an nn.Module, not {type(model).__name__}")
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture must be one of {', '.join(CAPTURE_MODES)}, not {capture!r}")
     _check_mode(model, strict)
-    return _fold(model, example_inputs, verify, verify_redrawn, passes, capture)
+    shown = _progress(progress, verify and example_inputs is not None)
+    try:
+        return _fold(model, example_inputs, verify, verify_redrawn, passes, capture, shown=shown)
+    finally:
+        shown.close()
+
+
+def _progress(mode: bool | None, verified: bool) -> FoldProgress:
+    """The progress display of one fold: capture and fold, then (verified) the verification as
+    given and the fold and verification of the re-drawn copy."""
+    return FoldProgress(mode, phases=5 if verified else 2)
 
 
 def _fold_program(
@@ -144,6 +163,7 @@ def _fold_program(
     verify_redrawn: bool,
     passes: Sequence[Pass] | None,
     strict: bool,
+    progress: bool | None,
 ) -> torch.export.ExportedProgram:
     inputs = as_inputs(example_inputs)
     if inputs is None:
@@ -156,7 +176,11 @@ def _fold_program(
         inputs = tuple(args)
     module = program.module()
     _check_mode(module, strict)
-    folded = _fold(module, inputs, verify, verify_redrawn, passes, capture="export")
+    shown = _progress(progress, verify)
+    try:
+        folded = _fold(module, inputs, verify, verify_redrawn, passes, "export", shown=shown)
+    finally:
+        shown.close()
     result = export_program(folded, inputs)
     result.graph_module.meta[REPORT_KEY] = folded.meta[REPORT_KEY]
     return result
@@ -169,49 +193,86 @@ def _fold(
     verify_redrawn: bool = True,
     passes: Sequence[Pass] | None = None,
     capture: str = "auto",
+    handed_back: bool = True,
+    shown: FoldProgress | None = None,
 ) -> fx.GraphModule:
+    """The fold of ``model``; ``handed_back=False`` for a fold only verification reads (of
+    repfx's own copies), which may keep sharing their parameters' storage. ``shown``: where
+    the phases are shown (the fold the user asked for; none for the verification's folds)."""
     inputs = as_inputs(example_inputs)
     passes = default_pipeline() if passes is None else passes
     report = FoldReport(rule_words=rule_words(passes))
-    gm = _fold_copy(copy_model(model), inputs, passes, report, prefix="", capture=capture)
+    if shown is not None:
+        shown.start("capture")
+    work, shared = share_parameters(model)
+    gm = _fold_copy(work, inputs, passes, report, "", capture, shared, shown)
     gm.training = model.training
     if verify and inputs is not None:
-        inputs64 = float64_inputs(inputs)
-
-        def refold(model64: nn.Module) -> nn.Module:  # the same fold of a float64 copy
-            return _fold(model64, inputs64, verify=False, passes=passes, capture=capture)
-
-        report.verification = run_verification(model, gm, inputs, refold)
-        if verify_redrawn and not any(f.reads_state for f in report.folded):
-            report.notes.append(
-                "verified with the parameters as given only: no fold read a parameter or "
-                "buffer (each replaced parameter-free ops, proven on random values), so "
-                "re-drawn parameters could not show a difference"
-            )
-        elif verify_redrawn:
-            try:
-                report.redrawn_verification = run_redrawn_verification(
-                    model,
-                    inputs,
-                    lambda m: _fold(m, inputs, verify=False, passes=passes, capture=capture),
-                    refold,
-                )
-            except ExampleInputError as exc:  # the model ran as given: the re-draw broke it
-                cause = one_line(exc.__cause__) if exc.__cause__ else "unknown error"
-                report.notes.append(
-                    "verified with the parameters as given only: with its per-channel "
-                    "parameters re-drawn at O(1) the model no longer runs on the example "
-                    f"inputs ({cause}); it may read a parameter as something other than a "
-                    "weight (a probability, a size)"
-                )
-        else:
-            report.notes.append("verified with the parameters as given only (verify_redrawn=False)")
+        _verify(model, gm, inputs, report, verify_redrawn, passes, capture, shown)
     elif verify:
         report.notes.append("nothing was verified: verify=True needs example inputs")
     gm.meta[REPORT_KEY] = report
     if report.failed_verification() is not None:
         raise VerificationError(report)
+    if handed_back:  # the user's model and the fold never share a tensor
+        shared.release(gm)
     return gm
+
+
+def _verify(
+    model: nn.Module,
+    gm: fx.GraphModule,
+    inputs: tuple,
+    report: FoldReport,
+    verify_redrawn: bool,
+    passes: Sequence[Pass],
+    capture: str,
+    shown: FoldProgress | None,
+) -> None:
+    """Verify ``gm`` against ``model`` on ``inputs`` (as given, and re-drawn unless no fold read
+    a parameter), into ``report``."""
+    inputs64 = float64_inputs(inputs)
+    redrawn_too = verify_redrawn and any(f.reads_state for f in report.folded)
+
+    def enter(phase: str) -> None:
+        if shown is not None:
+            shown.start(phase)
+
+    def refold(model64: nn.Module) -> nn.Module:  # the same fold of a float64 copy
+        enter("float64 re-check")
+        return _fold(model64, inputs64, False, passes=passes, capture=capture, handed_back=False)
+
+    def fold_redrawn(redrawn: nn.Module) -> nn.Module:
+        enter("fold, re-drawn parameters")
+        folded = _fold(redrawn, inputs, False, passes=passes, capture=capture, handed_back=False)
+        enter("verify, re-drawn parameters")
+        return folded
+
+    if shown is not None:
+        shown.expect(5 if redrawn_too else 3)
+    enter("verify")
+    report.verification = run_verification(model, gm, inputs, refold)
+    if not verify_redrawn:
+        report.notes.append("verified with the parameters as given only (verify_redrawn=False)")
+    elif not redrawn_too:
+        report.notes.append(
+            "verified with the parameters as given only: no fold read a parameter or "
+            "buffer (each replaced parameter-free ops, proven on random values), so "
+            "re-drawn parameters could not show a difference"
+        )
+    else:
+        try:
+            report.redrawn_verification = run_redrawn_verification(
+                model, inputs, fold_redrawn, refold
+            )
+        except ExampleInputError as exc:  # the model ran as given: the re-draw broke it
+            cause = one_line(exc.__cause__) if exc.__cause__ else "unknown error"
+            report.notes.append(
+                "verified with the parameters as given only: with its per-channel "
+                "parameters re-drawn at O(1) the model no longer runs on the example "
+                f"inputs ({cause}); it may read a parameter as something other than a "
+                "weight (a probability, a size)"
+            )
 
 
 def _fold_copy(
@@ -221,9 +282,14 @@ def _fold_copy(
     report: FoldReport,
     prefix: str,
     capture: str = "fx",
+    shared: SharedParameters | None = None,
+    shown: FoldProgress | None = None,
 ) -> fx.GraphModule:
-    """Fold ``work`` (repfx's own copy, mutated freely) and record into ``report``."""
-    gm, opaque = capture_with_shapes(work, inputs, capture, report)
+    """Fold ``work`` (repfx's own copy, changed freely, except in place where its parameters
+    are ``shared``) and record into ``report``."""
+    gm, opaque = capture_with_shapes(work, inputs, capture, report, shared)
+    if shown is not None:
+        shown.start("fold")
     annotate_ranks(gm)
     guards = rank_guards(gm, shapes_recorded=inputs is not None)
     if not prefix:

@@ -67,6 +67,7 @@ FAILURE_KINDS: dict[str, type[FoldFailure]] = {
         ("folded model raises", "FoldedModelRaises"),
         ("input mutated", "InputMutated"),
         ("model changed by the fold", "ModelChanged"),
+        ("fold shares a tensor with the model", "FoldSharesTensors"),
         ("example inputs changed by the fold", "ExampleInputsChanged"),
         ("compiled model differs", "CompiledDiffers"),
         ("compiled model stale", "CompiledStale"),
@@ -143,6 +144,23 @@ def changes(module: nn.Module, before: dict) -> list[str]:
         if name in after["tensors"] and not same(after["tensors"][name], value):
             found.append(f"the model's tensor {name} changed")
     return found
+
+
+def shared_tensors(folded: nn.Module, module: nn.Module) -> list[str]:
+    """The tensors of ``folded`` that live in a storage of ``module``'s (writing one would
+    change the other)."""
+    theirs = {_storage(t) for t in [*module.parameters(), *module.buffers()]} - {None}
+    return [
+        name
+        for name, t in [*folded.named_parameters(), *folded.named_buffers()]
+        if _storage(t) in theirs
+    ]
+
+
+def _storage(t: torch.Tensor) -> tuple[str, int] | None:
+    if t is None or t.numel() == 0 or t.device.type == "meta":
+        return None
+    return str(t.device), t.untyped_storage().data_ptr()
 
 
 # ---------------------------------------------------------------------- comparisons
@@ -507,6 +525,8 @@ def judge_fold(
     before, example_before = snapshot(module), clones(example)
     attempt = attempt_fold(module, example, verify)
     verdict.problems += [("model changed by the fold", tag + c) for c in changes(module, before)]
+    if attempt.folded is not None and (shared := shared_tensors(attempt.folded, module)):
+        verdict.problems.append(("fold shares a tensor with the model", tag + shared[0]))
     if not all(same(a, b) for a, b in zip(example, example_before, strict=True)):
         verdict.problems.append(("example inputs changed by the fold", tag + "changed"))
     problems = []

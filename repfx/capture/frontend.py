@@ -23,7 +23,16 @@ import torch
 from torch import fx, nn
 
 from ..errors import CaptureError, ExampleInputError, one_line
+from ..ir.graph import (
+    MUTATED_KEY,
+    fetch_attr,
+    global_forward_hooks,
+    has_hooks,
+    module_of,
+    writes_in_place,
+)
 from ..proof.inputs import cloned, copy_model, run
+from ..proof.sharing import SharedParameters
 from ..report.fold_report import FoldReport
 from .fx import capture as fx_capture
 from .hooks import forward_hooks_of
@@ -78,7 +87,11 @@ def capture_model(
 
 
 def capture_with_shapes(
-    work: nn.Module, inputs: tuple | None, mode: str, report: FoldReport
+    work: nn.Module,
+    inputs: tuple | None,
+    mode: str,
+    report: FoldReport,
+    shared: SharedParameters | None = None,
 ) -> tuple[fx.GraphModule, dict[str, str]]:
     """:func:`capture_model`, then the shapes on the example inputs (``propagate_shapes``).
 
@@ -86,8 +99,11 @@ def capture_with_shapes(
     went wrong, not a bad input — typically forward hooks that gather values through a side
     channel (a backbone collecting feature maps), which a graph does not see. ``"auto"`` then
     runs the model as it is and folds inside it; ``"fx"`` / ``"export"`` raise a
-    :class:`CaptureError` saying so."""
+    :class:`CaptureError` saying so. When ``work`` shares its parameters with the user's model
+    (``shared``), what a run may write gets storage of its own first."""
     gm, opaque = capture_model(work, inputs, mode, report)
+    if shared is not None:
+        release_what_runs_may_write(gm, opaque, shared)
     if inputs is None:
         return gm, opaque
     try:
@@ -101,8 +117,37 @@ def capture_with_shapes(
                 f"{reason}; capture='auto' runs the model as it is and folds inside it"
             ) from graph_error
         gm, opaque = run_as_is(work), {AS_IS: reason}
+        if shared is not None:
+            shared.release(gm)
         propagate_shapes(gm, inputs)
     return gm, opaque
+
+
+def release_what_runs_may_write(
+    gm: fx.GraphModule, opaque: dict[str, str], shared: SharedParameters
+) -> None:
+    """Give storage of their own to the shared parameters (``repfx.proof.sharing``) that running
+    ``gm`` may write to: those of modules it runs opaque and of modules with hooks (code repfx
+    did not trace), and those the graph writes in place or capture marked as written."""
+    if global_forward_hooks():
+        shared.release(gm)
+        return
+    for path in opaque:
+        shared.release(gm.get_submodule(path))
+    written = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and (
+            node.meta.get(MUTATED_KEY) or has_hooks(module_of(gm, node))
+        ):
+            shared.release(module_of(gm, node))
+        elif node.op == "get_attr" and (
+            node.meta.get(MUTATED_KEY) or any(writes_in_place(user) for user in node.users)
+        ):
+            value = fetch_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                written.append(value)
+    if written:
+        shared.release(gm, only=written)
 
 
 def _runs(model: nn.Module, inputs: tuple) -> bool:

@@ -199,6 +199,7 @@ def _fold_verified(
                 verify=verify,
                 capture=args.capture,
                 fold_norm_affine=args.fold_norm_affine,
+                progress=False if args.quiet else None,
             ),
         )
     except ExampleInputError as exc:

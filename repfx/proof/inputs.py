@@ -50,10 +50,11 @@ def run(module: nn.Module, inputs: tuple) -> object:
         return module(*args)
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` (:class:`CaptureError` naming why if it cannot be copied)."""
+def copy_model(model: nn.Module, memo: dict[int, object] | None = None) -> nn.Module:
+    """A deep copy of ``model`` (:class:`CaptureError` naming why if it cannot be copied);
+    ``memo`` as ``copy.deepcopy`` takes it (objects already copied, by ``id``)."""
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as exc:  # e.g. a module holding a lock or an open file
         raise CaptureError(
             f"cannot copy the model ({one_line(exc)}); repfx never folds the "

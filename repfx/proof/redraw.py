@@ -53,6 +53,16 @@ def redraw_foldable_parameters_(model: nn.Module, seed: int = DEFAULT_SEED) -> n
     return model
 
 
+def foldable_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors :func:`redraw_foldable_parameters_` writes (floating ones, each once)."""
+    found: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for _, tensor in _foldable_tensors(module):
+            if tensor.is_floating_point():
+                found.setdefault(id(tensor), tensor)
+    return list(found.values())
+
+
 def _foldable_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The tensors of ``module`` itself (not its children) that a fold may move."""
     if _has_running_stats(module):

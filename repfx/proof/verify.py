@@ -55,7 +55,8 @@ from ..report.fold_report import (
 )
 from .inputs import copy_model, run
 from .pure import runs_without_writes
-from .redraw import VERIFICATION_SEED, redraw_foldable_parameters_
+from .redraw import VERIFICATION_SEED, foldable_tensors, redraw_foldable_parameters_
+from .sharing import share_parameters
 from .tolerances import (
     EXACT_SENSITIVITY_TRIALS,
     SENSITIVITY_PERTURBATION,
@@ -112,8 +113,12 @@ def verify_redrawn(
     seed: int = VERIFICATION_SEED,
 ) -> Verification:
     """Re-draw the foldable parameters of a copy of ``model`` (``repfx.proof.redraw``), fold it with
-    ``fold_copy`` (the same fold, without verification) and verify that fold against the copy."""
-    redrawn = redraw_foldable_parameters_(copy_model(model), seed)
+    ``fold_copy`` (the same fold, without verification) and verify that fold against the copy.
+    The copy shares the storage of every parameter it does not re-draw with ``model``
+    (``repfx.proof.sharing``)."""
+    redrawn, shared = share_parameters(model)
+    shared.release(redrawn, only=foldable_tensors(redrawn))
+    redrawn = redraw_foldable_parameters_(redrawn, seed)
     return verify(redrawn, fold_copy(redrawn), inputs, refold, label=REDRAWN)
 
 

@@ -1,0 +1,84 @@
+"""Copies that share the parameters they do not change.
+
+A fold changes few of a model's tensors (a conv's weight and bias where a BatchNorm folds into
+it; nothing at all in a model with nothing to fold), yet repfx works on a private copy of the
+model, and copying every weight costs as much memory as the model and about as much time as a
+forward pass. :func:`share_parameters` copies the module tree, buffers and other state as
+``copy.deepcopy`` does, but gives each parameter a new ``nn.Parameter`` over the *same
+storage*: no weight is copied.
+
+That copy must then never write to a shared storage. repfx itself never writes a parameter in
+place (a rewrite installs a new tensor: ``repfx.passes.rewrite.set_slot``); the model's own code
+may, when it runs — an in-place op on a parameter that capture records, or anything at all in a
+module capture could not trace. Before such code runs, :meth:`SharedParameters.release` gives the
+parameters it may write storage of their own (copy on write, decided ahead of the write). A
+folded module handed back to the user is released entirely: it never aliases the user's
+model, which stays untouched whatever is done to either afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .inputs import copy_model
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return None
+    try:
+        return str(tensor.device), tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
+        return None
+
+
+class SharedParameters:
+    """The parameter storages of a model that a copy of it shares (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        keys = (_storage_key(p) for p in model.parameters())
+        self._storages = {key for key in keys if key is not None}
+
+    def shares(self, tensor: torch.Tensor) -> bool:
+        """Does ``tensor`` live in a storage of the model's parameters?"""
+        return _storage_key(tensor) in self._storages
+
+    def release(self, root: nn.Module, only: Iterable[torch.Tensor] | None = None) -> int:
+        """Give every parameter and buffer of ``root``'s module tree that shares a storage with
+        the model (of those in ``only``, when given) a copy of its own, in place in the tree:
+        tied tensors stay tied. Returns how many tensors were copied."""
+        wanted = None if only is None else {id(t) for t in only}
+        copies: dict[int, torch.Tensor] = {}
+        for module in root.modules():
+            for slots in (module._parameters, module._buffers):
+                for name, tensor in slots.items():
+                    if tensor is None or (wanted is not None and id(tensor) not in wanted):
+                        continue
+                    if id(tensor) not in copies and self.shares(tensor):
+                        copies[id(tensor)] = _own_copy(tensor)
+                    if id(tensor) in copies:
+                        slots[name] = copies[id(tensor)]
+        return len(copies)
+
+
+def _own_copy(tensor: torch.Tensor) -> torch.Tensor:
+    value = tensor.detach().clone()
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(value, requires_grad=tensor.requires_grad)
+    return value
+
+
+def share_parameters(model: nn.Module) -> tuple[nn.Module, SharedParameters]:
+    """A deep copy of ``model`` whose parameters share storage with the model's (each a new
+    ``nn.Parameter`` object, so that replacing or converting one in the copy leaves the model's
+    alone), and the record of what it shares. Parameters of a ``nn.Parameter`` subclass are
+    copied as ``copy.deepcopy`` copies them. :class:`CaptureError` naming why if the model
+    cannot be copied."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        if type(p) is nn.Parameter:
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    return copy_model(model, memo), SharedParameters(model)
