@@ -1582,9 +1582,9 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "torch-batch-norm-statistics-positions",
         INPLACE,
-        "_BATCH_NORM_FUNCTIONS = {F.batch_norm: (1, 2), torch.batch_norm: (3, 4)}",
-        "_BATCH_NORM_FUNCTIONS = {F.batch_norm: (1, 2), torch.batch_norm: (1, 2)}",
-        "_mark_batch_norm_statistics: torch.batch_norm's statistics read at F.batch_norm's "
+        '    torch.batch_norm: (3, 4, "training"),\n',
+        '    torch.batch_norm: (1, 2, "training"),\n',
+        "_mark_live_state: torch.batch_norm's statistics read at F.batch_norm's "
         "positions (its weight and bias marked instead)",
         K_SAFETY,
         T_EXPORT,

@@ -6,6 +6,9 @@
 * :mod:`.writes` — what a graph node may write to in place, and what its result may alias;
 * :mod:`.inplace` — functionalization: in-place writes out of place where that is exact,
   marked where it is not;
+* :mod:`.live_state` — the module tensors a graph writes when it runs (a training-mode norm's
+  running statistics, a buffer updated in place), and what a trace computed from them: read
+  again as graph values, never kept as the values they had while tracing;
 * :mod:`.shapes` — shape propagation on the example inputs, and the dtype guards it shows
   to be no-ops;
 * :mod:`.torch_export` — ``torch.export`` (non-strict) as a second front end, its ATen calls

@@ -13,6 +13,12 @@ What the tracer decides, and why (each is exact, or refuses):
   reads buffers as plain tensors, so a write to one (``self.calls.add_(1)``) runs once while
   tracing instead of being recorded: when a buffer changed during the trace, its value is put
   back and the model is traced again with buffers as graph values.
+* **Live state** (:mod:`.live_state`). What the forward computes in Python from a buffer read
+  as a plain tensor (``2 * self.bn.running_mean``, ``self.bn.running_var.sqrt()``) runs once
+  while tracing and would be kept as a constant. Where the graph writes that buffer when it
+  runs (a training-mode norm's statistics, an in-place update, unknown code's own state), the
+  model is traced again with it as a graph value; a read through a name torch.fx cannot make
+  a graph value (a plain tensor attribute naming the same memory) is refused.
 * **Hooks** (:mod:`.hooks`). Global forward hooks and forward hooks or pre-hooks on the
   top-level model are refused; a submodule with forward hooks or pre-hooks is kept as a leaf so
   that its hooks run.
@@ -45,8 +51,18 @@ from ..errors import CaptureError, one_line
 from ..ir.graph import require_rank, writes_in_place
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
+from .live_state import (
+    EagerReads,
+    copy_written_constants,
+    keys_of,
+    live_tensors,
+    storage_key,
+)
 from .outputs import RestoreOutputContainers, flat_output
-from .state import Bindings, SavedState, unrecorded_tensors
+from .state import Bindings, SavedState, module_tensors, unrecorded_tensors
+
+# Which buffers a trace reads as graph values: none, all, or those of these ids.
+Proxied = bool | frozenset[int]
 
 # ------------------------------------------------------------------------ parametrizations
 
@@ -113,12 +129,18 @@ def _augmented(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Pr
     return method
 
 
-for _op in (
+_AUGMENTED = (
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
     operator.irshift,
-):  # fmt: skip
+)  # fmt: skip
+for _op in _AUGMENTED:
     setattr(_FaithfulProxy, f"__{_op.__name__}__", _augmented(_op))
+
+# A tensor (a buffer read as a plain tensor) written with a graph value (``t[0] = x.mean()``,
+# ``t += x.sum()``) reaches torch.fx as the method ``__setitem__`` / ``__iadd__``: recorded as
+# the operator, whose write the in-place analysis knows (``repfx.ir.graph.writes_in_place``).
+_WRITING_DUNDERS = {f"__{op.__name__}__": op for op in (*_AUGMENTED, operator.setitem)}
 
 
 class _FallbackTracer(fx.Tracer):
@@ -127,22 +149,35 @@ class _FallbackTracer(fx.Tracer):
 
     ``proxy_buffers``: buffers are read as graph values, so that an in-place write to one
     (``self.calls.add_(1)``) is recorded rather than run once on the real buffer while
-    tracing (see :func:`capture`)."""
+    tracing, and what the forward computes from one is computed by the graph (see
+    :func:`capture`); ``True`` for every buffer, or the ``id`` of each buffer to read so."""
 
-    def __init__(self, proxy_buffers: bool = False) -> None:
+    def __init__(self, proxy_buffers: Proxied = False) -> None:
         super().__init__(autowrap_functions=(require_rank,))  # (a folded module's guards)
         self.opaque: dict[str, str] = {}
-        self.proxy_buffer_attributes = proxy_buffers
+        self.proxy_buffer_attributes = bool(proxy_buffers)
+        self._proxied = proxy_buffers
+
+    def _reads_as_graph_value(self, value: Any) -> bool:
+        if isinstance(value, nn.Parameter):
+            return True
+        if not isinstance(value, torch.Tensor) or not self._proxied:
+            return False
+        return self._proxied is True or id(value) in self._proxied
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _FaithfulProxy(node, self)
 
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest, **more) -> Any:
+        """As ``fx.Tracer.create_proxy``; a writing dunder method becomes its operator."""
+        if kind == "call_method" and target in _WRITING_DUNDERS:
+            kind, target = "call_function", _WRITING_DUNDERS[target]
+        return super().create_proxy(kind, target, args, kwargs, *rest, **more)
+
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         """As ``fx.Tracer.getattr``, with a name lookup built once instead of a scan of every
         parameter per access (which makes tracing quadratic in model size)."""
-        is_tensor = isinstance(attr_val, nn.Parameter) or (
-            self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)
-        )
+        is_tensor = self._reads_as_graph_value(attr_val)
         name = self._tensor_names().get(id(attr_val)) if is_tensor else None
         if name is None:
             return attr_val
@@ -301,35 +336,118 @@ def capture(
     as inputs that may be anything (which takes ``if mask is not None`` for true).
 
     Refuses hooks it cannot honour, bakes deterministic parametrizations, and rewrites in-place
-    ops out of place where that is exact, marking the others (see the module docstring)."""
+    ops out of place where that is exact, marking the others (see the module docstring).
+
+    Buffers are read as plain tensors first (control flow on one stays possible). Where the
+    trace computed something from a tensor the graph writes when it runs (:mod:`.live_state`:
+    ``2 * self.bn.running_mean`` beside a training-mode batch norm, ``self.count.float()``
+    beside ``self.count += 1``), torch.fx would keep the value it had while tracing: the model
+    is traced again with those buffers as graph values, and refused where the read does not go
+    through a buffer (a plain tensor attribute naming the same memory)."""
     refuse_hooks(model)
     bake_parametrizations(model)
     state, bindings = SavedState(unrecorded_tensors(model)), Bindings(model)
-    tracer = _trace_keeping_bindings(model, bindings, proxy_buffers=False, defaults=defaults)
-    if state.restore():
-        # The forward wrote to a buffer while tracing: torch.fx ran that write on the real
-        # buffer instead of recording it. Trace again with buffers as graph values.
-        tracer = _trace_keeping_bindings(model, bindings, proxy_buffers=True, defaults=defaults)
-        if changed := state.restore():
-            raise CaptureError(
-                f"{type(model).__name__}.forward writes to {', '.join(changed)} through a "
-                "tensor torch.fx does not record (a plain tensor attribute, or one sharing "
-                "memory with it): the write would be lost. Register that tensor as a buffer "
-                "(module.register_buffer(name, tensor))"
+    proxied: Proxied = False
+    attributes = set(vars(model))
+    while True:
+        try:
+            tracer, eager, proxied = _trace_recording_writes(
+                model, state, bindings, proxied, defaults
             )
-    gm = fx.GraphModule(tracer.root, tracer.graph, class_name=type(model).__name__)
-    functionalize(gm)
-    return gm, tracer.opaque
+        except CaptureError as exc:
+            raise _explained(exc, model, proxied) from exc
+        gm = fx.GraphModule(tracer.root, tracer.graph, class_name=type(model).__name__)
+        functionalize(gm)
+        frozen = eager.read & keys_of(live_tensors(gm))
+        created = {n for n in set(vars(model)) - attributes if n.startswith("_tensor_constant")}
+        if not frozen:
+            copy_written_constants(gm, created)
+            return gm, tracer.opaque
+        names = _names_of(model, frozen)
+        for name in created:  # (stored by the trace now discarded)
+            delattr(model, name)
+        proxied = _proxy_more(model, proxied, frozen, names)
+
+
+def _trace_recording_writes(
+    model: nn.Module,
+    state: SavedState,
+    bindings: Bindings,
+    proxied: Proxied,
+    defaults: dict[str, Any] | None,
+) -> tuple[_FallbackTracer, EagerReads, Proxied]:
+    """Trace; where the forward wrote to a buffer while being traced (torch.fx ran that write
+    on the real buffer instead of recording it), put it back and trace again with every buffer
+    as a graph value. A write no trace records is refused. Returns the buffers read as graph
+    values too."""
+    tracer, eager = _trace_keeping_bindings(model, bindings, proxied, defaults)
+    changed = _written_while_tracing(model, state, eager)
+    if changed and proxied is not True:
+        proxied = True
+        tracer, eager = _trace_keeping_bindings(model, bindings, proxied, defaults)
+        changed = _written_while_tracing(model, state, eager)
+    if not changed:
+        return tracer, eager, proxied
+    raise CaptureError(
+        f"{type(model).__name__}.forward writes to {', '.join(changed)} through a "
+        "tensor torch.fx does not record (a plain tensor attribute, or one sharing "
+        "memory with it): the write would be lost. Register that tensor as a buffer "
+        "(module.register_buffer(name, tensor))"
+    )
+
+
+def _written_while_tracing(model: nn.Module, state: SavedState, eager: EagerReads) -> list[str]:
+    """The module tensors a trace wrote to (by value, or by an in-place op that left the value
+    as it was), each put back as it was."""
+    changed = state.restore()
+    return changed or [n for n, t in unrecorded_tensors(model) if storage_key(t) in eager.written]
+
+
+def _names_of(model: nn.Module, keys: set[int]) -> str:
+    """The names of the tensors of ``model`` whose memory is in ``keys`` (three at most)."""
+    names = [name for name, t in module_tensors(model) if storage_key(t) in keys]
+    names = [n for n in names if not n.startswith("_tensor_constant")]  # (the trace's own)
+    return ", ".join(names[:3]) or "a tensor it creates and writes in place"
+
+
+def _proxy_more(model: nn.Module, proxied: Proxied, frozen: set[int], names: str) -> Proxied:
+    """``proxied`` with every buffer whose memory is in ``frozen`` (memory the graph writes,
+    which the trace computed from, known by ``names``); a :class:`CaptureError` when that adds
+    none, as the trace read that memory through a name torch.fx cannot make a graph value."""
+    wanted = {id(t) for _, t in model.named_buffers() if storage_key(t) in frozen}
+    if proxied is not True and not wanted <= (proxied or frozenset()):
+        return frozenset(wanted | (proxied or frozenset()))
+    raise CaptureError(
+        f"{type(model).__name__}.forward computes a value from {names} while "
+        "torch.fx traces it, through a name torch.fx cannot read as a graph value (a plain "
+        "tensor attribute sharing that memory, a module's _buffers), and the model writes that "
+        "memory when it runs (running statistics of a training-mode norm, an in-place "
+        "update): the folded module would keep the value it had at capture time. Read it "
+        "through the buffer itself (self.bn.running_mean), or register the tensor as a buffer"
+    )
+
+
+def _explained(error: CaptureError, model: nn.Module, proxied: Proxied) -> CaptureError:
+    """``error``, saying which buffers the failed trace read as graph values, and why."""
+    if not isinstance(proxied, frozenset):
+        return error
+    names = [name for name, b in model.named_buffers() if id(b) in proxied]
+    return CaptureError(
+        f"{error}; traced with {', '.join(names[:3])} as graph values, as the model writes "
+        "them when it runs and the forward computes from them (read as plain tensors, torch.fx "
+        "would keep the values they had at capture time)"
+    )
 
 
 def _trace_keeping_bindings(
-    model: nn.Module, bindings: Bindings, proxy_buffers: bool, defaults: dict[str, Any] | None
-) -> _FallbackTracer:
+    model: nn.Module, bindings: Bindings, proxy_buffers: Proxied, defaults: dict[str, Any] | None
+) -> tuple[_FallbackTracer, EagerReads]:
     """:func:`_trace`, then every buffer or tensor attribute the forward assigned to bound back
     to its tensor. An assignment the graph records as an in-place update of that same tensor
     (``self.n += 1`` on a traced buffer) is kept; any other would be lost: refused."""
     try:
-        tracer = _trace(model, proxy_buffers, defaults)
+        with EagerReads() as eager:
+            tracer = _trace(model, proxy_buffers, defaults)
     finally:
         rebound = bindings.rebound()
     lost = [name for name, value in rebound if not _updates_in_place(value, name)]
@@ -340,7 +458,7 @@ def _trace_keeping_bindings(
             "folded module would keep the old one. Update it in place instead "
             "(self.name.copy_(...), self.name.add_(1))"
         )
-    return tracer
+    return tracer, eager
 
 
 def _updates_in_place(value: object, name: str) -> bool:
@@ -359,7 +477,7 @@ def _updates_in_place(value: object, name: str) -> bool:
 
 
 def _trace(
-    model: nn.Module, proxy_buffers: bool, defaults: dict[str, Any] | None
+    model: nn.Module, proxy_buffers: Proxied, defaults: dict[str, Any] | None
 ) -> _FallbackTracer:
     tracer = _FallbackTracer(proxy_buffers)
     try:

@@ -42,6 +42,7 @@ from ..ir.graph import (
     reads_only_shape,
 )
 from .hooks import forward_hooks_of
+from .live_state import keys_of, leaf_state, storage_key
 from .writes import (
     Write,
     alias_source,
@@ -75,7 +76,7 @@ def functionalize(gm: fx.GraphModule) -> None:
         else:
             mark_mutated(gm, [*write.targets, node])
     _settle_inplace_modules(gm, module_sites)
-    _mark_batch_norm_statistics(gm)
+    _mark_live_state(gm)
     gm.graph.lint()
     gm.recompile()
 
@@ -202,31 +203,32 @@ def _same_tensor_reads(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     ]
 
 
-_BATCH_NORM_FUNCTIONS = {F.batch_norm: (1, 2), torch.batch_norm: (3, 4)}
+# Functions that update the running statistics they are given unless their flag (argument 5:
+# ``training``, ``use_input_stats``) is ``False``: (running mean at, running variance at).
+_RUNNING_STATISTICS = {
+    F.batch_norm: (1, 2, "training"),
+    torch.batch_norm: (3, 4, "training"),
+    F.instance_norm: (1, 2, "use_input_stats"),
+    torch.instance_norm: (3, 4, "use_input_stats"),
+}
 
 
-def _mark_batch_norm_statistics(gm: fx.GraphModule) -> None:
-    """A batch norm using batch statistics updates its running statistics on every call: any
-    other read of those buffers reads a value that changes."""
-    buffers: list[torch.Tensor] = []
+def _mark_live_state(gm: fx.GraphModule) -> None:
+    """A batch or instance norm using batch statistics updates its running statistics on every
+    call, and a leaf module may update its own tensors (:func:`.live_state.leaf_state`): any
+    other read of those tensors reads a value that changes."""
     for node in gm.graph.nodes:
-        if node.op == "call_module":
-            m = module_of(gm, node)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-                buffers += [b for b in (m.running_mean, m.running_var) if b is not None]
-        elif node.op == "call_function" and node.target in _BATCH_NORM_FUNCTIONS:
-            training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
-            if training is not False:
-                mean_at, var_at = _BATCH_NORM_FUNCTIONS[node.target]
+        if node.op == "call_function" and node.target in _RUNNING_STATISTICS:
+            mean_at, var_at, flag = _RUNNING_STATISTICS[node.target]
+            if arg_of(node, 5, flag, None) is not False:
                 mark_mutated(gm, [arg_of(node, mean_at, "running_mean", None)])
                 mark_mutated(gm, [arg_of(node, var_at, "running_var", None)])
     # (by storage: fx records ``bn.running_mean.view(...)``, run eagerly while tracing, as a
     # tensor constant that is a view of the buffer)
-    storages = {b.untyped_storage().data_ptr() for b in buffers}
+    storages = keys_of(leaf_state(gm))
     reads = [n for n in gm.graph.nodes if n.op == "get_attr" and _storage_of(gm, n) in storages]
     mark_mutated(gm, reads)
 
 
 def _storage_of(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    value = fetch_attr(gm, node.target)
-    return value.untyped_storage().data_ptr() if isinstance(value, torch.Tensor) else None
+    return storage_key(fetch_attr(gm, node.target))
