@@ -17,7 +17,10 @@ resident memory every 2 ms. Reported per model: fold time / forward time, and th
 extra peak memory (highest resident memory during the fold, less the resident memory just
 before it) / the model's parameter and buffer bytes — the two ratios the fold's cost is
 judged by — and, after the measurement, the folded model's largest relative error against the
-original on a fresh input of another batch size, per output, with the tolerance of its dtype.
+original on a fresh input of another batch size, per output, with the tolerance of its dtype,
+and how far each of the two is from float64 truth there (the original run in float64): on an
+ill-conditioned model the two low-precision runs differ by their rounding, which the second
+figure shows to be the original's own.
 The ratios come from the same process, so they do not depend on how busy the machine is as
 much as raw seconds do; run it on a quiet machine all the same.
 """
@@ -44,6 +47,7 @@ DEFAULT_MODELS = (
 
 def measure(spec: str, verify: bool) -> dict:
     """Build ``spec``, time one forward and one fold, sample memory during the fold."""
+    import copy
     import statistics
     import time
 
@@ -76,10 +80,16 @@ def measure(spec: str, verify: bool) -> dict:
         folded = repfx.fold(model, (x,), verify=verify, **options)
         seconds = time.perf_counter() - start
     from repfx.proof.tolerances import max_errors, output_tensors, reference_dtype, tolerance_for
+    from repfx.proof.verify import float64_inputs
 
     with torch.no_grad():
-        expected = model(fresh)
-        _, rel_error = max_errors(folded(fresh), expected)
+        expected, actual = model(fresh), folded(fresh)
+        _, rel_error = max_errors(actual, expected)
+        del folded
+        # float64 truth, on the same fresh input
+        truth = copy.deepcopy(model).double()(*float64_inputs((fresh,)))
+        _, fold_vs_truth = max_errors(actual, truth)
+        _, original_vs_truth = max_errors(expected, truth)
     return {
         "model": spec,
         "verify": verify,
@@ -91,6 +101,8 @@ def measure(spec: str, verify: bool) -> dict:
         "extra_peak_per_model_bytes": max(sampler.peak - baseline, 0) / nbytes,
         "fresh_rel_error": rel_error,
         "tolerance": tolerance_for(reference_dtype(output_tensors(expected))),
+        "fold_vs_float64": fold_vs_truth,
+        "original_vs_float64": original_vs_truth,
     }
 
 
@@ -175,18 +187,19 @@ def run_child(spec: str, verify: bool) -> dict:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | verify | forward | fold | fold / forward | extra peak memory / model bytes "
-        "| fresh input: relative error (tolerance) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| fresh input: fold vs original (tolerance) | fold / original vs float64 truth |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['verify']} | error: {r['error'][-80:]} | | | | |")
+            lines.append(f"| {r['model']} | {r['verify']} | error: {r['error'][-80:]} | | | | | |")
             continue
         lines.append(
             f"| {r['model']} | {'yes' if r['verify'] else 'no'} | {r['forward_s'] * 1e3:.0f} ms "
             f"| {r['fold_s']:.1f} s | {r['fold_per_forward']:.0f}× "
             f"| {r['extra_peak_per_model_bytes']:.1f}× ({r['extra_peak_bytes'] / 1e6:.0f} MB) "
-            f"| {r['fresh_rel_error']:.1e} ({r['tolerance']:.0e}) |"
+            f"| {r['fresh_rel_error']:.1e} ({r['tolerance']:.0e}) "
+            f"| {r['fold_vs_float64']:.1e} / {r['original_vs_float64']:.1e} |"
         )
     return "\n".join(lines)
 
