@@ -557,3 +557,34 @@ def test_the_redrawn_check_is_skipped_only_when_no_fold_read_a_parameter():
         reading = [f for f in report.folded if f.reads_state]
         assert reading and all(f.rule != "cleanup" for f in reading)
         assert report.redrawn_verification is not None and report.redrawn_verification.passed
+
+
+class _CastsBack(nn.Module):
+    """Computes part of its forward in float32 and casts back to its input's dtype: torch.export
+    records an assertion of the captured dtype before each cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return (self.bn(self.conv(x)).float() * 2).to(x.dtype)
+
+
+def test_the_float64_recheck_runs_an_exported_low_precision_fold(monkeypatch):
+    """The re-check evaluates the stored fold in float64: an exported graph's assertions of its
+    bfloat16 dtypes must not stop it (it reported 'could not run', a failed verification)."""
+    import repfx.proof.verify as verify_module
+
+    model = redraw_foldable_parameters_(_CastsBack(), seed=2).eval().to(torch.bfloat16)
+    x = torch.randn(2, 3, 6, 6, generator=_gen(0)).to(torch.bfloat16)
+    folded = repfx.fold(model, (x,), capture="export", verify=False)
+    assert any("assert_tensor_metadata" in str(n.target) for n in folded.graph.nodes)
+    # every output misses its tolerance, so every one is re-checked
+    monkeypatch.setattr(verify_module, "tolerance_for", lambda dtype: 0.0)
+    refold = lambda m: repfx.fold(m, (x.double(),), capture="export", verify=False)  # noqa: E731
+    check = verify(model, folded, (x,), refold)
+    assert check.passed, check.summary()
+    assert all(c.verdict == ILL_CONDITIONED for c in check.outputs)
+    assert all(c.recheck.weight_rounding is not None for c in check.outputs)

@@ -1920,6 +1920,15 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "tests/test_sharing.py",
     ),
     _m(
+        "float64-copy-keeps-dtype-assertions",
+        VERIFY,
+        "        self.weights64 = output_tensors(run(float64_copy(folded), self.inputs64))\n",
+        "        self.weights64 = output_tensors(run(copy_model(folded).double(), "
+        "self.inputs64))\n",
+        "verify: an exported low-precision fold's float64 re-check cannot run (dtype assertions)",
+        T_VERIFY,
+    ),
+    _m(
         "probes-keep-every-channel-sized-dim-only",
         PROBE_SHAPES,
         "    return [frozenset([i]) for i in order] + [frozenset(named)]\n",

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
 from ..errors import one_line
@@ -238,7 +238,7 @@ class _Float64Recheck:
             raise ValueError(f"the float64 fold returns {len(self.fold64)} tensors")
         # the folded weights, as stored in the model's dtype, evaluated in float64: what storing
         # any fold (a hand-written one too) in that dtype costs
-        self.weights64 = output_tensors(run(copy_model(folded).double(), self.inputs64))
+        self.weights64 = output_tensors(run(float64_copy(folded), self.inputs64))
 
     def judge(self, i: int, c: OutputComparison) -> OutputComparison:
         """``c`` (output ``i``, which missed its tolerance) re-judged against float64 truth."""
@@ -312,6 +312,31 @@ class _Float64Recheck:
         if self._sensitivity is None:
             self._sensitivity = float64_sensitivity(self.model64, self.inputs64, self.truth)
         return self._sensitivity
+
+
+# Assertions of the dtypes a graph was captured in (torch.export records one before each
+# cast): they would stop a float64 copy of the graph from running.
+_DTYPE_ASSERTIONS = (torch._assert_tensor_metadata, torch.ops.aten._assert_tensor_metadata.default)
+
+
+def float64_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with its floating tensors in float64; in a graph module, without the
+    assertions of the dtypes it was captured in (the casts the graph holds stay: where the model
+    casts to its own dtype, so does the copy)."""
+    copy64 = copy_model(module).double()
+    for gm in copy64.modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        asserted = [
+            n
+            for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in _DTYPE_ASSERTIONS and not n.users
+        ]
+        for node in asserted:
+            gm.graph.erase_node(node)
+        if asserted:
+            gm.recompile()
+    return copy64
 
 
 def _recheck_failure(r: Float64Recheck) -> Fail | None:
