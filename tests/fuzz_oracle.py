@@ -150,11 +150,14 @@ def shared_tensors(folded: nn.Module, module: nn.Module) -> list[str]:
     """The tensors of ``folded`` that live in a storage of ``module``'s (writing one would
     change the other)."""
     theirs = {_storage(t) for t in [*module.parameters(), *module.buffers()]} - {None}
-    return [
-        name
-        for name, t in [*folded.named_parameters(), *folded.named_buffers()]
-        if _storage(t) in theirs
+    plain = [
+        (f"{path}.{name}" if path else name, value)
+        for path, m in folded.named_modules()
+        for name, value in vars(m).items()
+        if isinstance(value, torch.Tensor)
     ]
+    tensors = [*folded.named_parameters(), *folded.named_buffers(), *plain]
+    return [name for name, t in tensors if _storage(t) in theirs]
 
 
 def _storage(t: torch.Tensor) -> tuple[str, int] | None:

@@ -173,3 +173,20 @@ def test_no_module_imports_another_modules_private_names():
         if alias.name.startswith("_") and not alias.name.startswith("__")
     ]
     assert borrowed == []
+
+
+def test_test_modules_import_their_helpers_as_the_suite_runs_them():
+    """The suite puts tests/ on the path (conftest.py): helpers are ``helpers``, never
+    ``tests.helpers``, which only imports where the repository root happens to be on the path
+    too (it is not on a clean clone's install)."""
+    tests = Path(__file__).resolve().parent
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            found += [f"{path.name}: {n}" for n in names if n == "tests" or n.startswith("tests.")]
+    assert found == []

@@ -8,11 +8,11 @@ import io
 import sys
 
 import pytest
+from helpers import fresh_input
 from torch import nn
 
 import repfx
 from repfx.proof.redraw import redraw_foldable_parameters_
-from tests.helpers import fresh_input
 
 
 class _Terminal(io.StringIO):

@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
+from helpers import fresh_input, traced
 from torch import fx, nn
 
 import repfx
 from repfx.proof.pure import runs_without_writes
 from repfx.proof.redraw import redraw_foldable_parameters_
-from tests.helpers import fresh_input, traced
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:

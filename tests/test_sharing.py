@@ -8,12 +8,12 @@ import contextlib
 
 import pytest
 import torch
+from helpers import fresh_input
 from torch import nn
 
 import repfx
 from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.proof.sharing import SharedParameters, share_parameters
-from tests.helpers import fresh_input
 
 
 def _storages(module: nn.Module) -> set[int]:
@@ -137,3 +137,12 @@ def test_a_model_that_writes_its_own_parameters_is_left_as_it_was(kind, capture)
     with contextlib.suppress(repfx.Error):  # refusing is fine; changing the model is not
         repfx.fold(model, (fresh_input(2, 3, 5, 5),), capture=capture, verify=False)
     assert _same_values(_values(model), before)
+
+
+def test_release_reaches_plain_tensor_attributes_too():
+    model = _Net().eval()
+    copy, shared = share_parameters(model)
+    copy.alias = copy.head.weight.detach()  # a plain attribute over the model's storage
+    assert shared.shares(copy.alias)
+    shared.release(copy)
+    assert not shared.shares(copy.alias) and torch.equal(copy.alias, model.head.weight)

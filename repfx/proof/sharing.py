@@ -47,15 +47,17 @@ class SharedParameters:
         return _storage_key(tensor) in self._storages
 
     def release(self, root: nn.Module, only: Iterable[torch.Tensor] | None = None) -> int:
-        """Give every parameter and buffer of ``root``'s module tree that shares a storage with
-        the model (of those in ``only``, when given) a copy of its own, in place in the tree:
-        tied tensors stay tied. Returns how many tensors were copied."""
+        """Give every parameter, buffer and plain tensor attribute of ``root``'s module tree
+        that shares a storage with the model (of those in ``only``, when given) a copy of its
+        own, in place in the tree: tied tensors stay tied. Returns how many were copied."""
         wanted = None if only is None else {id(t) for t in only}
         copies: dict[int, torch.Tensor] = {}
         for module in root.modules():
-            for slots in (module._parameters, module._buffers):
+            for slots in (module._parameters, module._buffers, vars(module)):
                 for name, tensor in slots.items():
-                    if tensor is None or (wanted is not None and id(tensor) not in wanted):
+                    if not isinstance(tensor, torch.Tensor):
+                        continue
+                    if wanted is not None and id(tensor) not in wanted:
                         continue
                     if id(tensor) not in copies and self.shares(tensor):
                         copies[id(tensor)] = _own_copy(tensor)
