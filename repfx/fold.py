@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -195,17 +195,19 @@ def _fold(
     capture: str = "auto",
     handed_back: bool = True,
     shown: FoldProgress | None = None,
+    proven: frozenset[tuple[str, str]] = frozenset(),
 ) -> fx.GraphModule:
     """The fold of ``model``; ``handed_back=False`` for a fold only verification reads (of
     repfx's own copies), which may keep sharing their parameters' storage. ``shown``: where
-    the phases are shown (the fold the user asked for; none for the verification's folds)."""
+    the phases are shown (the fold the user asked for; none for the verification's folds).
+    ``proven``: rewrites another fold of this model proved (the float64 re-check's refold)."""
     inputs = as_inputs(example_inputs)
     passes = default_pipeline() if passes is None else passes
     report = FoldReport(rule_words=rule_words(passes))
     if shown is not None:
         shown.start("capture")
     work, shared = share_parameters(model)
-    gm = _fold_copy(work, inputs, passes, report, "", capture, shared, shown)
+    gm = _fold_copy(work, inputs, passes, report, "", capture, shared, shown, proven)
     gm.training = model.training
     if verify and inputs is not None:
         _verify(model, gm, inputs, report, verify_redrawn, passes, capture, shown)
@@ -238,20 +240,34 @@ def _verify(
         if shown is not None:
             shown.start(phase)
 
-    def refold(model64: nn.Module) -> nn.Module:  # the same fold of a float64 copy
-        enter("float64 re-check")
-        return _fold(model64, inputs64, False, passes=passes, capture=capture, handed_back=False)
+    def replaying(folds: list[Folded]) -> Callable[[nn.Module], nn.Module]:
+        """The same fold of a float64 copy, its rewrites proven by the fold ``folds`` records
+        applied without proving them again (the re-check judges it end to end)."""
+        proven = frozenset((f.rule, f.where) for f in folds)
+
+        def refold(model64: nn.Module) -> nn.Module:
+            enter("float64 re-check")
+            return _fold(model64, inputs64, False, passes=passes, capture=capture,
+                         handed_back=False, proven=proven)  # fmt: skip
+
+        return refold
+
+    redrawn_folds: list[Folded] = []  # what the re-drawn copy's fold made, for its re-check
 
     def fold_redrawn(redrawn: nn.Module) -> nn.Module:
         enter("fold, re-drawn parameters")
         folded = _fold(redrawn, inputs, False, passes=passes, capture=capture, handed_back=False)
+        redrawn_folds.extend(folded.meta[REPORT_KEY].folded)
         enter("verify, re-drawn parameters")
         return folded
+
+    def refold_redrawn(model64: nn.Module) -> nn.Module:
+        return replaying(redrawn_folds)(model64)
 
     if shown is not None:
         shown.expect(5 if redrawn_too else 3)
     enter("verify")
-    report.verification = run_verification(model, gm, inputs, refold)
+    report.verification = run_verification(model, gm, inputs, replaying(report.folded))
     if not verify_redrawn:
         report.notes.append("verified with the parameters as given only (verify_redrawn=False)")
     elif not redrawn_too:
@@ -263,7 +279,7 @@ def _verify(
     else:
         try:
             report.redrawn_verification = run_redrawn_verification(
-                model, inputs, fold_redrawn, refold
+                model, inputs, fold_redrawn, refold_redrawn
             )
         except ExampleInputError as exc:  # the model ran as given: the re-draw broke it
             cause = one_line(exc.__cause__) if exc.__cause__ else "unknown error"
@@ -284,9 +300,10 @@ def _fold_copy(
     capture: str = "fx",
     shared: SharedParameters | None = None,
     shown: FoldProgress | None = None,
+    proven: frozenset[tuple[str, str]] = frozenset(),
 ) -> fx.GraphModule:
     """Fold ``work`` (repfx's own copy, changed freely, except in place where its parameters
-    are ``shared``) and record into ``report``."""
+    are ``shared``) and record into ``report``; ``proven``: see :func:`_fold`."""
     gm, opaque = capture_with_shapes(work, inputs, capture, report, shared)
     if shown is not None:
         shown.start("fold")
@@ -298,7 +315,7 @@ def _fold_copy(
     # (before the passes: a pass that replaces a guarded value, as cleanup replaces an
     # Identity by its input, hands the guard to its replacement, which has the same rank)
     insert_rank_guards(gm, guards)
-    fixpoint = run_to_fixpoint(gm, passes)
+    fixpoint = run_to_fixpoint(gm, passes, proven=proven)
     rename_rank_guards(gm)
     report.folded += [
         Folded(f.rule, prefix + f.where, f.detail, f.reads_state) for f in fixpoint.folded

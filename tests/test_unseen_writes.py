@@ -165,3 +165,21 @@ def test_a_counter_reassigned_is_refused_by_torch_fx_and_captured_by_export():
     folded = repfx.fold(model, (torch.randn(2, 3, 8, 8),))
     _agree_over_calls(reference, folded)
     assert model.calls.item() == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "writes"),
+    [("__iadd__", True), ("__setitem__", True), ("__imul__", True), ("add_", True),
+     ("__add__", False), ("__getitem__", False), ("add", False)],
+)  # fmt: skip
+def test_a_write_recorded_as_a_dunder_method_is_a_write(method, writes):
+    """A graph from another tracer may record ``t += y`` / ``t[i] = v`` as the method calls
+    ``t.__iadd__(y)`` / ``t.__setitem__(i, v)``: those write ``t`` as ``add_`` does."""
+    from repfx.ir.graph import writes_in_place
+
+    graph = torch.fx.Graph()
+    t, y = graph.placeholder("t"), graph.placeholder("y")
+    args = (t, 0, y) if "item" in method else (t, y)
+    node = graph.call_method(method, args)
+    graph.output(node)
+    assert writes_in_place(node) is writes

@@ -588,3 +588,33 @@ def test_the_float64_recheck_runs_an_exported_low_precision_fold(monkeypatch):
     assert check.passed, check.summary()
     assert all(c.verdict == ILL_CONDITIONED for c in check.outputs)
     assert all(c.recheck.weight_rounding is not None for c in check.outputs)
+
+
+def test_the_float64_refold_replays_the_rewrites_its_fold_proved(monkeypatch):
+    """The re-check's float64 fold repeats the fold it re-checks: every rewrite that fold proved
+    is applied without proving it again (passes.base: PipelineState.proven), and the result is
+    still judged against float64 truth."""
+    import repfx.proof.verify as verify_module
+    from repfx.passes import base
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+    )
+    model = redraw_foldable_parameters_(model, seed=2).eval()
+    proved: list[torch.dtype] = []
+    original = base.prove_before
+
+    def spying(gm, outputs, inputs, consts):
+        proof = original(gm, outputs, inputs, consts)
+        proved.append(next(gm.parameters()).dtype)
+        return proof
+
+    monkeypatch.setattr(base, "prove_before", spying)
+    # every output misses its tolerance, so both verifications re-check in float64
+    monkeypatch.setattr(verify_module, "tolerance_for", lambda dtype: 0.0)
+    x = torch.randn(2, 3, 8, 8, generator=_gen(0))
+    report = repfx.fold(model, (x,)).meta["repfx_report"]
+    assert report.verification.passed and report.redrawn_verification.passed
+    rechecked = [*report.verification.outputs, *report.redrawn_verification.outputs]
+    assert all(c.verdict == ILL_CONDITIONED for c in rechecked)
+    assert proved and torch.float64 not in proved  # the two float64 folds proved nothing again

@@ -48,16 +48,10 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.nn.utils import parametrizations, parametrize
 
 from ..errors import CaptureError, one_line
-from ..ir.graph import require_rank, writes_in_place
+from ..ir.graph import keys_of, require_rank, storage_key, writes_in_place
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
-from .live_state import (
-    EagerReads,
-    copy_written_constants,
-    keys_of,
-    live_tensors,
-    storage_key,
-)
+from .live_state import EagerReads, copy_written_constants, live_tensors
 from .outputs import RestoreOutputContainers, flat_output
 from .state import Bindings, SavedState, module_tensors, unrecorded_tensors
 

@@ -38,11 +38,13 @@ from ..ir.graph import (
     VALUE_KEYS,
     arg_of,
     fetch_attr,
+    keys_of,
     module_of,
     reads_only_shape,
+    storage_key,
 )
 from .hooks import forward_hooks_of
-from .live_state import keys_of, leaf_state, storage_key
+from .live_state import leaf_state
 from .writes import (
     Write,
     alias_source,

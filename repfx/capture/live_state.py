@@ -23,8 +23,6 @@ refuses where that cannot help.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
@@ -32,24 +30,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import CaptureError
-from ..ir.graph import HANDED_KEY, MUTATED_KEY, fetch_attr
+from ..ir.graph import HANDED_KEY, MUTATED_KEY, fetch_attr, keys_of, storage_key
 from .hooks import hooks_may_write
 from .state import module_tensors
 from .writes import torch_module_class
-
-
-def storage_key(tensor: object) -> int | None:
-    """The identity of a tensor's memory, shared by its views; ``None`` for what has none."""
-    if not isinstance(tensor, torch.Tensor):
-        return None
-    try:
-        return tensor.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError):  # (a sparse tensor, a wrapper subclass)
-        return None
-
-
-def keys_of(tensors: Iterable[object]) -> set[int]:
-    return {k for t in tensors if (k := storage_key(t)) is not None}
 
 
 def own_state_written(module: nn.Module) -> list[torch.Tensor]:

@@ -18,6 +18,12 @@ undoes it and starts again with it denied (:class:`PipelineState`), or, in stric
 propagate. A pass that changes the graph outside a commit is a bug the pass runner reports
 (:class:`PassError`).
 
+One fold is not proven rewrite by rewrite: the float64 fold of a float64 copy that verification
+makes to re-check a fold (``repfx.proof.verify``) repeats that fold's rewrites, each already
+proven there on the same values, so the commit point applies the (rule, location) pairs it is
+told were proven (``PipelineState.proven``) without proving them again; that whole fold is then
+judged against float64 truth. Any other rewrite it makes is proven as usual.
+
 Commits are logged on the ``repfx.passes`` logger at DEBUG level (rule, place, proven or why
 not).
 """
@@ -105,9 +111,12 @@ class Plan:
 @dataclass(frozen=True)
 class PipelineState:
     """What the pipeline hands each pass it runs: ``denied``, the (rule, location) of the
-    rewrites undone earlier in this fold, which the commit point now refuses."""
+    rewrites undone earlier in this fold, which the commit point now refuses; ``proven``, those
+    another fold of the same model proved, which it applies without proving them again (see the
+    module docstring)."""
 
     denied: frozenset[tuple[str, str]] = frozenset()
+    proven: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass
@@ -159,6 +168,7 @@ class FoldContext:
         self.tensor_uses = tensor_use_counts(gm, self.consts)
         self.module_calls = module_call_counts(gm)
         self.denied = state.denied if state is not None else frozenset()
+        self.proven = state.proven if state is not None else frozenset()
         self.commits = 0
 
     def commit(
@@ -191,6 +201,8 @@ class FoldContext:
     ) -> Folded | Skipped:
         if (rule, location) in self.denied:
             return Skipped(rule, location, DENIED)
+        if (rule, location) in self.proven:
+            return self._apply_proven(rule, location, rewrite)
         try:
             proof = prove_before(self.gm, region.outputs, region.inputs, self.consts)
         except ValidationFailure as exc:
@@ -212,6 +224,16 @@ class FoldContext:
         if aliased is not None:  # a refusal, not a bug
             raise RewriteRejected(rule, location, aliased.reason, bug=False)
         return Folded(rule, location, detail, reads_module_state(self.gm, proof.region))
+
+    def _apply_proven(self, rule: str, location: str, rewrite: Rewrite) -> Folded:
+        """Apply a rewrite another fold of the same model proved (``PipelineState.proven``)."""
+        self.commits += 1
+        try:
+            with committing(self.gm):
+                _, detail = rewrite()
+        except RewriteRefused as exc:
+            raise RewriteRejected(rule, location, exc.reason, bug=False) from exc
+        return Folded(rule, location, detail)
 
     def shared_reason(self, node: fx.Node, what: str) -> Fail | None:
         """Why ``node``'s module or parameters may not be rewritten (``None``: they may)."""

@@ -55,7 +55,11 @@ def call_node_count(gm: fx.GraphModule) -> int:
 
 
 def run_to_fixpoint(
-    gm: fx.GraphModule, passes: Sequence[Pass], *, strict: bool = False
+    gm: fx.GraphModule,
+    passes: Sequence[Pass],
+    *,
+    strict: bool = False,
+    proven: frozenset[tuple[str, str]] = frozenset(),
 ) -> FixpointResult:
     """Run ``passes`` in order, repeatedly, until a full round changes nothing.
 
@@ -63,13 +67,15 @@ def run_to_fixpoint(
     graph as it is returned. A rejected rewrite restores ``gm`` to its state on entry and
     starts again with that rewrite denied; denied rewrites are reported. ``strict``: a rewrite
     rejected as a repfx bug raises :class:`~repfx.passes.base.RewriteRejected` instead (else
-    :class:`RewriteRejectedWarning` is issued).
+    :class:`RewriteRejectedWarning` is issued). ``proven``: the (rule, location) pairs
+    another fold of the same model proved, applied without proving them again
+    (``PipelineState.proven``).
     """
     pristine = _Snapshot.of(gm)
     seconds = {p.name: 0.0 for p in passes}
     denied: list[RewriteRejected] = []
     while True:
-        state = PipelineState(frozenset((r.rule, r.where) for r in denied))
+        state = PipelineState(frozenset((r.rule, r.where) for r in denied), proven)
         try:
             folded, skipped = _Rounds(gm, state, seconds).run(passes)
         except RewriteRejected as exc:

@@ -23,28 +23,20 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..ir.graph import keys_of, storage_key
 from .inputs import copy_model
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
-    if tensor.device.type == "meta" or tensor.numel() == 0:
-        return None
-    try:
-        return str(tensor.device), tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
-        return None
 
 
 class SharedParameters:
     """The parameter storages of a model that a copy of it shares (see the module docstring)."""
 
     def __init__(self, model: nn.Module):
-        keys = (_storage_key(p) for p in model.parameters())
-        self._storages = {key for key in keys if key is not None}
+        self._storages = keys_of(model.parameters())
 
     def shares(self, tensor: torch.Tensor) -> bool:
         """Does ``tensor`` live in a storage of the model's parameters?"""
-        return _storage_key(tensor) in self._storages
+        key = storage_key(tensor)
+        return key is not None and key in self._storages
 
     def release(self, root: nn.Module, only: Iterable[torch.Tensor] | None = None) -> int:
         """Give every parameter, buffer and plain tensor attribute of ``root``'s module tree

@@ -9,7 +9,8 @@ changes a graph.
 * :mod:`.uses` — call sites per parameter / buffer and per module (``tensor_use_counts``,
   ``module_call_counts``), a node's users by what they read (``value_users``, ``shape_users``);
 * :mod:`.ranks` — ranks, dtypes and static shapes: recorded, or inferred without example inputs
-  (``annotate_ranks``).
+  (``annotate_ranks``);
+* :mod:`.memory` — which tensors share memory (``storage_key``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .constants import (
     writes_in_place,
 )
 from .guards import is_guard, require_rank
+from .memory import keys_of, storage_key
 from .modules import (
     fetch_attr,
     global_forward_hooks,
@@ -85,6 +87,7 @@ __all__ = [
     "is_inplace_name",
     "is_plain",
     "is_torch_callable",
+    "keys_of",
     "known_dtype",
     "module_call_counts",
     "module_of",
@@ -95,6 +98,7 @@ __all__ = [
     "require_rank",
     "shape_users",
     "static_shape",
+    "storage_key",
     "tensor_use_counts",
     "value_users",
     "where",

@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .memory import storage_key
 from .modules import fetch_attr
 
 MUTATED_KEY = "repfx_mutated"  # node.meta: an in-place op may write to this value (capture)
@@ -65,13 +66,13 @@ class ConstantFolder:
         of it, or the module that owns it — so it is judged by storage."""
         if self._written is None:
             self._written = {
-                _storage(value)
+                storage_key(value)
                 for n in self.gm.graph.nodes
                 if n.op == "get_attr"
                 and _may_be_written(n)
                 and isinstance(value := fetch_attr(self.gm, n.target), torch.Tensor)
             }
-        return bool(self._written) and _storage(tensor) in self._written
+        return bool(self._written) and storage_key(tensor) in self._written
 
     def value(self, arg: Any) -> torch.Tensor | None:
         if not isinstance(arg, fx.Node):
@@ -132,11 +133,6 @@ class ConstantFolder:
         """A ``get_attr``'s tensor, unless the graph writes to its memory."""
         value = fetch_attr(self.gm, node.target)
         return value if isinstance(value, torch.Tensor) and not self.written(value) else None
-
-
-def _storage(tensor: torch.Tensor) -> int:
-    """The identity of ``tensor``'s memory, shared by its views (meta tensors included)."""
-    return tensor.untyped_storage()._cdata
 
 
 class _ImpureOp(RuntimeError):
@@ -206,9 +202,15 @@ _INPLACE_OPERATORS = frozenset(
 )
 
 
+# The same operators called as methods (``t.__iadd__(y)``, ``t.__setitem__(i, v)``), as a graph
+# from another tracer may record them.
+_INPLACE_DUNDERS = frozenset(f"__{op.__name__}__" for op in _INPLACE_OPERATORS)
+
+
 def is_inplace_name(name: str) -> bool:
-    """``relu_``, ``add_``, ``F.elu_``: PyTorch's spelling of an op that writes to its input."""
-    return name.endswith("_") and not name.endswith("__")
+    """``relu_``, ``add_``, ``F.elu_``: PyTorch's spelling of an op that writes to its input;
+    ``__iadd__``, ``__setitem__``: Python's."""
+    return (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
 
 
 @functools.cache
