@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -233,41 +234,12 @@ def _verify(
 ) -> None:
     """Verify ``gm`` against ``model`` on ``inputs`` (as given, and re-drawn unless no fold read
     a parameter), into ``report``."""
-    inputs64 = float64_inputs(inputs)
+    folds = _VerificationFolds(inputs, passes, capture, shown)
     redrawn_too = verify_redrawn and any(f.reads_state for f in report.folded)
-
-    def enter(phase: str) -> None:
-        if shown is not None:
-            shown.start(phase)
-
-    def replaying(folds: list[Folded]) -> Callable[[nn.Module], nn.Module]:
-        """The same fold of a float64 copy, its rewrites proven by the fold ``folds`` records
-        applied without proving them again (the re-check judges it end to end)."""
-        proven = frozenset((f.rule, f.where) for f in folds)
-
-        def refold(model64: nn.Module) -> nn.Module:
-            enter("float64 re-check")
-            return _fold(model64, inputs64, False, passes=passes, capture=capture,
-                         handed_back=False, proven=proven)  # fmt: skip
-
-        return refold
-
-    redrawn_folds: list[Folded] = []  # what the re-drawn copy's fold made, for its re-check
-
-    def fold_redrawn(redrawn: nn.Module) -> nn.Module:
-        enter("fold, re-drawn parameters")
-        folded = _fold(redrawn, inputs, False, passes=passes, capture=capture, handed_back=False)
-        redrawn_folds.extend(folded.meta[REPORT_KEY].folded)
-        enter("verify, re-drawn parameters")
-        return folded
-
-    def refold_redrawn(model64: nn.Module) -> nn.Module:
-        return replaying(redrawn_folds)(model64)
-
     if shown is not None:
         shown.expect(5 if redrawn_too else 3)
-    enter("verify")
-    report.verification = run_verification(model, gm, inputs, replaying(report.folded))
+    folds.enter("verify")
+    report.verification = run_verification(model, gm, inputs, folds.float64(report.folded))
     if not verify_redrawn:
         report.notes.append("verified with the parameters as given only (verify_redrawn=False)")
     elif not redrawn_too:
@@ -279,7 +251,7 @@ def _verify(
     else:
         try:
             report.redrawn_verification = run_redrawn_verification(
-                model, inputs, fold_redrawn, refold_redrawn
+                model, inputs, folds.redrawn, folds.redrawn_float64
             )
         except ExampleInputError as exc:  # the model ran as given: the re-draw broke it
             cause = one_line(exc.__cause__) if exc.__cause__ else "unknown error"
@@ -289,6 +261,49 @@ def _verify(
                 f"inputs ({cause}); it may read a parameter as something other than a "
                 "weight (a probability, a size)"
             )
+
+
+@dataclass
+class _VerificationFolds:
+    """The folds verification makes besides the one it checks, none of them handed back: the
+    fold of the copy with re-drawn parameters, and the float64 fold of a float64 copy that
+    re-checks a fold (an output missed its tolerance), which repeats the re-checked fold's
+    proven rewrites without proving them again (``PipelineState.proven``)."""
+
+    inputs: tuple
+    passes: Sequence[Pass]
+    capture: str
+    shown: FoldProgress | None
+    redrawn_folds: list[Folded] = field(default_factory=list)  # the re-drawn copy's
+
+    def enter(self, phase: str) -> None:
+        if self.shown is not None:
+            self.shown.start(phase)
+
+    def float64(self, folds: list[Folded]) -> Callable[[nn.Module], nn.Module]:
+        """The float64 fold that re-checks the fold ``folds`` records."""
+        proven = frozenset((f.rule, f.where) for f in folds)
+
+        def refold(model64: nn.Module) -> nn.Module:
+            self.enter("float64 re-check")
+            inputs64 = float64_inputs(self.inputs)
+            return self._fold(model64, inputs64, proven)
+
+        return refold
+
+    def redrawn(self, model: nn.Module) -> nn.Module:
+        self.enter("fold, re-drawn parameters")
+        folded = self._fold(model, self.inputs, frozenset())
+        self.redrawn_folds.extend(folded.meta[REPORT_KEY].folded)
+        self.enter("verify, re-drawn parameters")
+        return folded
+
+    def redrawn_float64(self, model64: nn.Module) -> nn.Module:
+        return self.float64(self.redrawn_folds)(model64)
+
+    def _fold(self, model: nn.Module, inputs: tuple, proven: frozenset) -> nn.Module:
+        return _fold(model, inputs, False, passes=self.passes, capture=self.capture,
+                     handed_back=False, proven=proven)  # fmt: skip
 
 
 def _fold_copy(
