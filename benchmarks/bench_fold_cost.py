@@ -138,12 +138,14 @@ def _build(spec: str):
     if spec.startswith("timm:"):
         import timm
 
+        torch.manual_seed(0)  # timm initialises from the global generator: the same model each run
         model = timm.create_model(spec.removeprefix("timm:"))
         size = model.pretrained_cfg.get("input_size", (3, 224, 224))
         return model, image(1, size, 0), image(3, size, 1), {}
     from repfx.models import create
 
     size = (3, 224, 224)
+    torch.manual_seed(0)
     return create(spec), image(1, size, 0), image(3, size, 1), {}
 
 
