@@ -1581,7 +1581,7 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
     ),
     _m(
         "torch-batch-norm-statistics-positions",
-        INPLACE,
+        "repfx/ir/norms.py",
         '    torch.batch_norm: (3, 4, "training"),\n',
         '    torch.batch_norm: (1, 2, "training"),\n',
         "_mark_live_state: torch.batch_norm's statistics read at F.batch_norm's "
@@ -1898,7 +1898,7 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "sharing-hooks-write-the-model",
         "repfx/capture/frontend.py",
-        "node.meta.get(MUTATED_KEY) or has_hooks(module_of(gm, node))",
+        "(node.meta.get(MUTATED_KEY) or has_hooks(module))",
         "node.meta.get(MUTATED_KEY)",
         "sharing: a hook writes its module's parameters into the user's model",
         "tests/test_sharing.py",

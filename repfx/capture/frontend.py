@@ -136,10 +136,9 @@ def release_what_runs_may_write(
         shared.release(gm.get_submodule(path))
     written = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and (
-            node.meta.get(MUTATED_KEY) or has_hooks(module_of(gm, node))
-        ):
-            shared.release(module_of(gm, node))
+        module = module_of(gm, node) if node.op == "call_module" else None
+        if module is not None and (node.meta.get(MUTATED_KEY) or has_hooks(module)):
+            shared.release(module)
         elif node.op == "get_attr" and (
             node.meta.get(MUTATED_KEY) or any(writes_in_place(user) for user in node.users)
         ):

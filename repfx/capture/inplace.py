@@ -28,8 +28,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ir.graph import (
@@ -43,6 +41,7 @@ from ..ir.graph import (
     reads_only_shape,
     storage_key,
 )
+from ..ir.norms import RUNNING_STATISTICS_FUNCTIONS
 from .hooks import forward_hooks_of
 from .live_state import leaf_state
 from .writes import (
@@ -205,23 +204,13 @@ def _same_tensor_reads(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     ]
 
 
-# Functions that update the running statistics they are given unless their flag (argument 5:
-# ``training``, ``use_input_stats``) is ``False``: (running mean at, running variance at).
-_RUNNING_STATISTICS = {
-    F.batch_norm: (1, 2, "training"),
-    torch.batch_norm: (3, 4, "training"),
-    F.instance_norm: (1, 2, "use_input_stats"),
-    torch.instance_norm: (3, 4, "use_input_stats"),
-}
-
-
 def _mark_live_state(gm: fx.GraphModule) -> None:
     """A batch or instance norm using batch statistics updates its running statistics on every
     call, and a leaf module may update its own tensors (:func:`.live_state.leaf_state`): any
     other read of those tensors reads a value that changes."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _RUNNING_STATISTICS:
-            mean_at, var_at, flag = _RUNNING_STATISTICS[node.target]
+        if node.op == "call_function" and node.target in RUNNING_STATISTICS_FUNCTIONS:
+            mean_at, var_at, flag = RUNNING_STATISTICS_FUNCTIONS[node.target]
             if arg_of(node, 5, flag, None) is not False:
                 mark_mutated(gm, [arg_of(node, mean_at, "running_mean", None)])
                 mark_mutated(gm, [arg_of(node, var_at, "running_var", None)])

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import CaptureError
-from ..ir.graph import HANDED_KEY, MUTATED_KEY, fetch_attr, keys_of, storage_key
+from ..ir.graph import MUTATED_KEY, fetch_attr, keys_of, may_be_written, storage_key
 from .hooks import hooks_may_write
 from .state import module_tensors
 from .writes import torch_module_class
@@ -130,7 +130,7 @@ def copy_written_constants(gm: fx.GraphModule, created: set[str]) -> None:
             reads.setdefault(node.target, []).append(node)
     keys = [storage_key(fetch_attr(gm, target)) for target in reads]
     for (target, nodes), key in zip(reads.items(), keys, strict=True):
-        if key is None or key in kept or not any(_may_be_written(n) for n in nodes):
+        if key is None or key in kept or not any(may_be_written(n) for n in nodes):
             continue
         if keys.count(key) > 1:
             raise CaptureError(
@@ -139,10 +139,6 @@ def copy_written_constants(gm: fx.GraphModule, created: set[str]) -> None:
                 "start from what the last one left. Create it from the input's size or device"
             )
         _copy_per_run(gm, nodes)
-
-
-def _may_be_written(node: fx.Node) -> bool:
-    return bool(node.meta.get(MUTATED_KEY) or node.meta.get(HANDED_KEY))
 
 
 def _copy_per_run(gm: fx.GraphModule, reads: list[fx.Node]) -> None:

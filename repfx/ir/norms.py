@@ -64,3 +64,13 @@ def norm_kind_of_function(target: object) -> NormKind | None:
         return _BY_FUNCTION.get(target)
     except TypeError:  # an unhashable target
         return None
+
+
+# Functions that update the running statistics they are given unless their flag (argument 5:
+# ``training``, ``use_input_stats``) is ``False``: (running mean at, running variance at, flag).
+RUNNING_STATISTICS_FUNCTIONS: dict[Callable, tuple[int, int, str]] = {
+    F.batch_norm: (1, 2, "training"),
+    torch.batch_norm: (3, 4, "training"),
+    F.instance_norm: (1, 2, "use_input_stats"),
+    torch.instance_norm: (3, 4, "use_input_stats"),
+}

@@ -14,15 +14,12 @@ instance norm, which may update the statistics it is given) is run on a copy, as
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ir.graph import MUTATED_KEY, has_hooks, is_guard, is_torch_callable, writes_in_place
+from ..ir.norms import RUNNING_STATISTICS_FUNCTIONS  # (never judged pure: they may update them)
 
 _STOCK_MODULES = "torch.nn.modules."
-# Update the running statistics they are handed unless told not to: never judged pure.
-_STATISTICS_UPDATERS = {F.batch_norm, torch.batch_norm, F.instance_norm, torch.instance_norm}
 
 
 def runs_without_writes(module: nn.Module) -> bool:
@@ -34,7 +31,7 @@ def runs_without_writes(module: nn.Module) -> bool:
 
 
 def _writes_nothing(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.meta.get(MUTATED_KEY) or node.target in _STATISTICS_UPDATERS:
+    if node.meta.get(MUTATED_KEY) or node.target in RUNNING_STATISTICS_FUNCTIONS:
         return False
     if node.op in ("placeholder", "output", "get_attr"):
         return True

@@ -27,6 +27,8 @@ alone, as are integer tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -43,24 +45,26 @@ def redraw_foldable_parameters_(model: nn.Module, seed: int = DEFAULT_SEED) -> n
 
     Deterministic: the same model and ``seed`` give the same values."""
     generator = torch.Generator().manual_seed(seed)
-    seen: set[int] = set()
     with torch.no_grad():
-        for module in model.modules():
-            for name, tensor in _foldable_tensors(module):
-                if id(tensor) not in seen and tensor.is_floating_point():
-                    seen.add(id(tensor))
-                    tensor.copy_(_draw(name, tensor, module, generator))
+        for module, name, tensor in _each_foldable(model):
+            tensor.copy_(_draw(name, tensor, module, generator))
     return model
 
 
 def foldable_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The tensors :func:`redraw_foldable_parameters_` writes (floating ones, each once)."""
-    found: dict[int, torch.Tensor] = {}
+    """The tensors :func:`redraw_foldable_parameters_` writes."""
+    return [tensor for _, _, tensor in _each_foldable(model)]
+
+
+def _each_foldable(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, name, tensor) of each floating foldable tensor of ``model``, in module order,
+    each tensor once (a tied one where it is first met)."""
+    seen: set[int] = set()
     for module in model.modules():
-        for _, tensor in _foldable_tensors(module):
-            if tensor.is_floating_point():
-                found.setdefault(id(tensor), tensor)
-    return list(found.values())
+        for name, tensor in _foldable_tensors(module):
+            if id(tensor) not in seen and tensor.is_floating_point():
+                seen.add(id(tensor))
+                yield module, name, tensor
 
 
 def _foldable_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -18,6 +18,7 @@ tensors the forward writes through another node: the proof would hold for their 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -57,7 +58,7 @@ def reads_module_state(gm: fx.GraphModule, region: Region) -> bool:
 
 
 def _holds_tensors(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(b is not None for b in module.buffers())
+    return next(itertools.chain(module.parameters(), module.buffers()), None) is not None
 
 
 def collect_region(

@@ -23,6 +23,7 @@ from .constants import (
     inplace_flag,
     is_inplace_name,
     is_torch_callable,
+    may_be_written,
     writes_in_place,
 )
 from .guards import is_guard, require_rank
@@ -89,6 +90,7 @@ __all__ = [
     "is_torch_callable",
     "keys_of",
     "known_dtype",
+    "may_be_written",
     "module_call_counts",
     "module_of",
     "op_name",

@@ -30,7 +30,7 @@ MUTATED_KEY = "repfx_mutated"  # node.meta: an in-place op may write to this val
 HANDED_KEY = "repfx_handed_to_unknown_code"
 
 
-def _may_be_written(node: fx.Node) -> bool:
+def may_be_written(node: fx.Node) -> bool:
     """Capture marked ``node`` as written, or handed to code that may write to it."""
     return bool(node.meta.get(MUTATED_KEY) or node.meta.get(HANDED_KEY))
 
@@ -69,7 +69,7 @@ class ConstantFolder:
                 storage_key(value)
                 for n in self.gm.graph.nodes
                 if n.op == "get_attr"
-                and _may_be_written(n)
+                and may_be_written(n)
                 and isinstance(value := fetch_attr(self.gm, n.target), torch.Tensor)
             }
         return bool(self._written) and storage_key(tensor) in self._written
@@ -104,7 +104,7 @@ class ConstantFolder:
         return self.value(arg) is not None
 
     def _evaluate(self, node: fx.Node) -> torch.Tensor | None:
-        if _may_be_written(node):
+        if may_be_written(node):
             return None
         if node.op == "get_attr":
             return self._attribute(node)
