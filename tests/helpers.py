@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Callable
 
@@ -202,3 +203,13 @@ def commit_replacement(
 def is_conv_module(node: fx.Node) -> bool:
     """The call of the model's ``conv`` submodule."""
     return node.op == "call_module" and node.target == "conv"
+
+
+def scaled_conv(conv: nn.Conv2d, factor: float) -> nn.Conv2d:
+    """A copy of ``conv`` computing ``factor`` times its output (weight and bias scaled): a
+    replacement off by ``factor - 1`` of the output's scale."""
+    scaled = copy.deepcopy(conv)
+    with torch.no_grad():
+        scaled.weight.mul_(factor)
+        scaled.bias.mul_(factor)
+    return scaled

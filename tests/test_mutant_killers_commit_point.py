@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from helpers import commit_replacement, is_conv_module
+from helpers import commit_replacement, is_conv_module, scaled_conv
 from torch import nn
 
 from repfx.passes.base import RewriteRejected
@@ -149,22 +149,14 @@ def test_a_rewrite_that_mixes_the_batch_is_rejected(example):
         _commit_replacement(model, wrong, example)
 
 
-def _scaled_copy(conv: nn.Conv2d, factor: float) -> nn.Conv2d:
-    scaled = copy.deepcopy(conv)
-    with torch.no_grad():
-        scaled.weight.mul_(factor)
-        scaled.bias.mul_(factor)
-    return scaled
-
-
 def test_float32_rewrite_off_by_1e_4_is_rejected_and_one_off_by_rounding_is_not():
     """The float32 rewrite tolerance is 1e-5 of the output's scale: a folded constant off by
     1e-4 (~840 ulps) is a wrong fold, one off by 1e-7 (~1 ulp) is rounding."""
     model = StridedConv()
     example = EXAMPLES[1]
-    assert _commit_replacement(model, _scaled_copy(model.conv, 1 + 1e-7), example)
+    assert _commit_replacement(model, scaled_conv(model.conv, 1 + 1e-7), example)
     with pytest.raises(RewriteRejected, match="differs by"):
-        _commit_replacement(model, _scaled_copy(model.conv, 1 + 1e-4), example)
+        _commit_replacement(model, scaled_conv(model.conv, 1 + 1e-4), example)
 
 
 def test_a_rewrite_that_is_finite_where_the_region_is_infinite_is_rejected():

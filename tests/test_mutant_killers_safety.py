@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grammar import randomise_
-from helpers import commit_replacement, is_conv_module, stored_multiplies
+from helpers import commit_replacement, is_conv_module, scaled_conv, stored_multiplies
 from torch import fx, nn
 
 import repfx
@@ -168,24 +168,16 @@ class OneConv(nn.Module):
         return self.conv(x)
 
 
-def _scaled(conv: nn.Conv2d, factor: float) -> nn.Conv2d:
-    out = copy.deepcopy(conv)
-    with torch.no_grad():
-        out.weight.mul_(factor)
-        out.bias.mul_(factor)
-    return out
-
-
 @pytest.mark.parametrize("scale", [1e-6, 1e-9])
 def test_a_tiny_output_is_compared_on_its_own_scale(scale):
     """An output of scale ``1e-6`` or less off by 10% of itself is wrong, however small the
     absolute difference; the conv itself, or one off by rounding, is accepted."""
     model = OneConv(scale)
     example = _fresh(2, 3, 5, 6)
-    assert commit_replacement(model, is_conv_module, _scaled(model.conv, 1.0), example)
-    assert commit_replacement(model, is_conv_module, _scaled(model.conv, 1 + 1e-7), example)
+    assert commit_replacement(model, is_conv_module, scaled_conv(model.conv, 1.0), example)
+    assert commit_replacement(model, is_conv_module, scaled_conv(model.conv, 1 + 1e-7), example)
     with pytest.raises(RewriteRejected, match="differs by"):
-        commit_replacement(model, is_conv_module, _scaled(model.conv, 1.1), example)
+        commit_replacement(model, is_conv_module, scaled_conv(model.conv, 1.1), example)
 
 
 def test_a_replacement_of_an_all_zero_output_must_be_zero():

@@ -147,3 +147,22 @@ def test_a_functional_batch_norm_updating_its_statistics_writes():
     gm = traced(_FunctionalStatistics().eval())
     assert not runs_without_writes(gm)
     assert not _unchanged_by_a_run(gm, fresh_input(2, 3, 5, 5))
+
+
+class _GrowsItsScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.scale.add_(1.0)
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+def test_an_in_place_op_is_a_write_in_a_graph_capture_did_not_mark():
+    """A graph repfx's capture did not make (plain ``symbolic_trace``) carries no marks: the
+    in-place op itself says the graph writes."""
+    gm = fx.symbolic_trace(_GrowsItsScale().eval())
+    assert not runs_without_writes(gm)
+    assert not _unchanged_by_a_run(gm, fresh_input(2, 3, 4, 4))
