@@ -119,6 +119,8 @@ def _build(spec: str):
     fold's options."""
     import torch
 
+    torch.manual_seed(0)  # models initialise from the global generator: the same model each run
+
     def image(batch: int, size: tuple, seed: int) -> torch.Tensor:
         return torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))
 
@@ -127,7 +129,6 @@ def _build(spec: str):
 
         sizes = LLAMA_SIZES[spec.removeprefix("llama:")]
         config = transformers.LlamaConfig(**sizes, use_cache=False)
-        torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
 
         def ids(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -138,14 +139,12 @@ def _build(spec: str):
     if spec.startswith("timm:"):
         import timm
 
-        torch.manual_seed(0)  # timm initialises from the global generator: the same model each run
         model = timm.create_model(spec.removeprefix("timm:"))
         size = model.pretrained_cfg.get("input_size", (3, 224, 224))
         return model, image(1, size, 0), image(3, size, 1), {}
     from repfx.models import create
 
     size = (3, 224, 224)
-    torch.manual_seed(0)
     return create(spec), image(1, size, 0), image(3, size, 1), {}
 
 
