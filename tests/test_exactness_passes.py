@@ -284,8 +284,10 @@ class TinyScaleAfterConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(8, 8, 1)
         self.scale = nn.Parameter(torch.full((8, 1, 1), 1e-5))
+        generator = torch.Generator().manual_seed(0)  # (not the global one: tests share it)
         with torch.no_grad():
-            self.conv.weight.uniform_(-0.02, 0.02)
+            self.conv.weight.uniform_(-0.02, 0.02, generator=generator)
+            self.conv.bias.uniform_(-0.5, 0.5, generator=generator)
 
     def forward(self, x):
         return x + self.scale * self.conv(x)
@@ -300,5 +302,5 @@ def test_a_fold_that_would_lose_float16_precision_is_refused_as_such_not_as_a_bu
     reasons = [s.reason for s in folded.meta[repfx.REPORT_KEY].skipped]
     assert any("below the smallest normal number of torch.float16" in r for r in reasons)
     assert not any("repfx bug" in r for r in reasons)
-    with torch.no_grad():
-        assert torch.equal(folded(x), model(x))  # the scale stays: the same ops
+    with torch.no_grad():  # (the conv may still merge with the identity branch, proven)
+        assert_close(folded(x), model(x))
