@@ -135,7 +135,7 @@ def _build(spec: str):
             gen = torch.Generator().manual_seed(seed)
             return torch.randint(0, sizes["vocab_size"], (batch, length), generator=gen)
 
-        return model, ids(1, 16, 0), ids(2, 16, 1), {"fold_norm_affine": True}
+        return model, ids(1, 16, 0), ids(2, 23, 1), {"fold_norm_affine": True}
     if spec.startswith("timm:"):
         import timm
 

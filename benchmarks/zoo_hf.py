@@ -2,8 +2,8 @@
 weights), each with the example and fresh inputs ``benchmarks/zoo.py`` folds and checks on.
 
 Vision models take 64×64 images (an example batch of 1, a fresh batch of 3); the language
-models take 7 token ids (an example batch of 1) and a fresh batch of 3 of the same length (the
-sequence length is fixed by the capture, the batch is not).
+models take 7 token ids (an example batch of 1) and a fresh batch of 3 of 11 tokens (neither
+the batch nor the sequence length is fixed by the capture).
 """
 
 from __future__ import annotations
@@ -100,5 +100,5 @@ def build(name: str) -> tuple[Any, tuple, tuple]:
         model = getattr(hf, model_class)(getattr(hf, config_class)(**fields))
     g = torch.Generator().manual_seed(0)
     if name in LANGUAGE:
-        return model, (torch.randint(0, 64, (1, 7), generator=g),), (torch.randint(0, 64, (3, 7)),)
+        return model, (torch.randint(0, 64, (1, 7), generator=g),), (torch.randint(0, 64, (3, 11)),)
     return model, (torch.randn(1, 3, 64, 64, generator=g),), (torch.randn(3, 3, 64, 64),)

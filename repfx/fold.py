@@ -113,8 +113,9 @@ def fold(
 
     ``capture``: how the model becomes a graph. ``"fx"``: ``torch.fx`` symbolic tracing
     (submodules it cannot trace run as they are, and repfx folds inside them); ``"export"``:
-    ``torch.export`` (non-strict; needs example inputs; the folded module takes any batch size
-    and the example inputs' other dimensions); ``"auto"`` (default): ``torch.fx``, and
+    ``torch.export`` (non-strict; needs example inputs; the folded module takes any batch size,
+    any size of integer and boolean inputs such as token ids, and the example inputs' other
+    dimensions); ``"auto"`` (default): ``torch.fx``, and
     ``torch.export`` when ``torch.fx`` cannot trace the top-level ``forward`` (or, with example
     inputs, runs a submodule opaque), and, when neither can, the model's children, each
     captured on its own (``repfx.capture.frontend``).

@@ -74,6 +74,24 @@ class DataDependentTop(nn.Module):
         return scores.new_zeros(0)
 
 
+class TokenModel(nn.Module):
+    """A language model's shape: token ids and a mask in, positions from the ids' length, a
+    norm before the head; the check of the length stops torch.fx."""
+
+    def __init__(self, vocab: int = 16, width: int = 8, longest: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.positions = nn.Parameter(torch.randn(longest, width))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids, mask):
+        if ids.shape[1] > len(self.positions):
+            raise ValueError("a sequence longer than the positions")
+        x = self.embed(ids) + self.positions[: ids.shape[1]]
+        return self.head(self.norm(x * mask.unsqueeze(-1)))
+
+
 def _randomized(model: nn.Module) -> nn.Module:
     return randomise_(model, torch.Generator().manual_seed(0)).eval()
 
@@ -237,6 +255,26 @@ def test_an_example_batch_of_one_leaves_the_batch_dynamic():
     for batch in (1, 3):
         fresh = fresh_input(batch, 3, 8, 8)
         torch.testing.assert_close(folded(fresh), model(fresh), rtol=1e-5, atol=1e-5)
+
+
+def test_token_ids_and_masks_take_any_length():
+    """Every dimension of an integer or boolean input stays symbolic: a language model folded
+    on one sequence length runs on any other (and any batch)."""
+    model = _randomized(TokenModel())
+    ids = torch.randint(0, 16, (1, 5), generator=torch.Generator().manual_seed(1))
+    folded = repfx.fold(model, (ids, torch.ones(1, 5, dtype=torch.bool)))
+    notes = folded.meta[repfx.REPORT_KEY].notes
+    assert any(
+        "any batch size and any size of ids (dimension 1), mask (dimension 1)" in n for n in notes
+    ), notes
+    generator = torch.Generator().manual_seed(2)
+    for batch, length in ((3, 9), (2, 1), (1, 32)):
+        fresh = (
+            torch.randint(0, 16, (batch, length), generator=generator),
+            torch.rand(batch, length, generator=generator) > 0.3,
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(folded(*fresh), model(*fresh), rtol=1e-5, atol=1e-5)
 
 
 def test_a_size_export_fixed_fails_with_a_repfx_error_naming_the_input():

@@ -55,6 +55,37 @@ class Heads(nn.Module):
         return (Unregistered(out=fine),)
 
 
+class Layer:
+    def __init__(self, keys: torch.Tensor, owner: object = None) -> None:
+        self.keys, self.ready, self.owner = keys, True, owner
+
+
+class Cache:
+    """An object torch's pytree does not know, shaped like a decoder's key / value cache:
+    tensors in a list of objects, next to plain attributes."""
+
+    def __init__(self) -> None:
+        self.layers: list[Layer] = []
+        self.seen = 0
+
+
+class CachingHeads(Heads):
+    """Returns its heads' outputs in a :class:`Cache` too (``owner``: a layer refers to a
+    module; ``sized``: the cache counts the batch)."""
+
+    def __init__(self, owner: bool = False, sized: bool = False):
+        super().__init__("plain")
+        self.owner, self.sized = owner, sized
+
+    def forward(self, x):
+        y = self.trunk(x)
+        fine, coarse = self.fine(y), self.coarse(y).mean((2, 3))
+        cache = Cache()
+        cache.layers = [Layer(fine, self.fine if self.owner else None), Layer(coarse)]
+        cache.seen = x.shape[0] if self.sized else 2
+        return {"logits": coarse * 2, "cache": cache}
+
+
 def _model(kind: str) -> Heads:
     return randomise_(Heads(kind), torch.Generator().manual_seed(0)).eval()
 
@@ -99,6 +130,45 @@ def test_a_folded_module_keeps_its_containers_when_saved_and_loaded(tmp_path):
 def test_a_container_pytree_does_not_know_is_refused_with_what_to_do():
     with pytest.raises(repfx.CaptureError, match=r"Unregistered.*register_pytree_node"):
         repfx.fold(_model("unregistered"))
+
+
+def test_an_object_pytree_does_not_know_comes_back_as_that_object():
+    """A cache object in the output: export captures its tensors, and every call of the folded
+    module returns a new object of the same type with that call's tensors in it."""
+    model = randomise_(CachingHeads(), torch.Generator().manual_seed(0)).eval()
+    folded = repfx.fold(model, (fresh_input(1, 3, 8, 8),), capture="export")
+    assert batch_norms(folded) == 0
+    fresh = fresh_input(3, 3, 8, 8, seed=2)
+    with torch.no_grad():
+        got, want = folded(fresh), model(fresh)
+        again = folded(fresh_input(2, 3, 8, 8, seed=3))
+    assert_close(got["logits"], want["logits"])
+    cache = got["cache"]
+    assert type(cache) is Cache and cache.seen == 2
+    assert [type(layer) for layer in cache.layers] == [Layer, Layer]
+    for layer, expected in zip(cache.layers, want["cache"].layers, strict=True):
+        assert layer.ready and layer.owner is None
+        assert_close(layer.keys, expected.keys)
+    assert again["cache"] is not cache and again["cache"].layers[0].keys.shape[0] == 2
+
+
+def test_an_output_object_that_holds_a_module_is_refused_with_what_to_do():
+    model = randomise_(CachingHeads(owner=True), torch.Generator().manual_seed(0)).eval()
+    with pytest.raises(
+        repfx.CaptureError, match=r"^the model returns a Cache that holds a module.*tensors instead"
+    ):
+        repfx.fold(model, (fresh_input(1, 3, 8, 8),), capture="export")
+
+
+def test_an_output_object_that_stores_a_size_keeps_the_example_shapes_and_says_why():
+    model = randomise_(CachingHeads(sized=True), torch.Generator().manual_seed(0)).eval()
+    folded = repfx.fold(model, (fresh_input(1, 3, 8, 8),), capture="export")
+    notes = " ".join(folded.meta[repfx.REPORT_KEY].notes)
+    assert "static shapes" in notes and "stores a size of its inputs" in notes, notes
+    with torch.no_grad():
+        assert folded(fresh_input(1, 3, 8, 8, seed=2))["cache"].seen == 1
+    with pytest.raises(repfx.GuardError, match=r"x\.size\(\)\[0\] == 1"):
+        folded(fresh_input(2, 3, 8, 8, seed=2))
 
 
 def test_plain_containers_leave_the_graph_as_torch_fx_records_it():

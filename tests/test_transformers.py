@@ -99,16 +99,22 @@ def _language_model(config: str, model_class: str, **fields) -> nn.Module:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, model_class", LANGUAGE_MODELS[:1])
-def test_a_small_language_model_folds_and_takes_another_batch(config, model_class):
-    """A decoder returns its key / value cache next to the logits: the folded module returns
-    the same, and both agree on a fresh batch of another size (cache included)."""
+@pytest.mark.parametrize("config, model_class", LANGUAGE_MODELS)
+def test_a_language_model_returns_its_cache_and_takes_any_batch_and_length(config, model_class):
+    """A decoder returns its key / value cache (an object torch's pytree does not know) next to
+    the logits: the folded module returns the same types, every norm weight has moved into the
+    projections, and both agree on a fresh input of another batch and length (cache
+    included)."""
     model = _language_model(config, model_class)
     ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1))
     folded = repfx.fold(model, (ids,))
-    fresh = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    fresh = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert type(folded(fresh)) is type(model(fresh))
+        got, want = folded(fresh), model(fresh)
+    assert type(got) is type(want)
+    assert [type(v) for v in got.values()] == [type(v) for v in want.values()]  # the cache's
+    norms = [n for n, _ in model.named_parameters() if n.endswith("norm.weight")]
+    assert not set(norms) & set(stored_multiplies(folded, fresh))
     check = verify(model, folded, (fresh,))
     assert check.passed, check.summary()
     assert len(check.outputs) > 1  # the logits and the cache's tensors, each compared
@@ -118,10 +124,11 @@ def test_a_small_language_model_folds_and_takes_another_batch(config, model_clas
 @pytest.mark.parametrize("config, model_class", LANGUAGE_MODELS)
 def test_every_rms_norm_weight_of_a_language_model_moves_into_the_projections(config, model_class):
     """Without the cache in its output a decoder is captured whole: the final norm's weight
-    reaches ``lm_head`` through the crop of the positions the head reads."""
+    reaches ``lm_head`` through the crop of the positions the head reads. The folded module
+    takes any batch and any sequence length."""
     model = _language_model(config, model_class, use_cache=False)
     folded = repfx.fold(model, (torch.randint(0, 64, (1, 7)),))
-    fresh = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    fresh = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(2))
     norms = [n for n, _ in model.named_parameters() if n.endswith("norm.weight")]
     assert len(norms) == 5  # two per layer, and the final one
     assert not set(norms) & set(stored_multiplies(folded, fresh))

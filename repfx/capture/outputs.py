@@ -11,17 +11,32 @@ other multi-output graph.
 
 Containers ``torch.fx`` keeps as they are (plain tuples, lists, dicts and named tuples) are
 left alone, so the graphs of most models do not change.
+
+An object ``torch.utils._pytree`` does not know at all (a HuggingFace ``DynamicCache`` of keys
+and values) stops ``torch.export``. :func:`objects_opened` has the model return each such
+object as an :class:`OpenedObject` while it is captured: the tensors it holds become output
+leaves, and the rest of it is kept as a skeleton in the output's ``TreeSpec``. Rebuilding the
+output then makes an object of the original type again, a copy of the skeleton with the call's
+tensors in the places of the example's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 from collections import namedtuple
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.utils._pytree as pytree
+from torch import nn
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from ..errors import CaptureError
+from ..proof.tolerances import comparable, output_tensors
 
 
 class RestoreOutputContainers(_PyTreeCodeGen):
@@ -70,3 +85,92 @@ def _kept_by_fx(spec: pytree.TreeSpec) -> bool:
     kind = spec.type
     named = kind is namedtuple or (isinstance(kind, type) and hasattr(kind, "_fields"))
     return (kind in (tuple, list, dict) or named) and all(map(_kept_by_fx, spec.children()))
+
+
+# ------------------------------------------------------------------ objects pytree does not know
+
+
+class OpenedObject:
+    """An output object ``torch.utils._pytree`` does not know, as a pytree node: its tensors
+    are the children, its :class:`Skeleton` the context. Unflattening it gives an object of the
+    original type, not an ``OpenedObject``."""
+
+    def __init__(self, tensors: list[torch.Tensor], skeleton: Skeleton) -> None:
+        self.tensors, self.skeleton = tensors, skeleton
+
+
+class _Slot:
+    """Where the skeleton held a tensor."""
+
+
+@dataclass(frozen=True, eq=False)
+class Skeleton:
+    """A copy of an object with each tensor it holds replaced by a :class:`_Slot`."""
+
+    value: Any
+    slots: tuple[_Slot, ...]
+
+    def rebuilt(self, tensors: list[torch.Tensor]) -> Any:
+        """A copy of the object with ``tensors`` in its slots, in order (what else the object
+        holds is copied too)."""
+        return copy.deepcopy(self.value, dict(zip(map(id, self.slots), tensors, strict=True)))
+
+
+pytree.register_pytree_node(
+    OpenedObject,
+    lambda opened: (opened.tensors, opened.skeleton),
+    lambda tensors, skeleton: skeleton.rebuilt(list(tensors)),
+    serialized_type_name="repfx.capture.outputs.OpenedObject",
+)
+
+
+@contextlib.contextmanager
+def objects_opened(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model`` (repfx's own copy) returns each object of its output that
+    ``torch.utils._pytree`` does not know as an :class:`OpenedObject`."""
+    own = vars(model).get("forward")
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def opened_forward(*args: Any, **kwargs: Any) -> Any:
+        return pytree.tree_map(_opened, forward(*args, **kwargs))
+
+    model.forward = opened_forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
+def _opened(leaf: Any) -> Any:
+    state = comparable(leaf)
+    if not isinstance(state, dict):  # a tensor, a number, a module: left as it is
+        return leaf
+    _check_openable(type(leaf).__qualname__, pytree.tree_leaves(state))
+    tensors = list({id(t): t for t in output_tensors(leaf)}.values())
+    slots = tuple(_Slot() for _ in tensors)
+    skeleton = Skeleton(copy.deepcopy(leaf, dict(zip(map(id, tensors), slots, strict=True))), slots)
+    if output_tensors(skeleton.value):
+        raise CaptureError(
+            f"the model returns a {type(leaf).__qualname__} holding tensors too deep inside it "
+            "to capture: return its tensors in a tuple, a dict or a registered pytree node"
+        )
+    return OpenedObject(tensors, skeleton)
+
+
+def _check_openable(what: str, held: list[Any]) -> None:
+    """Refuse an object that a copy of its skeleton cannot stand for: one holding a module,
+    or a size of the inputs stored as a number."""
+    if any(isinstance(v, nn.Module) for v in held):
+        raise CaptureError(
+            f"the model returns a {what} that holds a module, which every call of the captured "
+            "graph would copy: return the module's tensors instead"
+        )
+    if any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) for v in held):
+        raise CaptureError(
+            f"the model returns a {what} that stores a size of its inputs as a number, which "
+            "the captured graph would fix to the example's"
+        )

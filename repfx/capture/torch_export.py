@@ -17,15 +17,18 @@ that every op view, pass and validation works unchanged. An ATen op with no twin
 an ATen call: it runs as it did and folds nothing.
 
 Shapes: dimension 0 of every tensor input is exported as ``Dim.AUTO``, so a batch the model
-does not specialise stays dynamic in the folded module. Export specialises a dimension of size
-1 to the constant 1, so an example batch of one is traced as a batch of two (its first item
-twice, :func:`grown_batch`); the graph is the same for every batch size, and the fold is
-validated and verified on the example inputs as given. Every other dimension is fixed as in
-the example inputs. (Symbolic spatial sizes would cost minutes of symbolic reasoning on models
-that compute their own padding from them, such as timm's ``Conv2dSame``.) A model that export
-cannot capture with a dynamic batch is exported with static shapes. The report says what the
-folded module accepts, and an input outside it raises :class:`repfx.GuardError` naming the
-input and the size (:class:`InputGuards`), not export's bare ``AssertionError``.
+does not specialise stays dynamic in the folded module; so is every dimension of an integer or
+boolean input (token ids, masks, positions), so a language model takes any sequence length.
+Export specialises a dimension of size 1 to the constant 1, so an example batch of one is
+traced as a batch of two (its first item twice, :func:`grown_batch`); the graph is the same
+for every batch size, and the fold is validated and verified on the example inputs as given.
+Every other dimension of a floating-point input is fixed as in the example inputs. (Symbolic
+spatial sizes would cost minutes of symbolic reasoning on models that compute their own
+padding from them, such as timm's ``Conv2dSame``.) Export is tried with the most dynamic
+shapes first (:data:`_SHAPE_POLICIES`) and with fewer where that fails, down to static shapes.
+The report says what the folded module accepts, and an input outside it raises
+:class:`repfx.GuardError` naming the input and the size (:class:`InputGuards`), not export's
+bare ``AssertionError``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from ..errors import CaptureError, GuardError, one_line
 from ..ir.graph import writes_in_place
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
+from .outputs import objects_opened
 from .state import SavedState, tensor_attributes
 from .writes import overload_aliases_first
 
@@ -76,9 +80,10 @@ def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
         )
     state = SavedState(tensor_attributes(model))  # (real tensors under export: it may write them)
     try:
-        program, dynamic_error = _export_dynamic_or_static(
-            model, example_inputs, f"{type(model).__name__}.forward"
-        )
+        with objects_opened(model):  # (a DynamicCache in the output: rebuilt on every call)
+            program, dynamic_error = _export_dynamic_or_static(
+                model, example_inputs, f"{type(model).__name__}.forward"
+            )
     finally:
         state.restore()
     _refuse_written_constants(program)
@@ -202,15 +207,63 @@ def export_program(module: nn.Module, example_inputs: tuple) -> Any:
 def _export_dynamic_or_static(
     model: nn.Module, example_inputs: tuple, what: str
 ) -> tuple[Any, Exception | None]:
-    """The program exported with a dynamic batch, or with static shapes and why the dynamic
-    batch failed; :class:`CaptureError` naming ``what`` when neither exports."""
-    try:
-        return _export(model, example_inputs, dynamic=True), None
-    except Exception as dynamic_error:
+    """The program exported with the most dynamic shapes export accepts (:data:`_SHAPE_POLICIES`
+    in order), and why the dynamic batch failed where only static shapes exported;
+    :class:`CaptureError` naming ``what`` when nothing exports."""
+    policies = [p for p in _SHAPE_POLICIES if p.applies(example_inputs)]
+    batch_error: Exception | None = None
+    for policy in policies:
         try:
-            return _export(model, example_inputs, dynamic=False), dynamic_error
+            return _export(model, example_inputs, policy), batch_error if policy.static else None
         except Exception as exc:
+            if not policy.static:
+                batch_error = exc
+                continue
+            if isinstance(exc, CaptureError):  # repfx's own reason, from the model's output
+                raise
             raise CaptureError(f"torch.export cannot capture {what} ({one_line(exc)})") from exc
+    raise AssertionError("the static policy applies to every input")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class _ShapePolicy:
+    """Which dimensions of the inputs export is asked to keep symbolic (``Dim.AUTO``: export
+    still fixes a dimension the model specialises)."""
+
+    batch: bool  # dimension 0 of every tensor input
+    lengths: bool  # every dimension of an integer or boolean input (ids, masks, positions)
+
+    @property
+    def static(self) -> bool:
+        return not (self.batch or self.lengths)
+
+    def applies(self, example_inputs: tuple) -> bool:
+        """Whether trying this policy can give more than the next one: the lengths policy
+        only where some integer input has a dimension besides the batch."""
+        if not self.lengths:
+            return True
+        return any(_is_index_tensor(x) and x.dim() > 1 for x in pytree.tree_leaves(example_inputs))
+
+    def dynamic_shapes(self, example_inputs: Any) -> Any:
+        def dims(x: Any) -> dict | None:
+            if not isinstance(x, torch.Tensor) or x.dim() == 0:
+                return None
+            if self.lengths and _is_index_tensor(x):
+                return dict.fromkeys(range(x.dim()), torch.export.Dim.AUTO)
+            return {0: torch.export.Dim.AUTO}
+
+        return pytree.tree_map(dims, example_inputs)
+
+
+_SHAPE_POLICIES = (
+    _ShapePolicy(batch=True, lengths=True),
+    _ShapePolicy(batch=True, lengths=False),
+    _ShapePolicy(batch=False, lengths=False),
+)
+
+
+def _is_index_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex())
 
 
 def _fixed_values(program: Any) -> list[str]:
@@ -230,18 +283,35 @@ def _fixed_values(program: Any) -> list[str]:
 
 
 def _shapes_note(program: Any) -> str:
-    inputs = [n for n in program.graph.nodes if n.op == "placeholder"]
-    user = set(program.graph_signature.user_inputs)
-    batch_dynamic = any(
-        isinstance(v := n.meta.get("val"), torch.Tensor)
-        and v.dim() > 0
-        and isinstance(v.shape[0], torch.SymInt)
-        for n in inputs
-        if n.name in user
+    """What the folded module accepts: the inputs and dimensions export kept symbolic."""
+    symbolic = _symbolic_dimensions(program)
+    batch = any(dims[:1] == [0] for dims in symbolic.values())
+    lengths = [
+        f"{name} (dimension{'s' if len(other) > 1 else ''} {', '.join(map(str, other))})"
+        for name, dims in symbolic.items()
+        if (other := [i for i in dims if i != 0])
+    ]
+    if not (batch or lengths):
+        return "the folded module takes the example inputs' shapes only (the model fixes its batch)"
+    accepted = (["any batch size"] if batch else []) + (
+        [f"any size of {', '.join(lengths)}"] if lengths else []
     )
-    if batch_dynamic:
-        return "the folded module takes any batch size; other dimensions as in the example inputs"
-    return "the folded module takes the example inputs' shapes only (the model fixes its batch)"
+    return (
+        f"the folded module takes {' and '.join(accepted)}; other dimensions as in the example "
+        "inputs"
+    )
+
+
+def _symbolic_dimensions(program: Any) -> dict[str, list[int]]:
+    """The symbolic dimensions of each tensor input of an exported program, by input name."""
+    user = set(program.graph_signature.user_inputs)
+    return {
+        n.name: [i for i, size in enumerate(v.shape) if isinstance(size, torch.SymInt)]
+        for n in program.graph.nodes
+        if n.op == "placeholder"
+        and n.name in user
+        and isinstance(v := n.meta.get("val"), torch.Tensor)
+    }
 
 
 def grown_batch(inputs: Any) -> Any:
@@ -255,16 +325,11 @@ def grown_batch(inputs: Any) -> Any:
     )
 
 
-def _export(model: nn.Module, example_inputs: tuple, dynamic: bool) -> Any:
+def _export(model: nn.Module, example_inputs: tuple, policy: _ShapePolicy) -> Any:
     shapes = None
-    if dynamic:
+    if policy.batch:
         example_inputs = grown_batch(example_inputs)
-        shapes = pytree.tree_map(
-            lambda x: (
-                {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-            ),
-            example_inputs,
-        )
+        shapes = policy.dynamic_shapes(example_inputs)
     # (a failing export prints the partial graph: what the user sees is repfx's error)
     quiet = io.StringIO()
     with contextlib.ExitStack() as stack:

@@ -91,18 +91,21 @@ def output_tensors(outputs: object) -> list[torch.Tensor]:
 
 
 _STATE_DEPTH = 6  # how deep comparable() opens objects inside objects
+# What comparable() never opens (a symbolic size under capture is one, not its internals)
+_ATOMS = (torch.Tensor, nn.Module, type, torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
 def comparable(outputs: object, depth: int = 0) -> object:
     """``outputs`` with each object that ``torch.utils._pytree`` does not know (a HuggingFace
     ``DynamicCache`` of keys and values) opened into ``{type name: {attribute: value}}``,
     recursively: the tensors it holds are then compared like any other output, and its other
-    attributes by equality. Tensors, modules, classes and functions are left as they are."""
+    attributes by equality. Tensors, modules, classes, functions and symbolic sizes are left as
+    they are."""
     return tree_map(lambda leaf: _object_state(leaf, depth), outputs)
 
 
 def _object_state(leaf: object, depth: int) -> object:
-    opaque = isinstance(leaf, (torch.Tensor, nn.Module, type)) or callable(leaf)
+    opaque = isinstance(leaf, _ATOMS) or callable(leaf)
     if opaque or depth >= _STATE_DEPTH or not hasattr(leaf, "__dict__"):
         return leaf
     state = {name: comparable(value, depth + 1) for name, value in vars(leaf).items()}
