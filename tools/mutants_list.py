@@ -1961,6 +1961,30 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "probe_shapes: a spatial dim that equals the channel count is probed at full size",
         T_COMMIT,
     ),
+    _m(
+        "fx-keeps-one-random-draw",
+        "repfx/capture/fx.py",
+        "    if eager.random:\n",
+        "    if False:\n",
+        "capture: a random draw torch.fx ran while tracing stays in the graph as a constant",
+        "tests/test_random_draws.py",
+    ),
+    _m(
+        "export-fixes-the-sequence-length",
+        "repfx/capture/torch_export.py",
+        "    _ShapePolicy(batch=True, lengths=True),\n",
+        "",
+        "export capture: token ids keep the example's length",
+        "tests/test_capture_export.py",
+    ),
+    _m(
+        "opened-output-object-never-rebuilt",
+        "repfx/capture/outputs.py",
+        "        return copy.deepcopy(self.value, dict(zip(map(id, self.slots), tensors, strict=True)))\n",
+        "        return self.value\n",
+        "outputs: an object pytree does not know comes back as the example's skeleton",
+        "tests/test_output_types.py",
+    ),
 )
 
 

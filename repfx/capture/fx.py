@@ -363,6 +363,18 @@ def capture(
         proxied = _proxy_more(model, proxied, frozen, names)
 
 
+def _refuse_frozen_draws(model: nn.Module, eager: EagerReads) -> None:
+    """A random op the trace ran eagerly drew its numbers once: the graph would return that
+    draw on every call."""
+    if eager.random:
+        raise CaptureError(
+            f"{type(model).__name__}.forward draws random numbers ({eager.random[0]}) from "
+            "arguments torch.fx does not record, such as torch.randn(4): the folded module "
+            "would repeat one draw on every call. Draw from the input (torch.randn_like(x), "
+            "x.new_empty(4).normal_())"
+        )
+
+
 def _trace_recording_writes(
     model: nn.Module,
     state: SavedState,
@@ -375,7 +387,8 @@ def _trace_recording_writes(
     as a graph value. A write no trace records is refused. Returns the buffers read as graph
     values too."""
     tracer, eager = _trace_keeping_bindings(model, bindings, proxied, defaults)
-    changed = _written_while_tracing(model, state, eager)
+    changed = _written_while_tracing(model, state, eager)  # (each put back as it was)
+    _refuse_frozen_draws(model, eager)
     if changed and proxied is not True:
         proxied = True
         tracer, eager = _trace_keeping_bindings(model, bindings, proxied, defaults)

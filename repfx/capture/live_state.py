@@ -68,11 +68,14 @@ class EagerReads:
     """A context manager around a trace that records the memory of every tensor an ATen op run
     while tracing reads (``read``: any input of an op that does more than return a view of it,
     and a tensor whose data ``tolist`` / ``numpy`` read) or writes in place (``written``: an
-    argument its schema marks written)."""
+    argument its schema marks written), and the random ops it ran (``random``: a draw from
+    arguments torch.fx does not record, ``torch.randn(4)``, which the graph would keep as a
+    constant)."""
 
     def __init__(self) -> None:
         self.read: set[int] = set()
         self.written: set[int] = set()
+        self.random: list[str] = []  # random ops run eagerly: the trace keeps one draw of each
         self._modes = (_Dispatched(self), _DataReads(self))
 
     def __enter__(self) -> EagerReads:
@@ -93,6 +96,8 @@ class _Dispatched(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         schema = func._schema
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.record.random.append(schema.name.removeprefix("aten::"))
         if not _returns_views_only(schema):
             self.record.read |= keys_of(tree_leaves((args, kwargs)))
         for index, argument in enumerate(schema.arguments):
