@@ -183,3 +183,40 @@ def test_a_write_recorded_as_a_dunder_method_is_a_write(method, writes):
     node = graph.call_method(method, args)
     graph.output(node)
     assert writes_in_place(node) is writes
+
+
+class ScalesItsOwnAttribute(nn.Module):
+    """Code torch.fx runs opaque (a branch on a value) that updates a plain tensor attribute of
+    its own on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.rand(4, 1, 1, generator=torch.Generator().manual_seed(3)) + 0.5
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            self.scale.mul_(1.1)
+        return x
+
+
+class ReadsAnOpaqueAttribute(nn.Module):
+    """A per-channel multiply by that attribute before a conv: moving it into the conv would
+    freeze the value it had at fold time."""
+
+    def __init__(self):
+        super().__init__()
+        self.leaf, self.conv = ScalesItsOwnAttribute(), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv(self.leaf(x) * self.leaf.scale)
+
+
+@pytest.mark.parametrize("examples", [True, False], ids=["with_examples", "without"])
+def test_a_plain_tensor_attribute_of_code_run_opaque_is_not_folded(examples):
+    model = randomise_(ReadsAnOpaqueAttribute(), torch.Generator().manual_seed(0)).eval()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    folded = repfx.fold(model, (x,) if examples else None)
+    with torch.no_grad():
+        for _ in range(3):
+            assert_close(folded(x), reference(x))

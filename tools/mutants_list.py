@@ -1980,10 +1980,20 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "opened-output-object-never-rebuilt",
         "repfx/capture/outputs.py",
-        "        return copy.deepcopy(self.value, dict(zip(map(id, self.slots), tensors, strict=True)))\n",
+        "        return copy.deepcopy(self.value, dict(zip(map(id, self.slots), tensors, "
+        "strict=True)))\n",
         "        return self.value\n",
         "outputs: an object pytree does not know comes back as the example's skeleton",
         "tests/test_output_types.py",
+    ),
+    _m(
+        "opaque-leaf-attributes-never-written",
+        "repfx/capture/live_state.py",
+        "    return [*module.buffers(), *module.parameters(), "
+        "*(t for _, t in tensor_attributes(module))]\n",
+        "    return [*module.buffers(), *module.parameters()]\n",
+        "capture: a plain tensor attribute that code run opaque updates is folded as a constant",
+        "tests/test_unseen_writes.py",
     ),
 )
 

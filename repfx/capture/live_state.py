@@ -9,8 +9,8 @@ wrong for one the model writes on every call:
 
 * the buffers of a leaf module that updates them when it runs (:func:`leaf_state`): a
   ``torch.nn`` module in training mode (a batch norm's or instance norm's running statistics and
-  batch count), and every parameter and buffer of code repfx does not know (an opaque leaf, a
-  module whose hooks may write);
+  batch count), and every parameter, buffer and plain tensor attribute of code repfx does not
+  know (an opaque leaf, a module whose hooks may write);
 * every tensor an in-place op in the graph may write, which capture marks
   (:func:`live_tensors`, after :func:`repfx.capture.functionalize`).
 
@@ -32,18 +32,18 @@ from torch.utils._pytree import tree_leaves
 from ..errors import CaptureError
 from ..ir.graph import MUTATED_KEY, fetch_attr, keys_of, may_be_written, storage_key
 from .hooks import hooks_may_write
-from .state import module_tensors
+from .state import module_tensors, tensor_attributes
 from .writes import torch_module_class
 
 
 def own_state_written(module: nn.Module) -> list[torch.Tensor]:
     """The tensors a call of ``module`` (a leaf of the graph) may write to: a ``torch.nn``
     module's buffers in training mode (running statistics, batch counts), none in eval mode;
-    every parameter and buffer of code repfx does not know (a module of another library, one
-    whose hooks may write)."""
+    every parameter, buffer and plain tensor attribute of code repfx does not know (a module
+    of another library, one whose hooks may write)."""
     if torch_module_class(module) and not hooks_may_write(module):
         return list(module.buffers()) if module.training else []
-    return [*module.buffers(), *module.parameters()]
+    return [*module.buffers(), *module.parameters(), *(t for _, t in tensor_attributes(module))]
 
 
 def leaf_state(gm: fx.GraphModule) -> list[torch.Tensor]:
