@@ -20,6 +20,7 @@ from .capture import (
     capture_with_shapes,
     export_program,
     insert_rank_guards,
+    keep_when_pickled,
     rank_guards,
     record_child_inputs,
     rename_rank_guards,
@@ -211,6 +212,7 @@ def _fold(
     work, shared = share_parameters(model)
     gm = _fold_copy(work, inputs, passes, report, "", capture, shared, shown, proven)
     gm.training = model.training
+    keep_when_pickled(gm)  # (torch.save keeps its output types and input checks)
     if verify and inputs is not None:
         _verify(model, gm, inputs, report, verify_redrawn, passes, capture, shown)
     elif verify:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections import OrderedDict, namedtuple
 
 import pytest
@@ -117,14 +118,17 @@ def test_without_example_inputs_the_containers_are_kept_too(kind):
         _assert_same_output(folded(fresh), model(fresh))
 
 
-def test_a_folded_module_keeps_its_containers_when_saved_and_loaded(tmp_path):
-    model = _model("ordered_dict")
-    folded = repfx.fold(model, (fresh_input(2, 3, 8, 8),))
+@pytest.mark.parametrize("kind", ["ordered_dict", "dataclass", "nested"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_folded_module_keeps_its_containers_when_saved_and_loaded(tmp_path, kind, capture):
+    model = _model(kind)
+    folded = repfx.fold(model, (fresh_input(2, 3, 8, 8),), capture=capture)
     torch.save(folded, tmp_path / "folded.pt")
-    loaded = torch.load(tmp_path / "folded.pt", weights_only=False)
     fresh = fresh_input(3, 3, 8, 8, seed=4)
-    with torch.no_grad():
-        _assert_same_output(loaded(fresh), model(fresh))
+    for _ in range(2):
+        loaded = torch.load(tmp_path / "folded.pt", weights_only=False)
+        with torch.no_grad():
+            _assert_same_output(loaded(fresh), model(fresh))
 
 
 def test_a_container_pytree_does_not_know_is_refused_with_what_to_do():
@@ -150,6 +154,13 @@ def test_an_object_pytree_does_not_know_comes_back_as_that_object():
         assert layer.ready and layer.owner is None
         assert_close(layer.keys, expected.keys)
     assert again["cache"] is not cache and again["cache"].layers[0].keys.shape[0] == 2
+    buffer = io.BytesIO()
+    torch.save(folded, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        loaded = torch.load(buffer, weights_only=False)(fresh)
+    assert type(loaded["cache"]) is Cache
+    assert_close(loaded["cache"].layers[1].keys, want["cache"].layers[1].keys)
 
 
 def test_an_output_object_that_holds_a_module_is_refused_with_what_to_do():

@@ -1995,6 +1995,22 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "capture: a plain tensor attribute that code run opaque updates is folded as a constant",
         "tests/test_unseen_writes.py",
     ),
+    _m(
+        "pickled-fold-loses-its-calling-convention",
+        "repfx/capture/portable.py",
+        "    gm = rebuild(*arguments)\n    gm.graph._codegen = codegen\n",
+        "    gm = rebuild(*arguments)\n",
+        "portable: a loaded fold returns flat leaves instead of the original's output types",
+        "tests/test_output_types.py",
+    ),
+    _m(
+        "defaults-checked-by-torch-fx",
+        "repfx/capture/fx.py",
+        '        if node.op == "call_function" and node.target is _assert_is_none:\n',
+        "        if False:\n",
+        "capture: an argument traced at its default keeps torch.fx's bare assertion",
+        "tests/test_capture_export.py",
+    ),
 )
 
 

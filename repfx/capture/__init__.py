@@ -35,6 +35,7 @@ from .frontend import (
 from .fx import capture
 from .inplace import functionalize
 from .opaque import child_reason, descent_reason, has_own_forward
+from .portable import keep_when_pickled
 from .rank_guards import RankGuard, insert_rank_guards, rank_guards, rename_rank_guards
 from .shapes import drop_no_op_dtype_guards, propagate_shapes
 from .torch_export import export_program
@@ -56,6 +57,7 @@ __all__ = [
     "functionalize",
     "has_own_forward",
     "insert_rank_guards",
+    "keep_when_pickled",
     "propagate_shapes",
     "rank_guards",
     "record_child_inputs",

@@ -44,15 +44,17 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.graph import _PyTreeCodeGen
 from torch.nn.utils import parametrizations, parametrize
 
 from ..errors import CaptureError, one_line
-from ..ir.graph import keys_of, require_rank, storage_key, writes_in_place
+from ..ir.graph import keys_of, require_none, storage_key, writes_in_place
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
 from .live_state import EagerReads, copy_written_constants, live_tensors
 from .outputs import RestoreOutputContainers, flat_output
+from .portable import GUARDS
 from .state import Bindings, SavedState, module_tensors, unrecorded_tensors
 
 # Which buffers a trace reads as graph values: none, all, or those of these ids.
@@ -147,7 +149,7 @@ class _FallbackTracer(fx.Tracer):
     :func:`capture`); ``True`` for every buffer, or the ``id`` of each buffer to read so."""
 
     def __init__(self, proxy_buffers: Proxied = False) -> None:
-        super().__init__(autowrap_functions=(require_rank,))  # (a folded module's guards)
+        super().__init__(autowrap_functions=GUARDS)  # (a folded module's guards)
         self.opaque: dict[str, str] = {}
         self.proxy_buffer_attributes = bool(proxy_buffers)
         self._proxied = proxy_buffers
@@ -493,4 +495,15 @@ def _trace(
         raise CaptureError(
             f"cannot trace {type(model).__name__}.forward with torch.fx ({one_line(exc)})"
         ) from exc
+    _defaults_checked_by_repfx(tracer.graph)
     return tracer
+
+
+def _defaults_checked_by_repfx(graph: fx.Graph) -> None:
+    """torch.fx checks that an argument traced at its default ``None`` is still ``None`` with
+    its own ``_assert_is_none``, which raises a bare ``AssertionError`` (and which a graph
+    module loaded twice by ``torch.load`` cannot find): :func:`require_none` instead."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is _assert_is_none:
+            value, message = node.args  # ("labels has been specialized to have value None…")
+            node.target, node.args = require_none, (value, str(message).partition(" ")[0])

@@ -27,7 +27,7 @@ spatial sizes would cost minutes of symbolic reasoning on models that compute th
 padding from them, such as timm's ``Conv2dSame``.) Export is tried with the most dynamic
 shapes first (:data:`_SHAPE_POLICIES`) and with fewer where that fails, down to static shapes.
 The report says what the folded module accepts, and an input outside it raises
-:class:`repfx.GuardError` naming the input and the size (:class:`InputGuards`), not export's
+:class:`repfx.GuardError` naming the input and the size (:mod:`.exported_module`), not export's
 bare ``AssertionError``.
 """
 
@@ -47,8 +47,9 @@ from torch import fx, nn
 from torch.export.graph_signature import ConstantArgument, InputKind
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError, GuardError, one_line
+from ..errors import CaptureError, one_line
 from ..ir.graph import writes_in_place
+from .exported_module import GUARDS, adopt_exported_module
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
 from .outputs import objects_opened
@@ -56,7 +57,6 @@ from .state import SavedState, tensor_attributes
 from .writes import overload_aliases_first
 
 aten = torch.ops.aten
-_GUARDS = "_guards_fn"  # ExportedProgram.module()'s input-shape checks
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,7 @@ def capture_exported(model: nn.Module, example_inputs: tuple) -> ExportCapture:
             *fixed,
         ]
     gm = program.module()
-    if hasattr(gm, _GUARDS):
-        setattr(gm, _GUARDS, InputGuards(getattr(gm, _GUARDS)))
-    _name_the_call_form(gm)
+    adopt_exported_module(gm)
     to_torch_level(gm)
     with _guards_set_aside(gm):
         functionalize(gm)  # marks what the graph writes (training-mode BN statistics, inputs)
@@ -133,59 +131,12 @@ def _refuse_written_constants(program: Any) -> None:
                 frontier.append(user)
 
 
-class InputGuards(nn.Module):
-    """``ExportedProgram.module()``'s input checks (``guards``), with a failed check raised as
-    a :class:`repfx.GuardError` that names the input and says what to do."""
-
-    def __init__(self, guards: nn.Module) -> None:
-        super().__init__()
-        self.guards = guards
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self.guards(*args, **kwargs)
-        except AssertionError as exc:
-            check = str(exc).strip().removeprefix("Guard failed:").strip()
-            raise GuardError(
-                f"the folded module takes only inputs with {check}: torch.export fixed this "
-                "to the example inputs when it captured the model. Fold with example inputs "
-                "like those you call it with (the sizes, and any number or flag among them)"
-            ) from exc
-
-
-def _name_the_call_form(gm: fx.GraphModule) -> None:
-    """``ExportedProgram.module()`` checks that a call has the example inputs' form (as many
-    positional arguments, the same keywords) in a forward pre-hook that raises a bare
-    ``ValueError``: raise a :class:`repfx.GuardError` that says what to do instead."""
-    for key, hook in list(gm._forward_pre_hooks.items()):
-        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
-            gm._forward_pre_hooks[key] = _CallFormCheck(hook)
-
-
-class _CallFormCheck:
-    """Export's input-form pre-hook, its ``ValueError`` raised as a :class:`GuardError`."""
-
-    def __init__(self, check: Callable[..., Any]) -> None:
-        self.check = check
-
-    def __call__(self, module: nn.Module, *arguments: Any) -> Any:
-        try:
-            return self.check(module, *arguments)
-        except ValueError as exc:
-            raise GuardError(
-                "the folded module takes its inputs in the form of the example inputs it was "
-                "folded with (torch.export fixed the arguments they left out to their defaults, "
-                "and the keywords they gave): call it that way, or fold with example inputs "
-                f"that include every argument you pass ({one_line(exc)[:200]})"
-            ) from exc
-
-
 @contextlib.contextmanager
 def _guards_set_aside(gm: fx.GraphModule) -> Iterator[None]:
     """Take out the calls of the input-shape guards ``ExportedProgram.module()`` adds (a
     submodule that only reads its inputs, which capture would otherwise take for code that may
     write them), and put them back after the last placeholder."""
-    guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == _GUARDS]
+    guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == GUARDS]
     calls = [(n.args, n.kwargs) for n in guards]
     for node in guards:
         gm.graph.erase_node(node)
@@ -194,7 +145,7 @@ def _guards_set_aside(gm: fx.GraphModule) -> Iterator[None]:
     anchor = placeholders[-1] if placeholders else next(iter(gm.graph.nodes))
     for args, kwargs in reversed(calls):
         with gm.graph.inserting_after(anchor):
-            gm.graph.call_module(_GUARDS, args, kwargs)
+            gm.graph.call_module(GUARDS, args, kwargs)
     gm.recompile()
 
 

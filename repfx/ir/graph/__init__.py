@@ -26,7 +26,7 @@ from .constants import (
     may_be_written,
     writes_in_place,
 )
-from .guards import is_guard, require_rank
+from .guards import is_guard, require_none, require_rank
 from .memory import keys_of, storage_key
 from .modules import (
     fetch_attr,
@@ -97,6 +97,7 @@ __all__ = [
     "owner_and_name",
     "rank_of",
     "reads_only_shape",
+    "require_none",
     "require_rank",
     "shape_users",
     "static_shape",
