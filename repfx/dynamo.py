@@ -139,7 +139,10 @@ class WatchedGraph:
     def __call__(self, *args: Any) -> Any:
         changed = self._changed(args)
         if changed is not None:
-            self._compiled = self._build(args, refold=changed)
+            # (the refold runs in the caller's call: its proofs evaluate random ops too, and
+            # the call must draw what the model would)
+            with torch.random.fork_rng():
+                self._compiled = self._build(args, refold=changed)
         return self._compiled(*[args[i] for i in self._keep])
 
     def _changed(self, args: Sequence[Any]) -> str | None:

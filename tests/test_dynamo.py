@@ -403,6 +403,37 @@ def test_a_frozen_tensor_changed_after_compiling_is_refolded(change):
     assert backend.reports[-1].counts()["fold_bn"] == 1
 
 
+class MutatedThenNoisy(nn.Module):
+    """Two convs merged around an in-place add, then a conv times a random draw from a
+    parameter: a refold proves rewrites next to the draw."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.g = nn.Conv1d(2, 2, 1, bias=False), nn.Conv1d(2, 2, 1, bias=False)
+        self.conv, self.s = nn.Conv1d(2, 2, 1), nn.Parameter(torch.randn(2, 1))
+
+    def forward(self, x):
+        y = 1 * x
+        y.add_(0.5)
+        z = torch.nn.functional.gelu(self.f(y) + self.g(x))
+        return self.conv(z) * (self.s + torch.randn_like(self.s))
+
+
+def test_a_refold_leaves_the_random_numbers_the_call_draws_as_they_are():
+    torch._dynamo.reset()
+    model = _random(MutatedThenNoisy())
+    compiled = torch.compile(model, backend=compile_backend(inner="eager"))
+    x = torch.randn(3, 2, 5)
+    with torch.no_grad():
+        for change in (None, _load_state):
+            if change is not None:
+                change(model)
+            torch.manual_seed(1)
+            got = compiled(x.clone())
+            torch.manual_seed(1)
+            assert_close(got, model(x.clone()))
+
+
 def test_a_parameter_without_grad_changed_in_grad_mode_is_refolded():
     model = _conv_bn().requires_grad_(False)
     backend = compile_backend(inner="eager")

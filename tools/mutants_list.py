@@ -2011,6 +2011,14 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "capture: an argument traced at its default keeps torch.fx's bare assertion",
         "tests/test_capture_export.py",
     ),
+    _m(
+        "refold-draws-from-the-callers-random-state",
+        "repfx/dynamo.py",
+        "            with torch.random.fork_rng():\n",
+        "            if True:\n",
+        "compile backend: a refold in the middle of a call moves the global random state",
+        "tests/test_dynamo.py",
+    ),
 )
 
 
