@@ -128,3 +128,39 @@ def test_zero_signs_matter_only_downstream_of_a_reader():
         gm = traced(model)
         add = next(n for n in gm.graph.nodes if n.target in (operator.add, torch.add))
         assert zero_signs_matter(gm, [add]) is expected
+
+
+class ScaledToZero(nn.Module):
+    """A conv whose output is scaled by 0: ``conv(x) · 0`` is ±0 with the sign of ``conv(x)``,
+    and the reader ``read`` may tell the signs apart. Moving the 0 into the conv's weights
+    makes every zero +0."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.conv, self.read = nn.Conv1d(1, 1, 1), read
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)
+            self.conv.bias.fill_(0.25)
+
+    def forward(self, x):
+        y = self.conv(x) * 0.0
+        return self.read(y)
+
+
+def test_a_scale_of_zero_stays_where_a_later_op_reads_the_sign_of_the_zeros():
+    """The random probes themselves make zeros of both signs here (not the special-values
+    probe, which only elementwise regions get): the fold is refused, as a refusal, not a bug."""
+    model = ScaledToZero(lambda y: torch.atan2(y, -torch.ones_like(y))).eval()
+    folded = repfx.fold(model)
+    x = torch.linspace(-2, 2, 10).reshape(2, 1, 5)
+    assert torch.equal(folded(x), model(x))
+    reasons = [s.reason for s in folded.meta[repfx.REPORT_KEY].skipped]
+    assert any("the sign of a zero changes" in r for r in reasons), reasons
+
+
+def test_a_scale_of_zero_folds_where_nothing_reads_the_sign():
+    model = ScaledToZero(torch.relu).eval()
+    folded = repfx.fold(model)
+    assert folded.meta[repfx.REPORT_KEY].counts().get("fold_channel_affine", 0) == 1
+    x = torch.linspace(-2, 2, 10).reshape(2, 1, 5)
+    assert torch.equal(folded(x), model(x))

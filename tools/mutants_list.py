@@ -2019,6 +2019,15 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "compile backend: a refold in the middle of a call moves the global random state",
         "tests/test_dynamo.py",
     ),
+    _m(
+        "probes-ignore-the-signs-of-zeros",
+        "repfx/proof/validate.py",
+        "                if (fail := same_special_values(want, got, bool(signs))) is not None:\n"
+        "                    return SpecialValuesDiffer",
+        "                if False:\n                    return SpecialValuesDiffer",
+        "commit point: a zero of the other sign on the random probes passes",
+        "tests/test_special_values.py",
+    ),
 )
 
 

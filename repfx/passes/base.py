@@ -50,7 +50,7 @@ from ..ir.match import Fail
 from ..proof.aliasing import aliasing_failure
 from ..proof.precision import precision_loss
 from ..proof.region import ValidationFailure, reads_module_state
-from ..proof.validate import prove_before
+from ..proof.validate import SpecialValuesDiffer, prove_before
 from ..report.fold_report import Folded, Skipped
 from .rewrite import RewriteRefused, committing
 
@@ -214,6 +214,8 @@ class FoldContext:
         except RewriteRefused as exc:  # the graph is half-changed: the pipeline undoes it
             raise RewriteRejected(rule, location, exc.reason, bug=False) from exc
         if (fail := proof.check(self.gm, replacements)) is not None:
+            if isinstance(fail, SpecialValuesDiffer):  # not exact there: a refusal, not a bug
+                raise RewriteRejected(rule, location, fail.reason, bug=False)
             lost = precision_loss(self.gm, proof.region, replacements)
             if lost is not None:  # a refusal, not a bug
                 raise RewriteRejected(rule, location, lost.reason, bug=False)

@@ -158,6 +158,12 @@ class Probe:
     dtypes: dict[fx.Node, torch.dtype]  # the inputs' own dtypes
 
 
+@dataclass(frozen=True)
+class SpecialValuesDiffer(Fail):
+    """The replacement equals the old region on the numbers, not on the sign of an infinity or
+    of a zero that a later op reads: not exact there, a refusal rather than a wrong rule."""
+
+
 @dataclass
 class Proof:
     """The old region and its values on the probes, taken before the rewrite."""
@@ -183,15 +189,8 @@ class Proof:
             actual = evaluate(gm, new, self.special.feeds, _Converted(to_meta=False))
         except Exception as exc:
             return Fail(f"the replacement fails on special values: {one_line(exc)}")
-        signs = None  # whether a later op reads the sign of a zero: looked up on demand
-        for i, (want, got) in enumerate(zip(self.special_expected, actual, strict=True)):
-            if (fail := _same_values(want, got, self.dtypes[i])) is not None:
-                return Fail(f"output {i} on special values: {fail.reason}")
-            if signs is None and zero_signs_differ(want, got):
-                signs = zero_signs_matter(gm, replacements)
-            if (fail := same_special_values(want, got, bool(signs))) is not None:
-                return Fail(f"output {i}: {fail.reason}")
-        return None
+        expected = [self.special_expected]
+        return self._compare(gm, replacements, expected, [actual], " on special values")
 
     def check(self, gm: fx.GraphModule, replacements: Sequence[fx.Node]) -> Fail | None:
         """Why the replacement differs from the old region (``None``: it does not)."""
@@ -213,10 +212,29 @@ class Proof:
         for i, (want, got) in enumerate(zip(self.dtypes, dtypes, strict=True)):
             if (fail := _same_dtype(want, got)) is not None:
                 return Fail(f"output {i}: {fail.reason}")
-        for expected, actual in zip(self.expected, actuals, strict=True):
-            for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
+        return self._compare(gm, replacements, self.expected, actuals, "")
+
+    def _compare(
+        self,
+        gm: fx.GraphModule,
+        replacements: Sequence[fx.Node],
+        expected: Sequence[Sequence[Any]],
+        actual: Sequence[Sequence[Any]],
+        where: str,
+    ) -> Fail | None:
+        """Why the replacement's outputs on the probes (``actual``) differ from the old
+        region's (``expected``): in their values (:func:`_same_values`), or only in the sign of
+        an infinity or of a zero a later op reads (:class:`SpecialValuesDiffer`: exact on the
+        numbers, not on those values)."""
+        signs = None  # whether a later op reads the sign of a zero: looked up on demand
+        for want_all, got_all in zip(expected, actual, strict=True):
+            for i, (want, got) in enumerate(zip(want_all, got_all, strict=True)):
                 if (fail := _same_values(want, got, self.dtypes[i])) is not None:
-                    return Fail(f"output {i}: {fail.reason}")
+                    return Fail(f"output {i}{where}: {fail.reason}")
+                if signs is None and zero_signs_differ(want, got):
+                    signs = zero_signs_matter(gm, replacements)
+                if (fail := same_special_values(want, got, bool(signs))) is not None:
+                    return SpecialValuesDiffer(f"output {i}: {fail.reason}")
         return None
 
 
