@@ -2,6 +2,9 @@
 folded module keeps the caller's convention and dynamic batch, and a model no front end
 captures runs as it is with its children folded."""
 
+import copy
+import io
+
 import pytest
 import torch
 from grammar import randomise_
@@ -423,5 +426,10 @@ def test_an_argument_the_example_left_at_its_default_is_a_guard_error_when_passe
     model = _randomized(ScaledByAnArgument())
     x = fresh_input(2, 3, 8, 8)
     folded = repfx.fold(model, (x, 2.0))
-    with pytest.raises(repfx.GuardError, match="in the form of the example inputs"):
-        folded(x, 2.0, True)
+    buffer = io.BytesIO()
+    torch.save(folded, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for module in (folded, copy.deepcopy(folded), loaded):  # (both used to drop the check)
+        with pytest.raises(repfx.GuardError, match="in the form of the example inputs"):
+            module(x, 2.0, True)

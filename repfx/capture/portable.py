@@ -5,7 +5,8 @@ with a plain tracer. Code generated for a pytree convention (a HuggingFace ``Mod
 rebuilt from the graph's leaves, ``torch.export``'s flattened inputs, a decoder's cache) does
 not survive that: the re-trace runs ``tree_unflatten`` on proxies, so a ``ModelOutput``
 comes back as a plain ``dict`` and an object pytree does not know cannot be traced at all. Its
-forward pre-hooks (the check of the call's form) are dropped too.
+forward pre-hooks (the check of the call's form) are dropped too, by loading and by
+``copy.deepcopy``.
 
 :func:`keep_when_pickled` gives a graph module a reduction that pickles the code of its graph
 with plain code generation (flat inputs, the flat leaves out: what a plain re-trace can read)
@@ -14,6 +15,7 @@ together with its code generator and its forward hooks, and puts both back after
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch import fx
@@ -33,8 +35,23 @@ _HOOKS = (
 
 
 def keep_when_pickled(gm: fx.GraphModule) -> None:
-    """Pickle ``gm`` (and its deep copies) with its code generator and forward hooks."""
-    type(gm).__reduce__ = _reduce  # (each graph module has a class of its own)
+    """Pickle and deep-copy ``gm`` (and its copies) with its code generator and forward
+    hooks."""
+    cls = type(gm)  # (each graph module has a class of its own)
+    cls.__reduce__, cls.__deepcopy__ = _reduce, _deepcopy
+
+
+def _deepcopy(gm: fx.GraphModule, memo: dict[int, Any]) -> fx.GraphModule:
+    """``fx.GraphModule``'s deep copy, which keeps the code generator but drops the forward
+    hooks (export's check of the call's form) and the attributes the graph does not read (what
+    that check reads), with both."""
+    copied = fx.GraphModule.__deepcopy__(gm, memo)
+    for name in _HOOKS:
+        getattr(copied, name).update(copy.deepcopy(dict(getattr(gm, name)), memo))
+    for name, value in vars(gm).items():
+        if not hasattr(copied, name):
+            setattr(copied, name, copy.deepcopy(value, memo))
+    return copied
 
 
 def _reduce(gm: fx.GraphModule) -> tuple[Any, ...]:
