@@ -15,7 +15,9 @@ from grammar import randomise_
 from torch import nn
 
 import repfx
-from repfx.ir.graph import is_guard
+from repfx.ir.graph import ConstantFolder, annotate_ranks, is_guard
+from repfx.proof.probe_shapes import input_spec
+from repfx.proof.region import collect_region
 from repfx.testing import assert_equivalent
 
 C = 4
@@ -172,3 +174,17 @@ def test_the_guard_lets_torch_export_capture_the_folded_module():
     x = _input((2, 3, 4, 5))
     program = torch.export.export(folded, (x,))
     torch.testing.assert_close(program.module()(x), folded(x))
+
+
+def test_the_commit_point_probes_a_guarded_input_at_the_rank_its_guard_requires():
+    """Without example inputs a Conv3d's input of unknown rank is guarded to a batch (rank 5):
+    the proofs of folds next to it probe batches too, not the unbatched rank 4 torch also
+    accepts (where a per-channel scale of shape (1, C, 1, 1, 1) broadcasts to another rank)."""
+
+    model = nn.Sequential(nn.Conv3d(2, 2, 1), nn.GELU()).eval()
+    gm = torch.fx.symbolic_trace(model)
+    annotate_ranks(gm)
+    x, conv = [n for n in gm.graph.nodes][:2]
+    region = collect_region([conv], [x], ConstantFolder(gm))
+    assert input_spec(x, torch.device("cpu")).rank is None  # nothing recorded or inferred
+    assert input_spec(x, torch.device("cpu"), gm, region).rank == 5

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..ir.graph import RANK_KEY, static_shape
+from ..ir.graph import RANK_KEY, assumed_input_rank, static_shape
 from ..ir.norms import NORM_MODULES
 from ..ir.ops import avg_pool_settings
 from .region import Region
@@ -53,10 +53,21 @@ def _concrete(dim: Any) -> int | None:
     return int(hint) if isinstance(hint, int) else None
 
 
-def input_spec(node: fx.Node, device: torch.device) -> InputSpec:
+def input_spec(
+    node: fx.Node,
+    device: torch.device,
+    gm: fx.GraphModule | None = None,
+    region: Region | None = None,
+) -> InputSpec:
+    """What is known about ``node``, an input of ``region``; without a recorded shape or an
+    inferred rank, the rank an op of the region assumes for it (a ConvNd reads a batch of
+    rank N + 2: what the folded module's rank guard then requires)."""
     shape, dtype = recorded_shape_and_dtype(node)
     is_float = dtype.is_floating_point if dtype is not None else True  # unknown: try floats
     rank = len(shape) if shape is not None else node.meta.get(RANK_KEY)
+    if rank is None and gm is not None and region is not None:
+        readers = [u for u in node.users if u in region.ops and u.args and u.args[0] is node]
+        rank = next((r for u in readers if (r := assumed_input_rank(gm, u)) is not None), None)
     return InputSpec(shape, dtype, device, rank, bool(is_float))
 
 

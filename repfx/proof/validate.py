@@ -247,7 +247,7 @@ def prove_before(
     """Collect and evaluate the old region on two probes (raises ValidationFailure)."""
     region = collect_region(outputs, inputs, consts)
     device = _device_of(gm, region)
-    specs = {n: input_spec(n, device) for n in region.inputs}
+    specs = {n: input_spec(n, device, gm, region) for n in region.inputs}
     dtypes = {n: _probe_dtype(specs[n], gm, region) for n in region.inputs}
     channels = channel_counts(gm, region)
     to_f64 = _Converted(to_meta=False)
