@@ -731,33 +731,40 @@ class WithScalar(nn.Module):
 def judge_python_scalar(model, seed: int) -> Verdict:
     """Fold ``WithScalar(model)`` with ``capture="export"`` on ``s = 2.0``, call it with
     ``s = 2.0`` and ``s = -0.5``: the same outputs as the original, or a ``repfx.GuardError``
-    naming the value the capture fixed — never a raw ``AssertionError`` or a stale value."""
+    naming the value the capture fixed — never a raw ``AssertionError`` or a stale value.
+    Judged as every fold (:func:`output_problems`); where that excuses an ill-conditioned
+    low-precision model, its float64 copy is folded and judged too."""
     verdict = Verdict()
     module = WithScalar(model.module).eval()
+    module64 = double_copy(module)  # before the original ever runs
     generator = torch.Generator().manual_seed(seed)
     (example,), (fresh,) = model.inputs(generator), model.inputs(generator)
+    _judge_scalar_fold(module, example, fresh, seed, verdict, "")
+    low_precision = not _is_float64(module)
+    if module64 is not None and low_precision and ill_conditioned(module, (fresh, 2.0), seed):
+        (example64,), (fresh64,) = to_double((example,)), to_double((fresh,))
+        _judge_scalar_fold(module64, example64, fresh64, seed, verdict, "float64: ")
+    return verdict
+
+
+def _judge_scalar_fold(
+    module: nn.Module, example, fresh, seed: int, verdict: Verdict, label: str
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", repfx.TrainingModeWarning)
         try:
-            folded = repfx.fold(module, (example, 2.0), capture="export")
+            folded = repfx.fold(module, (example, 2.0), capture="export", verify=not label)
         except PUBLIC_ERRORS as exc:
-            verdict.events.append(f"python scalar: refused: {type(exc).__name__}")
-            return verdict
+            verdict.events.append(f"{label}python scalar: refused: {type(exc).__name__}")
+            return
     for s in (2.0, -0.5):
-        expected, _ = run(module, (fresh, s), seed)
         actual, _ = run(folded, (fresh, s), seed)
         if isinstance(actual, repfx.GuardError) and s != 2.0:
-            verdict.events.append("python scalar: guard raised for another value")
+            verdict.events.append(f"{label}python scalar: guard raised for another value")
             continue
-        if isinstance(actual, Exception):
-            message = f"s = {s}: {type(actual).__name__}: {str(actual)[:300]}"
-            verdict.problems.append(("folded model raises", message))
-            continue
-        for i, (a, e) in enumerate(zip(leaves(actual), leaves(expected), strict=True)):
-            if (problem := mismatch(a, e)) is not None:
-                verdict.problems.append(("wrong output", f"s = {s}, output {i}: {problem}"))
-    verdict.events.append("python scalar: folded")
-    return verdict
+        for kind, text in output_problems(module, folded, (fresh, s), seed):
+            verdict.problems.append((kind, f"{label}s = {s}: {text}"))
+    verdict.events.append(f"{label}python scalar: folded")
 
 
 # ------------------------------------------------------------------- unbatched inputs

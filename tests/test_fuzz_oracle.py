@@ -196,3 +196,19 @@ def test_the_compile_judges_start_eager_and_compiled_runs_from_the_same_state():
     for seed in range(3):  # one of each change after compiling
         assert oracle.judge_compiled(model, seed).problems == []
         assert oracle.judge_compiled_after_changes(model, seed).problems == []
+
+
+def test_a_wrong_fold_behind_a_pole_with_a_python_scalar_input_fails_in_float64():
+    """``judge_python_scalar`` judges as every fold does: behind a pole (``s / conv(x)``) a
+    float32 fold is excused, so the float64 copy's fold is judged too, with no excuse."""
+    torch.manual_seed(0)
+    model = oracle.WithScalar(Divide(lambda m, y: m.scale / y)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    assert oracle.ill_conditioned(model, (x, 2.0), seed=3)
+    wrong = oracle.double_copy(model)
+    with torch.no_grad():
+        wrong.module.conv.bias.add_(1e-3)
+    model64, x64 = oracle.double_copy(model), oracle.to_double((x,))[0]
+    assert oracle.output_problems(model64, oracle.double_copy(model64), (x64, 2.0), seed=3) == []
+    problems = oracle.output_problems(model64, wrong, (x64, 2.0), seed=3)
+    assert [kind for kind, _ in problems] == ["wrong output"]
