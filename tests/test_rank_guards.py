@@ -188,3 +188,27 @@ def test_the_commit_point_probes_a_guarded_input_at_the_rank_its_guard_requires(
     region = collect_region([conv], [x], ConstantFolder(gm))
     assert input_spec(x, torch.device("cpu")).rank is None  # nothing recorded or inferred
     assert input_spec(x, torch.device("cpu"), gm, region).rank == 5
+
+
+class ShiftedScaledThenConv3d(nn.Module):
+    """``−conv(x)``, then ``t + v · s ⊙ y`` with ``s, t`` of shape (1, C, 1, 1, 1), then a
+    Conv3d: the per-channel affine folds into the second conv."""
+
+    def __init__(self, c: int = 2):
+        super().__init__()
+        self.before, self.after = nn.Conv3d(c, c, 1), nn.Conv3d(c, c, 1)
+        self.scale, self.shift = nn.Parameter(torch.randn(c)), nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        view = (1, -1, 1, 1, 1)
+        y = torch.addcmul(self.shift.view(view), self.scale.view(view), -self.before(x), value=0.7)
+        return F.gelu(self.after(y))
+
+
+def test_a_broadcast_size_of_one_is_no_channel_count_for_the_probes():
+    """The constants' sizes of 1 are broadcast axes: probing a 1-channel input (which the
+    original broadcasts, and the folded conv cannot read) refused the exact fold as a bug."""
+    model = randomise_(ShiftedScaledThenConv3d(), torch.Generator().manual_seed(0)).eval()
+    folded = repfx.fold(model)  # (a RewriteRejectedWarning fails the test)
+    assert folded.meta[repfx.REPORT_KEY].counts().get("fold_channel_affine", 0) == 1
+    assert_equivalent(model, folded, (torch.randn(2, 2, 3, 4, 3),))

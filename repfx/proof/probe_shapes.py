@@ -89,7 +89,8 @@ def channel_counts(gm: fx.GraphModule, region: Region) -> list[int]:
                 add(shape[-1])
     for value in region.constants.values():
         for size in value.shape:
-            add(int(size))
+            if size > 1:  # (a size of 1 broadcasts: a (1, C, 1, 1) scale names C only)
+                add(int(size))
     for node in region.ops:  # a pool names no channel count, but its replacement may (a conv)
         add(_pooled_channels(gm, node))
     return sorted(counts, key=lambda c: -counts[c])
