@@ -94,3 +94,25 @@ def test_composing_a_scalar_scale_with_a_stored_shift_stores_no_per_channel_scal
     assert sum(report.after.ops.values()) <= sum(report.before.ops.values())
     with torch.no_grad():
         assert_close(folded(*fresh), model(*fresh))
+
+
+class ScalarThenIntegerScale(nn.Module):
+    """``−conv(x) · 2.5 · k`` with ``k = arange(1, C + 1)`` an integer buffer: the product is a
+    float tensor, and a composed scale held in ``k``'s dtype would truncate ``2.5 · k``."""
+
+    def __init__(self, c: int = 3):
+        super().__init__()
+        self.conv = nn.Conv1d(c, c, 1)
+        self.register_buffer("k", torch.arange(1, c + 1))
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(-self.conv(x) * 2.5 * self.k.reshape(-1, 1))
+
+
+def test_an_integer_scale_is_not_the_dtype_of_a_composed_float_scale():
+    model = randomise_(ScalarThenIntegerScale(), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(2, 3, 4)
+    for examples in (None, (x,)):  # (a rejected rewrite fails the test)
+        folded = repfx.fold(model, examples)
+        with torch.no_grad():
+            assert_close(folded(x), model(x))

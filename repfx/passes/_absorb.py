@@ -123,14 +123,19 @@ def _fits(op: AffineOp, axis: int | None, channels: int, dtype: torch.dtype) -> 
 
 def affine_dtype(result: fx.Node, ops: list[AffineOp]) -> torch.dtype | None:
     """The dtype a replacement affine computing ``result`` from ``ops`` must hold its constants
-    in: ``result``'s recorded dtype, else that of the ops' tensor constants. ``None``: unknown
-    (only Python scalars, no shapes propagated) — a constant in a guessed dtype could promote
-    the tensor (float16 → float32) or round it (float64 → float32)."""
+    in: ``result``'s recorded dtype, else that of the ops' tensor constants where it is a
+    floating dtype. ``None``: unknown (only Python scalars, no shapes propagated) — a constant
+    in a guessed dtype could promote the tensor (float16 → float32) or round it (float64 →
+    float32); an integer constant (``x * arange(C)``) scales a float tensor into a float
+    result, so its dtype is not the result's (held in it, ``2.5 · k`` would truncate)."""
     meta = result.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "dtype"):
         return meta.dtype
     dtypes = {op.dtype for op in ops if op.dtype is not None}
-    return dtypes.pop() if len(dtypes) == 1 else None
+    if len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    return dtype if dtype.is_floating_point else None
 
 
 # --------------------------------------------------------------------------- producer side
