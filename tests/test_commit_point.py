@@ -18,7 +18,7 @@ from torch import fx, nn
 
 import repfx
 from repfx import algebra
-from repfx.ir.graph import MUTATED_KEY
+from repfx.ir.graph import MUTATED_KEY, ConstantFolder
 from repfx.passes import (
     FoldBatchNorm,
     PassError,
@@ -31,6 +31,8 @@ from repfx.passes.base import RewriteRejected, apply_rule
 from repfx.passes.rewrite import GraphSurgeryError, replace_node
 from repfx.proof.probe_shapes import _tap_coverage, probe_sizes
 from repfx.proof.redraw import redraw_foldable_parameters_
+from repfx.proof.region import ValidationFailure
+from repfx.proof.validate import prove_before
 from repfx.report.fold_report import Folded
 from repfx.testing import assert_close
 
@@ -292,3 +294,21 @@ def test_probes_shrink_spatial_dims_that_happen_to_equal_the_channel_count(monke
     fresh = torch.randn(3, c, c + 2, c) if channel_dim == 1 else torch.randn(3, 5, 7, c)
     with torch.no_grad():
         assert_close(folded(fresh), model(fresh))
+
+
+class RandomMask(nn.Module):
+    def forward(self, x):
+        return x * torch.bernoulli(torch.full_like(x, 0.5))
+
+
+def test_a_region_that_draws_random_numbers_cannot_be_proven_and_leaves_the_random_state():
+    """Two evaluations of ``x · bernoulli(p)`` differ: the commit point refuses to prove any
+    rewrite of it (a refusal, not a rejected rewrite), and its attempt draws nothing from the
+    caller's generator."""
+    gm = fx.symbolic_trace(RandomMask())
+    x, *_, mul, _output = gm.graph.nodes
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    with pytest.raises(ValidationFailure, match=r"draws random numbers \(bernoulli"):
+        prove_before(gm, [mul], [x], ConstantFolder(gm))
+    assert torch.equal(torch.get_rng_state(), state)

@@ -2028,6 +2028,14 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "commit point: a zero of the other sign on the random probes passes",
         "tests/test_special_values.py",
     ),
+    _m(
+        "commit-point-proves-random-regions",
+        "repfx/proof/validate.py",
+        "        if torch.Tag.nondeterministic_seeded in func.tags:\n",
+        "        if False:\n",
+        "commit point: a region that draws random numbers is evaluated as if it could be proven",
+        "tests/test_commit_point.py",
+    ),
 )
 
 

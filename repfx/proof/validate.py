@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import one_line
 from ..ir.graph import ConstantFolder
@@ -238,6 +239,20 @@ class Proof:
         return None
 
 
+class _RefuseRandomOps(TorchDispatchMode):
+    """A region that draws random numbers (``x · bernoulli(p)``, training-mode dropout) gives
+    other values on every evaluation: nothing can be proven about it, and the evaluation would
+    move the caller's random state."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            raise ValidationFailure(
+                f"the region draws random numbers ({func.name().removeprefix('aten::')}): no "
+                "two evaluations agree"
+            )
+        return func(*args, **(kwargs or {}))
+
+
 def prove_before(
     gm: fx.GraphModule,
     outputs: Sequence[fx.Node],
@@ -263,7 +278,10 @@ def prove_before(
                 continue  # guessed shapes: try them on meta tensors first, which is free
             feeds = {n: _draw(shapes[n], dtypes[n], device, generator) for n in region.inputs}
             try:
-                values = evaluate(gm, region, feeds, to_f64)
+                with _RefuseRandomOps():
+                    values = evaluate(gm, region, feeds, to_f64)
+            except ValidationFailure:
+                raise
             except Exception:
                 continue
             probes.append(Probe(feeds, dtypes))
