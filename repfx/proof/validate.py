@@ -253,6 +253,20 @@ class _RefuseRandomOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _values_on(
+    gm: fx.GraphModule, region: Region, feeds: dict[fx.Node, Any], to_f64: _Converted
+) -> list[Any] | None:
+    """The old region's outputs on a probe; ``None`` where it does not run on it (a shape
+    guessed wrong). Raises ValidationFailure for a region that draws random numbers."""
+    try:
+        with _RefuseRandomOps():
+            return evaluate(gm, region, feeds, to_f64)
+    except ValidationFailure:
+        raise
+    except Exception:
+        return None
+
+
 def prove_before(
     gm: fx.GraphModule,
     outputs: Sequence[fx.Node],
@@ -277,12 +291,8 @@ def prove_before(
             ):
                 continue  # guessed shapes: try them on meta tensors first, which is free
             feeds = {n: _draw(shapes[n], dtypes[n], device, generator) for n in region.inputs}
-            try:
-                with _RefuseRandomOps():
-                    values = evaluate(gm, region, feeds, to_f64)
-            except ValidationFailure:
-                raise
-            except Exception:
+            values = _values_on(gm, region, feeds, to_f64)
+            if values is None:
                 continue
             probes.append(Probe(feeds, dtypes))
             expected.append(values)
