@@ -32,14 +32,14 @@ from torch import fx, nn
 
 from ..errors import GuardError, one_line
 
-GUARDS = "_guards_fn"  # ExportedProgram.module()'s input-shape checks
+GUARDS_SUBMODULE = "_guards_fn"  # ExportedProgram.module()'s input-shape checks
 _EXPORT_CLOSURES = "_create_stateful_graph_module.<locals>"
 
 
 def adopt_exported_module(gm: fx.GraphModule) -> None:
     """Put repfx's forms of export's guards, hooks and ``train`` / ``eval`` into ``gm``."""
-    if hasattr(gm, GUARDS):
-        setattr(gm, GUARDS, InputGuards(GuardCode.of(getattr(gm, GUARDS))))
+    if hasattr(gm, GUARDS_SUBMODULE):
+        setattr(gm, GUARDS_SUBMODULE, InputGuards(GuardCode.of(getattr(gm, GUARDS_SUBMODULE))))
     for key, hook in list(gm._forward_pre_hooks.items()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
             gm._forward_pre_hooks[key] = CallFormCheck(hook)

@@ -149,8 +149,9 @@ def _opened(leaf: Any) -> Any:
     state = comparable(leaf)
     if not isinstance(state, dict):  # a tensor, a number, a module: left as it is
         return leaf
-    _check_openable(type(leaf).__qualname__, pytree.tree_leaves(state))
-    tensors = list({id(t): t for t in output_tensors(leaf)}.values())
+    held = pytree.tree_leaves(state)
+    _check_openable(type(leaf).__qualname__, held)
+    tensors = list({id(t): t for t in held if isinstance(t, torch.Tensor)}.values())
     slots = tuple(_Slot() for _ in tensors)
     skeleton = Skeleton(copy.deepcopy(leaf, dict(zip(map(id, tensors), slots, strict=True))), slots)
     if output_tensors(skeleton.value):

@@ -49,7 +49,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, one_line
 from ..ir.graph import writes_in_place
-from .exported_module import GUARDS, adopt_exported_module
+from .exported_module import GUARDS_SUBMODULE, adopt_exported_module
 from .hooks import forward_hooks_of, refuse_hooks
 from .inplace import functionalize
 from .outputs import objects_opened
@@ -136,7 +136,7 @@ def _guards_set_aside(gm: fx.GraphModule) -> Iterator[None]:
     """Take out the calls of the input-shape guards ``ExportedProgram.module()`` adds (a
     submodule that only reads its inputs, which capture would otherwise take for code that may
     write them), and put them back after the last placeholder."""
-    guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == GUARDS]
+    guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == GUARDS_SUBMODULE]
     calls = [(n.args, n.kwargs) for n in guards]
     for node in guards:
         gm.graph.erase_node(node)
@@ -145,7 +145,7 @@ def _guards_set_aside(gm: fx.GraphModule) -> Iterator[None]:
     anchor = placeholders[-1] if placeholders else next(iter(gm.graph.nodes))
     for args, kwargs in reversed(calls):
         with gm.graph.inserting_after(anchor):
-            gm.graph.call_module(GUARDS, args, kwargs)
+            gm.graph.call_module(GUARDS_SUBMODULE, args, kwargs)
     gm.recompile()
 
 
