@@ -237,7 +237,7 @@ def _verify(
 ) -> None:
     """Verify ``gm`` against ``model`` on ``inputs`` (as given, and re-drawn unless no fold read
     a parameter), into ``report``."""
-    folds = _VerificationFolds(inputs, passes, capture, shown)
+    folds = _VerificationFolds(inputs, passes, capture, shown, _proven(report.folded))
     redrawn_too = verify_redrawn and any(f.reads_state for f in report.folded)
     if shown is not None:
         shown.expect(5 if redrawn_too else 3)
@@ -266,17 +266,29 @@ def _verify(
             )
 
 
+def _proven(folds: list[Folded]) -> frozenset[tuple[str, str]]:
+    """The (rule, location) pairs of ``folds``, for a fold that repeats them."""
+    return frozenset((f.rule, f.where) for f in folds)
+
+
 @dataclass
 class _VerificationFolds:
-    """The folds verification makes besides the one it checks, none of them handed back: the
-    fold of the copy with re-drawn parameters, and the float64 fold of a float64 copy that
-    re-checks a fold (an output missed its tolerance), which repeats the re-checked fold's
-    proven rewrites without proving them again (``PipelineState.proven``)."""
+    """The folds verification makes besides the one it checks, none of them handed back, each
+    repeating the proven rewrites of the fold it checks without proving them again
+    (``PipelineState.proven``; any other rewrite it finds is proven as usual):
+
+    - the fold of the copy with re-drawn parameters repeats the fold handed back (``given``):
+      the re-drawn verification then judges *those* rewrites on O(1) values, end to end (a
+      rewrite proven only because the given values hid a difference fails it, rather than being
+      refused in the re-drawn fold alone);
+    - the float64 fold of a float64 copy that re-checks a fold (an output missed its
+      tolerance) repeats the re-checked fold."""
 
     inputs: tuple
     passes: Sequence[Pass]
     capture: str
     shown: FoldProgress | None
+    given: frozenset[tuple[str, str]]  # the rewrites of the fold handed back
     redrawn_folds: list[Folded] = field(default_factory=list)  # the re-drawn copy's
 
     def enter(self, phase: str) -> None:
@@ -285,7 +297,7 @@ class _VerificationFolds:
 
     def float64(self, folds: list[Folded]) -> Callable[[nn.Module], nn.Module]:
         """The float64 fold that re-checks the fold ``folds`` records."""
-        proven = frozenset((f.rule, f.where) for f in folds)
+        proven = _proven(folds)
 
         def refold(model64: nn.Module) -> nn.Module:
             self.enter("float64 re-check")
@@ -296,7 +308,7 @@ class _VerificationFolds:
 
     def redrawn(self, model: nn.Module) -> nn.Module:
         self.enter("fold, re-drawn parameters")
-        folded = self._fold(model, self.inputs, frozenset())
+        folded = self._fold(model, self.inputs, self.given)
         self.redrawn_folds.extend(folded.meta[REPORT_KEY].folded)
         self.enter("verify, re-drawn parameters")
         return folded

@@ -9,6 +9,7 @@ rewrites the graph without the commit point (so nothing but the verifier stands 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repfx
-from repfx.passes.base import Pass, PassResult, PipelineState
+from repfx.passes.base import NodeRule, Pass, PassResult, PipelineState, Region
 from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.proof.tolerances import RELATIVE_TOLERANCE, max_errors, tolerance_for
 from repfx.proof.verify import verify
@@ -334,6 +335,46 @@ def test_fold_wrong_only_off_identity_parameters_fails_through_the_redrawn_check
     assert report.verification.passed and not report.redrawn_verification.passed
     assert report.failed_verification().label == REDRAWN
     assert "verification FAILED (re-drawn parameters)" in str(info.value)
+
+
+@dataclasses.dataclass
+class _Matched:
+    node: fx.Node
+
+
+class CommittedDropBatchNorm(NodeRule):
+    """The same wrong "fold" as a rule through the commit point: proven wherever the statistics
+    are the identity, refused elsewhere."""
+
+    name = "committed_drop_batch_norm"
+    words = ("dropped", "batch norm")
+
+    def match(self, ctx, node):
+        if node.op == "call_module" and isinstance(ctx.gm.get_submodule(node.target), _BatchNorm):
+            return _Matched(node)
+        return None
+
+    def region(self, ctx, candidate):
+        return Region([candidate.node], [candidate.node.args[0]])
+
+    def rewrite(self, ctx, candidate):
+        node = candidate.node
+        source = node.args[0]
+        node.replace_all_uses_with(source)
+        ctx.gm.graph.erase_node(node)
+        return [source], "dropped"
+
+
+def test_the_redrawn_fold_repeats_the_rewrites_of_the_fold_it_checks():
+    """A rewrite the commit point proved only because the given values hid the difference
+    (identity statistics) is judged on re-drawn values, not refused there and forgotten."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()  # fresh BN
+    x = torch.randn(2, 3, 8, 8, generator=_gen(0))
+    with pytest.raises(repfx.VerificationError) as info:
+        repfx.fold(model, (x,), passes=[CommittedDropBatchNorm()])
+    report = info.value.report
+    assert [f.rule for f in report.folded] == ["committed_drop_batch_norm"]
+    assert report.verification.passed and not report.redrawn_verification.passed
 
 
 def test_both_verifications_are_reported_one_line_each_when_all_pass():

@@ -18,11 +18,13 @@ undoes it and starts again with it denied (:class:`PipelineState`), or, in stric
 propagate. A pass that changes the graph outside a commit is a bug the pass runner reports
 (:class:`PassError`).
 
-One fold is not proven rewrite by rewrite: the float64 fold of a float64 copy that verification
-makes to re-check a fold (``repfx.proof.verify``) repeats that fold's rewrites, each already
-proven there on the same values, so the commit point applies the (rule, location) pairs it is
-told were proven (``PipelineState.proven``) without proving them again; that whole fold is then
-judged against float64 truth. Any other rewrite it makes is proven as usual.
+Two folds are not proven rewrite by rewrite; each repeats the rewrites of a fold that was, and
+is then judged whole: the float64 fold of a float64 copy that verification makes to re-check a
+fold (judged against float64 truth), and the fold of the copy with re-drawn parameters (judged
+against that copy: the rewrites proven on the given values, checked end to end on O(1) ones).
+The commit point applies the (rule, location) pairs it is told were proven
+(``PipelineState.proven``) without proving them again; any other rewrite such a fold makes is
+proven as usual.
 
 Commits are logged on the ``repfx.passes`` logger at DEBUG level (rule, place, proven or why
 not).
