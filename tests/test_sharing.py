@@ -12,8 +12,9 @@ from helpers import fresh_input
 from torch import nn
 
 import repfx
+from repfx.proof.inputs import copy_model, run
 from repfx.proof.redraw import redraw_foldable_parameters_
-from repfx.proof.sharing import SharedParameters, share_parameters
+from repfx.proof.sharing import SharedParameters, run_sharing, share_parameters
 
 
 def _storages(module: nn.Module) -> set[int]:
@@ -128,15 +129,51 @@ def _hooked() -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("verify", [False, True])
 @pytest.mark.parametrize("kind", ["recorded write", "untraced module", "hook"])
 @pytest.mark.parametrize("capture", ["fx", "auto"])
-def test_a_model_that_writes_its_own_parameters_is_left_as_it_was(kind, capture):
+def test_a_model_that_writes_its_own_parameters_is_left_as_it_was(kind, capture, verify):
     model = {"recorded write": _WritesItsScale, "untraced module": _HoldsGate}.get(kind, _hooked)()
     model = redraw_foldable_parameters_(model.eval(), seed=2)
     before = _values(model)
     with contextlib.suppress(repfx.Error):  # refusing is fine; changing the model is not
-        repfx.fold(model, (fresh_input(2, 3, 5, 5),), capture=capture, verify=False)
+        repfx.fold(model, (fresh_input(2, 3, 5, 5),), capture=capture, verify=verify)
     assert _same_values(_values(model), before)
+
+
+class _SwallowsErrors(nn.Module):
+    """Writes its weight inside a ``try`` that swallows every ``Exception``: the write must not
+    be skipped silently when running on a shared copy stops it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((4,), 2.0))
+
+    def forward(self, x):
+        with contextlib.suppress(Exception):
+            self.weight.data[:2] += 1.0
+        return x * self.weight.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("build", "channels"), [(_WritesItsScale, 3), (_Gate, 4), (_hooked, 3), (_SwallowsErrors, 4)]
+)
+def test_a_run_sharing_the_parameters_computes_what_a_run_on_a_full_copy_does(build, channels):
+    model = redraw_foldable_parameters_(build().eval(), seed=3)
+    inputs = (fresh_input(2, channels, 5, 5),)
+    before = _values(model)
+    want = run(copy_model(model), inputs)
+    got = run_sharing(model, inputs)
+    assert torch.equal(got, want)
+    assert _same_values(_values(model), before)
+
+
+def test_a_run_sharing_the_parameters_copies_none_of_them():
+    model = _Net().eval()
+    seen: list[set[int]] = []
+    model.head.register_forward_hook(lambda m, a, o: seen.append(_storages(m)))
+    run_sharing(model, (fresh_input(2, 3, 6, 6),))
+    assert seen and seen[0] <= _storages(model)
 
 
 def test_release_reaches_plain_tensor_attributes_too():

@@ -2036,6 +2036,22 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "commit point: a region that draws random numbers is evaluated as if it could be proven",
         "tests/test_commit_point.py",
     ),
+    _m(
+        "redrawn-fold-proves-its-own-rewrites",
+        "repfx/fold.py",
+        "        folded = self._fold(model, self.inputs, self.given)\n",
+        "        folded = self._fold(model, self.inputs, frozenset())\n",
+        "verification: the re-drawn fold refuses, unnoticed, a rewrite the fold handed back keeps",
+        "tests/test_verify.py",
+    ),
+    _m(
+        "shared-run-write-signal-swallowed",
+        "repfx/proof/sharing.py",
+        "class _SharedWrite(BaseException):",
+        "class _SharedWrite(Exception):",
+        "verification: a forward's own except Exception skips a write stopped on a shared copy",
+        "tests/test_sharing.py",
+    ),
 )
 
 

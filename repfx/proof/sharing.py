@@ -14,6 +14,12 @@ module capture could not trace. Before such code runs, :meth:`SharedParameters.r
 parameters it may write storage of their own (copy on write, decided ahead of the write). A
 folded module handed back to the user is released entirely: it never aliases the user's
 model, which stays untouched whatever is done to either afterwards.
+
+Where repfx only *runs* a model (verification runs the original to compare against), it cannot
+know ahead what the forward writes; :func:`run_sharing` runs it on such a copy with every write
+to a shared storage stopped *before* it happens (a dispatch mode that sees each ATen op's
+written arguments), and runs it again on a full copy when one is attempted (a forward that
+updates its own weights in place).
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..ir.graph import keys_of, storage_key
-from .inputs import copy_model
+from .inputs import copy_model, run
 
 
 class SharedParameters:
@@ -76,3 +84,40 @@ def share_parameters(model: nn.Module) -> tuple[nn.Module, SharedParameters]:
         if type(p) is nn.Parameter:
             memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     return copy_model(model, memo), SharedParameters(model)
+
+
+def run_sharing(model: nn.Module, inputs: tuple) -> object:
+    """``run`` (``repfx.proof.inputs``) on a copy of ``model`` that shares its parameters'
+    storage, so that running it copies no weight; if the forward is about to write a parameter
+    in place, it is stopped before the write and run on a full copy instead (see the module
+    docstring). Neither run touches ``model``."""
+    copied, shared = share_parameters(model)
+    try:
+        with _StopWritesTo(shared):
+            return run(copied, inputs)
+    except _SharedWrite:
+        return run(copy_model(model), inputs)
+
+
+class _SharedWrite(BaseException):
+    """An op was about to write a shared storage (a ``BaseException``: a forward's own
+    ``except Exception`` must not swallow it and go on without the write)."""
+
+
+class _StopWritesTo(TorchDispatchMode):
+    """Raises :class:`_SharedWrite` before an ATen op writes (per its schema: in-place ops,
+    ``out=`` arguments) a storage ``shared`` holds."""
+
+    def __init__(self, shared: SharedParameters) -> None:
+        super().__init__()
+        self.shared = shared
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for index, argument in enumerate(func._schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = args[index] if index < len(args) else kwargs.get(argument.name)
+            if any(self.shared.shares(t) for t in tree_leaves(value)):
+                raise _SharedWrite(func.name())
+        return func(*args, **kwargs)

@@ -56,7 +56,7 @@ from ..report.fold_report import (
 from .inputs import copy_model, run
 from .pure import runs_without_writes
 from .redraw import VERIFICATION_SEED, foldable_tensors, redraw_foldable_parameters_
-from .sharing import share_parameters
+from .sharing import run_sharing, share_parameters
 from .tolerances import (
     EXACT_SENSITIVITY_TRIALS,
     SENSITIVITY_PERTURBATION,
@@ -87,8 +87,10 @@ def verify(
     float64 re-check of a low-precision model; a float64 model needs none."""
     # the model is run on a copy: a forward may mutate its module (training-mode BN
     # statistics); so is the fold, unless nothing in it can write (repfx.proof.pure)
-    expected = comparable(run(copy_model(model), inputs))
-    actual = comparable(run(folded if runs_without_writes(folded) else copy_model(folded), inputs))
+    expected = comparable(run_sharing(model, inputs))
+    actual = comparable(
+        run(folded, inputs) if runs_without_writes(folded) else run_sharing(folded, inputs)
+    )
     tolerance = tolerance_for(reference_dtype(expected))
     mismatch = structure_mismatch(actual, expected)
     if mismatch is not None:
