@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 
 import pytest
 import torch
@@ -375,6 +376,53 @@ def test_the_redrawn_fold_repeats_the_rewrites_of_the_fold_it_checks():
     report = info.value.report
     assert [f.rule for f in report.folded] == ["committed_drop_batch_norm"]
     assert report.verification.passed and not report.redrawn_verification.passed
+
+
+class _ScalesByCalls(nn.Module):
+    """Scales by how often it was called: state that changes on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x) * self.calls
+
+
+class DropTensorScales(Pass):
+    """A wrong "fold": drops every multiply by a tensor — exact while that tensor is 1 (on the
+    first call of a fresh ``_ScalesByCalls``), wrong from the second call on."""
+
+    name = "drop_tensor_scales"
+
+    def __call__(self, gm: fx.GraphModule, state: PipelineState | None = None) -> PassResult:
+        dropped = []
+        for node in list(gm.graph.nodes):
+            if node.target in (operator.mul, torch.mul) and isinstance(node.args[1], fx.Node):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                dropped.append(Folded(self.name, node.name, "dropped"))
+        gm.recompile()
+        return PassResult(modified=bool(dropped), folded=dropped)
+
+
+def test_a_fold_that_may_write_is_compared_on_a_second_call_too():
+    model, x = _ScalesByCalls().eval(), torch.randn(2, 3, 5, 5, generator=_gen(0))
+    with pytest.raises(repfx.VerificationError) as info:
+        repfx.fold(model, (x,), passes=[DropTensorScales()], verify_redrawn=False)
+    check = info.value.report.verification
+    assert check.calls == 2 and not check.passed
+    assert [c.path for c in check.outputs if not c.passed] == ["output (second call)"]
+    assert "over 2 calls" in check.summary()
+    assert float(model.calls) == 0  # (verification ran copies)
+
+
+def test_a_fold_that_writes_nothing_is_compared_on_one_call():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    report = repfx.fold(model, (torch.randn(2, 3, 8, 8, generator=_gen(0)),)).meta["repfx_report"]
+    assert report.verification.calls == 1 and report.verification.passed
 
 
 def test_both_verifications_are_reported_one_line_each_when_all_pass():

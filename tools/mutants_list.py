@@ -2052,6 +2052,14 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "verification: a forward's own except Exception skips a write stopped on a shared copy",
         "tests/test_sharing.py",
     ),
+    _m(
+        "verification-calls-a-writing-fold-once",
+        "repfx/proof/verify.py",
+        "    calls = 1 if runs_without_writes(folded) else 2\n",
+        "    calls = 1\n",
+        "verification: state a fold froze passes the first call, and no second call is compared",
+        "tests/test_verify.py",
+    ),
 )
 
 

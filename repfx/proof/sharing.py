@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..ir.graph import keys_of, storage_key
 from .inputs import copy_model, run
+from .pure import runs_without_writes
 
 
 class SharedParameters:
@@ -86,17 +87,21 @@ def share_parameters(model: nn.Module) -> tuple[nn.Module, SharedParameters]:
     return copy_model(model, memo), SharedParameters(model)
 
 
-def run_sharing(model: nn.Module, inputs: tuple) -> object:
-    """``run`` (``repfx.proof.inputs``) on a copy of ``model`` that shares its parameters'
-    storage, so that running it copies no weight; if the forward is about to write a parameter
-    in place, it is stopped before the write and run on a full copy instead (see the module
-    docstring). Neither run touches ``model``."""
+def run_sharing(model: nn.Module, inputs: tuple, calls: int = 1) -> list[object]:
+    """The outputs of ``calls`` calls (``run``, ``repfx.proof.inputs``: each seeded alike) of one
+    copy of ``model`` that shares its parameters' storage, so that running it copies no weight;
+    if the forward is about to write a parameter in place, it is stopped before the write and
+    the calls are made on a full copy instead (see the module docstring). ``model`` is never
+    touched."""
+    if runs_without_writes(model):  # (repfx's own folded graph: nothing to copy)
+        return [run(model, inputs) for _ in range(calls)]
     copied, shared = share_parameters(model)
     try:
         with _StopWritesTo(shared):
-            return run(copied, inputs)
+            return [run(copied, inputs) for _ in range(calls)]
     except _SharedWrite:
-        return run(copy_model(model), inputs)
+        copied = copy_model(model)
+        return [run(copied, inputs) for _ in range(calls)]
 
 
 class _SharedWrite(BaseException):

@@ -1,6 +1,8 @@
 """Verification: does a folded model compute what the original computes?
 
-Both are run on the example inputs and compared output by output (``repfx.proof.tolerances``):
+Both are run on the example inputs and compared output by output (``repfx.proof.tolerances``);
+a fold that may write when it runs (``repfx.proof.pure``) is run twice, and so is the model, and
+the second call is compared as well (state that changes per call must change alike):
 
 1. Structure. The outputs' pytree structure must match (an object pytree does not know, such
    as a HuggingFace cache, is compared by its attributes: ``tolerances.comparable``),
@@ -86,11 +88,28 @@ def verify(
     docstring). ``refold`` (the same fold, applied to a float64 copy of the model) enables the
     float64 re-check of a low-precision model; a float64 model needs none."""
     # the model is run on a copy: a forward may mutate its module (training-mode BN
-    # statistics); so is the fold, unless nothing in it can write (repfx.proof.pure)
-    expected = comparable(run_sharing(model, inputs))
-    actual = comparable(
-        run(folded, inputs) if runs_without_writes(folded) else run_sharing(folded, inputs)
-    )
+    # statistics); so is the fold, unless nothing in it can write (repfx.proof.pure). A fold
+    # that may write is compared on a second call as well: state that changes per call (a
+    # counter, a cache) must change in the fold as in the model
+    calls = 1 if runs_without_writes(folded) else 2
+    expected = [comparable(out) for out in run_sharing(model, inputs, calls)]
+    actual = [comparable(out) for out in run_sharing(folded, inputs, calls)]
+    first = _first_call(model, folded, inputs, refold, label, actual[0], expected[0])
+    if calls == 1 or not first.passed:
+        return first
+    return _with_second_call(first, actual[1], expected[1])
+
+
+def _first_call(
+    model: nn.Module,
+    folded: nn.Module,
+    inputs: tuple,
+    refold: Refold | None,
+    label: str,
+    actual: object,
+    expected: object,
+) -> Verification:
+    """The outputs of the first call compared, with the float64 re-check of those that miss."""
     tolerance = tolerance_for(reference_dtype(expected))
     mismatch = structure_mismatch(actual, expected)
     if mismatch is not None:
@@ -105,6 +124,24 @@ def verify(
                 recheck.judge(i, c) if _recheckable(c) else c for i, c in enumerate(comparisons)
             ]
     return Verification.of(label, tuple(comparisons), tolerance)
+
+
+def _with_second_call(first: Verification, actual: object, expected: object) -> Verification:
+    """``first`` (which passed) with the second call's outputs compared too; an output the first
+    call's float64 re-check excused (ill-conditioned, or a jump of the original) is excused on
+    the second call alike. Only second-call outputs that fail are listed."""
+    mismatch = structure_mismatch(actual, expected)
+    if mismatch is not None:
+        problem = f"on a second call: {mismatch.reason}"
+        return Verification.of(first.label, first.outputs, first.tolerance, problem, calls=2)
+    paths, got, want = _tensor_leaves(actual, expected)
+    extra = []
+    for before, path, a, e in zip(first.outputs, paths, got, want, strict=True):
+        again = compare_output(f"{path} (second call)", a, e)
+        excused = before.verdict in (ILL_CONDITIONED, DISCONTINUOUS) and _recheckable(again)
+        if again.verdict != OK and not excused:
+            extra.append(again)
+    return Verification.of(first.label, (*first.outputs, *extra), first.tolerance, calls=2)
 
 
 def verify_redrawn(

@@ -152,10 +152,15 @@ class Verification:
     tolerance: float  # of the least precise output dtype
     problem: str = ""  # a mismatch of the whole output structure (no per-output records then)
     abs_error_scale: float | None = None  # the scale of the output with the largest abs error
+    calls: int = 1  # 2: a fold that may write, compared on a second call too
 
     @staticmethod
     def of(
-        label: str, outputs: tuple[OutputComparison, ...], tolerance: float, problem: str = ""
+        label: str,
+        outputs: tuple[OutputComparison, ...],
+        tolerance: float,
+        problem: str = "",
+        calls: int = 1,
     ) -> Verification:
         comparable = [o for o in outputs if o.rel_error is not None]
         largest = max(comparable, key=lambda o: o.abs_error, default=None)
@@ -168,6 +173,7 @@ class Verification:
             tolerance=tolerance,
             problem=problem,
             abs_error_scale=largest.scale if largest else None,
+            calls=calls,
         )
 
     def summary(self) -> str:
@@ -178,6 +184,8 @@ class Verification:
         if self.problem:
             return f"{head}: {self.problem}"
         count = f"{len(self.outputs)} output{'s' if len(self.outputs) != 1 else ''}"
+        if self.calls > 1:
+            count += f" over {self.calls} calls"
         text = f"{head}: {count}, " + relative_error_text(self.max_rel_error, self.tolerance)
         text += absolute_error_text(self.max_abs_error, self.abs_error_scale)
         failed = sum(not o.passed for o in self.outputs)
