@@ -794,7 +794,7 @@ GRAPH_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "constant-folder-evaluates-random",
         GRAPH,
-        "        if torch.Tag.nondeterministic_seeded in func.tags or func._schema.is_mutable:",
+        "        if draws_random(func) or func._schema.is_mutable:",
         "        if func._schema.is_mutable:",
         "_DeterministicOnly: random ops constant-folded",
         T_VIEWS,
@@ -2031,7 +2031,7 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "commit-point-proves-random-regions",
         "repfx/proof/validate.py",
-        "        if torch.Tag.nondeterministic_seeded in func.tags:\n",
+        "        if draws_random(func):\n",
         "        if False:\n",
         "commit point: a region that draws random numbers is evaluated as if it could be proven",
         "tests/test_commit_point.py",

@@ -30,7 +30,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import CaptureError
-from ..ir.graph import MUTATED_KEY, fetch_attr, keys_of, may_be_written, storage_key
+from ..ir.graph import (
+    MUTATED_KEY,
+    draws_random,
+    fetch_attr,
+    keys_of,
+    may_be_written,
+    storage_key,
+    written_values,
+)
 from .hooks import hooks_may_write
 from .state import module_tensors, tensor_attributes
 from .writes import torch_module_class
@@ -96,14 +104,11 @@ class _Dispatched(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         schema = func._schema
-        if torch.Tag.nondeterministic_seeded in func.tags:
+        if draws_random(func):
             self.record.random.append(schema.name.removeprefix("aten::"))
         if not _returns_views_only(schema):
             self.record.read |= keys_of(tree_leaves((args, kwargs)))
-        for index, argument in enumerate(schema.arguments):
-            if argument.alias_info is not None and argument.alias_info.is_write:
-                value = args[index] if index < len(args) else kwargs.get(argument.name)
-                self.record.written |= keys_of(tree_leaves(value))
+        self.record.written |= keys_of(tree_leaves(written_values(func, args, kwargs)))
         return func(*args, **kwargs)
 
 

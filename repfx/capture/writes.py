@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ir.graph import (
+    argument_value,
     call_signature,
+    draws_random,
     inplace_flag,
     is_inplace_name,
     is_plain,
@@ -42,6 +44,7 @@ from ..ir.graph import (
     reads_only_shape,
     require_rank,
     writes_in_place,
+    written_positions,
 )
 from ..ir.norms import NORM_FUNCTIONS, NORM_MODULES
 from ..ir.ops import identity_input
@@ -198,9 +201,7 @@ def overload_aliases_first(op: torch._ops.OpOverload) -> bool:
 
 def _is_aten_random(name: str) -> bool:
     packet = _aten_packet(name)
-    return packet is not None and any(
-        torch.Tag.nondeterministic_seeded in op.tags for op in _overloads(packet)
-    )
+    return packet is not None and any(draws_random(op) for op in _overloads(packet))
 
 
 def torch_module_class(m: nn.Module) -> bool:
@@ -389,12 +390,10 @@ def _written_argument(node: fx.Node) -> fx.Node | None:
 
 def _schema_written_argument(node: fx.Node) -> fx.Node | None:
     """The one argument of an ATen call that its schema marks written, if it is a node."""
-    arguments = node.target._schema.arguments
-    written = [i for i, a in enumerate(arguments) if a.alias_info and a.alias_info.is_write]
+    written = written_positions(node.target)
     if len(written) != 1:
         return None
-    index = written[0]
-    value = node.args[index] if index < len(node.args) else node.kwargs.get(arguments[index].name)
+    value = argument_value(node.target, written[0], node.args, node.kwargs)
     return value if isinstance(value, fx.Node) else None
 
 

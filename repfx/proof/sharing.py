@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..ir.graph import keys_of, storage_key
+from ..ir.graph import keys_of, storage_key, written_values
 from .inputs import copy_model, run
 from .pure import runs_without_writes
 
@@ -119,10 +119,6 @@ class _StopWritesTo(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for index, argument in enumerate(func._schema.arguments):
-            if argument.alias_info is None or not argument.alias_info.is_write:
-                continue
-            value = args[index] if index < len(args) else kwargs.get(argument.name)
-            if any(self.shared.shares(t) for t in tree_leaves(value)):
-                raise _SharedWrite(func.name())
+        if any(self.shared.shares(t) for t in tree_leaves(written_values(func, args, kwargs))):
+            raise _SharedWrite(func.name())
         return func(*args, **kwargs)

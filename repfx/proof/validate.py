@@ -48,7 +48,7 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import one_line
-from ..ir.graph import ConstantFolder
+from ..ir.graph import ConstantFolder, draws_random
 from ..ir.match import Fail
 from .probe_shapes import (
     InputSpec,
@@ -245,7 +245,7 @@ class _RefuseRandomOps(TorchDispatchMode):
     move the caller's random state."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if torch.Tag.nondeterministic_seeded in func.tags:
+        if draws_random(func):
             raise ValidationFailure(
                 f"the region draws random numbers ({func.name().removeprefix('aten::')}): no "
                 "two evaluations agree"

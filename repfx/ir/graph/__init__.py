@@ -10,11 +10,13 @@ changes a graph.
   ``module_call_counts``), a node's users by what they read (``value_users``, ``shape_users``);
 * :mod:`.ranks` — ranks, dtypes and static shapes: recorded, or inferred without example inputs
   (``annotate_ranks``);
-* :mod:`.memory` — which tensors share memory (``storage_key``).
+* :mod:`.memory` — which tensors share memory (``storage_key``);
+* :mod:`.aten` — what an ATen op does: draws random numbers, writes which arguments.
 """
 
 from __future__ import annotations
 
+from .aten import argument_value, draws_random, written_positions, written_values
 from .constants import (
     HANDED_KEY,
     MUTATED_KEY,
@@ -73,9 +75,11 @@ __all__ = [
     "TensorUses",
     "annotate_ranks",
     "arg_of",
+    "argument_value",
     "assumed_input_rank",
     "attr_tensors_read_by",
     "call_signature",
+    "draws_random",
     "dtype_argument",
     "dtype_on_meta_tensors",
     "fetch_attr",
@@ -106,4 +110,6 @@ __all__ = [
     "value_users",
     "where",
     "writes_in_place",
+    "written_positions",
+    "written_values",
 ]

@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .aten import draws_random
 from .memory import storage_key
 from .modules import fetch_attr
 
@@ -171,7 +172,7 @@ class _DeterministicOnly(TorchDispatchMode):
     ``F.batch_norm`` allocates holds no value)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if torch.Tag.nondeterministic_seeded in func.tags or func._schema.is_mutable:
+        if draws_random(func) or func._schema.is_mutable:
             raise _ImpureOp(str(func))
         out = func(*args, **(kwargs or {}))
         name = func.name().split("::")[-1].split(".")[0]
