@@ -23,8 +23,10 @@ from .capture import (
     keep_when_pickled,
     rank_guards,
     record_child_inputs,
+    release_what_runs_may_write,
     rename_rank_guards,
 )
+from .capture.reuse import CapturedGraph
 from .errors import Error, TrainingModeError, one_line
 from .fold_inside import OpaqueModule, fold_inside
 from .ir.graph import annotate_ranks, forget_annotations
@@ -36,7 +38,7 @@ from .proof.sharing import SharedParameters, share_parameters
 from .proof.verify import float64_inputs
 from .proof.verify import verify as run_verification
 from .proof.verify import verify_redrawn as run_redrawn_verification
-from .report.fold_report import Folded, FoldReport, GraphStats, Skipped
+from .report.fold_report import Folded, FoldReport, GraphStats, Skipped, Verification
 from .report.progress import FoldProgress
 from .report.sketch import GraphSketch
 
@@ -199,22 +201,33 @@ def _fold(
     handed_back: bool = True,
     shown: FoldProgress | None = None,
     proven: frozenset[tuple[str, str]] = frozenset(),
+    captured: CapturedGraph | None = None,
 ) -> fx.GraphModule:
     """The fold of ``model``; ``handed_back=False`` for a fold only verification reads (of
     repfx's own copies), which may keep sharing their parameters' storage. ``shown``: where
     the phases are shown (the fold the user asked for; none for the verification's folds).
-    ``proven``: rewrites another fold of this model proved (the float64 re-check's refold)."""
+    ``proven``: rewrites another fold of this model proved (the float64 re-check's refold).
+    ``captured``: the graph of another copy of this model, bound to this one's tensors instead
+    of capturing it again (the re-drawn copy's fold; ``repfx.capture.reuse``)."""
     inputs = as_inputs(example_inputs)
     passes = default_pipeline() if passes is None else passes
     report = FoldReport(rule_words=rule_words(passes))
     if shown is not None:
         shown.start("capture")
     work, shared = share_parameters(model)
-    gm = _fold_copy(work, inputs, passes, report, "", capture, shared, shown, proven)
+    if captured is None:
+        gm, opaque = capture_with_shapes(work, inputs, capture, report, shared)
+    else:
+        gm, opaque = captured.bound_to(work), dict(captured.opaque)
+        release_what_runs_may_write(gm, opaque, shared)
+    kept = None
+    if verify and verify_redrawn and inputs is not None:
+        kept = CapturedGraph.keep(gm, opaque, work)
+    gm = _fold_captured(gm, opaque, work, inputs, passes, report, "", capture, shown, proven)
     gm.training = model.training
     keep_when_pickled(gm)  # (torch.save keeps its output types and input checks)
     if verify and inputs is not None:
-        _verify(model, gm, inputs, report, verify_redrawn, passes, capture, shown)
+        _verify(model, gm, inputs, report, verify_redrawn, passes, capture, shown, kept)
     elif verify:
         report.notes.append("nothing was verified: verify=True needs example inputs")
     gm.meta[REPORT_KEY] = report
@@ -234,10 +247,12 @@ def _verify(
     passes: Sequence[Pass],
     capture: str,
     shown: FoldProgress | None,
+    captured: CapturedGraph | None = None,
 ) -> None:
     """Verify ``gm`` against ``model`` on ``inputs`` (as given, and re-drawn unless no fold read
-    a parameter), into ``report``."""
-    folds = _VerificationFolds(inputs, passes, capture, shown, _proven(report.folded))
+    a parameter), into ``report``. ``captured``: the graph ``gm`` was folded from, for the
+    re-drawn copy's fold to bind instead of capturing that copy again."""
+    folds = _VerificationFolds(inputs, passes, capture, shown, _proven(report.folded), captured)
     redrawn_too = verify_redrawn and any(f.reads_state for f in report.folded)
     if shown is not None:
         shown.expect(5 if redrawn_too else 3)
@@ -253,9 +268,7 @@ def _verify(
         )
     else:
         try:
-            report.redrawn_verification = run_redrawn_verification(
-                model, inputs, folds.redrawn, folds.redrawn_float64
-            )
+            report.redrawn_verification = folds.verify_redrawn(model)
         except ExampleInputError as exc:  # the model ran as given: the re-draw broke it
             cause = one_line(exc.__cause__) if exc.__cause__ else "unknown error"
             report.notes.append(
@@ -289,7 +302,19 @@ class _VerificationFolds:
     capture: str
     shown: FoldProgress | None
     given: frozenset[tuple[str, str]]  # the rewrites of the fold handed back
+    captured: CapturedGraph | None = None  # the graph the fold handed back was folded from
     redrawn_folds: list[Folded] = field(default_factory=list)  # the re-drawn copy's
+
+    def verify_redrawn(self, model: nn.Module) -> Verification:
+        """The re-drawn verification, its fold binding the kept capture to the re-drawn copy;
+        where that fails, again with the copy captured afresh (a capture may hold what its
+        trace computed from the values it saw: ``repfx.capture.reuse``), which alone counts."""
+        check = run_redrawn_verification(model, self.inputs, self.redrawn, self.redrawn_float64)
+        if check.passed or self.captured is None:
+            return check
+        self.captured = None
+        self.redrawn_folds.clear()
+        return run_redrawn_verification(model, self.inputs, self.redrawn, self.redrawn_float64)
 
     def enter(self, phase: str) -> None:
         if self.shown is not None:
@@ -308,7 +333,7 @@ class _VerificationFolds:
 
     def redrawn(self, model: nn.Module) -> nn.Module:
         self.enter("fold, re-drawn parameters")
-        folded = self._fold(model, self.inputs, self.given)
+        folded = self._fold(model, self.inputs, self.given, self.captured)
         self.redrawn_folds.extend(folded.meta[REPORT_KEY].folded)
         self.enter("verify, re-drawn parameters")
         return folded
@@ -316,9 +341,15 @@ class _VerificationFolds:
     def redrawn_float64(self, model64: nn.Module) -> nn.Module:
         return self.float64(self.redrawn_folds)(model64)
 
-    def _fold(self, model: nn.Module, inputs: tuple, proven: frozenset) -> nn.Module:
+    def _fold(
+        self,
+        model: nn.Module,
+        inputs: tuple,
+        proven: frozenset,
+        captured: CapturedGraph | None = None,
+    ) -> nn.Module:
         return _fold(model, inputs, False, passes=self.passes, capture=self.capture,
-                     handed_back=False, proven=proven)  # fmt: skip
+                     handed_back=False, proven=proven, captured=captured)  # fmt: skip
 
 
 def _fold_copy(
@@ -335,6 +366,23 @@ def _fold_copy(
     """Fold ``work`` (repfx's own copy, changed freely, except in place where its parameters
     are ``shared``) and record into ``report``; ``proven``: see :func:`_fold`."""
     gm, opaque = capture_with_shapes(work, inputs, capture, report, shared)
+    return _fold_captured(gm, opaque, work, inputs, passes, report, prefix, capture, shown, proven)
+
+
+def _fold_captured(
+    gm: fx.GraphModule,
+    opaque: dict[str, str],
+    work: nn.Module,
+    inputs: tuple | None,
+    passes: Sequence[Pass],
+    report: FoldReport,
+    prefix: str,
+    capture: str,
+    shown: FoldProgress | None,
+    proven: frozenset[tuple[str, str]],
+) -> fx.GraphModule:
+    """Fold ``gm``, captured from ``work`` (``opaque``: the modules it runs opaque), into
+    ``report``: the passes to a fixpoint, then inside each opaque module."""
     if shown is not None:
         shown.start("fold")
     annotate_ranks(gm)

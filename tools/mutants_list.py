@@ -2039,8 +2039,8 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "redrawn-fold-proves-its-own-rewrites",
         "repfx/fold.py",
-        "        folded = self._fold(model, self.inputs, self.given)\n",
-        "        folded = self._fold(model, self.inputs, frozenset())\n",
+        "        folded = self._fold(model, self.inputs, self.given, self.captured)\n",
+        "        folded = self._fold(model, self.inputs, frozenset(), self.captured)\n",
         "verification: the re-drawn fold refuses, unnoticed, a rewrite the fold handed back keeps",
         "tests/test_verify.py",
     ),
@@ -2059,6 +2059,14 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "    calls = 1\n",
         "verification: state a fold froze passes the first call, and no second call is compared",
         "tests/test_verify.py",
+    ),
+    _m(
+        "redrawn-check-trusts-a-bound-capture",
+        "repfx/fold.py",
+        "        if check.passed or self.captured is None:\n",
+        "        if True:\n",
+        "verification: a bound capture holding a traced value fails the re-drawn check, no retry",
+        "tests/test_capture_reuse.py",
     ),
 )
 

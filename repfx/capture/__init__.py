@@ -16,6 +16,8 @@
 * :mod:`.frontend` — which front end captures a model (``capture="auto" | "fx" | "export"``),
   and the example inputs its opaque children see;
 * :mod:`.opaque` — whether a child left opaque can be folded on its own in place;
+* :mod:`.reuse` — one capture for two copies of a model (the re-drawn copy's fold binds the
+  first copy's graph to its own tensors);
 * :mod:`.bytecode` — what a bytecode instruction does, for the readers of code (``opaque``,
   ``hooks``), whatever the Python release.
 """
@@ -31,6 +33,7 @@ from .frontend import (
     capture_with_shapes,
     record_child_inputs,
     record_inputs,
+    release_what_runs_may_write,
 )
 from .fx import capture
 from .inplace import functionalize
@@ -62,5 +65,6 @@ __all__ = [
     "rank_guards",
     "record_child_inputs",
     "record_inputs",
+    "release_what_runs_may_write",
     "rename_rank_guards",
 ]

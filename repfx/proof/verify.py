@@ -42,7 +42,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
-from ..errors import one_line
+from ..errors import ExampleInputError, one_line
 from ..ir.match import Fail
 from ..report.fold_report import (
     AS_GIVEN,
@@ -152,13 +152,25 @@ def verify_redrawn(
     seed: int = VERIFICATION_SEED,
 ) -> Verification:
     """Re-draw the foldable parameters of a copy of ``model`` (``repfx.proof.redraw``), fold it with
-    ``fold_copy`` (the same fold, without verification) and verify that fold against the copy.
+    ``fold_copy`` (the same fold, without verification) and verify that fold against the copy;
+    :class:`ExampleInputError` when the copy itself no longer runs on ``inputs``.
     The copy shares the storage of every parameter it does not re-draw with ``model``
     (``repfx.proof.sharing``)."""
     redrawn, shared = share_parameters(model)
     shared.release(redrawn, only=foldable_tensors(redrawn))
     redrawn = redraw_foldable_parameters_(redrawn, seed)
-    return verify(redrawn, fold_copy(redrawn), inputs, refold, label=REDRAWN)
+    folded = fold_copy(redrawn)
+    try:
+        return verify(redrawn, folded, inputs, refold, label=REDRAWN)
+    except Exception as exc:
+        try:  # is it the re-drawn model that fails, or its fold?
+            run_sharing(redrawn, inputs)
+        except Exception as own:
+            raise ExampleInputError(
+                f"with its foldable parameters re-drawn the model does not run on the example "
+                f"inputs ({one_line(own)})"
+            ) from own
+        raise exc
 
 
 def float64_inputs(inputs: tuple) -> tuple:
