@@ -2068,6 +2068,22 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "verification: a bound capture holding a traced value fails the re-drawn check, no retry",
         "tests/test_capture_reuse.py",
     ),
+    _m(
+        "float64-depthwise-loses-its-bias",
+        "repfx/proof/depthwise.py",
+        "    return out if bias is None else out + bias.view(1, -1, 1, 1)\n",
+        "    return out\n",
+        "commit point: a depthwise conv's bias missing from the float64 probes",
+        "tests/test_depthwise.py",
+    ),
+    _m(
+        "float64-depthwise-takes-grouped-convs",
+        "repfx/proof/depthwise.py",
+        "        and x.shape[1] == groups  # each group reads one input channel\n",
+        "",
+        "commit point: grouped convs of several channels a group evaluated as depthwise",
+        "tests/test_depthwise.py",
+    ),
 )
 
 

@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import one_line
 from ..ir.graph import ConstantFolder, draws_random
 from ..ir.match import Fail
+from .depthwise import FastDepthwise
 from .probe_shapes import (
     InputSpec,
     candidate_shapes,
@@ -122,7 +123,7 @@ class RegionInterpreter(fx.Interpreter):
         self.env = dict(feeds)
         for node, value in region.constants.items():
             self.env[node] = self.convert(value)
-        with torch.no_grad():
+        with torch.no_grad(), FastDepthwise():  # (float64 depthwise convs, fast)
             for node in region.ops:
                 self.env[node] = self.run_node(node)
         return [self.env[o] for o in region.outputs]
