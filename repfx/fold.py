@@ -307,10 +307,18 @@ class _VerificationFolds:
 
     def verify_redrawn(self, model: nn.Module) -> Verification:
         """The re-drawn verification, its fold binding the kept capture to the re-drawn copy;
-        where that fails, again with the copy captured afresh (a capture may hold what its
-        trace computed from the values it saw: ``repfx.capture.reuse``), which alone counts."""
-        check = run_redrawn_verification(model, self.inputs, self.redrawn, self.redrawn_float64)
-        if check.passed or self.captured is None:
+        where that fails or does not run, again with the copy captured afresh (a capture may
+        hold what its trace computed from the values it saw: ``repfx.capture.reuse``), which
+        alone counts."""
+        try:
+            check = run_redrawn_verification(model, self.inputs, self.redrawn, self.redrawn_float64)
+        except ExampleInputError:  # the re-drawn model itself does not run: no capture helps
+            raise
+        except Exception:  # the bound graph does not run
+            if self.captured is None:
+                raise
+            check = None
+        if self.captured is None or (check is not None and check.passed):
             return check
         self.captured = None
         self.redrawn_folds.clear()

@@ -82,3 +82,40 @@ def test_a_graph_holding_a_traced_value_is_captured_afresh_for_the_redrawn_copy(
     assert len(captures) == 3
     y = fresh_input(3, 3, 6, 6)
     torch.testing.assert_close(run(folded, (y,)), run(model, (y,)))
+
+
+class _CachesAGrid(nn.Module):
+    """Caches a tensor with the input size it is for, in Python state (a detection head's
+    anchors): torch.fx cannot trace it (a branch on a size), so it runs opaque."""
+
+    def __init__(self):
+        super().__init__()
+        self.grid, self.size = torch.zeros(0), None
+
+    def forward(self, x):
+        if self.size != x.shape[-1]:
+            self.grid, self.size = torch.linspace(0, 1, x.shape[-1]), x.shape[-1]
+        return x + self.grid
+
+
+class _ConvBNGrid(_ConvBN):
+    def __init__(self):
+        super().__init__()
+        self.head = _CachesAGrid()
+
+    def forward(self, x):
+        return self.head(super().forward(x))
+
+
+def test_a_graph_with_code_run_opaque_is_not_bound_to_another_copy(monkeypatch):
+    """Shapes propagated through the opaque head set its cache on the captured copy; bound to the
+    re-drawn copy's tensors, the cached size would describe a grid that copy does not have."""
+    model = redraw_foldable_parameters_(_ConvBNGrid().eval(), seed=3)
+    captures = _count_captures(monkeypatch)
+    x = fresh_input(1, 3, 6, 6)
+    folded = repfx.fold(model, (x,), capture="fx")
+    report = folded.meta["repfx_report"]
+    assert report.opaque_modules and report.redrawn_verification.passed
+    assert len(captures) == 2
+    y = fresh_input(3, 3, 6, 6)
+    torch.testing.assert_close(run(folded, (y,)), run(model, (y,)))

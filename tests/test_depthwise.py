@@ -53,6 +53,28 @@ def test_a_1d_depthwise_conv_through_a_module_is_torchs(stride, padding, dilatio
     assert _close(got, want)
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 7, 5), (2, 6, 9)])
+def test_one_value_stands_for_every_spatial_dimension(shape):
+    """``aten.convolution`` takes ``[s]`` for ``[s, s]`` (a conv with ``padding="same"`` or
+    ``"valid"`` reaches it so)."""
+    x = torch.randn(*shape, dtype=torch.float64)
+    w = torch.randn(12, 1, *([3] * (len(shape) - 2)), dtype=torch.float64)
+    for stride, padding, dilation in [([1], [0], [1]), ([2], [1], [2]), ([1], [2], [1])]:
+        args = (x, w, None, stride, padding, dilation, False, [0], 6)
+        want = torch.ops.aten.convolution.default(*args)
+        assert _close(depthwise_conv(*args), want)
+        with FastDepthwise():
+            assert _close(torch.ops.aten.convolution.default(*args), want)
+
+
+def test_a_same_padded_depthwise_conv_is_torchs():
+    conv = torch.nn.Conv2d(8, 8, 5, padding="same", groups=8, bias=False).double()
+    x = torch.randn(1, 8, 6, 7, dtype=torch.float64)
+    want = conv(x)
+    with FastDepthwise():
+        assert _close(conv(x), want)
+
+
 def test_only_float64_depthwise_convs_on_the_cpu_are_taken_over(monkeypatch):
     import repfx.proof.depthwise as module
 

@@ -2063,7 +2063,7 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "redrawn-check-trusts-a-bound-capture",
         "repfx/fold.py",
-        "        if check.passed or self.captured is None:\n",
+        "        if self.captured is None or (check is not None and check.passed):\n",
         "        if True:\n",
         "verification: a bound capture holding a traced value fails the re-drawn check, no retry",
         "tests/test_capture_reuse.py",
@@ -2083,6 +2083,14 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "",
         "commit point: grouped convs of several channels a group evaluated as depthwise",
         "tests/test_depthwise.py",
+    ),
+    _m(
+        "capture-bound-after-opaque-code-ran",
+        "repfx/capture/reuse.py",
+        "        if opaque or global_forward_hooks() or any(has_hooks(m) for m in gm.modules()):\n",
+        "        if False:\n",
+        "verification: a capture whose opaque code cached Python state is bound to another copy",
+        "tests/test_capture_reuse.py",
     ),
 )
 

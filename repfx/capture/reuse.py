@@ -7,7 +7,10 @@ has. :meth:`CapturedGraph.keep` keeps the graph as captured, before any pass cha
 every tensor shared; :meth:`CapturedGraph.bound_to` gives a graph module that computes the same
 graph on the other copy's tensors, found by their names in the module tree. It is kept only when
 each parameter and buffer of the graph module is a tensor of the captured copy (torch.fx; not a
-front end that made tensors of its own).
+front end that made tensors of its own), and when no code the graph does not show ran on it: no
+module run opaque, no hook. Such code runs when shapes are propagated and may store Python state
+next to a tensor (a detection head caching its anchors and the input size they are for); bound
+to the other copy's tensors, that state would describe tensors the copy does not have.
 
 What a trace computed from a tensor's *value* (a constant torch.fx kept, a branch taken) stays
 what it was for the first copy, and a tensor of the graph that the other copy does not name
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ..ir.graph import global_forward_hooks, has_hooks
+
 
 @dataclass(frozen=True)
 class CapturedGraph:
@@ -37,7 +42,10 @@ class CapturedGraph:
     @staticmethod
     def keep(gm: fx.GraphModule, opaque: dict[str, str], source: nn.Module) -> CapturedGraph | None:
         """``gm`` (captured from ``source``) kept for :meth:`bound_to`, before a pass changes it;
-        ``None`` when a parameter or buffer of ``gm`` is no tensor of ``source``."""
+        ``None`` when a parameter or buffer of ``gm`` is no tensor of ``source``, or code the graph
+        does not show ran on it (see the module docstring)."""
+        if opaque or global_forward_hooks() or any(has_hooks(m) for m in gm.modules()):
+            return None
         names = {id(t): name for name, t in named_tensors(source)}
         if any(id(t) not in names for t in [*gm.parameters(), *gm.buffers()]):
             return None

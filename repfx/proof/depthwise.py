@@ -23,11 +23,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class FastDepthwise(TorchDispatchMode):
-    """While active, float64 depthwise convolutions on the CPU run as :func:`depthwise_conv`."""
+    """While active, float64 depthwise convolutions on the CPU run as :func:`depthwise_conv`
+    (any it cannot compute run as torch runs them: a shortcut never refuses a region)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.convolution.default and not kwargs and _applies(*args):
-            return depthwise_conv(*args)
+            try:
+                return depthwise_conv(*args)
+            except RuntimeError:
+                pass
         return func(*args, **(kwargs or {}))
 
 
@@ -55,8 +59,12 @@ def depthwise_conv(
     """``aten.convolution`` of ``x`` ``(N, C, [H,] W)`` with a weight ``(C·m, 1, [kh,] kw)`` in
     ``groups = C`` groups (zero padding): output channel ``c·m + j`` is
     ``Σ_taps x[c] shifted · weight[c·m + j]``, computed as the unfolded input (every tap's
-    shifted copy of each channel) times the weight, summed over the taps."""
-    if x.dim() == 3:  # 1-D as 2-D of height 1
+    shifted copy of each channel) times the weight, summed over the taps. ``stride``,
+    ``padding`` and ``dilation`` hold one value per spatial dimension, or one for all of them
+    (as ``aten.convolution`` takes them)."""
+    spatial = x.dim() - 2
+    stride, padding, dilation = (_per_dim(v, spatial) for v in (stride, padding, dilation))
+    if spatial == 1:  # 1-D as 2-D of height 1
         out = depthwise_conv(
             x.unsqueeze(2), weight.unsqueeze(2), bias, (1, *stride), (0, *padding),
             (1, *dilation), groups=groups,
@@ -74,3 +82,9 @@ def depthwise_conv(
     out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     out = out.reshape(n, out_channels, out_h, out_w)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def _per_dim(values: Sequence[int], spatial: int) -> tuple[int, ...]:
+    """``values`` for each of ``spatial`` dimensions (one value stands for all)."""
+    values = tuple(values)
+    return values * spatial if len(values) == 1 else values
