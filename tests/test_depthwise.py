@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from repfx.proof.depthwise import FastDepthwise, depthwise_conv
+from repfx.proof.depthwise import FastDepthwise, depthwise_conv, may_run_grouped_conv
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -90,3 +90,23 @@ def test_only_float64_depthwise_convs_on_the_cpu_are_taken_over(monkeypatch):
         assert not taken
         F.conv2d(x64, torch.randn(4, 1, 3, 3, dtype=torch.float64), groups=4)
     assert taken == [1]
+
+
+class _Convs(torch.nn.Module):
+    def __init__(self, groups: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, groups=groups)
+        self.weight = torch.nn.Parameter(torch.randn(4, 4 // groups, 3, 3))
+        self.groups = groups
+
+    def forward(self, x):
+        return self.conv(x) + F.conv2d(x, self.weight, groups=self.groups)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_the_mode_is_entered_only_where_a_grouped_conv_may_run(groups):
+    gm = torch.fx.symbolic_trace(_Convs(groups))
+    by_name = {n.name: n for n in gm.graph.nodes}
+    assert may_run_grouped_conv(gm, [by_name["conv"]]) == (groups > 1)
+    assert may_run_grouped_conv(gm, [by_name["conv2d"]]) == (groups > 1)
+    assert not may_run_grouped_conv(gm, [by_name["x"], by_name["add"]])

@@ -15,11 +15,42 @@ convolutions whose groups each read one input channel (depthwise, with any chann
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import fx
+from torch.nn.modules.conv import _ConvNd
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def may_run_grouped_conv(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:
+    """Can one of ``nodes`` run a grouped convolution? (A dispatch mode costs every op it
+    sees; :class:`FastDepthwise` is worth entering only then.)"""
+    for node in nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, _ConvNd) and module.groups > 1:
+                return True
+        elif node.op == "call_function" and node.target in _GROUPS_ARGUMENT:
+            index = _GROUPS_ARGUMENT[node.target]
+            groups = node.args[index] if index < len(node.args) else node.kwargs.get("groups", 1)
+            if groups != 1:
+                return True
+    return False
+
+
+_GROUPS_ARGUMENT = {  # where each conv callable takes ``groups``
+    F.conv1d: 6,
+    F.conv2d: 6,
+    torch.conv1d: 6,
+    torch.conv2d: 6,
+    torch.ops.aten.conv1d.default: 6,
+    torch.ops.aten.conv2d.default: 6,
+    torch.ops.aten.conv1d.padding: 6,
+    torch.ops.aten.conv2d.padding: 6,
+    torch.ops.aten.convolution.default: 8,
+}
 
 
 class FastDepthwise(TorchDispatchMode):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import one_line
 from ..ir.graph import ConstantFolder, draws_random
 from ..ir.match import Fail
-from .depthwise import FastDepthwise
+from .depthwise import FastDepthwise, may_run_grouped_conv
 from .probe_shapes import (
     InputSpec,
     candidate_shapes,
@@ -123,7 +124,8 @@ class RegionInterpreter(fx.Interpreter):
         self.env = dict(feeds)
         for node, value in region.constants.items():
             self.env[node] = self.convert(value)
-        with torch.no_grad(), FastDepthwise():  # (float64 depthwise convs, fast)
+        fast = FastDepthwise() if may_run_grouped_conv(self.module, region.ops) else nullcontext()
+        with torch.no_grad(), fast:  # (float64 depthwise convs without a per-channel loop)
             for node in region.ops:
                 self.env[node] = self.run_node(node)
         return [self.env[o] for o in region.outputs]
