@@ -212,3 +212,16 @@ def test_a_wrong_fold_behind_a_pole_with_a_python_scalar_input_fails_in_float64(
     assert oracle.output_problems(model64, oracle.double_copy(model64), (x64, 2.0), seed=3) == []
     problems = oracle.output_problems(model64, wrong, (x64, 2.0), seed=3)
     assert [kind for kind, _ in problems] == ["wrong output"]
+
+
+def test_a_gradient_is_judged_on_the_scale_of_all_the_gradients():
+    """A gradient the loss does not depend on is rounding noise (1e-19 beside O(1) ones): its own
+    relative error means nothing; a small gradient that is really off still fails."""
+    big = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    noise = torch.tensor([8.7e-19], dtype=torch.float64)
+    small = torch.tensor([1e-3], dtype=torch.float64)
+    expected = ([torch.zeros(1, dtype=torch.float64)], [big, noise, small])
+    same_but_noise = ([torch.zeros(1, dtype=torch.float64)], [big, -noise, small])
+    off = ([torch.zeros(1, dtype=torch.float64)], [big, noise, small * 1.01])
+    assert oracle._compare_compiled(expected, same_but_noise) == []
+    assert [p for p in oracle._compare_compiled(expected, off) if "parameter 2" in p]
