@@ -32,9 +32,10 @@ on the ``repfx.dynamo`` logger at INFO level.
 from __future__ import annotations
 
 import logging
+import operator
 import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +75,11 @@ class DynamoBackend:
         attributes = _frozen_attributes(gm)
         if not frozen and attributes is None:
             report = FoldReport()
-            report.notes.append("nothing frozen: parameters need grad, or none in the graph")
+            report.notes.append(
+                "nothing frozen: the parameters need grad, are written by the graph or are "
+                "inference tensors (made under torch.inference_mode(): no version counter to "
+                "watch), or there are none in the graph"
+            )
             self._keep(report)
             return _inner_compile(self.inner, gm, list(example_inputs))
         return WatchedGraph(self, gm, example_inputs, frozen, attributes or {})
@@ -132,12 +137,10 @@ class WatchedGraph:
         self._attributes = attributes
         self._statistics = _running_statistics(gm)
         self._static = _static_shapes(gm)
-        self._versions: list[tuple[int | None, torch.Tensor, int, str]] = []
-        self._values: list[tuple[torch.Tensor, torch.Tensor, str]] = []
         self._compiled = self._build(example_inputs, refold=None)
 
     def __call__(self, *args: Any) -> Any:
-        changed = self._changed(args)
+        changed = self._watch.changed(args)
         if changed is not None:
             # (the refold runs in the caller's call: its proofs evaluate random ops too, and
             # the call must draw what the model would)
@@ -145,30 +148,16 @@ class WatchedGraph:
                 self._compiled = self._build(args, refold=changed)
         return self._compiled(*[args[i] for i in self._keep])
 
-    def _changed(self, args: Sequence[Any]) -> str | None:
-        """The first frozen tensor that is not what the fold read, or ``None``."""
-        for index, tensor, version, label in self._versions:
-            current = tensor if index is None else args[index]
-            if current is not tensor or current._version != version:
-                return label
-        for tensor, snapshot, label in self._values:
-            if not torch.equal(tensor, snapshot):
-                return label
-        return None
-
     def _build(self, inputs: Sequence[Any], refold: str | None) -> Callable:
         """Fold with the frozen tensors ``inputs`` holds and the attributes as they are now,
         watch them, and compile; ``refold``: the tensor whose change asked for it (``None``:
         the first fold)."""
         gm, report = self._backend.fold(self._source, {i: inputs[i] for i in self._frozen})
-        watched = [(i, inputs[i], self._labels[i]) for i in self._frozen]
-        watched += [(None, t, name) for name, t in self._attributes.items()]
-        self._versions = [(i, t, t._version, label) for i, t, label in watched]
-        self._values = [
-            (t, t.detach().clone(), label)
-            for i, t, label in watched
-            if (i if i is not None else label) in self._statistics
-        ]
+        self._watch = _Watch(
+            inputs=[(i, inputs[i], self._labels[i]) for i in self._frozen],
+            attributes=[(t, name) for name, t in self._attributes.items()],
+            statistics=self._statistics,
+        )
         inner = self._backend.inner
         if refold is not None:
             report.notes.append(f"refolded: {refold} changed after the graph was compiled")
@@ -181,6 +170,86 @@ class WatchedGraph:
             )
             return gm.forward
         return _inner_compile(inner, gm, [inputs[i] for i in self._keep])
+
+
+class _Watch:
+    """The frozen tensors one fold read, and the test every call runs that they still hold what
+    it read: each frozen input is the same tensor object, each frozen tensor has the same
+    version counter, and the running statistics a batch norm reads have the same bits (a
+    training-mode batch norm kernel writes them without moving their counter). A call pays a
+    list comprehension per test and one concatenation per dtype of statistics; only a change
+    is looked at tensor by tensor, to name it."""
+
+    def __init__(
+        self,
+        inputs: list[tuple[int, torch.Tensor, str]],
+        attributes: list[tuple[torch.Tensor, str]],
+        statistics: set[int | str],
+    ) -> None:
+        self._positions = [i for i, _, _ in inputs]
+        self._inputs = [t for _, t, _ in inputs]
+        self._tensors = self._inputs + [t for t, _ in attributes]
+        self._labels = [label for _, _, label in inputs] + [name for _, name in attributes]
+        self._versions = [t._version for t in self._tensors]
+        keys = self._positions + [name for _, name in attributes]
+        read_by_norms = [
+            (t, label)
+            for t, key, label in zip(self._tensors, keys, self._labels, strict=True)
+            if key in statistics
+        ]
+        dtypes = {t.dtype for t, _ in read_by_norms}
+        self._statistics = [
+            _Snapshot([(t, label) for t, label in read_by_norms if t.dtype == dtype])
+            for dtype in dtypes
+        ]
+
+    def changed(self, args: Sequence[Any]) -> str | None:
+        """The first frozen tensor that no longer holds what the fold read, or ``None``."""
+        current = [args[i] for i in self._positions]
+        if any(map(operator.is_not, current, self._inputs)):
+            return self._first(map(operator.is_not, current, self._inputs))
+        versions = [t._version for t in self._tensors]
+        if versions != self._versions:
+            return self._first(map(operator.ne, versions, self._versions))
+        for snapshot in self._statistics:
+            if (label := snapshot.changed()) is not None:
+                return label
+        return None
+
+    def _first(self, differs: Iterable[bool]) -> str:
+        return next(label for label, d in zip(self._labels, differs, strict=False) if d)
+
+
+class _Snapshot:
+    """The bits of some tensors of one dtype, kept as one flat tensor (NaN equals itself)."""
+
+    def __init__(self, tensors: list[tuple[torch.Tensor, str]]) -> None:
+        self._tensors = [t for t, _ in tensors]
+        self._labels = [label for _, label in tensors]
+        self._bits = self._now()  # (a concatenation: a copy of its own)
+
+    def _now(self) -> torch.Tensor:
+        with torch.no_grad():  # (one C++ call: a concatenation of the flattened tensors)
+            flat = torch._utils._flatten_dense_tensors(self._tensors)
+        if flat.is_floating_point() and flat.element_size() in _SAME_SIZE_INTEGER:
+            return flat.view(_SAME_SIZE_INTEGER[flat.element_size()])
+        return flat
+
+    def changed(self) -> str | None:
+        """The first of the tensors whose bits moved, or ``None``."""
+        if torch.equal(self._now(), self._bits):
+            return None
+        start = 0
+        for tensor, label in zip(self._tensors, self._labels, strict=True):
+            size = tensor.numel()
+            now = _Snapshot([(tensor, label)])._bits
+            if not torch.equal(now, self._bits[start : start + size]):
+                return label
+            start += size
+        return self._labels[0]  # (a tensor changed its size)
+
+
+_SAME_SIZE_INTEGER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def compile_backend(inner: str | Callable = "inductor", **kwargs: Any) -> DynamoBackend:

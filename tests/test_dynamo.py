@@ -455,6 +455,45 @@ def test_an_unchanged_model_is_folded_once():
     assert len(backend.reports) == 1
 
 
+def test_a_model_made_under_inference_mode_is_not_frozen_and_the_report_says_why():
+    """Inference tensors have no version counter: a change to one could not be seen."""
+    with torch.inference_mode():
+        model = copy.deepcopy(_conv_bn())  # (its copies are inference tensors)
+        backend = compile_backend(inner="eager")
+        x = torch.randn(2, 3, 8, 8)
+        assert_close(torch.compile(model, backend=backend)(x), model(x))
+    assert backend.reports[-1].folded == []
+    assert any("inference tensors" in n for n in backend.reports[-1].notes)
+
+
+def test_a_statistic_holding_nan_is_not_refolded_on_every_call():
+    """The watch compares the running statistics' bits: a NaN it read is still what it read."""
+    model = _conv_bn()
+    model[1].running_mean[0] = float("nan")
+    backend = compile_backend(inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model(x), equal_nan=True)
+    assert len(backend.reports) == 1
+
+
+def test_a_refold_names_the_statistic_that_changed():
+    model = _random(
+        Seq(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4))
+    )
+    backend = compile_backend(inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        compiled(x)
+        model[3].running_mean[1] += 1.0  # (the kernel of a training step writes alike)
+        assert_close(compiled(x), model(x))
+    refolded = [n for n in backend.reports[-1].notes if "changed after" in n]
+    assert refolded and "3.running_mean" in refolded[0]
+
+
 @pytest.mark.parametrize("train_compiled", [True, False], ids=["compiled", "eager"])
 def test_statistics_a_training_step_updates_between_evaluations_are_refolded(train_compiled):
     """A compiled validation step during training: eval → train → eval. The training step's
