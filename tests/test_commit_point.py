@@ -28,7 +28,7 @@ from repfx.passes import (
 )
 from repfx.passes import _absorb as absorb_module
 from repfx.passes.base import RewriteRejected, apply_rule
-from repfx.passes.rewrite import GraphSurgeryError, replace_node
+from repfx.passes.rewrite import GraphSurgeryError, all_finite, replace_node
 from repfx.proof.probe_shapes import _tap_coverage, probe_sizes
 from repfx.proof.redraw import redraw_foldable_parameters_
 from repfx.proof.region import ValidationFailure
@@ -173,6 +173,19 @@ def test_fold_that_overflows_the_dtype_is_refused_not_a_bug():
     assert any("overflows torch.float16" in s.reason for s in report.skipped)
     with torch.no_grad():
         assert torch.equal(folded(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_tells_every_non_finite_entry_and_every_overflowing_sum(dtype):
+    big = torch.finfo(dtype).max / 2
+    finite_sum_overflows = torch.full((64,), big, dtype=dtype)
+    assert all_finite(finite_sum_overflows) and all_finite(torch.randn(5, 7).to(dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        value = torch.randn(5, 7).to(dtype)
+        value[3, 2] = bad
+        assert not all_finite(value)
+    both_infinities = torch.tensor([float("inf"), -float("inf"), 1.0], dtype=dtype)
+    assert not all_finite(both_infinities)
 
 
 def test_probe_sizes_let_every_tap_read_data_in_both_parities():
