@@ -11,10 +11,10 @@ weights, bfloat16, its RMSNorm weights re-drawn at O(1), folded with ``fold_norm
 on 16 token ids; ``llama:tiny`` the same at toy sizes.
 
 Each model runs in a fresh process, on one thread: it is built (random weights, its foldable
-parameters re-drawn at O(1), eval mode), one forward pass is timed (median of five after two
-warm-up passes), then ``repfx.fold`` is timed once while a sampling thread reads the process's
-resident memory every 2 ms. Reported per model: fold time / forward time, and the fold's
-extra peak memory (highest resident memory during the fold, less the resident memory just
+parameters re-drawn at O(1), eval mode), one forward pass is timed (the median of five passes
+before the fold and five after it, after two warm-up passes), and ``repfx.fold`` is timed once
+while a sampling thread reads the process's resident memory every 2 ms. Reported per model:
+fold time / forward time, and the fold's extra peak memory (highest resident memory during the fold, less the resident memory just
 before it) / the model's parameter and buffer bytes — the two ratios the fold's cost is
 judged by — and, after the measurement, the folded model's largest relative error against the
 original on a fresh input of another batch size, per output, with the tolerance of its dtype,
@@ -64,21 +64,27 @@ def measure(spec: str, verify: bool) -> dict:
     nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     warm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
     repfx.fold(warm, (torch.randn(1, 3, 8, 8),))  # one-time import and kernel costs
+
+    def forwards(times: list[float]) -> None:
+        with torch.no_grad():
+            for _ in range(FORWARDS_EACH_SIDE):
+                start = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - start)
+
     with torch.no_grad():
         for _ in range(2):
             model(x)
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    forward = statistics.median(times)
+    times: list[float] = []
+    forwards(times)
     sampler = _PeakSampler()
     baseline = _resident_bytes()
     with sampler:
         start = time.perf_counter()
         folded = repfx.fold(model, (x,), verify=verify, **options)
         seconds = time.perf_counter() - start
+    forwards(times)  # (both sides of the fold: a change of load during it moves both)
+    forward = statistics.median(times)
     from repfx.proof.tolerances import max_errors, output_tensors, reference_dtype, tolerance_for
     from repfx.proof.verify import float64_inputs
 
@@ -105,6 +111,8 @@ def measure(spec: str, verify: bool) -> dict:
         "original_vs_float64": original_vs_truth,
     }
 
+
+FORWARDS_EACH_SIDE = 5  # forward passes timed before the fold, and again after it
 
 LLAMA_SIZES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
