@@ -14,13 +14,13 @@ Each model runs in a fresh process, on one thread: it is built (random weights, 
 parameters re-drawn at O(1), eval mode), one forward pass is timed (the median of five passes
 before the fold and five after it, after two warm-up passes), and ``repfx.fold`` is timed once
 while a sampling thread reads the process's resident memory every 2 ms. Reported per model:
-fold time / forward time, and the fold's extra peak memory (highest resident memory during the fold, less the resident memory just
-before it) / the model's parameter and buffer bytes — the two ratios the fold's cost is
-judged by — and, after the measurement, the folded model's largest relative error against the
-original on a fresh input of another batch size, per output, with the tolerance of its dtype,
-and how far each of the two is from float64 truth there (the original run in float64): on an
-ill-conditioned model the two low-precision runs differ by their rounding, which the second
-figure shows to be the original's own.
+fold time / forward time, and the fold's extra peak memory (highest resident memory during the
+fold, less the resident memory just before it) / the model's parameter and buffer bytes — the
+two ratios the fold's cost is judged by — and, after the measurement, the folded model's
+largest relative error against the original on a fresh input of another batch size, per
+output, with the tolerance of its dtype, and how far each of the two is from float64 truth
+there (the original run in float64): on an ill-conditioned model the two low-precision runs
+differ by their rounding, which the second figure shows to be the original's own.
 The ratios come from the same process, so they do not depend on how busy the machine is as
 much as raw seconds do; run it on a quiet machine all the same.
 """
