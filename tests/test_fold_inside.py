@@ -252,8 +252,20 @@ class ReadsAWeightOnLargeInputs(C2fLike):
         return out
 
 
+class ReadsAWeightOnNegativeInputs(C2fLike):
+    """Reads inside ``m[0].cv1`` only where every input value is negative: a branch neither
+    the example inputs (all positive) nor inputs re-drawn around 0 take, only their negation."""
+
+    def forward(self, x):
+        if x.max() < 0:
+            return nn.functional.conv2d(x, self.m[0].cv1.conv.weight, padding=1)
+        return super().forward(x)
+
+
 @pytest.mark.parametrize(
-    "parent", [ReadsAWeightOnOtherInputs, ReadsAWeightOnLargeInputs], ids=lambda c: c.__name__
+    "parent",
+    [ReadsAWeightOnOtherInputs, ReadsAWeightOnLargeInputs, ReadsAWeightOnNegativeInputs],
+    ids=lambda c: c.__name__,
 )
 def test_a_parent_reading_inside_on_other_inputs_than_the_examples_keeps_it(parent):
     model = randomise_(parent(), torch.Generator().manual_seed(0)).eval()

@@ -16,7 +16,7 @@ import copy
 import pytest
 import torch
 from helpers import commit_replacement, is_conv_module, scaled_conv
-from torch import nn
+from torch import fx, nn
 
 from repfx.passes.base import RewriteRejected
 from repfx.report.fold_report import Folded
@@ -195,3 +195,61 @@ def test_a_rewrite_that_changes_the_output_dtype_is_rejected(example):
         assert wrong(x).dtype == torch.float64 and model(x).dtype == torch.float32
     with pytest.raises(RewriteRejected, match="dtype"):
         _commit_replacement(model, wrong, example)
+
+
+class AsFloat(nn.Module):
+    """Integer ids as floats (of their magnitude, with ``magnitude``)."""
+
+    def __init__(self, magnitude: bool = False):
+        super().__init__()
+        self.magnitude = magnitude
+
+    def forward(self, n):
+        return (n.abs() if self.magnitude else n).float()
+
+
+def _is_float_cast(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "float"
+
+
+def test_a_rewrite_right_only_on_non_negative_integers_is_rejected():
+    """Integer inputs are probed with both signs: ``n.abs().float()`` is ``n.float()`` only
+    for ``n ≥ 0``."""
+    ids = torch.randint(-5, 6, (2, 3, 4, 5), generator=_gen(12))
+    model = AsFloat()
+    assert not torch.equal(AsFloat(magnitude=True)(ids), model(ids))
+    assert commit_replacement(model, _is_float_cast, AsFloat(), ids)
+    with pytest.raises(RewriteRejected, match="rejected by local validation"):
+        commit_replacement(model, _is_float_cast, AsFloat(magnitude=True), ids)
+
+
+class ReluThenConv(nn.Module):
+    """A relu of the input, then a conv with O(1) parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        gen = _gen(13)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen))
+            self.conv.bias.copy_(torch.randn(4, generator=gen))
+
+    def forward(self, x):
+        return self.conv(torch.relu(x))
+
+
+def _is_relu(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.relu
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=["guessed_shapes", "recorded_shapes"])
+def test_a_rewrite_right_only_on_non_negative_inputs_is_rejected(example):
+    """Floating probes take both signs: dropping a relu is exact only on inputs ≥ 0."""
+    model = ReluThenConv()
+    positive, signed = torch.rand(2, 3, 5, 6, generator=_gen(14)), EXAMPLES[1]
+    assert torch.equal(torch.relu(positive), positive)
+    assert not torch.equal(torch.relu(signed), signed)
+    examples = () if example is None else (example,)
+    assert commit_replacement(model, _is_relu, nn.ReLU(), *examples)
+    with pytest.raises(RewriteRejected, match="rejected by local validation"):
+        commit_replacement(model, _is_relu, nn.Identity(), *examples)

@@ -431,9 +431,23 @@ class Float64LayerNormScale(nn.Module):
         return F.layer_norm(x, (C,)) * self.g
 
 
-def test_a_float64_scale_is_not_rounded_into_a_float32_norm_affine():
+class Float64LayerNormModuleScale(Float64LayerNormScale):
+    """The same with an ``nn.LayerNorm`` module without an affine (no parameter either)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(C, elementwise_affine=False)
+
+    def forward(self, x):
+        return self.norm(x) * self.g
+
+
+@pytest.mark.parametrize(
+    "model_class", [Float64LayerNormScale, Float64LayerNormModuleScale], ids=["F", "module"]
+)
+def test_a_float64_scale_is_not_rounded_into_a_float32_norm_affine(model_class):
     """Folding the scale as float32 γ would round it: off by ~1e-8, far beyond float64."""
-    model = Float64LayerNormScale().eval()
+    model = model_class().eval()
     x, fresh = fresh_input(2, 3, C).double(), fresh_input(1, 5, C).double()
     folded = fold_matches(model, x, fresh)
     assert folded(fresh).dtype == torch.float64

@@ -5,14 +5,18 @@
   as its input; it compares integer outputs exactly, and a tiny-scale or all-zero output on its
   own scale.
 * Capture marks what a write through a view reaches, the statistics a training-mode batch norm
-  updates wherever else they are read, and puts back what a trace wrote.
+  updates wherever else they are read, and puts back what a trace wrote; it keeps an in-place
+  module in place unless every call of it writes a fresh tensor, hands unknown code no tensor
+  read after the call, and takes every tensor of a module whose hooks may write as live.
 * The export front end keeps a constant pad's fill value, refuses hooked submodules and writes
-  to lifted constants; absorb_padding reads a positional fill value and a border mask's
-  threshold.
+  to lifted constants (after a read of them too); absorb_padding reads a positional fill value
+  and a border mask's threshold.
 * A scale region never scales a value broadcast along the channels, a value along two axes, a
-  negative scale through a relu, or a mean over the channels.
+  negative scale through a relu, or a mean over the channels; a reader undoes a scale only if
+  no entry is zero and it mixes the channels the scale is on.
 * fold_inside makes no set of replacements that was not proven together.
-* Flatten and norm folds find the channel axis on ranks 3 and 5 too.
+* Flatten and norm folds find the channel axis on ranks 3 and 5 too; a layer norm over several
+  dims is no per-channel norm.
 * The verifier does not excuse non-finite mismatches, nondeterministic outputs or merely
   ill-conditioned ones as discontinuous, nor any output against an all-zero one.
 
@@ -279,6 +283,86 @@ def test_statistics_a_training_batch_norm_updates_are_not_constants(functional, 
     _agree(model, folded, _fresh(3, 4, 5, 5, seed=2))
 
 
+class ReluInPlaceTwice(nn.Module):
+    """One ``nn.ReLU(inplace=True)`` called on a conv's fresh output and on the input itself:
+    the second call writes the caller's tensor, which the sum then reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        self.act(x)
+        return y + x
+
+
+def test_an_in_place_module_stays_in_place_unless_every_call_writes_a_fresh_tensor():
+    """The module cannot be switched to ``inplace=False`` for one call only: it stays in
+    place, so the folded model writes the caller's input as the original does and the sum
+    reads the written input."""
+    model = _random(ReluInPlaceTwice())
+    folded = _folds_exactly(model, 2, 3, 5, 6)
+    assert any(m.inplace for m in folded.modules() if isinstance(m, nn.ReLU))
+
+
+class WritesItsInput(nn.Module):
+    """Code torch.fx cannot trace (a branch on a value) that writes to its input."""
+
+    def forward(self, x):
+        if x.sum() > float("-inf"):
+            x.add_(1.0)
+        return x * 2
+
+
+class BranchesAroundAnOpaqueWrite(nn.Module):
+    """``a(y) + b(y)`` with unknown code writing ``y`` in place between the two branches: ``a``
+    reads ``y`` before the write, ``b`` after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.leaf = nn.Conv2d(3, 4, 1), WritesItsInput()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        first = self.a(y)
+        self.leaf(y)
+        return first + self.b(y)
+
+
+def test_a_tensor_read_after_unknown_code_wrote_it_is_not_handed_over():
+    """``y`` is read after the call: it is not the unknown code's to write unseen, and the
+    branches (one reading ``y`` before the write, one after) are not merged into one conv of
+    ``y``."""
+    model = _random(BranchesAroundAnOpaqueWrite())
+    folded = _folds_exactly(model, 2, 3, 5, 6)
+    assert not _report(folded).counts().get("merge_branches")
+
+
+class ReadsAHookedWeight(nn.Module):
+    """A conv whose forward pre-hook flips the sign of its weight on every call (a torch.nn
+    module, but its hook writes), and a scale computed from that weight after the call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.conv.register_forward_pre_hook(lambda m, args: m.weight.data.neg_())
+
+    def forward(self, x):
+        scale = self.conv(x).mean() * self.conv.weight.sum((1, 2, 3))
+        return self.head(x.mean(1, keepdim=True).expand(-1, 4, -1, -1) * scale.view(1, -1, 1, 1))
+
+
+def test_the_tensors_of_a_module_whose_hook_writes_are_no_constants():
+    """Every tensor of a module whose hooks may write is live, in eval mode too: the scale
+    read from the conv's weight is not folded into the head with the value it has at fold
+    time, and the folded model follows the sign flips call after call."""
+    model = _random(ReadsAHookedWeight())
+    folded = _fold(model, _fresh(2, 3, 4, 5))
+    _agree(model, folded, _fresh(3, 3, 4, 5, seed=2))
+
+
 # ----------------------------------------------------------------------------- 3. export, padding
 
 
@@ -398,6 +482,26 @@ def test_export_refuses_a_write_through_a_view_of_a_lifted_constant():
         )
 
 
+class ReadsAnAttributeThenWritesIt(nn.Module):
+    """A plain tensor attribute (not a buffer) read, and only then written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.offset = torch.zeros(4)
+
+    def forward(self, x):
+        y = self.conv(x) + self.offset.view(1, -1, 1, 1)
+        self.offset.add_(0.5)
+        return y
+
+
+def test_export_refuses_a_write_to_a_lifted_constant_after_a_read_of_it():
+    """Every reader of the lifted constant is examined, not only the first one."""
+    with pytest.raises(repfx.CaptureError, match="register_buffer"):
+        repfx.fold(_random(ReadsAnAttributeThenWritesIt()), (_fresh(2, 3, 4, 4),), capture="export")
+
+
 # ----------------------------------------------------------------------------- 4. scale regions
 
 
@@ -514,6 +618,55 @@ def test_a_scale_moves_back_only_through_a_mean_over_other_axes(over):
     folded = _folds_exactly(_random(ScaledChannelMean(over)), 2, 3, 5, 6)
     left = stored_multiplies(folded, _fresh(1, 3, 5, 6))
     assert left == (["gamma"] if over == 1 else [])
+
+
+class ScaledAndRead(nn.Module):
+    """``γ ⊙ y`` and ``reader(y)``, two outputs, with ``y = stem(x)``: ``γ`` can go into the
+    stem only if the reader undoes it on its input side (``W ⊙_in γ⁻¹``), which needs every
+    entry of ``γ`` non-zero and a reader that mixes the axis ``γ`` scales."""
+
+    def __init__(self, stem: nn.Module, reader: nn.Module, gamma_shape: tuple[int, ...]):
+        super().__init__()
+        self.stem, self.reader = stem, reader
+        self.gamma = nn.Parameter(torch.ones(gamma_shape))
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.gamma * y, self.reader(y)
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["invertible", "a_zero_entry"])
+def test_a_reader_undoes_a_scale_only_if_no_entry_is_zero(zero):
+    """With every entry non-zero ``γ`` goes into the stem and the reader's input weights;
+    with one zero entry ``γ⁻¹`` does not exist: ``γ`` stays, and the report says that the
+    reader needs the stem's output unscaled (not that a folded constant overflows, which
+    would refuse a division by zero too). Exact either way."""
+    model = ScaledAndRead(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), (4, 1, 1))
+    model = _random(model)
+    if zero:
+        with torch.no_grad():
+            model.gamma[2] = 0.0
+    folded = _folds_exactly(model, 2, 3, 5, 4)
+    assert stored_multiplies(folded, _fresh(1, 3, 5, 4)) == (["gamma"] if zero else [])
+    if zero:
+        reasons = [s.reason for s in _report(folded).skipped if s.rule == "fold_channel_affine"]
+        assert any("needs it unscaled" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("reader", ["linear", "conv1d"])
+def test_a_reader_undoes_a_scale_only_along_the_axis_it_mixes(reader):
+    """Tokens ``(N, 4, 4)``: ``γ`` scales the last axis (the stem linear's outputs). A linear
+    reading ``y`` mixes that axis and undoes ``γ``, which folds; a pointwise Conv1d mixes the
+    axis before it and cannot, and ``γ`` stays; the report says so where the region is
+    found (the check of the conv's axis in the absorb rule would refuse it later, with a less
+    direct reason). Exact either way."""
+    readers = {"linear": nn.Linear(4, 4), "conv1d": nn.Conv1d(4, 4, 1)}
+    model = _random(ScaledAndRead(nn.Linear(3, 4), readers[reader], (4,)))
+    folded = _folds_exactly(model, 2, 4, 3)
+    assert stored_multiplies(folded, _fresh(1, 4, 3)) == ([] if reader == "linear" else ["gamma"])
+    if reader == "conv1d":  # (the reason is the reader's axis, found where the region is)
+        reasons = [s.reason for s in _report(folded).skipped if s.rule == "fold_channel_affine"]
+        assert any("Conv1d, which needs it unscaled" in r for r in reasons), reasons
 
 
 # ----------------------------------------------------------------------------- 5. fold_inside
@@ -653,6 +806,33 @@ def test_an_affine_goes_into_a_functional_layer_norm_over_its_axis_only(dims):
     not (and have as many entries as the two axes together)."""
     folded = _folds_exactly(_random(LayerNormThenAffine(dims)), 2, 4, 4)
     assert len(stored_multiplies(folded, _fresh(1, 4, 4))) == (0 if dims == 1 else 1)
+
+
+class AffineAfterAWideLayerNorm(nn.Module):
+    """A LayerNorm over the last ``len(shape)`` dims (with or without γ, β), then an affine
+    along the last dim only, then a pointwise conv: the norm has no per-channel γ of the
+    affine's size."""
+
+    def __init__(self, shape: tuple[int, ...], affine: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(shape, elementwise_affine=affine)
+        self.s, self.t = nn.Parameter(torch.ones(shape[-1])), nn.Parameter(torch.zeros(shape[-1]))
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.conv(self.norm(x) * self.s + self.t)
+
+
+@pytest.mark.parametrize(
+    ("shape", "affine"),
+    [((5, 4), True), ((3, 5, 4), True), ((5, 4), False)],
+    ids=["HW", "CHW", "HW_without_affine"],
+)
+def test_an_affine_after_a_layer_norm_over_several_dims_folds_exactly(shape, affine):
+    """The norm module normalises over several trailing dims: it is no per-channel norm, and
+    the affine after it is not folded into its γ, β as if it were one over the last dim
+    (it goes into the conv instead, or stays); the fold is exact."""
+    _folds_exactly(_random(AffineAfterAWideLayerNorm(shape, affine)), 2, 3, 5, 4)
 
 
 # ----------------------------------------------------------------------------- 7. the verifier

@@ -2092,6 +2092,306 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         "verification: a capture whose opaque code cached Python state is bound to another copy",
         "tests/test_capture_reuse.py",
     ),
+    # An audit of the same safety paths from the code alone, written later without looking at
+    # the entries above (each differs from them in place or in what it breaks).
+    # 1. the commit point: probe sizes and values, the aliasing refusal
+    _m(
+        "probes-heights-always-even",
+        PROBE_SHAPES,
+        "    return (odd, even, odd), (even, odd, even)\n",
+        "    return (even, odd, even), (even, odd, even)\n",
+        "probe_sizes: both probes take the second's sizes (the height is always even, the width "
+        "always odd)",
+        K_SAFETY,
+        K_COMMIT,
+        T_COMMIT,
+    ),
+    _m(
+        "probes-one-size-if-any-op-pointwise",
+        PROBE_SHAPES,
+        "    if all(_is_pointwise(gm, n) for n in region.ops):\n",
+        "    if any(_is_pointwise(gm, n) for n in region.ops):\n",
+        "probe_sizes: a region with one pointwise op among windowed ones proven on one size only",
+        K_SAFETY,
+        K_COMMIT,
+        T_COMMIT,
+    ),
+    _m(
+        "probes-integers-non-negative",
+        VALIDATE,
+        "        value = torch.randint(-8, 9, shape, generator=generator).to(dtype)\n",
+        "        value = torch.randint(0, 9, shape, generator=generator).to(dtype)\n",
+        "validate._draw: integer probes drawn non-negative only",
+        K_COMMIT,
+        K_SAFETY,
+        T_COMMIT,
+    ),
+    _m(
+        "probes-floats-uniform",
+        VALIDATE,
+        "        value = torch.randn(shape, generator=generator, dtype=torch.float64)\n",
+        "        value = torch.rand(shape, generator=generator, dtype=torch.float64)\n",
+        "validate._draw: floating probes drawn uniform on [0, 1) (never negative)",
+        K_COMMIT,
+        K_SAFETY,
+        T_COMMIT,
+    ),
+    _m(
+        "commit-aliasing-unchecked",
+        BASE,
+        "        if aliased is not None:  # a refusal, not a bug\n",
+        "        if False:  # a refusal, not a bug\n",
+        "commit point: a replacement that makes a value handed to opaque code an alias of "
+        "another accepted",
+        "tests/test_capture.py",
+        K_SAFETY,
+        T_WRITES,
+        T_COMMIT,
+    ),
+    # 2. capture's alias analysis
+    _m(
+        "getattr-attribute-never-aliases",
+        WRITES,
+        "        return node.args[1] not in _NON_TENSOR_ATTRS\n",
+        "        return False\n",
+        "may_alias_inputs: a tensor attribute read by getattr (x.mT, x.T) taken as a new tensor",
+        K_SAFETY,
+        T_WRITES,
+        T_CAPTURE,
+    ),
+    _m(
+        "private-checks-later-readers",
+        INPLACE,
+        "    earlier = [u for u in tensor.users if u is not writer and u < writer]",
+        "    earlier = [u for u in tensor.users if u is not writer and u > writer]",
+        "_is_private: the readers after the write examined instead of those before it (a view "
+        "taken before the write missed)",
+        K_SAFETY,
+        T_WRITES,
+        T_CAPTURE,
+    ),
+    _m(
+        "inplace-module-flipped-if-any-site-private",
+        INPLACE,
+        "        if all(private for _, private in calls):\n",
+        "        if any(private for _, private in calls):\n",
+        "_settle_inplace_modules: an inplace=True module switched out of place when one of its "
+        "call sites writes a private tensor, though another writes an input",
+        K_SAFETY,
+        T_WRITES,
+        T_CAPTURE,
+    ),
+    _m(
+        "opaque-write-hands-tensors-read-later",
+        INPLACE,
+        "        if _is_private(gm, t, node) and not any(u > node for u in t.users)"
+        "  # (graph order)\n",
+        "        if _is_private(gm, t, node)\n",
+        "_mark_unknown_write: a tensor given to code repfx does not know handed over although "
+        "read after the call",
+        K_SAFETY,
+        T_WRITES,
+        T_CAPTURE,
+    ),
+    _m(
+        "training-batch-norm-variance-unmarked",
+        INPLACE,
+        '                mark_mutated(gm, [arg_of(node, var_at, "running_var", None)])\n',
+        "",
+        "_mark_live_state: the running variance a training-mode functional batch norm updates "
+        "not marked (only the mean)",
+        K_SAFETY,
+        T_WRITES,
+        T_CAPTURE,
+        "tests/test_capture_training_stats.py",
+    ),
+    _m(
+        "hooked-torch-module-writes-buffers-only",
+        "repfx/capture/live_state.py",
+        "    if torch_module_class(module) and not hooks_may_write(module):\n",
+        "    if torch_module_class(module):\n",
+        "own_state_written: a torch.nn module whose hooks may write taken to write only its "
+        "buffers in training mode",
+        K_SAFETY,
+        T_WRITES,
+    ),
+    # 3. the export front end
+    _m(
+        "export-one-hooked-submodule-accepted",
+        EXPORT,
+        "    if hooked:\n",
+        "    if len(hooked) > 1:\n",
+        "capture_exported: a model with a single hooked submodule exported (its hook would run "
+        "while capturing only)",
+        K_SAFETY,
+        T_EXPORT,
+    ),
+    _m(
+        "export-written-constant-first-reader-only",
+        EXPORT,
+        "        for user in node.users:\n"
+        "            if not user.args or user.args[0] is not node:",
+        "        for user in list(node.users)[:1]:\n"
+        "            if not user.args or user.args[0] is not node:",
+        "_refuse_written_constants: only the first reader of a lifted constant examined (a "
+        "write after another read not refused)",
+        K_SAFETY,
+        T_EXPORT,
+        T_WRITES,
+    ),
+    # 4. scale regions: axes, signs, zeros
+    _m(
+        "scale-undo-on-any-axis",
+        SCALE_REGION,
+        "            return (user, axis) if fits and axis in (None, lin.channel_axis) else None\n",
+        "            return (user, axis) if fits else None\n",
+        "_undo_at: a conv / linear undoes the scale on its input channels whatever axis the "
+        "scale is on",
+        K_SAFETY,
+        T_SCALES,
+        T_AFFINE,
+    ),
+    _m(
+        "scale-taken-by-linear-on-any-axis",
+        SCALE_REGION,
+        "    if lin is not None and (axis is None or axis == lin.channel_axis):\n"
+        "        return None\n",
+        "    if lin is not None:\n        return None\n",
+        "_step: a conv / linear takes the scale on its output channels whatever axis the scale "
+        "reaches it on",
+        K_SAFETY,
+        T_SCALES,
+        T_AFFINE,
+    ),
+    _m(
+        "scale-invertible-if-any-non-zero",
+        SCALE_REGION,
+        "    invertible = bool((op.affine.scale != 0).all())\n",
+        "    invertible = bool((op.affine.scale != 0).any())\n",
+        "scaled_region: a scale with a zero entry undone by dividing a reader's weights by it",
+        K_SAFETY,
+        T_SCALES,
+        T_AFFINE,
+    ),
+    _m(
+        "scale-non-negative-if-any-entry",
+        SCALE_REGION,
+        "    nonnegative = bool((op.affine.scale >= 0).all())\n",
+        "    nonnegative = bool((op.affine.scale >= 0).any())\n",
+        "scaled_region: a scale with some negative entries taken as non-negative (moved back "
+        "through a relu or a max pool)",
+        K_SAFETY,
+        T_SCALES,
+        T_AFFINE,
+    ),
+    _m(
+        "scale-forward-any-source-axis",
+        SCALE_REGION,
+        "            and found.axis == axis\n",
+        "",
+        "_channelwise_forward: a channel-wise op on the way to an undoing conv crossed whatever "
+        "axis the scale is on",
+        K_SAFETY,
+        T_SCALES,
+        T_AFFINE,
+    ),
+    # 5. fold_inside
+    _m(
+        "narrowing-of-two-at-most",
+        FOLD_INSIDE,
+        "MAX_SINGLE_PROOFS = 32\n",
+        "MAX_SINGLE_PROOFS = 2\n",
+        "fold_inside._narrowed: three or more replacements refused together are never proven "
+        "one by one",
+        K_SAFETY,
+        T_FOLD_INSIDE,
+    ),
+    _m(
+        "fold-inside-negation-is-abs",
+        FOLD_INSIDE,
+        "each(torch.neg)",
+        "each(torch.abs)",
+        "fold_inside.probe_inputs: the example inputs' absolute values instead of their negation",
+        T_FOLD_INSIDE,
+        K_SAFETY,
+    ),
+    # 6. flatten and norms on ranks other than 4
+    _m(
+        "flatten-positions-height-times-width",
+        FLATTEN,
+        "affine, math.prod(shape[2:]))",
+        "affine, shape[2] * shape[-1])",
+        "fold_affine_through_flatten.rewrite: the positions per channel taken as H·W (the "
+        "first and last spatial dims) whatever the rank",
+        K_SAFETY,
+        T_FLATTEN,
+    ),
+    _m(
+        "norm-module-channels-last-dim",
+        "repfx/ir/norms.py",
+        "        return shape[0] if len(shape) == 1 else None\n",
+        "        return shape[-1]\n",
+        "NormKind.module_channels: a LayerNorm over several trailing dims taken as per-channel "
+        "over its last",
+        K_SAFETY,
+        T_NORMS,
+        "tests/test_fold_norm_affine.py",
+        T_AFFINE,
+    ),
+    _m(
+        "norm-module-without-affine-default-dtype",
+        OPS,
+        "    dtype = _param_dtype(m) if m.weight is not None else _input_dtype(node.args[0])\n",
+        "    dtype = _param_dtype(m)\n",
+        "norm_op: a norm module without an affine assumed to compute in the default dtype",
+        K_PASSES,
+        K_SAFETY,
+        T_NORMS,
+        "tests/test_fold_norm_affine.py",
+    ),
+    # 7. the verifier
+    _m(
+        "float64-criterion-unbounded-when-non-finite",
+        TOLERANCES,
+        "    if not math.isfinite(sensitivity):\n        return FLOAT64_CRITERION_CEILING\n",
+        "    if not math.isfinite(sensitivity):\n        return math.inf\n",
+        "float64_criterion: a non-finite sensitivity accepts any float64 fold error",
+        K_SAFETY,
+        T_VERIFY,
+        K_VERIFY,
+    ),
+    _m(
+        "sensitivity-perturbation-float32-ulp",
+        TOLERANCES,
+        "SENSITIVITY_PERTURBATION = torch.finfo(torch.float64).eps",
+        "SENSITIVITY_PERTURBATION = torch.finfo(torch.float32).eps",
+        "tolerances: the float64 sensitivity measured under a float32 ulp (criteria 2^29 times "
+        "looser)",
+        K_SAFETY,
+        T_VERIFY,
+        K_VERIFY,
+    ),
+    _m(
+        "compare-output-ignores-dtype",
+        VERIFY,
+        "    if actual.shape != expected.shape or actual.dtype != expected.dtype:\n",
+        "    if actual.shape != expected.shape:\n",
+        "compare_output: a fold whose output has another dtype than the original's passes",
+        K_SAFETY,
+        T_VERIFY,
+        K_VERIFY,
+    ),
+    _m(
+        "recheck-skips-weight-rounding",
+        VERIFY,
+        "    if r.weight_rounding is not None and not r.weight_rounding <= r.rounding_criterion:\n",
+        "    if False:\n",
+        "_recheck_failure: a low-precision fold whose stored weights are off float64 truth "
+        "excused when its float64 fold is right",
+        K_SAFETY,
+        T_VERIFY,
+        K_VERIFY,
+    ),
 )
 
 
