@@ -1367,15 +1367,15 @@ GUARD_MUTANTS: tuple[Mutant, ...] = (
     _m(
         "watch-ignores-versions",
         DYNAMO,
-        "if current is not tensor or current._version != version:",
-        "if current is not tensor:",
+        "        if versions != self._versions:\n",
+        "        if False:\n",
         "WatchedGraph: a frozen tensor written in place after compiling not seen",
         T_DYNAMO,
     ),
     _m(
         "watch-ignores-statistics",
         DYNAMO,
-        "            if not torch.equal(tensor, snapshot):\n",
+        "            if (label := snapshot.changed()) is not None:\n",
         "            if False:\n",
         "WatchedGraph: BN statistics a training step updated not compared",
         T_DYNAMO,
@@ -2391,6 +2391,34 @@ SAFETY_MUTANTS: tuple[Mutant, ...] = (
         K_SAFETY,
         T_VERIFY,
         K_VERIFY,
+    ),
+    _m(
+        "watch-statistics-compared-as-floats",
+        DYNAMO,
+        "            return flat.view(_SAME_SIZE_INTEGER[flat.element_size()])\n",
+        "            return flat\n",
+        "_Snapshot: statistics compared by value, not bits: one holding NaN never equals its "
+        "snapshot, and every call refolds",
+        T_DYNAMO,
+    ),
+    _m(
+        "watch-names-the-first-statistic",
+        DYNAMO,
+        "            if not torch.equal(now, self._bits[start : start + size]):\n"
+        "                return label\n",
+        "            if not torch.equal(now, self._bits[start : start + size]):\n"
+        "                return self._labels[0]\n",
+        "_Snapshot: a refold names the first statistic watched, not the one that changed",
+        T_DYNAMO,
+    ),
+    _m(
+        "finite-by-sum-alone",
+        "repfx/passes/rewrite.py",
+        "    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())\n",
+        "    return bool(torch.isfinite(value.sum()))\n",
+        "all_finite: a folded constant whose sum overflows from finite entries refused as "
+        "overflowing its dtype",
+        T_COMMIT,
     ),
 )
 
