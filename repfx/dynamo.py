@@ -177,8 +177,8 @@ class _Watch:
     it read: each frozen input is the same tensor object, each frozen tensor has the same
     version counter, and the running statistics a batch norm reads have the same bits (a
     training-mode batch norm kernel writes them without moving their counter). A call pays a
-    list comprehension per test and one concatenation per dtype of statistics; only a change
-    is looked at tensor by tensor, to name it."""
+    list comprehension per test and one concatenation of the statistics per dtype and device;
+    only a change is looked at tensor by tensor, to name it."""
 
     def __init__(
         self,
@@ -197,10 +197,10 @@ class _Watch:
             for t, key, label in zip(self._tensors, keys, self._labels, strict=True)
             if key in statistics
         ]
-        dtypes = {t.dtype for t, _ in read_by_norms}
+        kinds = dict.fromkeys((t.dtype, t.device) for t, _ in read_by_norms)  # (in order)
         self._statistics = [
-            _Snapshot([(t, label) for t, label in read_by_norms if t.dtype == dtype])
-            for dtype in dtypes
+            _Snapshot([(t, label) for t, label in read_by_norms if (t.dtype, t.device) == kind])
+            for kind in kinds
         ]
 
     def changed(self, args: Sequence[Any]) -> str | None:
@@ -221,7 +221,8 @@ class _Watch:
 
 
 class _Snapshot:
-    """The bits of some tensors of one dtype, kept as one flat tensor (NaN equals itself)."""
+    """The bits of some tensors of one dtype and device, kept as one flat tensor (NaN equals
+    itself)."""
 
     def __init__(self, tensors: list[tuple[torch.Tensor, str]]) -> None:
         self._tensors = [t for t, _ in tensors]
