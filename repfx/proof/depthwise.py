@@ -23,20 +23,23 @@ from torch import fx
 from torch.nn.modules.conv import _ConvNd
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..ir.graph import arg_of, module_of
+
 
 def may_run_grouped_conv(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:
     """Can one of ``nodes`` run a grouped convolution? (A dispatch mode costs every op it
     sees; :class:`FastDepthwise` is worth entering only then.)"""
     for node in nodes:
         if node.op == "call_module":
-            module = gm.get_submodule(node.target)
+            module = module_of(gm, node)
             if isinstance(module, _ConvNd) and module.groups > 1:
                 return True
-        elif node.op == "call_function" and node.target in _GROUPS_ARGUMENT:
-            index = _GROUPS_ARGUMENT[node.target]
-            groups = node.args[index] if index < len(node.args) else node.kwargs.get("groups", 1)
-            if groups != 1:
-                return True
+        elif (
+            node.op == "call_function"
+            and node.target in _GROUPS_ARGUMENT
+            and arg_of(node, _GROUPS_ARGUMENT[node.target], "groups", 1) != 1
+        ):
+            return True
     return False
 
 
